@@ -1,0 +1,246 @@
+//! `EgressPolicy`: which runners a policy covers, what they may call, and what happens to a
+//! call that is not allowed (reported in `Audit` mode, refused in `Block` mode).
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::{Condition, EndpointRule, MAX_CONDITIONS, Severity};
+
+/// Most allowed endpoints in one policy.
+pub const MAX_ALLOWED_ENDPOINTS: usize = 256;
+
+/// What the runners of this namespace may call and what happens otherwise.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "runwarden.dev",
+    version = "v1alpha1",
+    kind = "EgressPolicy",
+    namespaced,
+    status = "EgressPolicyStatus",
+    shortname = "egp",
+    category = "runwarden",
+    doc = "What the GitHub Actions runners of a namespace may call, and what happens to a call that is not allowed: reported (Audit) or refused (Block).",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Runners","type":"integer","jsonPath":".status.matchedRunners"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "self.mode != 'Block' || size(self.allowedEndpoints) > 0 || size(self.presets) > 0 || self.includeBaseline"
+).message("Block mode with no allowedEndpoints, no presets and includeBaseline false would refuse every call; allow something or use Audit mode").field_path(".mode"))]
+pub struct EgressPolicySpec {
+    /// Which runner pods of this namespace the policy covers. Empty: all of them.
+    #[serde(default)]
+    pub selector: RunnerSelector,
+
+    /// `Audit` (the default) reports calls that are not allowed; `Block` also refuses them
+    /// (the caller's connect or send fails with EPERM).
+    #[serde(default)]
+    pub mode: PolicyMode,
+
+    /// Destinations the covered runners may call, in addition to `presets` and, with
+    /// `includeBaseline`, what their jobs' baselines learned. At most 256.
+    #[serde(default)]
+    #[schemars(length(max = MAX_ALLOWED_ENDPOINTS))]
+    pub allowed_endpoints: Vec<EndpointRule>,
+
+    /// Named sets of endpoints maintained by runwarden. `github-actions`: the GitHub hosts a
+    /// runner needs to receive jobs, download actions and upload logs and artifacts.
+    #[serde(default)]
+    #[schemars(length(max = 8))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub presets: Vec<Preset>,
+
+    /// Whether endpoints learned (or approved) in each job's WorkflowBaseline count as allowed.
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub include_baseline: bool,
+
+    /// Reporting of anomalous calls (calls not in the job's baseline).
+    #[serde(default)]
+    pub anomaly_detection: AnomalyDetection,
+
+    /// In `Block` mode, what happens to a call when the node agent cannot decide (its DNS
+    /// resolver is unreachable or the policy is not yet loaded): `false` (the default) refuses
+    /// the call, `true` lets it through and reports it.
+    #[serde(default)]
+    pub fail_open: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Selects runner pods. Every list that is set must match (AND); within a list any entry may
+/// match (OR). Globs use `*` for any run of characters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerSelector {
+    /// ARC runner scale set names (the `actions.github.com/scale-set-name` label of runner
+    /// pods), e.g. `arc-runner-set`. At most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 63)))]
+    pub scale_sets: Vec<String>,
+
+    /// Repositories of the jobs, as `owner/name` globs, e.g. `acme/*`. At most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 140)))]
+    pub repositories: Vec<String>,
+
+    /// Workflow file paths of the jobs, as globs, e.g. `.github/workflows/release-*.yml`.
+    /// At most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 255)))]
+    pub workflows: Vec<String>,
+}
+
+/// What happens to a call that is not allowed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PolicyMode {
+    /// Report it.
+    #[default]
+    Audit,
+    /// Refuse it in the kernel and report it.
+    Block,
+}
+
+/// A named set of endpoints maintained by runwarden.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Preset {
+    /// The GitHub hosts an Actions runner needs.
+    #[serde(rename = "github-actions")]
+    GithubActions,
+}
+
+/// Reporting of calls that are not in the job's baseline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnomalyDetection {
+    /// Whether anomalous calls are reported at all. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Least severity that is reported (`Info`, `Low`, `Medium`, `High`, `Critical`).
+    /// Default `Medium`.
+    #[serde(default = "default_min_severity")]
+    pub min_severity: Severity,
+
+    /// Where reports go besides Kubernetes Events and metrics. At most 8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub notifiers: Vec<Notifier>,
+}
+
+fn default_min_severity() -> Severity {
+    Severity::Medium
+}
+
+impl Default for AnomalyDetection {
+    fn default() -> Self {
+        Self { enabled: true, min_severity: default_min_severity(), notifiers: Vec::new() }
+    }
+}
+
+/// A destination for reports: exactly one of `webhook`, `slack` or `email`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.webhook), has(self.slack), has(self.email)].filter(x, x).size() == 1")
+    .message("set exactly one of webhook, slack or email"))]
+pub struct Notifier {
+    /// Name of the notifier, unique in this policy (used in metrics and logs).
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new(r"self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("must be lowercase letters, digits and '-', starting and ending with a letter or digit"))]
+    pub name: String,
+
+    /// POST each report as JSON to a URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookNotifier>,
+
+    /// Post each report to a Slack incoming webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<SlackNotifier>,
+
+    /// Send each report by email.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<EmailNotifier>,
+}
+
+/// A generic JSON webhook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookNotifier {
+    /// Secret key (in this namespace) holding the URL; URLs often carry credentials.
+    pub url_secret_ref: SecretKeyRef,
+}
+
+/// A Slack incoming webhook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SlackNotifier {
+    /// Secret key (in this namespace) holding the incoming-webhook URL.
+    pub webhook_url_secret_ref: SecretKeyRef,
+}
+
+/// Email through an SMTP relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmailNotifier {
+    /// Recipients. Between 1 and 16.
+    #[schemars(length(min = 1, max = 16), inner(length(min = 3, max = 254)))]
+    #[x_kube(validation = Rule::new("self.all(a, a.matches('^[^@ ]+@[^@ ]+$'))").message("every recipient must be an email address"))]
+    pub to: Vec<String>,
+
+    /// Sender address.
+    #[schemars(length(min = 3, max = 254))]
+    #[x_kube(validation = Rule::new("self.matches('^[^@ ]+@[^@ ]+$')").message("must be an email address"))]
+    pub from: String,
+
+    /// Secret (in this namespace) with the relay's `host`, `port`, and optionally `username`
+    /// and `password`.
+    pub smtp_secret_ref: SecretRef,
+}
+
+/// A key of a Secret in the policy's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A Secret in the policy's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// What the operator found when it last reconciled the policy.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressPolicyStatus {
+    /// `metadata.generation` of the spec the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub observed_generation: Option<i64>,
+
+    /// Runner pods the policy currently covers.
+    #[serde(default)]
+    pub matched_runners: u32,
+
+    /// `Ready` (the policy is valid and loaded by the node agents; when `False`, the reason and
+    /// message name the offending field) and others. At most 8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_CONDITIONS))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,12 @@
+//! Cluster-level test support for runwarden.
+//!
+//! - [`controlplane`]: a real etcd + kube-apiserver on loopback, shared by the tests of a binary.
+//! - [`cluster`]: what tests do on it: a namespace of their own, the CRDs installed from
+//!   `crds/*.yaml` exactly as `kubectl apply -f crds/` would.
+//!
+//! Tests in `tests/tests/` need the binaries `make setup` builds; `make test` runs them.
+
+pub mod cluster;
+pub mod controlplane;
+
+pub use controlplane::ControlPlane;
