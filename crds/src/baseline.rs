@@ -27,8 +27,8 @@ pub const MAX_ANOMALIES_PER_RUN: usize = 8;
 /// Most reasons given per anomaly.
 pub const MAX_REASONS: usize = 4;
 
-/// The learned outbound calls of one GitHub Actions workflow job, and how runwarden treats
-/// calls that are not in it.
+/// Which job this baseline is for (immutable), how runwarden treats its calls, and the
+/// endpoints a person approved.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "runwarden.dev",

@@ -10,7 +10,7 @@ use crate::endpoint::{Condition, EndpointRule, MAX_CONDITIONS, Severity};
 /// Most allowed endpoints in one policy.
 pub const MAX_ALLOWED_ENDPOINTS: usize = 256;
 
-/// What the runners of this namespace may call and what happens otherwise.
+/// Which runners the policy covers, what they may call, and what happens to other calls.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "runwarden.dev",

@@ -1,8 +1,14 @@
 //! The committed CRD YAML is exactly what the Rust types generate.
 
+/// This checkout's `crds/` (cargo sets the variable at run time; the compiled-in value may name
+/// another checkout sharing the target directory).
+fn crate_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()).into()
+}
+
 #[test]
 fn committed_crd_yaml_matches_the_types() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = crate_dir();
     for (name, generated) in runwarden_crds::generate::render() {
         let path = dir.join(name);
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
@@ -15,7 +21,7 @@ fn committed_crd_yaml_matches_the_types() {
 
 #[test]
 fn every_generated_file_is_committed_and_nothing_else() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = crate_dir();
     let mut committed: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

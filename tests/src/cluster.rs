@@ -9,9 +9,13 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::OnceCell;
 
-/// The committed CRD manifests.
+/// The committed CRD manifests (`crds/` of the checkout being tested).
+///
+/// Cargo sets `CARGO_MANIFEST_DIR` when it runs a test or binary; that wins over the value
+/// compiled in, which may name another checkout when several share one target directory.
 pub fn crd_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    PathBuf::from(manifest_dir).join("../crds")
 }
 
 /// The CRDs as committed in `crds/*.yaml`, in file-name order.

@@ -3,8 +3,12 @@
 use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
-    let dir =
-        std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    // Cargo sets CARGO_MANIFEST_DIR for `cargo run`: this checkout, even when the binary was
+    // built from another one sharing the target directory.
+    let dir = std::env::args_os()
+        .nth(1)
+        .or_else(|| std::env::var_os("CARGO_MANIFEST_DIR"))
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     for (name, yaml) in runwarden_crds::generate::render() {
         let path = dir.join(name);
         std::fs::write(&path, yaml).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;

@@ -1,0 +1,195 @@
+//! Replays a recorded history of runs through the detector, as the node agent would see them,
+//! and writes one JSON line per reported call.
+//!
+//! `runwarden-replay [--input runs.jsonl] [--output alerts.jsonl] [--min-severity medium]`
+//! (stdin and stdout when omitted).
+//!
+//! Input lines: `{workflow, repository, run, time, trigger, calls: [{host, ip, port, proto,
+//! process}]}`, in time order. Each run is scored against what was learned from the runs
+//! before it (every workflow's history, as in a cluster), then learned from.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::net::IpAddr;
+
+use anyhow::{Context, bail};
+use runwarden_detector::{Baseline, Call, Cluster, Config, Job, Proto, Run, Severity};
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize)]
+struct RunLine<'a> {
+    #[serde(borrow)]
+    workflow: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    repository: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    run: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    time: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    trigger: std::borrow::Cow<'a, str>,
+    calls: Vec<CallLine<'a>>,
+}
+
+#[derive(Deserialize)]
+struct CallLine<'a> {
+    #[serde(borrow)]
+    host: Option<std::borrow::Cow<'a, str>>,
+    ip: Option<IpAddr>,
+    port: u16,
+    #[serde(borrow)]
+    proto: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    process: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Serialize)]
+struct Alert<'a> {
+    workflow: &'a str,
+    run: &'a str,
+    host: Option<&'a str>,
+    ip: Option<IpAddr>,
+    port: u16,
+    proto: Proto,
+    process: Option<&'a str>,
+    severity: Severity,
+    score: f64,
+    reasons: &'a [String],
+}
+
+struct Args {
+    input: Option<String>,
+    output: Option<String>,
+    min_severity: Severity,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args { input: None, output: None, min_severity: Severity::Medium };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--input" | "-i" => args.input = Some(value("--input")?),
+            "--output" | "-o" => args.output = Some(value("--output")?),
+            "--min-severity" => {
+                let v = value("--min-severity")?;
+                args.min_severity = Severity::parse(&v)
+                    .with_context(|| format!("--min-severity {v:?}: use info, low, medium, high or critical"))?;
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: runwarden-replay [--input runs.jsonl] [--output alerts.jsonl] [--min-severity medium]"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}; see --help"),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let input: Box<dyn BufRead> = match &args.input {
+        Some(p) => Box::new(BufReader::new(std::fs::File::open(p).with_context(|| format!("opening {p}"))?)),
+        None => Box::new(BufReader::new(std::io::stdin().lock())),
+    };
+    let output: Box<dyn Write> = match &args.output {
+        Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {p}"))?),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut out = BufWriter::new(output);
+
+    let config = Config { min_severity: args.min_severity, ..Config::default() };
+    let mut baselines: HashMap<String, Baseline> = HashMap::new();
+    let mut cluster = Cluster::default();
+    let (mut runs, mut calls, mut alerts) = (0u64, 0u64, 0u64);
+
+    for (n, line) in input.lines().enumerate() {
+        let line = line.with_context(|| format!("reading line {}", n + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: RunLine = serde_json::from_str(&line).with_context(|| format!("line {}: not a run", n + 1))?;
+        let time = parse_time(&r.time).with_context(|| format!("line {}: time {:?}", n + 1, r.time))?;
+        let run = Run { id: &r.run, time, trigger: &r.trigger };
+        let mut scored = Vec::with_capacity(r.calls.len());
+        let baseline = baselines.entry(r.workflow.to_string()).or_default();
+        {
+            let job = Job { repository: &r.repository, baseline, config: &config, cluster: &cluster };
+            for c in &r.calls {
+                let proto = match c.proto.as_ref() {
+                    "tcp" | "TCP" => Proto::Tcp,
+                    "udp" | "UDP" => Proto::Udp,
+                    other => bail!("line {}: unknown proto {other:?}", n + 1),
+                };
+                let call =
+                    Call { host: c.host.as_deref(), ip: c.ip, port: c.port, proto, process: c.process.as_deref() };
+                let verdict = job.score(&run, &call);
+                if let Some(v) = &verdict
+                    && v.severity >= args.min_severity
+                {
+                    let alert = Alert {
+                        workflow: &r.workflow,
+                        run: &r.run,
+                        host: call.host,
+                        ip: call.ip,
+                        port: call.port,
+                        proto,
+                        process: call.process,
+                        severity: v.severity,
+                        score: (v.score * 1000.0).round() / 1000.0,
+                        reasons: &v.reasons,
+                    };
+                    serde_json::to_writer(&mut out, &alert)?;
+                    out.write_all(b"\n")?;
+                    alerts += 1;
+                }
+                scored.push((call, verdict));
+            }
+        }
+        let learned = baseline.learn(&config, &run, &scored);
+        cluster.apply(&r.repository, &learned);
+        runs += 1;
+        calls += r.calls.len() as u64;
+    }
+    out.flush()?;
+    eprintln!("runwarden-replay: {runs} runs, {calls} calls, {alerts} alerts at {:?} or above", args.min_severity);
+    Ok(())
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` into Unix seconds.
+fn parse_time(s: &str) -> anyhow::Result<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || !s.ends_with('Z')
+    {
+        bail!("expected RFC 3339 UTC time like 2026-01-05T03:25:41Z");
+    }
+    let num = |r: std::ops::Range<usize>| -> anyhow::Result<i64> { Ok(s[r].parse::<i64>()?) };
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    // Days from civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_parse_to_unix_seconds() {
+        assert_eq!(super::parse_time("1970-01-01T00:00:00Z").unwrap(), 0);
+        assert_eq!(super::parse_time("2026-01-05T03:25:41Z").unwrap(), 1_767_583_541);
+        assert!(super::parse_time("yesterday").is_err());
+    }
+}

@@ -1,0 +1,501 @@
+//! The learned model of one workflow job: its endpoints, the rotating-name patterns it uses, how
+//! settled it is, and how it learns from a finished run.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::host;
+use crate::score::{Severity, Verdict};
+
+/// Transport protocol of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// One outbound call as the node agent saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct Call<'a> {
+    /// The DNS name the pod looked up for this address, if it did.
+    pub host: Option<&'a str>,
+    /// Destination address.
+    pub ip: Option<IpAddr>,
+    /// Destination port.
+    pub port: u16,
+    /// Transport protocol.
+    pub proto: Proto,
+    /// Executable that made the call.
+    pub process: Option<&'a str>,
+}
+
+impl Call<'_> {
+    /// The name the endpoint is keyed by: the host, or the address when there is no name.
+    pub fn target(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match (self.host, self.ip) {
+            (Some(h), _) => Some(std::borrow::Cow::Borrowed(h)),
+            (None, Some(ip)) => Some(std::borrow::Cow::Owned(ip.to_string())),
+            (None, None) => None,
+        }
+    }
+}
+
+/// The run the calls belong to.
+#[derive(Clone, Copy, Debug)]
+pub struct Run<'a> {
+    /// GitHub workflow run id.
+    pub id: &'a str,
+    /// When the run happened, in seconds since the Unix epoch (the caller's clock).
+    pub time: i64,
+    /// The event that triggered it: `push`, `pull_request`, `release`, `schedule`, ...
+    pub trigger: &'a str,
+}
+
+/// What the user wants done with this job (the `WorkflowBaseline` `spec.mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Learn; report once there are enough runs, with less confidence while the baseline churns.
+    #[default]
+    Auto,
+    /// Learn only; never report.
+    Learning,
+    /// Report from the first run, and keep learning.
+    Monitoring,
+    /// Do not learn; report everything that is neither learned nor approved.
+    Frozen,
+}
+
+/// Where the baseline is in its life (the `WorkflowBaseline` `status.phase`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Too young or still changing.
+    Learning,
+    /// Settled (or forced to monitor): new calls are reported with full confidence.
+    Monitoring,
+    /// Learning stopped.
+    Frozen,
+}
+
+/// How an endpoint came to be in the baseline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    /// Seen in normal runs.
+    Learned,
+    /// Reported, not approved: reported again every time it is called.
+    Anomalous,
+}
+
+/// A destination a person approved (`spec.approved`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Approved {
+    /// A host, or `*.suffix` for every name below `suffix`.
+    Host(String),
+    /// An address range: network address and prefix length.
+    Cidr(IpAddr, u8),
+}
+
+/// An approval with its port and protocol limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovedRule {
+    /// What is approved.
+    pub target: Approved,
+    /// Ports it covers; empty means every port.
+    pub ports: Vec<u16>,
+    /// Protocol it covers; `None` means both.
+    pub proto: Option<Proto>,
+}
+
+impl ApprovedRule {
+    /// Whether the rule covers `call`.
+    pub fn matches(&self, call: &Call<'_>) -> bool {
+        if !self.ports.is_empty() && !self.ports.contains(&call.port) {
+            return false;
+        }
+        if self.proto.is_some_and(|p| p != call.proto) {
+            return false;
+        }
+        match &self.target {
+            Approved::Host(pattern) => call.host.is_some_and(|h| match pattern.strip_prefix("*.") {
+                Some(suffix) => {
+                    h.len() > suffix.len() + 1 && h.ends_with(suffix) && h[..h.len() - suffix.len()].ends_with('.')
+                }
+                None => h == pattern,
+            }),
+            Approved::Cidr(net, len) => call.ip.is_some_and(|ip| in_cidr(ip, *net, *len)),
+        }
+    }
+}
+
+fn in_cidr(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Learning and reporting parameters (the `WorkflowBaseline` spec, and the policy's minimum
+/// severity).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// See [`Mode`].
+    pub mode: Mode,
+    /// Runs to learn from before reporting with full confidence.
+    pub min_runs: u32,
+    /// Consecutive runs without anything new for the baseline to count as settled.
+    pub settle_after_quiet_runs: u32,
+    /// An endpoint expires when unseen for this many runs ...
+    pub expire_after_runs: u32,
+    /// ... and for this many days.
+    pub expire_after_days: u32,
+    /// Least severity that is reported; a call reported is recorded as anomalous, not learned.
+    pub min_severity: Severity,
+    /// Most endpoints kept; past it the least useful learned ones are evicted.
+    pub max_endpoints: usize,
+    /// Endpoints a person approved.
+    pub approved: Vec<ApprovedRule>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Auto,
+            min_runs: 10,
+            settle_after_quiet_runs: 5,
+            expire_after_runs: 200,
+            expire_after_days: 90,
+            min_severity: Severity::Medium,
+            max_endpoints: 500,
+            approved: Vec::new(),
+        }
+    }
+}
+
+/// Most processes and triggers remembered per endpoint.
+pub const MAX_PROCESSES: usize = 4;
+/// See [`MAX_PROCESSES`].
+pub const MAX_TRIGGERS: usize = 6;
+/// Runs over which churn (how often a run brought something new) is judged.
+pub const CHURN_WINDOW: usize = 10;
+
+/// What the job knows about one port and protocol of a host (or address).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Destination port.
+    pub port: u16,
+    /// Transport protocol.
+    pub proto: Proto,
+    /// Learned or anomalous.
+    pub state: State,
+    /// Runs that called it.
+    pub runs_seen: u32,
+    /// Run id of the first run that called it.
+    pub first_run: String,
+    /// When it was first called (Unix seconds).
+    pub first_time: i64,
+    /// Run id of the last run that called it.
+    pub last_run: String,
+    /// When it was last called (Unix seconds).
+    pub last_time: i64,
+    /// The baseline's run count when it was last called (for expiry by runs).
+    pub last_run_index: u32,
+    /// Executables that called it (at most [`MAX_PROCESSES`]).
+    pub processes: Vec<String>,
+    /// Triggers of the runs that called it (at most [`MAX_TRIGGERS`]).
+    pub triggers: Vec<String>,
+    /// For anomalous endpoints: the severity they were last reported with.
+    pub severity: Option<Severity>,
+}
+
+/// A family of rotating hosts (`productionresultssa#.blob.core.windows.net`) learned from
+/// several siblings of the same shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pattern {
+    /// The shape: first label with `#` for digit runs and `%` for hex ids, then the parent.
+    pub shape: String,
+    /// Destination port.
+    pub port: u16,
+    /// Transport protocol.
+    pub proto: Proto,
+    /// Distinct hosts seen with this shape.
+    pub siblings: u32,
+    /// Runs that called a host of this shape.
+    pub runs_seen: u32,
+    /// The baseline's run count when a host of this shape was last called.
+    pub last_run_index: u32,
+    /// When a host of this shape was last called (Unix seconds).
+    pub last_time: i64,
+}
+
+/// The model of one workflow job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Baseline {
+    /// Finished runs learned from.
+    pub runs: u32,
+    /// Endpoints by host (or address text), then port and protocol.
+    pub hosts: BTreeMap<String, Vec<Endpoint>>,
+    /// Rotating-host families.
+    pub patterns: Vec<Pattern>,
+    /// New endpoints learned in each of the last [`CHURN_WINDOW`] runs, oldest first.
+    pub recent_new: VecDeque<u32>,
+    /// Runs per trigger.
+    pub triggers: BTreeMap<String, u32>,
+    /// Endpoints evicted by the size cap.
+    pub evicted: u32,
+}
+
+/// What a run changed in the baseline, for the cluster-wide index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    /// Hosts (or addresses) this job learned for the first time.
+    pub new_hosts: Vec<String>,
+    /// Hosts (or addresses) this job no longer has (expired, evicted or folded into a pattern).
+    pub removed_hosts: Vec<String>,
+    /// Shapes of patterns created by this run.
+    pub new_patterns: Vec<String>,
+    /// New endpoints learned (the run's contribution to churn).
+    pub new_endpoints: u32,
+}
+
+impl Baseline {
+    /// The endpoint of `call`, if this job has one for it.
+    pub fn endpoint(&self, target: &str, port: u16, proto: Proto) -> Option<&Endpoint> {
+        self.hosts.get(target)?.iter().find(|e| e.port == port && e.proto == proto)
+    }
+
+    /// The pattern `host` belongs to, if any.
+    pub fn pattern(&self, host: &str, port: u16, proto: Proto) -> Option<&Pattern> {
+        if self.patterns.is_empty() {
+            return None;
+        }
+        let shape = host::rotating_shape(host)?;
+        self.patterns.iter().find(|p| p.shape == shape && p.port == port && p.proto == proto)
+    }
+
+    /// Number of endpoints (patterns count as one each).
+    pub fn endpoint_count(&self) -> usize {
+        self.hosts.values().map(Vec::len).sum::<usize>() + self.patterns.len()
+    }
+
+    /// Share of the last [`CHURN_WINDOW`] runs that brought a new endpoint.
+    pub fn churn(&self) -> f64 {
+        if self.recent_new.is_empty() {
+            return 1.0;
+        }
+        self.recent_new.iter().filter(|&&n| n > 0).count() as f64 / self.recent_new.len() as f64
+    }
+
+    /// Whether the baseline has stopped changing: enough runs, and the last
+    /// `settle_after_quiet_runs` brought nothing new.
+    pub fn is_settled(&self, config: &Config) -> bool {
+        let quiet = config.settle_after_quiet_runs as usize;
+        self.runs >= config.min_runs
+            && self.recent_new.len() >= quiet.min(CHURN_WINDOW)
+            && self.recent_new.iter().rev().take(quiet).all(|&n| n == 0)
+    }
+
+    /// The phase to show for this baseline.
+    pub fn phase(&self, config: &Config) -> Phase {
+        match config.mode {
+            Mode::Frozen => Phase::Frozen,
+            Mode::Monitoring => Phase::Monitoring,
+            Mode::Learning => Phase::Learning,
+            Mode::Auto if self.is_settled(config) => Phase::Monitoring,
+            Mode::Auto => Phase::Learning,
+        }
+    }
+
+    /// Learns from a finished run: `calls` with the verdicts they got while it ran (`None` for
+    /// calls that were normal). A call reported at or above `config.min_severity` is recorded as
+    /// anomalous, everything else new is learned (except in `Frozen` mode).
+    pub fn learn(&mut self, config: &Config, run: &Run<'_>, calls: &[(Call<'_>, Option<Verdict>)]) -> Learned {
+        let mut out = Learned::default();
+        self.runs = self.runs.saturating_add(1);
+        *self.triggers.entry(run.trigger.to_string()).or_default() += 1;
+        let index = self.runs;
+        let mut touched_patterns: Vec<usize> = Vec::new();
+
+        for (call, verdict) in calls {
+            let Some(target) = call.target() else { continue };
+            if let Some(list) = self.hosts.get_mut(target.as_ref())
+                && let Some(e) = list.iter_mut().find(|e| e.port == call.port && e.proto == call.proto)
+            {
+                if e.last_run_index != index {
+                    e.runs_seen = e.runs_seen.saturating_add(1);
+                }
+                e.last_run_index = index;
+                e.last_run = run.id.to_string();
+                e.last_time = run.time;
+                remember(&mut e.processes, call.process, MAX_PROCESSES);
+                remember(&mut e.triggers, Some(run.trigger), MAX_TRIGGERS);
+                if let Some(v) = verdict {
+                    e.severity = Some(v.severity);
+                }
+                if e.state == State::Anomalous && config.approved.iter().any(|r| r.matches(call)) {
+                    e.state = State::Learned;
+                    e.severity = None;
+                }
+                continue;
+            }
+            if let Some(host) = call.host
+                && let Some(shape) = host::rotating_shape(host)
+                && let Some(i) =
+                    self.patterns.iter().position(|p| p.shape == shape && p.port == call.port && p.proto == call.proto)
+            {
+                if !touched_patterns.contains(&i) {
+                    touched_patterns.push(i);
+                    let p = &mut self.patterns[i];
+                    p.runs_seen = p.runs_seen.saturating_add(1);
+                    p.last_run_index = index;
+                    p.last_time = run.time;
+                }
+                continue;
+            }
+            if config.approved.iter().any(|r| r.matches(call)) {
+                continue;
+            }
+            let reported = verdict.as_ref().is_some_and(|v| v.severity >= config.min_severity);
+            let state = if reported || config.mode == Mode::Frozen { State::Anomalous } else { State::Learned };
+            let key = target.into_owned();
+            let is_new_host = !self.hosts.contains_key(&key);
+            let e = Endpoint {
+                port: call.port,
+                proto: call.proto,
+                state,
+                runs_seen: 1,
+                first_run: run.id.to_string(),
+                first_time: run.time,
+                last_run: run.id.to_string(),
+                last_time: run.time,
+                last_run_index: index,
+                processes: call.process.map(|p| vec![p.to_string()]).unwrap_or_default(),
+                triggers: vec![run.trigger.to_string()],
+                severity: verdict.as_ref().map(|v| v.severity),
+            };
+            self.hosts.entry(key.clone()).or_default().push(e);
+            if state == State::Learned {
+                out.new_endpoints += 1;
+                if is_new_host || self.hosts[&key].iter().filter(|e| e.state == State::Learned).count() == 1 {
+                    out.new_hosts.push(key.clone());
+                }
+                if call.host.is_some() {
+                    self.fold_siblings(&key, call.port, call.proto, &mut out);
+                }
+            }
+        }
+
+        self.recent_new.push_back(out.new_endpoints);
+        while self.recent_new.len() > CHURN_WINDOW {
+            self.recent_new.pop_front();
+        }
+        self.expire(config, run.time, &mut out);
+        self.evict(config, &mut out);
+        out
+    }
+
+    /// Folds learned hosts of the same rotating shape into a pattern once there are enough of
+    /// them: two siblings under an owner's domain (`node1.archive.ubuntu.com`,
+    /// `node7.archive.ubuntu.com`), three when each sibling is a domain of its own under a
+    /// shared suffix (`productionresultssa1.blob.core.windows.net`), since there anyone can
+    /// register a sibling.
+    fn fold_siblings(&mut self, host: &str, port: u16, proto: Proto, out: &mut Learned) {
+        let Some(shape) = host::rotating_shape(host) else { return };
+        let needed = if host::is_own_domain(host) { 3 } else { 2 };
+        let siblings: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|(h, list)| {
+                list.iter().any(|e| e.port == port && e.proto == proto && e.state == State::Learned)
+                    && host::rotating_shape(h).as_deref() == Some(shape.as_str())
+            })
+            .map(|(h, _)| h.clone())
+            .collect();
+        if siblings.len() < needed {
+            return;
+        }
+        let mut pattern =
+            Pattern { shape: shape.clone(), port, proto, siblings: 0, runs_seen: 0, last_run_index: 0, last_time: 0 };
+        for h in siblings {
+            let list = self.hosts.get_mut(&h).expect("sibling was just found");
+            if let Some(pos) = list.iter().position(|e| e.port == port && e.proto == proto) {
+                let e = list.remove(pos);
+                pattern.siblings += 1;
+                pattern.runs_seen = pattern.runs_seen.max(e.runs_seen);
+                pattern.last_run_index = pattern.last_run_index.max(e.last_run_index);
+                pattern.last_time = pattern.last_time.max(e.last_time);
+            }
+            if list.is_empty() {
+                self.hosts.remove(&h);
+                out.removed_hosts.push(h);
+            }
+        }
+        out.new_patterns.push(shape);
+        self.patterns.push(pattern);
+    }
+
+    /// Removes endpoints not called for `expire_after_runs` runs and `expire_after_days` days.
+    fn expire(&mut self, config: &Config, now: i64, out: &mut Learned) {
+        let runs = self.runs;
+        let stale = |last_index: u32, last_time: i64| {
+            runs.saturating_sub(last_index) >= config.expire_after_runs
+                && now.saturating_sub(last_time) >= i64::from(config.expire_after_days) * 86_400
+        };
+        self.hosts.retain(|h, list| {
+            list.retain(|e| !stale(e.last_run_index, e.last_time));
+            if list.is_empty() {
+                out.removed_hosts.push(h.clone());
+            }
+            !list.is_empty()
+        });
+        self.patterns.retain(|p| !stale(p.last_run_index, p.last_time));
+    }
+
+    /// Keeps at most `max_endpoints`: evicts learned endpoints seen in the fewest runs, the
+    /// least recently called first. Anomalous endpoints stay: they are what a person must see.
+    fn evict(&mut self, config: &Config, out: &mut Learned) {
+        let excess = self.endpoint_count().saturating_sub(config.max_endpoints);
+        if excess == 0 {
+            return;
+        }
+        let mut candidates: Vec<(u32, u32, String, u16, Proto)> = self
+            .hosts
+            .iter()
+            .flat_map(|(h, list)| {
+                list.iter()
+                    .filter(|e| e.state == State::Learned)
+                    .map(|e| (e.runs_seen, e.last_run_index, h.clone(), e.port, e.proto))
+            })
+            .collect();
+        candidates.sort();
+        for (_, _, h, port, proto) in candidates.into_iter().take(excess) {
+            if let Some(list) = self.hosts.get_mut(&h) {
+                list.retain(|e| !(e.port == port && e.proto == proto));
+                if list.is_empty() {
+                    self.hosts.remove(&h);
+                    out.removed_hosts.push(h);
+                }
+            }
+            self.evicted = self.evicted.saturating_add(1);
+        }
+    }
+}
+
+fn remember(list: &mut Vec<String>, value: Option<&str>, max: usize) {
+    if let Some(v) = value
+        && list.len() < max
+        && !list.iter().any(|x| x == v)
+    {
+        list.push(v.to_string());
+    }
+}
