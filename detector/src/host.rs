@@ -66,6 +66,34 @@ fn label_shape(label: &str) -> String {
     out
 }
 
+/// The family a learned destination may be generalised into, and how many distinct members
+/// must be seen before it is: a host's rotating shape (two siblings under an owner's domain,
+/// three when each is a domain of its own under a shared suffix, where anyone can register a
+/// sibling), or an address's block (`/24` for IPv4, `/64` for IPv6; three addresses).
+pub fn family(target: &str) -> Option<(String, usize)> {
+    match target.parse::<IpAddr>() {
+        Ok(ip) => Some((address_block(ip), 3)),
+        Err(_) => {
+            let shape = rotating_shape(target)?;
+            Some((shape, if is_own_domain(target) { 3 } else { 2 }))
+        }
+    }
+}
+
+/// The `/24` (IPv4) or `/64` (IPv6) block of an address, in CIDR notation.
+pub fn address_block(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{}/64", Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+    }
+}
+
 /// Shannon entropy of `s` in bits per character.
 pub fn entropy(s: &str) -> f64 {
     let mut counts = [0u32; 256];
@@ -185,6 +213,13 @@ mod tests {
         );
         assert!(is_own_domain("productionresultssa17.blob.core.windows.net"));
         assert!(!is_own_domain("node21.archive.ubuntu.com"));
+        assert_eq!(family("node21.archive.ubuntu.com"), Some(("node#.archive.ubuntu.com".into(), 2)));
+        assert_eq!(
+            family("productionresultssa17.blob.core.windows.net"),
+            Some(("productionresultssa#.blob.core.windows.net".into(), 3))
+        );
+        assert_eq!(family("203.0.113.77"), Some(("203.0.113.0/24".into(), 3)));
+        assert_eq!(family("2001:db8:1:2:3:4:5:6"), Some(("2001:db8:1:2::/64".into(), 3)));
     }
 
     #[test]

@@ -218,11 +218,12 @@ pub struct Endpoint {
     pub severity: Option<Severity>,
 }
 
-/// A family of rotating hosts (`productionresultssa#.blob.core.windows.net`) learned from
-/// several siblings of the same shape.
+/// A family learned from several members of the same shape: rotating hosts
+/// (`productionresultssa#.blob.core.windows.net`) or addresses of one block (`203.0.113.0/24`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Pattern {
-    /// The shape: first label with `#` for digit runs and `%` for hex ids, then the parent.
+    /// The shape: first label with `#` for digit runs and `%` for hex ids, then the parent; or
+    /// an address block in CIDR notation.
     pub shape: String,
     /// Destination port.
     pub port: u16,
@@ -274,12 +275,12 @@ impl Baseline {
         self.hosts.get(target)?.iter().find(|e| e.port == port && e.proto == proto)
     }
 
-    /// The pattern `host` belongs to, if any.
-    pub fn pattern(&self, host: &str, port: u16, proto: Proto) -> Option<&Pattern> {
+    /// The pattern (rotating-host family or address block) `target` belongs to, if any.
+    pub fn pattern(&self, target: &str, port: u16, proto: Proto) -> Option<&Pattern> {
         if self.patterns.is_empty() {
             return None;
         }
-        let shape = host::rotating_shape(host)?;
+        let (shape, _) = host::family(target)?;
         self.patterns.iter().find(|p| p.shape == shape && p.port == port && p.proto == proto)
     }
 
@@ -348,8 +349,7 @@ impl Baseline {
                 }
                 continue;
             }
-            if let Some(host) = call.host
-                && let Some(shape) = host::rotating_shape(host)
+            if let Some((shape, _)) = host::family(&target)
                 && let Some(i) =
                     self.patterns.iter().position(|p| p.shape == shape && p.port == call.port && p.proto == call.proto)
             {
@@ -389,9 +389,7 @@ impl Baseline {
                 if is_new_host || self.hosts[&key].iter().filter(|e| e.state == State::Learned).count() == 1 {
                     out.new_hosts.push(key.clone());
                 }
-                if call.host.is_some() {
-                    self.fold_siblings(&key, call.port, call.proto, &mut out);
-                }
+                self.fold_family(&key, call.port, call.proto, &mut out);
             }
         }
 
@@ -404,20 +402,16 @@ impl Baseline {
         out
     }
 
-    /// Folds learned hosts of the same rotating shape into a pattern once there are enough of
-    /// them: two siblings under an owner's domain (`node1.archive.ubuntu.com`,
-    /// `node7.archive.ubuntu.com`), three when each sibling is a domain of its own under a
-    /// shared suffix (`productionresultssa1.blob.core.windows.net`), since there anyone can
-    /// register a sibling.
-    fn fold_siblings(&mut self, host: &str, port: u16, proto: Proto, out: &mut Learned) {
-        let Some(shape) = host::rotating_shape(host) else { return };
-        let needed = if host::is_own_domain(host) { 3 } else { 2 };
+    /// Folds the learned members of `target`'s family ([`host::family`]) into a pattern once
+    /// enough distinct members were seen.
+    fn fold_family(&mut self, target: &str, port: u16, proto: Proto, out: &mut Learned) {
+        let Some((shape, needed)) = host::family(target) else { return };
         let siblings: Vec<String> = self
             .hosts
             .iter()
             .filter(|(h, list)| {
                 list.iter().any(|e| e.port == port && e.proto == proto && e.state == State::Learned)
-                    && host::rotating_shape(h).as_deref() == Some(shape.as_str())
+                    && host::family(h).is_some_and(|(s, _)| s == shape)
             })
             .map(|(h, _)| h.clone())
             .collect();
@@ -428,7 +422,8 @@ impl Baseline {
             Pattern { shape: shape.clone(), port, proto, siblings: 0, runs_seen: 0, last_run_index: 0, last_time: 0 };
         for h in siblings {
             let list = self.hosts.get_mut(&h).expect("sibling was just found");
-            if let Some(pos) = list.iter().position(|e| e.port == port && e.proto == proto) {
+            if let Some(pos) = list.iter().position(|e| e.port == port && e.proto == proto && e.state == State::Learned)
+            {
                 let e = list.remove(pos);
                 pattern.siblings += 1;
                 pattern.runs_seen = pattern.runs_seen.max(e.runs_seen);

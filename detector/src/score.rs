@@ -134,9 +134,7 @@ impl Job<'_> {
         {
             return None;
         }
-        if let Some(h) = call.host
-            && b.pattern(h, call.port, call.proto).is_some()
-        {
+        if b.pattern(&target, call.port, call.proto).is_some() {
             return None;
         }
         if self.config.approved.iter().any(|r| r.matches(call)) {
@@ -197,6 +195,12 @@ impl Job<'_> {
 
         let mut score = 1.0 / (1.0 + (-(ev.points - MIDPOINT)).exp());
         let mut severity = Severity::from_score(score);
+        // A frozen baseline reports everything new.
+        if self.config.mode == Mode::Frozen && severity < self.config.min_severity {
+            ev.reasons.push((0.0, "the baseline is frozen: anything new is reported".into()));
+            severity = self.config.min_severity;
+            score = score.max(severity.lowest_score());
+        }
         // An anomaly keeps being reported at least as severely as it first was, until approved.
         if let Some(first) = endpoint.and_then(|e| e.severity)
             && first > severity
@@ -275,7 +279,12 @@ impl Job<'_> {
         let mine =
             self.baseline.hosts.keys().filter(|k| k.parse::<IpAddr>().is_err()).map(|k| host::registrable_domain(k));
         let popular = self.cluster.popular_domains(5);
-        mine.chain(popular).find(|known| host::is_lookalike(domain, known)).map(str::to_string)
+        // Members of one rotating family (`sa3`, `sa17`) resemble each other by design.
+        let family = host::rotating_shape(domain);
+        mine.chain(popular)
+            .filter(|known| family.is_none() || host::rotating_shape(known) != family)
+            .find(|known| host::is_lookalike(domain, known))
+            .map(str::to_string)
     }
 
     fn address_evidence(&self, ip: IpAddr, ev: &mut Evidence) {

@@ -1,0 +1,329 @@
+//! What a user of the detector relies on, as scenarios and properties.
+
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+use runwarden_detector::{
+    Approved, ApprovedRule, Baseline, Call, Cluster, Config, Job, Mode, Phase, Proto, Run, Severity, State, Verdict,
+};
+
+fn call(host: &str, port: u16) -> Call<'_> {
+    Call { host: Some(host), ip: None, port, proto: Proto::Tcp, process: Some("curl") }
+}
+
+fn bare(ip: &str, port: u16) -> Call<'static> {
+    let ip: IpAddr = ip.parse().unwrap();
+    Call { host: None, ip: Some(ip), port, proto: Proto::Tcp, process: Some("sh") }
+}
+
+fn run(n: u32) -> Run<'static> {
+    let id: &'static str = Box::leak(n.to_string().into_boxed_str());
+    Run { id, time: 1_767_225_600 + i64::from(n) * 3600, trigger: "push" }
+}
+
+const USUAL: [&str; 5] =
+    ["github.com", "api.github.com", "registry.npmjs.org", "objects.githubusercontent.com", "nodejs.org"];
+
+/// A job that called the usual hosts in `runs` runs, scored and learned as the agent does.
+fn grown(config: &Config, runs: u32) -> Baseline {
+    let mut b = Baseline::default();
+    let cluster = Cluster::default();
+    for n in 0..runs {
+        observe(&mut b, config, &cluster, &run(n), &USUAL.map(|h| call(h, 443)));
+    }
+    b
+}
+
+/// Scores `calls` of `r` and learns from them; returns the verdicts.
+fn observe(
+    b: &mut Baseline,
+    config: &Config,
+    cluster: &Cluster,
+    r: &Run<'_>,
+    calls: &[Call<'_>],
+) -> Vec<Option<Verdict>> {
+    let job = Job { repository: "acme/web", baseline: b, config, cluster };
+    let scored: Vec<_> = calls.iter().map(|c| (*c, job.score(r, c))).collect();
+    b.learn(config, r, &scored);
+    scored.into_iter().map(|(_, v)| v).collect()
+}
+
+fn score(b: &Baseline, config: &Config, cluster: &Cluster, c: &Call<'_>) -> Option<Verdict> {
+    Job { repository: "acme/web", baseline: b, config, cluster }.score(&run(10_000), c)
+}
+
+#[test]
+fn a_young_baseline_learns_quietly_and_then_reports_a_new_domain() {
+    let config = Config::default();
+    let mut b = Baseline::default();
+    let cluster = Cluster::default();
+    let first = observe(&mut b, &config, &cluster, &run(0), &USUAL.map(|h| call(h, 443)));
+    assert!(first.iter().flatten().all(|v| v.severity < Severity::Medium), "{first:?}");
+    for n in 1..12 {
+        observe(&mut b, &config, &cluster, &run(n), &USUAL.map(|h| call(h, 443)));
+    }
+    assert_eq!(b.phase(&config), Phase::Monitoring);
+    let v = score(&b, &config, &cluster, &call("telemetry-collect.xyz", 443)).expect("a new host is scored");
+    assert!(v.severity >= Severity::Medium, "{v:?}");
+    assert!(v.reasons.iter().any(|r| r.contains("no job in this cluster")), "{v:?}");
+}
+
+#[test]
+fn cloud_metadata_is_critical_even_while_learning() {
+    let config = Config::default();
+    let b = grown(&config, 1);
+    let v = score(&b, &config, &Cluster::default(), &bare("169.254.169.254", 80)).unwrap();
+    assert_eq!(v.severity, Severity::Critical, "{v:?}");
+    assert!(v.reasons[0].contains("metadata"));
+}
+
+#[test]
+fn a_reverse_shell_to_a_bare_address_on_an_odd_port_is_high() {
+    let config = Config::default();
+    let b = grown(&config, 20);
+    let v = score(&b, &config, &Cluster::default(), &bare("203.0.113.77", 4444)).unwrap();
+    assert!(v.severity >= Severity::High, "{v:?}");
+}
+
+#[test]
+fn dns_tunnelling_and_typosquats_are_high() {
+    let config = Config::default();
+    let b = grown(&config, 20);
+    let cluster = Cluster::default();
+    let tunnel = Call { port: 53, proto: Proto::Udp, ..call("m5ztqmrqgi3tkmbrgmzdsnzv.d.exfil.example", 53) };
+    let v = score(&b, &config, &cluster, &tunnel).unwrap();
+    assert!(v.severity >= Severity::High, "{v:?}");
+    let v = score(&b, &config, &cluster, &call("registry.npmjs.org.co", 443)).unwrap();
+    assert!(v.severity >= Severity::High, "{v:?}");
+    assert!(v.reasons.iter().any(|r| r.contains("looks like npmjs.org")), "{v:?}");
+}
+
+#[test]
+fn a_host_other_jobs_of_the_repository_use_is_not_reported() {
+    let config = Config::default();
+    let b = grown(&config, 20);
+    let mut cluster = Cluster::default();
+    cluster.add_host("acme/web", "ghcr.io");
+    let v = score(&b, &config, &cluster, &call("ghcr.io", 443)).unwrap();
+    assert!(v.severity < Severity::Medium, "{v:?}");
+    assert!(v.reasons.iter().any(|r| r.contains("other job(s) of acme/web")));
+}
+
+#[test]
+fn a_new_subdomain_of_a_shared_hosting_parent_is_not_trusted() {
+    let config = Config::default();
+    let mut b = grown(&config, 20);
+    let cluster = Cluster::default();
+    observe(&mut b, &config, &cluster, &run(20), &[call("release-assets.githubusercontent.com", 443)]);
+    // githubusercontent.com serves anyone's gists: gist.githubusercontent.com is its own domain.
+    let v = score(&b, &config, &cluster, &call("gist.githubusercontent.com", 443)).unwrap();
+    assert!(v.severity >= Severity::Medium, "{v:?}");
+}
+
+#[test]
+fn rotating_hosts_become_a_pattern_after_enough_siblings() {
+    let config = Config::default();
+    let mut b = Baseline::default();
+    let cluster = Cluster::default();
+    for (n, shard) in [3, 11, 17, 3, 11].into_iter().enumerate() {
+        let host = format!("productionresultssa{shard}.blob.core.windows.net");
+        let mut calls: Vec<Call<'_>> = USUAL.iter().map(|h| call(h, 443)).collect();
+        calls.push(call(&host, 443));
+        observe(&mut b, &config, &cluster, &run(n as u32), &calls);
+    }
+    assert!(b.patterns.iter().any(|p| p.shape == "productionresultssa#.blob.core.windows.net"), "{:?}", b.patterns);
+    assert!(b.endpoint("productionresultssa3.blob.core.windows.net", 443, Proto::Tcp).is_none(), "folded");
+    assert!(score(&b, &config, &cluster, &call("productionresultssa42.blob.core.windows.net", 443)).is_none());
+    // Another customer of the same shared suffix is still new.
+    assert!(score(&b, &config, &cluster, &call("attacker.blob.core.windows.net", 443)).is_some());
+}
+
+#[test]
+fn two_siblings_under_a_shared_suffix_are_not_yet_a_pattern() {
+    let config = Config::default();
+    let mut b = Baseline::default();
+    let cluster = Cluster::default();
+    for (n, shard) in [3, 11].into_iter().enumerate() {
+        let host = format!("productionresultssa{shard}.blob.core.windows.net");
+        observe(&mut b, &config, &cluster, &run(n as u32), &[call(&host, 443)]);
+    }
+    assert!(b.patterns.is_empty());
+    // Under an owner's domain two siblings suffice.
+    for (n, node) in [4, 21].into_iter().enumerate() {
+        let host = format!("node{node}.archive.ubuntu.com");
+        observe(&mut b, &config, &cluster, &run(2 + n as u32), &[call(&host, 80)]);
+    }
+    assert_eq!(b.patterns.len(), 1);
+    assert_eq!(b.patterns[0].shape, "node#.archive.ubuntu.com");
+}
+
+#[test]
+fn an_anomaly_keeps_being_reported_until_it_is_approved() {
+    let mut config = Config::default();
+    let mut b = grown(&config, 20);
+    let cluster = Cluster::default();
+    let paste = call("paste.example", 443);
+    for n in 20..30 {
+        let v = observe(&mut b, &config, &cluster, &run(n), &[paste]);
+        let v = v[0].as_ref().expect("still reported");
+        assert!(v.severity >= Severity::Medium, "run {n}: {v:?}");
+    }
+    assert_eq!(b.endpoint("paste.example", 443, Proto::Tcp).unwrap().state, State::Anomalous);
+    config.approved.push(ApprovedRule { target: Approved::Host("*.example".into()), ports: vec![443], proto: None });
+    assert!(score(&b, &config, &cluster, &paste).is_none());
+    observe(&mut b, &config, &cluster, &run(30), &[paste]);
+    assert_eq!(b.endpoint("paste.example", 443, Proto::Tcp).unwrap().state, State::Learned);
+}
+
+#[test]
+fn endpoints_expire_after_both_runs_and_days() {
+    let config = Config { expire_after_runs: 5, expire_after_days: 2, ..Config::default() };
+    let mut b = grown(&config, 12);
+    let cluster = Cluster::default();
+    // Five more runs within a day without nodejs.org: not yet expired (days).
+    let fewer: Vec<Call<'_>> = USUAL[..4].iter().map(|h| call(h, 443)).collect();
+    for n in 12..17 {
+        observe(&mut b, &config, &cluster, &Run { time: run(12).time + i64::from(n), ..run(n) }, &fewer);
+    }
+    assert!(b.endpoint("nodejs.org", 443, Proto::Tcp).is_some());
+    observe(&mut b, &config, &cluster, &Run { time: run(12).time + 3 * 86_400, ..run(17) }, &fewer);
+    assert!(b.endpoint("nodejs.org", 443, Proto::Tcp).is_none());
+    assert!(b.endpoint("github.com", 443, Proto::Tcp).is_some());
+}
+
+#[test]
+fn the_baseline_stays_within_its_endpoint_cap() {
+    let config = Config { max_endpoints: 50, mode: Mode::Learning, ..Config::default() };
+    let mut b = Baseline::default();
+    let cluster = Cluster::default();
+    for n in 0..40 {
+        // Names without digits: no rotating family to fold them into.
+        let word = |k: u32| (0..3).map(|d| char::from(b'a' + ((k / 26u32.pow(d)) % 26) as u8)).collect::<String>();
+        let hosts: Vec<String> = (0..10).map(|i| format!("{}.{}.org", word(n * 10 + i), word(i + 500))).collect();
+        let calls: Vec<Call<'_>> = hosts.iter().map(|h| call(h, 443)).collect();
+        observe(&mut b, &config, &cluster, &run(n), &calls);
+    }
+    assert!(b.endpoint_count() <= 50, "{}", b.endpoint_count());
+    assert_eq!(b.evicted, 400 - 50);
+}
+
+#[test]
+fn a_baseline_after_1000_churning_runs_serializes_under_256_kib() {
+    let config = Config::default();
+    let mut b = Baseline::default();
+    let cluster = Cluster::default();
+    for n in 0..1000u32 {
+        let shard = format!("productionresultssa{}.blob.core.windows.net", n % 40);
+        let node = format!("node{}.archive.ubuntu.com", n % 30);
+        let drift = format!("dep{}.registry.example", n / 10);
+        let mut calls: Vec<Call<'_>> = USUAL.iter().map(|h| call(h, 443)).collect();
+        calls.extend([call(&shard, 443), call(&node, 80), call(&drift, 443)]);
+        observe(&mut b, &config, &cluster, &run(n), &calls);
+    }
+    let size = serde_json::to_vec(&b).unwrap().len();
+    assert!(size <= 256 * 1024, "{size} bytes");
+}
+
+fn host_strategy() -> impl Strategy<Value = String> {
+    ("[a-z]{3,10}", "[a-z]{3,8}", prop::sample::select(vec!["com", "org", "io", "dev"]))
+        .prop_map(|(a, b, tld)| format!("{a}.{b}.{tld}"))
+}
+
+proptest! {
+    #[test]
+    fn a_learned_endpoint_never_alerts(hosts in prop::collection::vec(host_strategy(), 1..20), port in 1u16..) {
+        let config = Config { mode: Mode::Learning, ..Config::default() };
+        let mut b = Baseline::default();
+        let cluster = Cluster::default();
+        let calls: Vec<Call<'_>> = hosts.iter().map(|h| call(h, port)).collect();
+        observe(&mut b, &config, &cluster, &run(0), &calls);
+        let monitoring = Config { mode: Mode::Monitoring, ..config };
+        for c in &calls {
+            prop_assert!(score(&b, &monitoring, &cluster, c).is_none(), "{:?}", c.host);
+        }
+    }
+
+    #[test]
+    fn an_approved_endpoint_never_alerts(host in host_strategy(), port in 1u16.., frozen in any::<bool>()) {
+        let mode = if frozen { Mode::Frozen } else { Mode::Monitoring };
+        let parent = host.split_once('.').unwrap().1.to_string();
+        let config = Config {
+            mode,
+            approved: vec![ApprovedRule { target: Approved::Host(format!("*.{parent}")), ports: vec![port], proto: Some(Proto::Tcp) }],
+            ..Config::default()
+        };
+        let b = grown(&config, 3);
+        prop_assert!(score(&b, &config, &Cluster::default(), &call(&host, port)).is_none());
+    }
+
+    #[test]
+    fn a_frozen_baseline_reports_anything_new(host in host_strategy(), port in 1u16..) {
+        let config = Config { mode: Mode::Frozen, ..Config::default() };
+        let b = grown(&Config::default(), 20);
+        prop_assume!(!USUAL.contains(&host.as_str()));
+        let v = score(&b, &config, &Cluster::default(), &call(&host, port));
+        prop_assert!(v.is_some_and(|v| v.severity >= config.min_severity));
+    }
+
+    #[test]
+    fn learning_does_not_depend_on_the_order_of_runs(
+        runs in prop::collection::vec(prop::collection::vec(host_strategy(), 1..6), 1..12),
+        seed in any::<u64>(),
+    ) {
+        let config = Config { mode: Mode::Learning, ..Config::default() };
+        let learn_all = |order: &[usize]| {
+            let mut b = Baseline::default();
+            for (n, &i) in order.iter().enumerate() {
+                let calls: Vec<Call<'_>> = runs[i].iter().map(|h| call(h, 443)).collect();
+                observe(&mut b, &config, &Cluster::default(), &run(n as u32), &calls);
+            }
+            let mut seen: Vec<(String, u16, u32)> = b.hosts.iter()
+                .flat_map(|(h, l)| l.iter().map(move |e| (h.clone(), e.port, e.runs_seen)))
+                .collect();
+            seen.sort();
+            (seen, b.patterns.len(), b.runs)
+        };
+        let forward: Vec<usize> = (0..runs.len()).collect();
+        let mut shuffled = forward.clone();
+        let mut s = seed;
+        for i in (1..shuffled.len()).rev() {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            shuffled.swap(i, (s >> 33) as usize % (i + 1));
+        }
+        prop_assert_eq!(learn_all(&forward), learn_all(&shuffled));
+    }
+
+    #[test]
+    fn more_suspicious_evidence_never_lowers_severity(host in host_strategy(), odd_port in 1024u16..) {
+        prop_assume!(odd_port != 9418);
+        let config = Config::default();
+        let b = grown(&config, 20);
+        let mut cluster = Cluster::default();
+        let plain = score(&b, &config, &cluster, &call(&host, 443)).unwrap();
+        // A non-standard port adds suspicion.
+        let odd = score(&b, &config, &cluster, &call(&host, odd_port)).unwrap();
+        prop_assert!(odd.severity >= plain.severity && odd.score >= plain.score);
+        // Other jobs calling the host removes suspicion.
+        cluster.add_host("other/repo", &host);
+        cluster.add_host("other/repo", &host);
+        cluster.add_host("third/repo", &host);
+        let common = score(&b, &config, &cluster, &call(&host, 443)).unwrap();
+        prop_assert!(common.severity <= plain.severity && common.score <= plain.score);
+        cluster.add_host("acme/web", &host);
+        let sibling = score(&b, &config, &cluster, &call(&host, 443)).unwrap();
+        prop_assert!(sibling.score <= common.score);
+    }
+
+    #[test]
+    fn a_baseline_survives_serialization(runs in prop::collection::vec(prop::collection::vec(host_strategy(), 1..6), 1..8)) {
+        let config = Config::default();
+        let mut b = Baseline::default();
+        for (n, hosts) in runs.iter().enumerate() {
+            let calls: Vec<Call<'_>> = hosts.iter().map(|h| call(h, 443)).collect();
+            observe(&mut b, &config, &Cluster::default(), &run(n as u32), &calls);
+        }
+        let json = serde_json::to_string(&b).unwrap();
+        let back: Baseline = serde_json::from_str(&json).unwrap();
+        prop_assert_eq!(back, b);
+    }
+}
