@@ -3,6 +3,8 @@
 #   make setup               install what is needed (idempotent)
 #   make test                setup, then lint and every test (unit, property, control plane)
 #   make generate            regenerate committed files (crds/*.yaml) from the Rust types
+#   make bench               benchmarks (figures printed, nothing asserted)
+#   make replay              the detector on the public replay corpus, scored by its score.py
 #   make dev-control-plane   start etcd + kube-apiserver by hand, CRDs installed, kubeconfig written
 
 SHELL := /bin/bash
@@ -12,7 +14,10 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/runwarden/target
 export RUNWARDEN_CACHE ?= $(HOME)/.cache/runwarden
 
-.PHONY: setup test lint generate dev-control-plane
+.PHONY: setup test lint generate dev-control-plane bench replay
+
+# The public replay corpus, beside the repository.
+CORPUS ?= ../shared/datasets/egress-replay
 
 setup:
 	hack/setup.sh
@@ -29,3 +34,11 @@ generate:
 
 dev-control-plane: setup
 	cargo run --locked -q -p runwarden-tests --bin runwarden-control-plane
+
+bench:
+	cargo bench --locked -p runwarden-detector
+
+replay:
+	cargo build --locked --release -q -p runwarden-detector --bin runwarden-replay
+	$(CARGO_TARGET_DIR)/release/runwarden-replay --input $(CORPUS)/runs.jsonl --output $(CARGO_TARGET_DIR)/alerts.jsonl
+	python3 $(CORPUS)/score.py --traces $(CORPUS) --alerts $(CARGO_TARGET_DIR)/alerts.jsonl
