@@ -22,6 +22,10 @@ pub const MAX_PROCESSES: usize = 4;
 pub const MAX_TRIGGERS: usize = 6;
 /// Most recent runs kept in status.
 pub const MAX_RECENT_RUNS: usize = 20;
+/// Runs over which churn is kept (`recentNewEndpoints`).
+pub const MAX_CHURN_WINDOW: usize = 10;
+/// Most distinct triggers counted (`triggerRuns`).
+pub const MAX_TRIGGER_KINDS: usize = 16;
 /// Most anomalies listed per run (the rest are counted).
 pub const MAX_ANOMALIES_PER_RUN: usize = 8;
 /// Most reasons given per anomaly.
@@ -202,6 +206,19 @@ pub struct WorkflowBaselineStatus {
     #[schemars(length(max = MAX_ENDPOINTS))]
     pub endpoints: Vec<LearnedEndpoint>,
 
+    /// New endpoints learned in each of the most recent runs, oldest first (how much the
+    /// baseline still changes). At most 10.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_CHURN_WINDOW))]
+    pub recent_new_endpoints: Vec<u32>,
+
+    /// Runs merged per trigger (`push`, `release`, ...): endpoints first seen on a trigger
+    /// this job rarely runs under are judged with that in mind. At most 16.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_TRIGGER_KINDS))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["trigger".into()]))]
+    pub trigger_runs: Vec<TriggerRuns>,
+
     /// The most recent runs, newest last. At most 20.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_RECENT_RUNS))]
@@ -219,6 +236,16 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// How many runs had one trigger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TriggerRuns {
+    /// The workflow trigger, e.g. `push`.
+    #[schemars(length(min = 1, max = 32))]
+    pub trigger: String,
+    /// Runs merged with this trigger.
+    pub runs: u32,
+}
+
 /// Where a baseline is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum BaselinePhase {
@@ -230,20 +257,33 @@ pub enum BaselinePhase {
     Frozen,
 }
 
-/// One destination the job calls.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// One destination the job calls: exactly one of `host`, `cidr` or `pattern`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.host), has(self.cidr), has(self.pattern)].filter(x, x).size() == 1")
+    .message("set exactly one of host, cidr or pattern"))]
 pub struct LearnedEndpoint {
-    /// DNS name called, or a pattern learned from rotating names (`*.blob.core.windows.net`).
-    /// Absent when the destination was called by address only (see `cidr`).
+    /// DNS name called, as the pod looked it up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub host: Option<String>,
 
-    /// Address (`/32`, `/128`) or aggregated range called without a DNS name.
+    /// Address called without a DNS name (`/32` or `/128`), or a block of such addresses
+    /// learned from several of them (`/24` or `/64`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 43))]
     pub cidr: Option<String>,
+
+    /// A family of rotating names learned from several siblings of one shape: the first label
+    /// with `#` for a run of digits and `%` for a long hex id, then the parent, e.g.
+    /// `productionresultssa#.blob.core.windows.net`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub pattern: Option<String>,
+
+    /// For a `pattern` or a block `cidr`: how many distinct names or addresses were seen.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub members: u32,
 
     /// Destination port.
     #[schemars(range(min = 1, max = 65535))]
@@ -274,6 +314,10 @@ pub struct LearnedEndpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen_time: Option<Time>,
 
+    /// `observedRuns` when it was last called (expiry counts runs from there).
+    #[serde(default)]
+    pub last_seen_run_number: u32,
+
     /// Executables that made the call (file names, e.g. `curl`, `node`). At most 4.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_PROCESSES), inner(length(max = 64)))]
@@ -288,6 +332,12 @@ pub struct LearnedEndpoint {
     /// `Learned` (seen in normal runs), `Approved` (a person approved it) or `Anomalous`
     /// (reported and not yet approved: it keeps being reported).
     pub state: EndpointState,
+
+    /// For an `Anomalous` endpoint: the severity it was reported with; it is reported at least
+    /// as severely every time it is called again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = crate::schema::field_doc_wins)]
+    pub severity: Option<Severity>,
 }
 
 /// How an endpoint came to be in the baseline.

@@ -11,8 +11,8 @@ pub mod policy;
 mod schema;
 
 pub use baseline::{
-    Anomaly, BaselineMode, BaselinePhase, EndpointState, LearnedEndpoint, LearningSpec, RunRecord, WorkflowBaseline,
-    WorkflowBaselineSpec, WorkflowBaselineStatus,
+    Anomaly, BaselineMode, BaselinePhase, EndpointState, LearnedEndpoint, LearningSpec, RunRecord, TriggerRuns,
+    WorkflowBaseline, WorkflowBaselineSpec, WorkflowBaselineStatus,
 };
 pub use endpoint::{Condition, ConditionStatus, EndpointRule, Protocol, Severity};
 pub use policy::{

@@ -86,6 +86,8 @@ pub enum Phase {
 pub enum State {
     /// Seen in normal runs.
     Learned,
+    /// Matches a rule a person approved.
+    Approved,
     /// Reported, not approved: reported again every time it is called.
     Anomalous,
 }
@@ -343,9 +345,13 @@ impl Baseline {
                 if let Some(v) = verdict {
                     e.severity = Some(v.severity);
                 }
-                if e.state == State::Anomalous && config.approved.iter().any(|r| r.matches(call)) {
-                    e.state = State::Learned;
+                let approved = config.approved.iter().any(|r| r.matches(call));
+                if approved {
+                    e.state = State::Approved;
                     e.severity = None;
+                } else if e.state == State::Approved {
+                    // The approval was withdrawn; the endpoint was in use and accepted meanwhile.
+                    e.state = State::Learned;
                 }
                 continue;
             }
@@ -362,11 +368,14 @@ impl Baseline {
                 }
                 continue;
             }
-            if config.approved.iter().any(|r| r.matches(call)) {
-                continue;
-            }
             let reported = verdict.as_ref().is_some_and(|v| v.severity >= config.min_severity);
-            let state = if reported || config.mode == Mode::Frozen { State::Anomalous } else { State::Learned };
+            let state = if config.approved.iter().any(|r| r.matches(call)) {
+                State::Approved
+            } else if reported || config.mode == Mode::Frozen {
+                State::Anomalous
+            } else {
+                State::Learned
+            };
             let key = target.into_owned();
             let is_new_host = !self.hosts.contains_key(&key);
             let e = Endpoint {
@@ -381,12 +390,12 @@ impl Baseline {
                 last_run_index: index,
                 processes: call.process.map(|p| vec![p.to_string()]).unwrap_or_default(),
                 triggers: vec![run.trigger.to_string()],
-                severity: verdict.as_ref().map(|v| v.severity),
+                severity: verdict.as_ref().filter(|_| state == State::Anomalous).map(|v| v.severity),
             };
             self.hosts.entry(key.clone()).or_default().push(e);
-            if state == State::Learned {
+            if state != State::Anomalous {
                 out.new_endpoints += 1;
-                if is_new_host || self.hosts[&key].iter().filter(|e| e.state == State::Learned).count() == 1 {
+                if is_new_host || self.hosts[&key].iter().filter(|e| e.state != State::Anomalous).count() == 1 {
                     out.new_hosts.push(key.clone());
                 }
                 self.fold_family(&key, call.port, call.proto, &mut out);

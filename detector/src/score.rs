@@ -130,7 +130,7 @@ impl Job<'_> {
         let known_here = b.hosts.get(target.as_ref());
         let endpoint = known_here.and_then(|l| l.iter().find(|e| e.port == call.port && e.proto == call.proto));
         if let Some(e) = endpoint
-            && e.state == State::Learned
+            && e.state != State::Anomalous
         {
             return None;
         }
@@ -149,7 +149,7 @@ impl Job<'_> {
         }
 
         let mut ev = Evidence { points: 0.0, reasons: Vec::new(), familiar: false };
-        let host_known = known_here.is_some_and(|l| l.iter().any(|e| e.state == State::Learned));
+        let host_known = known_here.is_some_and(|l| l.iter().any(|e| e.state != State::Anomalous));
         match (call.host, call.ip) {
             (_, Some(ip)) if host::is_metadata_address(ip) => {
                 ev.add(6.0, format!("{ip} is a cloud metadata address (credential theft)"));
@@ -239,7 +239,7 @@ impl Job<'_> {
             let sibling = || {
                 b.hosts.iter().find(|(k, list)| {
                     k.as_str() != h
-                        && list.iter().any(|e| e.state == State::Learned)
+                        && list.iter().any(|e| e.state != State::Anomalous)
                         && host::rotating_shape(k).as_deref() == Some(shape.as_str())
                 })
             };

@@ -172,7 +172,7 @@ fn an_anomaly_keeps_being_reported_until_it_is_approved() {
     config.approved.push(ApprovedRule { target: Approved::Host("*.example".into()), ports: vec![443], proto: None });
     assert!(score(&b, &config, &cluster, &paste).is_none());
     observe(&mut b, &config, &cluster, &run(30), &[paste]);
-    assert_eq!(b.endpoint("paste.example", 443, Proto::Tcp).unwrap().state, State::Learned);
+    assert_eq!(b.endpoint("paste.example", 443, Proto::Tcp).unwrap().state, State::Approved);
 }
 
 #[test]

@@ -377,6 +377,21 @@ async fn status_over_its_bounds_is_rejected() {
 }
 
 #[tokio::test]
+async fn a_status_endpoint_with_both_a_host_and_a_pattern_is_rejected() {
+    let (client, ns) = setup("status-endpoint").await;
+    create(&client, &ns, baseline(json!({}))).await.unwrap();
+    let api: Api<WorkflowBaseline> = Api::namespaced(client, &ns);
+    let endpoint = json!({"host": "a.example.com", "pattern": "a#.example.com", "port": 443, "protocol": "TCP",
+                          "state": "Learned"});
+    let status = json!({"status": {"endpoints": [endpoint]}});
+    let err = api.patch_status("baseline", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap_err();
+    let kube::Error::Api(status) = err else { panic!("unexpected error: {err}") };
+    assert_eq!(status.code, 422);
+    assert!(status.message.contains("status.endpoints[0]"), "{}", status.message);
+    assert!(status.message.contains("exactly one of host, cidr or pattern"), "{}", status.message);
+}
+
+#[tokio::test]
 async fn kubectl_explain_shows_the_field_docs() {
     let client = ControlPlane::shared().client().await;
     cluster::ensure_crds(&client).await;
@@ -409,9 +424,12 @@ fn time() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
 /// Every list full and every string at its maximum length.
 fn largest_status() -> WorkflowBaselineStatus {
     let s = |n: usize| "x".repeat(n);
+    // Exactly one of host, cidr and pattern may be set: the longest is a host or a pattern.
     let endpoint = LearnedEndpoint {
         host: Some(s(253)),
-        cidr: Some(s(43)),
+        cidr: None,
+        pattern: None,
+        members: u32::MAX,
         port: 65535,
         protocol: runwarden_crds::Protocol::Udp,
         runs_seen: u32::MAX,
@@ -421,7 +439,9 @@ fn largest_status() -> WorkflowBaselineStatus {
         last_seen_time: Some(time()),
         processes: vec![s(64); MAX_PROCESSES],
         triggers: vec![s(32); MAX_TRIGGERS],
+        last_seen_run_number: u32::MAX,
         state: EndpointState::Anomalous,
+        severity: Some(runwarden_crds::Severity::Critical),
     };
     let anomaly = Anomaly {
         endpoint: s(300),
@@ -456,6 +476,10 @@ fn largest_status() -> WorkflowBaselineStatus {
         endpoint_count: MAX_ENDPOINTS as u32,
         evicted_endpoints: u32::MAX,
         endpoints: vec![endpoint; MAX_ENDPOINTS],
+        recent_new_endpoints: vec![u32::MAX; MAX_CHURN_WINDOW],
+        trigger_runs: (0..MAX_TRIGGER_KINDS)
+            .map(|i| TriggerRuns { trigger: format!("{}{i:02}", s(30)), runs: u32::MAX })
+            .collect(),
         recent_runs: vec![run; MAX_RECENT_RUNS],
         conditions: (0..MAX_CONDITIONS).map(condition).collect(),
     }
