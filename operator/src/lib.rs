@@ -6,9 +6,11 @@
 //! - [`arc`]: the part of ARC's `EphemeralRunner` API runwarden reads.
 //! - [`runners`]: the controllers that annotate runner pods and create baselines.
 //! - [`baselines`]: creating a job's `WorkflowBaseline` exactly once.
+//! - [`daemonset`]: the node-agent DaemonSet, applied and kept as configured.
 
 pub mod arc;
 pub mod baselines;
+pub mod daemonset;
 pub mod identity;
 pub mod runners;
 
@@ -47,17 +49,34 @@ pub async fn arc_installed(client: &Client) -> bool {
     found.is_ok()
 }
 
+/// The operator's configuration file (`--config`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Config {
+    /// Whether the operator deploys the node agent (the Helm chart may do it instead).
+    pub manage_agent: bool,
+    /// How the node agent is deployed.
+    pub agent: daemonset::AgentConfig,
+}
+
 /// Runs every controller until `shutdown` resolves.
-pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static) {
+pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static) {
+    let agent = async {
+        if config.manage_agent {
+            daemonset::run(client.clone(), config.agent.clone(), shutdown.clone()).await;
+        }
+    };
     let monitored = runners::run_monitored_pods(client.clone(), shutdown.clone());
-    if arc_installed(&client).await {
-        info!("watching ARC EphemeralRunners");
-        futures::join!(runners::run_ephemeral_runners(client, shutdown), monitored);
-    } else {
-        warn!(
-            "Actions Runner Controller is not installed (no actions.github.com/v1alpha1 EphemeralRunner); \
-             only pods labelled runwarden.dev/monitor=true are attributed"
-        );
-        monitored.await;
-    }
+    let runners = async {
+        if arc_installed(&client).await {
+            info!("watching ARC EphemeralRunners");
+            runners::run_ephemeral_runners(client.clone(), shutdown.clone()).await;
+        } else {
+            warn!(
+                "Actions Runner Controller is not installed (no actions.github.com/v1alpha1 EphemeralRunner); \
+                 only pods labelled runwarden.dev/monitor=true are attributed"
+            );
+        }
+    };
+    futures::join!(agent, monitored, runners);
 }

@@ -1,0 +1,235 @@
+//! The node-agent DaemonSet: built from the operator's configuration, applied with server-side
+//! apply (field manager `runwarden-operator`), and re-applied whenever someone changes it, so
+//! edits to fields the operator owns (image, security context, volumes, ...) are undone.
+//!
+//! Privileges are the least the agent needs, named: `BPF` (load programs and maps), `PERFMON`
+//! (ring buffers and BTF-based tracing), `NET_ADMIN` (attach `cgroup_skb` and `cgroup/connect`
+//! programs and, in Block mode, refuse connections). Not privileged, no host network, no host
+//! PID, read-only root filesystem, every other capability dropped. It runs as root because
+//! Kubernetes grants added capabilities only to root containers.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tracing::{debug, warn};
+
+use crate::{FIELD_MANAGER, Result};
+
+/// Name of the DaemonSet and of its ServiceAccount.
+pub const NAME: &str = "runwarden-agent";
+/// Label selecting the agent's pods.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+
+/// How the operator deploys the node agent (from its configuration file or flags).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AgentConfig {
+    /// Namespace of the DaemonSet (the operator's own).
+    pub namespace: String,
+    /// Agent image.
+    pub image: String,
+    /// `Always`, `IfNotPresent` or `Never`.
+    pub image_pull_policy: String,
+    /// Nodes to run on (runner nodes); empty: all.
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations, as Kubernetes objects.
+    pub tolerations: Vec<Value>,
+    /// Resource requests and limits, as a Kubernetes `ResourceRequirements` object.
+    pub resources: Value,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub log_level: String,
+    /// The host's cgroup v2 mount (`/sys/fs/cgroup` on most nodes).
+    pub cgroup_root: String,
+    /// Port of `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_port: u16,
+    /// Node-local directory for the agent's state (unflushed runs survive restarts there).
+    pub state_dir: String,
+    /// Priority class, e.g. `system-node-critical`.
+    pub priority_class_name: Option<String>,
+    /// Owner of the DaemonSet (the operator's Deployment), so uninstalling removes it.
+    pub owner: Option<OwnerReference>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "runwarden-system".into(),
+            image: "ghcr.io/runwarden/runwarden-agent:latest".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            resources: json!({"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}),
+            log_level: "info".into(),
+            cgroup_root: "/sys/fs/cgroup".into(),
+            metrics_port: 9090,
+            state_dir: "/var/lib/runwarden".into(),
+            priority_class_name: None,
+            owner: None,
+        }
+    }
+}
+
+/// The DaemonSet the operator wants, as the server-side-apply body.
+pub fn desired(config: &AgentConfig) -> Value {
+    let labels = json!({
+        "app.kubernetes.io/name": "runwarden",
+        COMPONENT_LABEL: "agent",
+        "app.kubernetes.io/managed-by": FIELD_MANAGER,
+    });
+    let selector = json!({"app.kubernetes.io/name": "runwarden", COMPONENT_LABEL: "agent"});
+    let port = config.metrics_port;
+    let probe = |path: &str| json!({"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10});
+    let mut pod_spec = json!({
+        "serviceAccountName": NAME,
+        "automountServiceAccountToken": true,
+        "hostNetwork": false,
+        "hostPID": false,
+        "dnsPolicy": "ClusterFirst",
+        "nodeSelector": config.node_selector,
+        "tolerations": config.tolerations,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "agent",
+            "image": config.image,
+            "imagePullPolicy": config.image_pull_policy,
+            "args": [
+                format!("--cgroup-root={}", "/host/cgroup"),
+                format!("--metrics-port={port}"),
+                format!("--state-dir={}", "/var/lib/runwarden"),
+            ],
+            "env": [
+                {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "RUNWARDEN_LOG", "value": config.log_level},
+            ],
+            "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
+            "livenessProbe": probe("/healthz"),
+            "readinessProbe": probe("/readyz"),
+            "resources": config.resources,
+            "securityContext": {
+                "privileged": false,
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                "runAsUser": 0,
+                "runAsNonRoot": false,
+                "capabilities": {"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN"]},
+            },
+            "volumeMounts": [
+                {"name": "cgroup", "mountPath": "/host/cgroup", "readOnly": true},
+                {"name": "state", "mountPath": "/var/lib/runwarden"},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
+        }],
+        "volumes": [
+            {"name": "cgroup", "hostPath": {"path": config.cgroup_root, "type": "Directory"}},
+            {"name": "state", "hostPath": {"path": config.state_dir, "type": "DirectoryOrCreate"}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+        ],
+    });
+    if let Some(pc) = &config.priority_class_name {
+        pod_spec["priorityClassName"] = json!(pc);
+    }
+    let mut metadata = json!({"name": NAME, "namespace": config.namespace, "labels": labels});
+    if let Some(owner) = &config.owner {
+        metadata["ownerReferences"] = json!([owner]);
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": metadata,
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    })
+}
+
+/// Applies the desired DaemonSet.
+pub async fn apply(client: &Client, config: &AgentConfig) -> Result<DaemonSet> {
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), &config.namespace);
+    let ds = api.patch(NAME, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(desired(config))).await?;
+    Ok(ds)
+}
+
+/// Keeps the DaemonSet as configured until `shutdown` completes: applies it at start, whenever
+/// it changes or is deleted, and every five minutes.
+pub async fn run(client: Client, config: AgentConfig, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), &config.namespace);
+    let events = watcher(api, watcher::Config::default().fields(&format!("metadata.name={NAME}"))).default_backoff();
+    let mut events = std::pin::pin!(events);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut every = tokio::time::interval(Duration::from_secs(300));
+    loop {
+        let why = tokio::select! {
+            _ = &mut shutdown => return,
+            _ = every.tick() => "periodic",
+            event = events.next() => match event {
+                // Our own apply comes back as a change; applying again is a no-op.
+                Some(Ok(watcher::Event::Apply(_) | watcher::Event::InitDone)) => "changed",
+                Some(Ok(watcher::Event::Delete(_))) => "deleted",
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    warn!(error = %e, "watching the node-agent DaemonSet failed; retrying");
+                    continue;
+                }
+                None => return,
+            },
+        };
+        match apply(&client, &config).await {
+            Ok(_) => debug!(reason = why, "node-agent DaemonSet applied"),
+            Err(e) => {
+                warn!(error = %e, "could not apply the node-agent DaemonSet; retrying in 10s");
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_gets_named_capabilities_and_no_host_namespaces() {
+        let ds = desired(&AgentConfig::default());
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"], false);
+        assert_eq!(pod["hostPID"], false);
+        let sc = &pod["containers"][0]["securityContext"];
+        assert_eq!(sc["privileged"], false);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(sc["capabilities"]["add"], json!(["BPF", "PERFMON", "NET_ADMIN"]));
+    }
+
+    #[test]
+    fn configuration_reaches_the_pod() {
+        let config = AgentConfig {
+            image: "registry.example/agent:1.2.3".into(),
+            cgroup_root: "/sys/fs/cgroup/unified".into(),
+            node_selector: [("runner".to_string(), "true".to_string())].into(),
+            tolerations: vec![json!({"key": "runners", "operator": "Exists", "effect": "NoSchedule"})],
+            metrics_port: 9464,
+            priority_class_name: Some("system-node-critical".into()),
+            ..AgentConfig::default()
+        };
+        let ds = desired(&config);
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["containers"][0]["image"], "registry.example/agent:1.2.3");
+        assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/sys/fs/cgroup/unified");
+        assert_eq!(pod["nodeSelector"]["runner"], "true");
+        assert_eq!(pod["tolerations"][0]["key"], "runners");
+        assert_eq!(pod["containers"][0]["ports"][0]["containerPort"], 9464);
+        assert_eq!(pod["priorityClassName"], "system-node-critical");
+        assert_eq!(pod["containers"][0]["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    }
+}
