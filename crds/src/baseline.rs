@@ -359,6 +359,12 @@ pub struct RunRecord {
     #[schemars(length(min = 1, max = 32))]
     pub run_id: String,
 
+    /// The runner (pod) that ran the job: the combinations of a matrix job share a run id and
+    /// are told apart by their runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub runner: Option<String>,
+
     /// When the run finished.
     pub time: Time,
 

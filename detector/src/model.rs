@@ -448,6 +448,38 @@ impl Baseline {
         self.patterns.push(pattern);
     }
 
+    /// Brings the baseline up to date without a run: applies the current approvals (anomalous
+    /// endpoints a person approved become `Approved`; approvals withdrawn turn back into
+    /// `Learned`) and expires endpoints unseen for long enough by `now` (Unix seconds). The
+    /// operator calls it when a spec changes and now and then for jobs that stopped running.
+    pub fn refresh(&mut self, config: &Config, now: i64) -> Learned {
+        let mut out = Learned::default();
+        for (target, list) in &mut self.hosts {
+            let (host, ip) = match target.parse::<IpAddr>() {
+                Ok(ip) => (None, Some(ip)),
+                Err(_) => (Some(target.as_str()), None),
+            };
+            for e in list.iter_mut() {
+                let call = Call { host, ip, port: e.port, proto: e.proto, process: None };
+                let approved = config.approved.iter().any(|r| r.matches(&call));
+                match (e.state, approved) {
+                    (State::Learned | State::Anomalous, true) => {
+                        if e.state == State::Anomalous {
+                            out.new_hosts.push(target.clone());
+                        }
+                        e.state = State::Approved;
+                        e.severity = None;
+                    }
+                    (State::Approved, false) => e.state = State::Learned,
+                    _ => {}
+                }
+            }
+        }
+        out.new_hosts.dedup();
+        self.expire(config, now, &mut out);
+        out
+    }
+
     /// Removes endpoints not called for `expire_after_runs` runs and `expire_after_days` days.
     fn expire(&mut self, config: &Config, now: i64, out: &mut Learned) {
         let runs = self.runs;

@@ -7,11 +7,13 @@
 //! - [`runners`]: the controllers that annotate runner pods and create baselines.
 //! - [`baselines`]: creating a job's `WorkflowBaseline` exactly once.
 //! - [`daemonset`]: the node-agent DaemonSet, applied and kept as configured.
+//! - [`lifecycle`]: each `WorkflowBaseline`'s phase, approvals, expiry and conditions.
 
 pub mod arc;
 pub mod baselines;
 pub mod daemonset;
 pub mod identity;
+pub mod lifecycle;
 pub mod runners;
 
 use kube::Client;
@@ -67,6 +69,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         }
     };
     let monitored = runners::run_monitored_pods(client.clone(), shutdown.clone());
+    let lifecycle = lifecycle::run(client.clone(), shutdown.clone());
     let runners = async {
         if arc_installed(&client).await {
             info!("watching ARC EphemeralRunners");
@@ -78,5 +81,5 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
             );
         }
     };
-    futures::join!(agent, monitored, runners);
+    futures::join!(agent, monitored, lifecycle, runners);
 }

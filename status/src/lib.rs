@@ -5,9 +5,14 @@
 //! the API's bounds. [`config`] turns the spec (mode, learning, approved endpoints) into the
 //! detector's [`Config`].
 //!
+//! [`merge::merge_run`] merges a finished run into a baseline on the API server, safely with
+//! concurrent writers.
+//!
 //! Both the node agent (which merges finished runs) and the operator (which compacts and
 //! expires baselines) use this crate; it depends on the API types and the detector and on
 //! nothing else of ours.
+
+pub mod merge;
 
 use std::net::IpAddr;
 

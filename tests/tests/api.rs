@@ -452,6 +452,7 @@ fn largest_status() -> WorkflowBaselineStatus {
     };
     let run = RunRecord {
         run_id: s(32),
+        runner: Some(s(63)),
         time: time(),
         trigger: Some(s(32)),
         calls: u32::MAX,

@@ -1,0 +1,169 @@
+//! `WorkflowBaseline` lifecycle: the node agents merge runs into each baseline's status; the
+//! operator keeps the rest of the status true when no run comes: the phase after a spec change
+//! (`Frozen`, `Monitoring`, ...), approvals applied to endpoints, endpoints expired by time,
+//! `observedGeneration`, and the `Settled` and `Ready` conditions. It writes only when something
+//! changed, with the `resourceVersion` it read, so a concurrent run merge is never overwritten:
+//! on a conflict it reads again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use runwarden_crds::{Condition, ConditionStatus, WorkflowBaseline, WorkflowBaselineStatus};
+use runwarden_detector::Severity;
+use tracing::{info, warn};
+
+use crate::{Error, FIELD_MANAGER, Result};
+
+/// How often a baseline is looked at without any change, for expiry by time.
+const REFRESH_EVERY: Duration = Duration::from_secs(3600);
+
+struct Ctx {
+    client: Client,
+    recorder: Recorder,
+}
+
+/// Runs the `WorkflowBaseline` controller until `shutdown` completes.
+pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let api: Api<WorkflowBaseline> = Api::all(client.clone());
+    let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, Arc::new(Ctx { client, recorder }))
+        .for_each(|_| async {})
+        .await;
+}
+
+async fn reconcile(baseline: Arc<WorkflowBaseline>, ctx: Arc<Ctx>) -> Result<Action> {
+    let ns = baseline.namespace().unwrap_or_default();
+    let name = baseline.name_any();
+    let api: Api<WorkflowBaseline> = Api::namespaced(ctx.client.clone(), &ns);
+    let now = Timestamp::now();
+    let mut current = (*baseline).clone();
+    for _ in 0..8 {
+        let before = current.status.clone().unwrap_or_default();
+        let after = match refreshed(&current, &before, now) {
+            Ok(after) => after,
+            Err(e) => {
+                warn!(baseline = %name, namespace = %ns, error = %e, "WorkflowBaseline cannot be read into the model");
+                return Ok(Action::requeue(REFRESH_EVERY));
+            }
+        };
+        if after == before {
+            return Ok(Action::requeue(REFRESH_EVERY));
+        }
+        let mut updated = current.clone();
+        updated.status = Some(after.clone());
+        match api
+            .replace_status(
+                &name,
+                &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
+                &updated,
+            )
+            .await
+        {
+            Ok(_) => {
+                if !is_settled(&before) && is_settled(&after) {
+                    settled_event(&ctx, &current, &after).await;
+                }
+                return Ok(Action::requeue(REFRESH_EVERY));
+            }
+            // A run was merged meanwhile: start from what is there now.
+            Err(kube::Error::Api(s)) if s.code == 409 => current = api.get(&name).await?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// The status `b` should have now.
+fn refreshed(
+    b: &WorkflowBaseline,
+    status: &WorkflowBaselineStatus,
+    now: Timestamp,
+) -> Result<WorkflowBaselineStatus, runwarden_status::Error> {
+    // The reporting threshold does not affect the phase, approvals or expiry.
+    let config = runwarden_status::config(&b.spec, Severity::Medium)?;
+    let mut model = runwarden_status::read(status)?;
+    model.refresh(&config, now.as_second());
+    let mut next = status.clone();
+    runwarden_status::write(&model, &config, &mut next);
+    let generation = b.metadata.generation;
+    next.observed_generation = generation;
+
+    let settled = model.is_settled(&config);
+    let quiet = model.recent_new.iter().rev().take_while(|&&n| n == 0).count();
+    let (reason, message) = if settled {
+        ("Settled", format!("{} runs; the last {quiet} brought no new endpoint", model.runs))
+    } else if model.runs < config.min_runs {
+        ("TooFewRuns", format!("{} of {} runs needed", model.runs, config.min_runs))
+    } else {
+        (
+            "StillChanging",
+            format!("{quiet} of the last {} runs brought no new endpoint", config.settle_after_quiet_runs),
+        )
+    };
+    let status = if settled { ConditionStatus::True } else { ConditionStatus::False };
+    set_condition(&mut next.conditions, "Settled", status, reason, &message, generation, now);
+    set_condition(&mut next.conditions, "Ready", ConditionStatus::True, "Reconciled", "", generation, now);
+    Ok(next)
+}
+
+fn is_settled(s: &WorkflowBaselineStatus) -> bool {
+    s.conditions.iter().any(|c| c.r#type == "Settled" && c.status == ConditionStatus::True)
+}
+
+/// Sets a condition, changing `lastTransitionTime` only when its status changes.
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    kind: &str,
+    status: ConditionStatus,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let wanted = |last_transition_time| Condition {
+        r#type: kind.to_string(),
+        status,
+        observed_generation: generation,
+        last_transition_time,
+        reason: reason.to_string(),
+        message: message.to_string(),
+    };
+    match conditions.iter_mut().find(|c| c.r#type == kind) {
+        Some(c) if c.status == status => *c = wanted(c.last_transition_time.clone()),
+        Some(c) => *c = wanted(Time(now)),
+        None => conditions.push(wanted(Time(now))),
+    }
+}
+
+async fn settled_event(ctx: &Ctx, b: &WorkflowBaseline, status: &WorkflowBaselineStatus) {
+    let note = format!(
+        "{} / {} / {}: baseline settled after {} runs with {} endpoints; new calls are now reported",
+        b.spec.repository, b.spec.workflow, b.spec.job, status.observed_runs, status.endpoint_count
+    );
+    info!(baseline = %b.name_any(), runs = status.observed_runs, "baseline settled");
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "BaselineSettled".into(),
+        note: Some(note),
+        action: "Monitor".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &b.object_ref(&())).await {
+        warn!(error = %e, "could not record the BaselineSettled event");
+    }
+}
+
+fn error_policy(_: Arc<WorkflowBaseline>, error: &Error, _: Arc<Ctx>) -> Action {
+    warn!(error = %error, "WorkflowBaseline reconcile failed; retrying in 5s");
+    Action::requeue(Duration::from_secs(5))
+}

@@ -1,0 +1,114 @@
+//! The WorkflowBaseline lifecycle on a real kube-apiserver: conditions and phase follow the
+//! runs the agents merge, spec changes (mode, approvals) reach the status, and a
+//! `BaselineSettled` Event is recorded.
+//!
+//! Needs the control-plane binaries built by `make setup`; `make test` runs it.
+
+use std::time::Duration;
+
+use k8s_openapi::api::events::v1::Event;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use runwarden_crds::baseline::{BaselinePhase, EndpointState};
+use runwarden_crds::{ConditionStatus, WorkflowBaseline, WorkflowBaselineSpec, WorkflowBaselineStatus};
+use runwarden_detector::{Call, Proto, Run, Severity, Verdict};
+use runwarden_status::merge::{FinishedRun, merge_run};
+use runwarden_tests::{ControlPlane, cluster};
+
+const NAME: &str = "acme-web-ci-build";
+
+async fn wait_for(
+    api: &Api<WorkflowBaseline>,
+    what: &str,
+    check: impl Fn(&WorkflowBaselineStatus) -> bool,
+) -> WorkflowBaselineStatus {
+    for _ in 0..200 {
+        if let Some(s) = api.get(NAME).await.unwrap().status
+            && check(&s)
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the baseline did not become {what} within 20s: {:#?}", api.get(NAME).await.unwrap().status);
+}
+
+fn condition(s: &WorkflowBaselineStatus, kind: &str) -> Option<(ConditionStatus, String)> {
+    s.conditions.iter().find(|c| c.r#type == kind).map(|c| (c.status, c.reason.clone()))
+}
+
+async fn merge(api: &Api<WorkflowBaseline>, n: u32, extra: Option<(Call<'_>, Option<Verdict>)>) {
+    let id = (100 + n).to_string();
+    let mut calls =
+        vec![(Call { host: Some("github.com"), ip: None, port: 443, proto: Proto::Tcp, process: Some("git") }, None)];
+    calls.extend(extra);
+    let finished = FinishedRun {
+        run: Run { id: &id, time: 1_767_225_600 + i64::from(n) * 600, trigger: "push" },
+        runner: "arc-runner-0",
+        calls: &calls,
+        total_calls: calls.len() as u32,
+    };
+    merge_run(api, NAME, Severity::Medium, &finished).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_operator_keeps_phase_conditions_and_approvals_true() {
+    let client: Client = ControlPlane::shared().client().await;
+    cluster::ensure_crds(&client).await;
+    let ns = cluster::test_namespace(&client, "lifecycle").await;
+    let api: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &ns);
+    let spec: WorkflowBaselineSpec = serde_json::from_value(serde_json::json!({
+        "repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build",
+        "learning": {"minRuns": 3, "settleAfterQuietRuns": 2}
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &WorkflowBaseline::new(NAME, spec)).await.unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = futures::FutureExt::shared(Box::pin(async move {
+        let _ = stopped.await;
+    }));
+    tokio::spawn(runwarden_operator::run(client.clone(), runwarden_operator::Config::default(), shutdown));
+
+    let s = wait_for(&api, "reconciled", |s| s.observed_generation == Some(1)).await;
+    assert_eq!(s.phase, Some(BaselinePhase::Learning));
+    assert_eq!(condition(&s, "Settled"), Some((ConditionStatus::False, "TooFewRuns".into())));
+    assert_eq!(condition(&s, "Ready"), Some((ConditionStatus::True, "Reconciled".into())));
+
+    for n in 0..4 {
+        merge(&api, n, None).await;
+    }
+    let s = wait_for(&api, "settled", |s| condition(s, "Settled").is_some_and(|c| c.0 == ConditionStatus::True)).await;
+    assert_eq!(s.phase, Some(BaselinePhase::Monitoring));
+    assert_eq!(s.observed_runs, 4);
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let mut recorded = false;
+    for _ in 0..100 {
+        let list = events.list(&Default::default()).await.unwrap();
+        if list.items.iter().any(|e| e.reason.as_deref() == Some("BaselineSettled")) {
+            recorded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recorded, "a BaselineSettled Event is recorded");
+
+    // A reported call stays anomalous until a person approves it in the spec.
+    let paste = Call { host: Some("paste.example"), ip: None, port: 443, proto: Proto::Tcp, process: Some("curl") };
+    let verdict = Verdict { severity: Severity::Medium, score: 0.62, reasons: vec!["first call".into()] };
+    merge(&api, 4, Some((paste, Some(verdict)))).await;
+    let s = api.get(NAME).await.unwrap().status.unwrap();
+    let state = |s: &WorkflowBaselineStatus| {
+        s.endpoints.iter().find(|e| e.host.as_deref() == Some("paste.example")).map(|e| e.state)
+    };
+    assert_eq!(state(&s), Some(EndpointState::Anomalous));
+    let approve = serde_json::json!({"spec": {"approved": [{"host": "paste.example", "ports": [443]}]}});
+    api.patch(NAME, &PatchParams::default(), &Patch::Merge(&approve)).await.unwrap();
+    wait_for(&api, "approved", |s| state(s) == Some(EndpointState::Approved) && s.observed_generation == Some(2)).await;
+
+    // Frozen by a person: the phase follows without a run.
+    let freeze = serde_json::json!({"spec": {"mode": "Frozen"}});
+    api.patch(NAME, &PatchParams::default(), &Patch::Merge(&freeze)).await.unwrap();
+    let s = wait_for(&api, "frozen", |s| s.phase == Some(BaselinePhase::Frozen)).await;
+    assert_eq!(s.observed_generation, Some(3));
+    assert_eq!(s.observed_runs, 5, "no run was lost or added by the operator's writes");
+}
