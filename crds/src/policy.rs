@@ -115,6 +115,36 @@ pub enum Preset {
     GithubActions,
 }
 
+impl Preset {
+    /// The endpoints of the preset, as rules (HTTPS unless noted).
+    pub fn endpoints(self) -> Vec<EndpointRule> {
+        let https = |host: &str, why: &str| EndpointRule {
+            host: Some(host.to_string()),
+            ports: vec![443],
+            protocol: Some(crate::Protocol::Tcp),
+            description: Some(why.to_string()),
+            ..EndpointRule::default()
+        };
+        match self {
+            Preset::GithubActions => vec![
+                https("github.com", "git, job messages"),
+                https("api.github.com", "REST API, action downloads"),
+                https("codeload.github.com", "action and repository archives"),
+                https("pipelines.actions.githubusercontent.com", "runner registration and job messages"),
+                https("*.actions.githubusercontent.com", "runner service (pipelines*, results-receiver, broker)"),
+                https("objects.githubusercontent.com", "release and action assets"),
+                https("objects-origin.githubusercontent.com", "release and action assets"),
+                https("release-assets.githubusercontent.com", "release assets"),
+                https("github-releases.githubusercontent.com", "release assets"),
+                https("raw.githubusercontent.com", "raw file downloads by actions"),
+                https("*.blob.core.windows.net", "logs, artifacts and caches (productionresultssa*)"),
+                https("ghcr.io", "GitHub Container Registry"),
+                https("pkg-containers.githubusercontent.com", "GitHub Container Registry layers"),
+            ],
+        }
+    }
+}
+
 /// Reporting of calls that are not in the job's baseline.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]

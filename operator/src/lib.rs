@@ -8,12 +8,14 @@
 //! - [`baselines`]: creating a job's `WorkflowBaseline` exactly once.
 //! - [`daemonset`]: the node-agent DaemonSet, applied and kept as configured.
 //! - [`lifecycle`]: each `WorkflowBaseline`'s phase, approvals, expiry and conditions.
+//! - [`policy`]: `EgressPolicy` validation beyond the schema, overlaps, matched runners.
 
 pub mod arc;
 pub mod baselines;
 pub mod daemonset;
 pub mod identity;
 pub mod lifecycle;
+pub mod policy;
 pub mod runners;
 
 use kube::Client;
@@ -70,6 +72,7 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
     };
     let monitored = runners::run_monitored_pods(client.clone(), shutdown.clone());
     let lifecycle = lifecycle::run(client.clone(), shutdown.clone());
+    let policies = policy::run(client.clone(), shutdown.clone());
     let runners = async {
         if arc_installed(&client).await {
             info!("watching ARC EphemeralRunners");
@@ -81,5 +84,5 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
             );
         }
     };
-    futures::join!(agent, monitored, lifecycle, runners);
+    futures::join!(agent, monitored, lifecycle, policies, runners);
 }

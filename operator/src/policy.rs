@@ -1,0 +1,284 @@
+//! `EgressPolicy`: checks what the schema cannot, reports it in `Ready`, and counts the runners
+//! a policy covers.
+//!
+//! - Notifier secrets must exist and hold their key; otherwise `Ready=False`,
+//!   reason `SecretNotFound`, and the message names the field.
+//! - Policies of one namespace whose selectors can select the same runner overlap. For such a
+//!   runner the oldest policy applies (by creation time, then name); a newer overlapping policy
+//!   is `Ready=True` with reason `Overlapping` and a message naming the policy that wins.
+//! - `status.matchedRunners` counts the runner pods (ARC's, or labelled
+//!   `runwarden.dev/monitor=true`) the selector covers and for which this policy wins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use runwarden_crds::{Condition, ConditionStatus, EgressPolicy, RunnerSelector};
+use serde_json::json;
+use tracing::warn;
+
+use crate::arc::SCALE_SET_LABEL;
+use crate::identity::{MONITOR_LABEL, annotations};
+use crate::{Error, FIELD_MANAGER, Result};
+
+struct Ctx {
+    client: Client,
+    policies: Store<EgressPolicy>,
+    recorder: Recorder,
+}
+
+/// Runs the `EgressPolicy` controller until `shutdown` completes.
+pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let policies: Api<EgressPolicy> = Api::all(client.clone());
+    let controller = Controller::new(policies, watcher::Config::default());
+    let store = controller.store();
+    let everyone_in = |store: Store<EgressPolicy>| {
+        move |ns: Option<String>| -> Vec<ObjectRef<EgressPolicy>> {
+            store.state().iter().filter(|p| p.namespace() == ns).map(|p| ObjectRef::from_obj(&**p)).collect()
+        }
+    };
+    let for_pod = everyone_in(store.clone());
+    let for_monitored_pod = everyone_in(store.clone());
+    let for_secret = everyone_in(store.clone());
+    let pods: Api<Pod> = Api::all(client.clone());
+    let secrets: Api<Secret> = Api::all(client.clone());
+    let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
+    controller
+        .watches(pods.clone(), watcher::Config::default().labels(SCALE_SET_LABEL), move |p| for_pod(p.namespace()))
+        .watches(pods, watcher::Config::default().labels(&format!("{MONITOR_LABEL}=true")), move |p| {
+            for_monitored_pod(p.namespace())
+        })
+        .watches(secrets, watcher::Config::default(), move |s| for_secret(s.namespace()))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, Arc::new(Ctx { client, policies: store, recorder }))
+        .for_each(|_| async {})
+        .await;
+}
+
+async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
+    let ns = policy.namespace().unwrap_or_default();
+    let name = policy.name_any();
+    let now = Timestamp::now();
+
+    let (status, reason, message) = match missing_secret(&ctx.client, &ns, &policy).await? {
+        Some(problem) => (ConditionStatus::False, "SecretNotFound", problem),
+        None => match winner_over(&policy, &ctx.policies) {
+            Some(older) => (
+                ConditionStatus::True,
+                "Overlapping",
+                format!(
+                    "selects runners that EgressPolicy {older} (older) also selects; for those runners {older} applies"
+                ),
+            ),
+            None => (ConditionStatus::True, "Valid", "policy is valid".to_string()),
+        },
+    };
+    let matched = matched_runners(&ctx.client, &ns, &policy, &ctx.policies).await?;
+
+    let previous = policy.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"));
+    let unchanged = previous.is_some_and(|c| c.status == status && c.reason == reason && c.message == message)
+        && policy
+            .status
+            .as_ref()
+            .is_some_and(|s| s.matched_runners == matched && s.observed_generation == policy.metadata.generation);
+    if unchanged {
+        return Ok(Action::requeue(Duration::from_secs(600)));
+    }
+    let since = match previous {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    let ready = Condition {
+        r#type: "Ready".into(),
+        status,
+        observed_generation: policy.metadata.generation,
+        last_transition_time: since,
+        reason: reason.into(),
+        message: message.clone(),
+    };
+    let patch = json!({
+        "apiVersion": "runwarden.dev/v1alpha1",
+        "kind": "EgressPolicy",
+        "status": {"observedGeneration": policy.metadata.generation, "matchedRunners": matched, "conditions": [ready]},
+    });
+    let api: Api<EgressPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+
+    let became_invalid =
+        status == ConditionStatus::False && previous.is_none_or(|c| c.status != ConditionStatus::False);
+    if became_invalid {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "PolicyInvalid".into(),
+            note: Some(message),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
+            warn!(error = %e, "could not record the PolicyInvalid event");
+        }
+    }
+    Ok(Action::requeue(Duration::from_secs(600)))
+}
+
+/// The first notifier whose Secret (or key) is missing, as a message naming the field.
+async fn missing_secret(client: &Client, ns: &str, policy: &EgressPolicy) -> Result<Option<String>> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for (i, n) in policy.spec.anomaly_detection.notifiers.iter().enumerate() {
+        let (field, name, key) = match (&n.webhook, &n.slack, &n.email) {
+            (Some(w), _, _) => ("webhook.urlSecretRef", &w.url_secret_ref.name, Some(&w.url_secret_ref.key)),
+            (_, Some(s), _) => {
+                ("slack.webhookUrlSecretRef", &s.webhook_url_secret_ref.name, Some(&s.webhook_url_secret_ref.key))
+            }
+            (_, _, Some(e)) => ("email.smtpSecretRef", &e.smtp_secret_ref.name, None),
+            _ => continue,
+        };
+        let path = format!("spec.anomalyDetection.notifiers[{i}].{field}");
+        match secrets.get_opt(name).await? {
+            None => return Ok(Some(format!("{path}: Secret {ns}/{name} does not exist; create it or fix the name"))),
+            Some(secret) => {
+                if let Some(key) = key {
+                    let has = secret.data.as_ref().is_some_and(|d| d.contains_key(key))
+                        || secret.string_data.as_ref().is_some_and(|d| d.contains_key(key));
+                    if !has {
+                        return Ok(Some(format!("{path}: Secret {ns}/{name} has no key {key:?}")));
+                    }
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The oldest other policy of the namespace that overlaps `policy` and is older, if any.
+fn winner_over(policy: &EgressPolicy, store: &Store<EgressPolicy>) -> Option<String> {
+    let age = |p: &EgressPolicy| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.name_any());
+    store
+        .state()
+        .iter()
+        .filter(|o| o.namespace() == policy.namespace() && o.name_any() != policy.name_any())
+        .filter(|o| age(o) < age(policy) && selectors_overlap(&o.spec.selector, &policy.spec.selector))
+        .min_by_key(|o| age(o))
+        .map(|o| o.name_any())
+}
+
+/// Runner pods of the namespace that `policy` selects and for which no older policy applies.
+async fn matched_runners(client: &Client, ns: &str, policy: &EgressPolicy, store: &Store<EgressPolicy>) -> Result<u32> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut runners = pods.list(&ListParams::default().labels(SCALE_SET_LABEL)).await?.items;
+    runners.extend(pods.list(&ListParams::default().labels(&format!("{MONITOR_LABEL}=true"))).await?.items);
+    let age = |p: &EgressPolicy| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.name_any());
+    let older: Vec<_> = store
+        .state()
+        .into_iter()
+        .filter(|o| o.namespace() == policy.namespace() && o.name_any() != policy.name_any() && age(o) < age(policy))
+        .collect();
+    let count = runners
+        .iter()
+        .filter(|pod| selects(&policy.spec.selector, pod))
+        .filter(|pod| !older.iter().any(|o| selects(&o.spec.selector, pod)))
+        .count();
+    Ok(count as u32)
+}
+
+/// Whether `selector` selects the runner `pod`.
+pub fn selects(selector: &RunnerSelector, pod: &Pod) -> bool {
+    let any = |globs: &[String], value: Option<&String>| {
+        globs.is_empty() || value.is_some_and(|v| globs.iter().any(|g| glob_match(g, v)))
+    };
+    any(&selector.scale_sets, pod.labels().get(SCALE_SET_LABEL))
+        && any(&selector.repositories, pod.annotations().get(annotations::REPOSITORY))
+        && any(&selector.workflows, pod.annotations().get(annotations::WORKFLOW))
+}
+
+/// Whether two selectors can select the same runner: in every dimension, some pair of globs
+/// can match one value (an empty list matches everything).
+pub fn selectors_overlap(a: &RunnerSelector, b: &RunnerSelector) -> bool {
+    let dim = |x: &[String], y: &[String]| {
+        x.is_empty() || y.is_empty() || x.iter().any(|g| y.iter().any(|h| globs_intersect(g, h)))
+    };
+    dim(&a.scale_sets, &b.scale_sets) && dim(&a.repositories, &b.repositories) && dim(&a.workflows, &b.workflows)
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(glob: &str, value: &str) -> bool {
+    let parts: Vec<&str> = glob.split('*').collect();
+    if parts.len() == 1 {
+        return glob == value;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !value.starts_with(first) || !value[first.len()..].ends_with(last) || value.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &value[first.len()..value.len() - last.len()];
+    for middle in &parts[1..parts.len() - 1] {
+        match rest.find(middle) {
+            Some(i) => rest = &rest[i + middle.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Whether some string matches both globs. Exact when either has at most one `*`; with more it
+/// errs towards "yes" (an overlap reported that cannot happen is harmless, a missed one is not).
+pub fn globs_intersect(a: &str, b: &str) -> bool {
+    match (a.contains('*'), b.contains('*')) {
+        (false, false) => a == b,
+        (false, true) => glob_match(b, a),
+        (true, false) => glob_match(a, b),
+        (true, true) => {
+            let (a_pre, a_suf) = (a.split('*').next().unwrap_or(""), a.rsplit('*').next().unwrap_or(""));
+            let (b_pre, b_suf) = (b.split('*').next().unwrap_or(""), b.rsplit('*').next().unwrap_or(""));
+            let compatible_prefix = a_pre.starts_with(b_pre) || b_pre.starts_with(a_pre);
+            let compatible_suffix = a_suf.ends_with(b_suf) || b_suf.ends_with(a_suf);
+            compatible_prefix && compatible_suffix
+        }
+    }
+}
+
+fn error_policy(_: Arc<EgressPolicy>, error: &Error, _: Arc<Ctx>) -> Action {
+    warn!(error = %error, "EgressPolicy reconcile failed; retrying in 5s");
+    Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(scale_sets: &[&str], repositories: &[&str]) -> RunnerSelector {
+        RunnerSelector {
+            scale_sets: scale_sets.iter().map(|s| s.to_string()).collect(),
+            repositories: repositories.iter().map(|s| s.to_string()).collect(),
+            workflows: vec![],
+        }
+    }
+
+    #[test]
+    fn globs_match_like_shell_stars() {
+        assert!(glob_match("acme/*", "acme/web"));
+        assert!(!glob_match("acme/*", "other/web"));
+        assert!(glob_match(".github/workflows/release-*.yml", ".github/workflows/release-npm.yml"));
+        assert!(glob_match("*-runners-*", "arc-runners-big"));
+        assert!(!glob_match("a*b*c", "acb"));
+        assert!(glob_match("exact", "exact"));
+    }
+
+    #[test]
+    fn overlapping_selectors_are_found() {
+        assert!(selectors_overlap(&sel(&[], &[]), &sel(&["big"], &["acme/*"])));
+        assert!(selectors_overlap(&sel(&["big"], &["acme/*"]), &sel(&["big"], &["acme/web"])));
+        assert!(selectors_overlap(&sel(&[], &["acme/*"]), &sel(&[], &["*/web"])));
+        assert!(!selectors_overlap(&sel(&["big"], &[]), &sel(&["small"], &[])));
+        assert!(!selectors_overlap(&sel(&[], &["acme/*"]), &sel(&[], &["other/*"])));
+    }
+}
