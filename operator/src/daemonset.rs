@@ -9,6 +9,7 @@
 //! Kubernetes grants added capabilities only to root containers.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
+use crate::metrics::{AgentLabels, Metrics};
 use crate::{FIELD_MANAGER, Result};
 
 /// Name of the DaemonSet and of its ServiceAccount.
@@ -162,7 +164,12 @@ pub async fn apply(client: &Client, config: &AgentConfig) -> Result<DaemonSet> {
 
 /// Keeps the DaemonSet as configured until `shutdown` completes: applies it at start, whenever
 /// it changes or is deleted, and every five minutes.
-pub async fn run(client: Client, config: AgentConfig, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    config: AgentConfig,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let api: Api<DaemonSet> = Api::namespaced(client.clone(), &config.namespace);
     let events = watcher(api, watcher::Config::default().fields(&format!("metadata.name={NAME}"))).default_backoff();
     let mut events = std::pin::pin!(events);
@@ -174,7 +181,11 @@ pub async fn run(client: Client, config: AgentConfig, shutdown: impl Future<Outp
             _ = every.tick() => "periodic",
             event = events.next() => match event {
                 // Our own apply comes back as a change; applying again is a no-op.
-                Some(Ok(watcher::Event::Apply(_) | watcher::Event::InitDone)) => "changed",
+                Some(Ok(watcher::Event::Apply(ds) | watcher::Event::InitApply(ds))) => {
+                    record_pods(&metrics, &ds);
+                    "changed"
+                }
+                Some(Ok(watcher::Event::InitDone)) => "listed",
                 Some(Ok(watcher::Event::Delete(_))) => "deleted",
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => {
@@ -190,6 +201,19 @@ pub async fn run(client: Client, config: AgentConfig, shutdown: impl Future<Outp
                 warn!(error = %e, "could not apply the node-agent DaemonSet; retrying in 10s");
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
+        }
+    }
+}
+
+/// Reflects the DaemonSet's pod counts in the metrics.
+fn record_pods(metrics: &Metrics, ds: &DaemonSet) {
+    if let Some(s) = &ds.status {
+        for (state, n) in [
+            ("desired", s.desired_number_scheduled),
+            ("ready", s.number_ready),
+            ("available", s.number_available.unwrap_or(0)),
+        ] {
+            metrics.agent_pods.get_or_create(&AgentLabels { state }).set(i64::from(n));
         }
     }
 }

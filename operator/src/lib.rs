@@ -9,14 +9,20 @@
 //! - [`daemonset`]: the node-agent DaemonSet, applied and kept as configured.
 //! - [`lifecycle`]: each `WorkflowBaseline`'s phase, approvals, expiry and conditions.
 //! - [`policy`]: `EgressPolicy` validation beyond the schema, overlaps, matched runners.
+//! - [`leader`]: leader election on a Lease, so one replica of several reconciles.
+//! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint.
 
 pub mod arc;
 pub mod baselines;
 pub mod daemonset;
 pub mod identity;
+pub mod leader;
 pub mod lifecycle;
+pub mod metrics;
 pub mod policy;
 pub mod runners;
+
+use std::sync::Arc;
 
 use kube::Client;
 use kube::core::GroupVersionKind;
@@ -42,6 +48,32 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The error's kind, as the `error` label of failure metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
+            Error::Kube(kube::Error::Api(s)) if s.code == 404 => "not_found",
+            Error::Kube(kube::Error::Api(_)) => "api_error",
+            Error::Kube(_) => "api_unreachable",
+            Error::NameCollision { .. } => "name_collision",
+        }
+    }
+}
+
+/// Runs `reconcile` and records it in the metrics of `controller`.
+pub(crate) async fn instrumented<T>(
+    metrics: &metrics::Metrics,
+    controller: &'static str,
+    reconcile: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let started = std::time::Instant::now();
+    let result = reconcile.await;
+    metrics.observe(controller, started.elapsed(), result.as_ref().err());
+    result
+}
+
 /// Result with the operator's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -64,19 +96,24 @@ pub struct Config {
 }
 
 /// Runs every controller until `shutdown` resolves.
-pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Arc<metrics::Metrics>,
+    shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static,
+) {
     let agent = async {
         if config.manage_agent {
-            daemonset::run(client.clone(), config.agent.clone(), shutdown.clone()).await;
+            daemonset::run(client.clone(), config.agent.clone(), metrics.clone(), shutdown.clone()).await;
         }
     };
-    let monitored = runners::run_monitored_pods(client.clone(), shutdown.clone());
-    let lifecycle = lifecycle::run(client.clone(), shutdown.clone());
-    let policies = policy::run(client.clone(), shutdown.clone());
+    let monitored = runners::run_monitored_pods(client.clone(), metrics.clone(), shutdown.clone());
+    let lifecycle = lifecycle::run(client.clone(), metrics.clone(), shutdown.clone());
+    let policies = policy::run(client.clone(), metrics.clone(), shutdown.clone());
     let runners = async {
         if arc_installed(&client).await {
             info!("watching ARC EphemeralRunners");
-            runners::run_ephemeral_runners(client.clone(), shutdown.clone()).await;
+            runners::run_ephemeral_runners(client.clone(), metrics.clone(), shutdown.clone()).await;
         } else {
             warn!(
                 "Actions Runner Controller is not installed (no actions.github.com/v1alpha1 EphemeralRunner); \
@@ -85,4 +122,40 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
         }
     };
     futures::join!(agent, monitored, lifecycle, policies, runners);
+}
+
+/// Why a leader-elected operator stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// `shutdown` resolved; the Lease was released.
+    Shutdown,
+    /// Another replica took the Lease (or it could not be renewed): this replica must exit.
+    LostLease,
+}
+
+/// Waits to lead (Lease `runwarden-operator` in `namespace`), then runs every controller until
+/// `shutdown` resolves or leadership is lost.
+pub async fn run_elected(
+    client: Client,
+    config: Config,
+    metrics: Arc<metrics::Metrics>,
+    namespace: &str,
+    identity: &str,
+    shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static,
+) -> Result<Stopped> {
+    let elector = leader::Elector::new(client.clone(), namespace, "runwarden-operator", identity);
+    tokio::select! {
+        acquired = elector.acquire() => acquired?,
+        _ = shutdown.clone() => return Ok(Stopped::Shutdown),
+    }
+    metrics.leader.set(1);
+    let stopped = tokio::select! {
+        _ = run(client, config, metrics.clone(), shutdown) => {
+            elector.release().await;
+            Stopped::Shutdown
+        }
+        _ = elector.keep() => Stopped::LostLease,
+    };
+    metrics.leader.set(0);
+    Ok(stopped)
 }

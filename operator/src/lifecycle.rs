@@ -20,7 +20,8 @@ use runwarden_crds::{Condition, ConditionStatus, WorkflowBaseline, WorkflowBasel
 use runwarden_detector::Severity;
 use tracing::{info, warn};
 
-use crate::{Error, FIELD_MANAGER, Result};
+use crate::metrics::Metrics;
+use crate::{Error, FIELD_MANAGER, Result, instrumented};
 
 /// How often a baseline is looked at without any change, for expiry by time.
 const REFRESH_EVERY: Duration = Duration::from_secs(3600);
@@ -28,15 +29,22 @@ const REFRESH_EVERY: Duration = Duration::from_secs(3600);
 struct Ctx {
     client: Client,
     recorder: Recorder,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs the `WorkflowBaseline` controller until `shutdown` completes.
-pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let api: Api<WorkflowBaseline> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
-    Controller::new(api, watcher::Config::default())
+    let controller = Controller::new(api, watcher::Config::default());
+    metrics.count_baselines_from(controller.store());
+    controller
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, Arc::new(Ctx { client, recorder }))
+        .run(
+            |b, ctx| async move { instrumented(&ctx.metrics.clone(), "baselines", reconcile(b, ctx)).await },
+            error_policy,
+            Arc::new(Ctx { client, recorder, metrics }),
+        )
         .for_each(|_| async {})
         .await;
 }

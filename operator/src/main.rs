@@ -1,53 +1,97 @@
-//! `runwarden-operator`: wires flags, logs and the controllers from the library.
+//! `runwarden-operator`: wires flags, logs, the metrics endpoint, leader election and the
+//! controllers from the library.
+//!
+//! `runwarden-operator [--config FILE] [--metrics-addr ADDR] [--no-leader-elect] [--json-logs]`
+//! Environment: `POD_NAMESPACE` (Lease and DaemonSet namespace), `POD_NAME` (replica
+//! identity), `RUNWARDEN_LOG` (log filter, default `info`).
+
+use std::sync::Arc;
 
 use anyhow::Context;
+use runwarden_operator::metrics::{self, Metrics};
+use runwarden_operator::{Config, Stopped};
+use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let mut json = false;
-    let mut config_path: Option<String> = None;
+struct Flags {
+    config: Option<String>,
+    metrics_addr: String,
+    leader_elect: bool,
+    json_logs: bool,
+}
+
+fn flags() -> anyhow::Result<Flags> {
+    let mut f = Flags { config: None, metrics_addr: "0.0.0.0:8080".into(), leader_elect: true, json_logs: false };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--json-logs" => json = true,
-            "--config" => config_path = Some(args.next().context("--config needs a path")?),
+            "--json-logs" => f.json_logs = true,
+            "--no-leader-elect" => f.leader_elect = false,
+            "--config" => f.config = Some(args.next().context("--config needs a path")?),
+            "--metrics-addr" => f.metrics_addr = args.next().context("--metrics-addr needs an address")?,
             "-h" | "--help" => {
-                println!("usage: runwarden-operator [--config FILE] [--json-logs]   (log filter: RUNWARDEN_LOG)");
-                return Ok(());
+                println!(
+                    "usage: runwarden-operator [--config FILE] [--metrics-addr ADDR] [--no-leader-elect] [--json-logs]"
+                );
+                std::process::exit(0);
             }
             other => anyhow::bail!("unknown argument {other:?}; see --help"),
         }
     }
+    Ok(f)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let flags = flags()?;
     let filter = EnvFilter::try_from_env("RUNWARDEN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
+    if flags.json_logs {
         logs.json().init()
     } else {
         logs.init()
     }
 
-    let mut config: runwarden_operator::Config = match &config_path {
+    let mut config: Config = match &flags.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {p}"))?;
             serde_yaml::from_str(&text).with_context(|| format!("{p} is not a valid operator configuration"))?
         }
-        None => runwarden_operator::Config::default(),
+        None => Config::default(),
     };
-    if let Ok(ns) = std::env::var("POD_NAMESPACE") {
-        config.agent.namespace = ns;
-    }
+    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| config.agent.namespace.clone());
+    config.agent.namespace = namespace.clone();
+    let identity = std::env::var("POD_NAME")
+        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()))
+        .unwrap_or_else(|_| format!("runwarden-operator-{}", std::process::id()));
+
+    let metrics = Arc::new(Metrics::default());
+    let listener = tokio::net::TcpListener::bind(&flags.metrics_addr)
+        .await
+        .with_context(|| format!("listening on {}", flags.metrics_addr))?;
+    tokio::spawn(metrics::serve(listener, metrics.clone()));
 
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    metrics.set_ready();
+
+    let shutdown = futures::FutureExt::shared(Box::pin(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
         tokio::select! {
-            _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("interrupted: shutting down"),
         }
-    };
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    runwarden_operator::run(client, config, shutdown).await;
-    Ok(())
+    }));
+    if !flags.leader_elect {
+        runwarden_operator::run(client, config, metrics, shutdown).await;
+        return Ok(());
+    }
+    match runwarden_operator::run_elected(client, config, metrics, &namespace, &identity, shutdown).await {
+        Ok(Stopped::Shutdown) => Ok(()),
+        Ok(Stopped::LostLease) => {
+            error!("leadership lost; exiting so this replica restarts as a standby");
+            std::process::exit(1);
+        }
+        Err(e) => Err(e).context("leader election"),
+    }
 }

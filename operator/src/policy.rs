@@ -28,16 +28,18 @@ use tracing::warn;
 
 use crate::arc::SCALE_SET_LABEL;
 use crate::identity::{MONITOR_LABEL, annotations};
-use crate::{Error, FIELD_MANAGER, Result};
+use crate::metrics::Metrics;
+use crate::{Error, FIELD_MANAGER, Result, instrumented};
 
 struct Ctx {
     client: Client,
     policies: Store<EgressPolicy>,
     recorder: Recorder,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs the `EgressPolicy` controller until `shutdown` completes.
-pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let policies: Api<EgressPolicy> = Api::all(client.clone());
     let controller = Controller::new(policies, watcher::Config::default());
     let store = controller.store();
@@ -59,7 +61,11 @@ pub async fn run(client: Client, shutdown: impl Future<Output = ()> + Send + Syn
         })
         .watches(secrets, watcher::Config::default(), move |s| for_secret(s.namespace()))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, Arc::new(Ctx { client, policies: store, recorder }))
+        .run(
+            |p, ctx| async move { instrumented(&ctx.metrics.clone(), "policies", reconcile(p, ctx)).await },
+            error_policy,
+            Arc::new(Ctx { client, policies: store, recorder, metrics }),
+        )
         .for_each(|_| async {})
         .await;
 }

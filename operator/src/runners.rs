@@ -18,15 +18,21 @@ use tracing::{debug, info, warn};
 
 use crate::arc::{EphemeralRunner, RUNNER_POD_LABEL, SCALE_SET_LABEL};
 use crate::identity::{IdentityError, JobIdentity, MONITOR_LABEL};
-use crate::{Error, FIELD_MANAGER, Result, baselines};
+use crate::metrics::Metrics;
+use crate::{Error, FIELD_MANAGER, Result, baselines, instrumented};
 
 /// Shared by the reconcilers.
 struct Ctx {
     client: Client,
+    metrics: Arc<Metrics>,
 }
 
 /// Runs the `EphemeralRunner` controller until `shutdown` completes.
-pub async fn run_ephemeral_runners(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run_ephemeral_runners(
+    client: Client,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let runners: Api<EphemeralRunner> = Api::all(client.clone());
     let pods: Api<Pod> = Api::all(client.clone());
     Controller::new(runners, watcher::Config::default())
@@ -40,7 +46,11 @@ pub async fn run_ephemeral_runners(client: Client, shutdown: impl Future<Output 
             Some(ObjectRef::new(&runner).within(&pod.namespace()?))
         })
         .graceful_shutdown_on(shutdown)
-        .run(reconcile_runner, error_policy, Arc::new(Ctx { client }))
+        .run(
+            |r, ctx| async move { instrumented(&ctx.metrics.clone(), "runners", reconcile_runner(r, ctx)).await },
+            error_policy,
+            Arc::new(Ctx { client, metrics }),
+        )
         .for_each(|res| async move {
             if let Err(e) = res {
                 debug!(error = %e, "EphemeralRunner reconcile failed");
@@ -50,11 +60,21 @@ pub async fn run_ephemeral_runners(client: Client, shutdown: impl Future<Output 
 }
 
 /// Runs the controller of non-ARC runner pods (`runwarden.dev/monitor: "true"`).
-pub async fn run_monitored_pods(client: Client, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run_monitored_pods(
+    client: Client,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let pods: Api<Pod> = Api::all(client.clone());
     Controller::new(pods, watcher::Config::default().labels(&format!("{MONITOR_LABEL}=true")))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile_monitored_pod, error_policy, Arc::new(Ctx { client }))
+        .run(
+            |p, ctx| async move {
+                instrumented(&ctx.metrics.clone(), "monitored_pods", reconcile_monitored_pod(p, ctx)).await
+            },
+            error_policy,
+            Arc::new(Ctx { client, metrics }),
+        )
         .for_each(|res| async move {
             if let Err(e) = res {
                 debug!(error = %e, "monitored pod reconcile failed");

@@ -35,7 +35,7 @@ async fn the_agent_daemonset_is_created_with_least_privilege_and_restored_after_
         ..AgentConfig::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(daemonset::run(client.clone(), config, async move {
+    tokio::spawn(daemonset::run(client.clone(), config, Default::default(), async move {
         let _ = stopped.await;
     }));
 

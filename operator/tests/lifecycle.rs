@@ -67,7 +67,12 @@ async fn the_operator_keeps_phase_conditions_and_approvals_true() {
     let shutdown = futures::FutureExt::shared(Box::pin(async move {
         let _ = stopped.await;
     }));
-    tokio::spawn(runwarden_operator::run(client.clone(), runwarden_operator::Config::default(), shutdown));
+    tokio::spawn(runwarden_operator::run(
+        client.clone(),
+        runwarden_operator::Config::default(),
+        Default::default(),
+        shutdown,
+    ));
 
     let s = wait_for(&api, "reconciled", |s| s.observed_generation == Some(1)).await;
     assert_eq!(s.phase, Some(BaselinePhase::Learning));

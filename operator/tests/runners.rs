@@ -41,7 +41,12 @@ async fn setup(prefix: &str) -> (Client, String, tokio::sync::oneshot::Sender<()
     let shutdown = futures::FutureExt::shared(Box::pin(async move {
         let _ = stopped.await;
     }));
-    tokio::spawn(runwarden_operator::run(client.clone(), runwarden_operator::Config::default(), shutdown));
+    tokio::spawn(runwarden_operator::run(
+        client.clone(),
+        runwarden_operator::Config::default(),
+        Default::default(),
+        shutdown,
+    ));
     (client, ns, stop)
 }
 

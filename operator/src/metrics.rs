@@ -1,0 +1,194 @@
+//! The operator's Prometheus metrics (OpenMetrics text, one registry) and its small HTTP
+//! endpoint: `/metrics`, `/healthz` (the process runs), `/readyz` (preflight passed).
+//!
+//! Labels are bounded: controller names, error kinds, phases, pod states.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::runtime::reflector::Store;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use runwarden_crds::WorkflowBaseline;
+use runwarden_crds::baseline::BaselinePhase;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+/// Labels of per-controller series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    /// `runners`, `monitored_pods`, `baselines`, `policies`.
+    pub controller: &'static str,
+}
+
+/// Labels of failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// As in [`ControllerLabels`].
+    pub controller: &'static str,
+    /// The error kind ([`crate::Error::kind`]).
+    pub error: &'static str,
+}
+
+/// Labels of the baseline gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// `Learning`, `Monitoring`, `Frozen`, or `New` before the first reconcile.
+    pub phase: &'static str,
+}
+
+/// Labels of the agent pod gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    /// `desired`, `ready`, `available`.
+    pub state: &'static str,
+}
+
+/// Every metric of the operator.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles run, by controller.
+    pub reconciles: Family<ControllerLabels, Counter>,
+    /// Reconciles failed, by controller and error kind.
+    pub errors: Family<ErrorLabels, Counter>,
+    /// Reconcile durations, by controller.
+    pub durations: Family<ControllerLabels, Histogram>,
+    /// WorkflowBaselines by phase (counted when scraped).
+    pub baselines: Family<PhaseLabels, Gauge>,
+    /// 1 while this replica leads.
+    pub leader: Gauge,
+    /// Node-agent pods of the DaemonSet, desired and ready (from its status).
+    pub agent_pods: Family<AgentLabels, Gauge>,
+    baseline_store: Mutex<Option<Store<WorkflowBaseline>>>,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("runwarden_operator");
+        let reconciles = Family::<ControllerLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let durations = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 4.0, 8))
+        });
+        let baselines = Family::<PhaseLabels, Gauge>::default();
+        let leader = Gauge::default();
+        let agent_pods = Family::<AgentLabels, Gauge>::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register("reconcile_errors", "Reconciles that failed", errors.clone());
+        registry.register("reconcile_duration_seconds", "Time spent in a reconcile", durations.clone());
+        registry.register("workflow_baselines", "WorkflowBaselines by phase", baselines.clone());
+        registry.register("leader", "1 while this replica is the leader", leader.clone());
+        registry.register("agent_pods", "Node-agent pods by state", agent_pods.clone());
+        Self {
+            registry,
+            reconciles,
+            errors,
+            durations,
+            baselines,
+            leader,
+            agent_pods,
+            baseline_store: Mutex::new(None),
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one reconcile of `controller` that took `took`, failed with `error` if any.
+    pub fn observe(&self, controller: &'static str, took: Duration, error: Option<&crate::Error>) {
+        self.reconciles.get_or_create(&ControllerLabels { controller }).inc();
+        self.durations.get_or_create(&ControllerLabels { controller }).observe(took.as_secs_f64());
+        if let Some(e) = error {
+            self.errors.get_or_create(&ErrorLabels { controller, error: e.kind() }).inc();
+        }
+    }
+
+    /// Where baselines are counted from when scraped.
+    pub fn count_baselines_from(&self, store: Store<WorkflowBaseline>) {
+        *self.baseline_store.lock().unwrap() = Some(store);
+    }
+
+    /// Marks the operator ready (preflight passed).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// The metrics in OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        if let Some(store) = self.baseline_store.lock().unwrap().as_ref() {
+            let mut counts = [0i64; 4];
+            for b in store.state() {
+                let i = match b.status.as_ref().and_then(|s| s.phase) {
+                    Some(BaselinePhase::Learning) => 0,
+                    Some(BaselinePhase::Monitoring) => 1,
+                    Some(BaselinePhase::Frozen) => 2,
+                    None => 3,
+                };
+                counts[i] += 1;
+            }
+            for (phase, n) in ["Learning", "Monitoring", "Frozen", "New"].into_iter().zip(counts) {
+                self.baselines.get_or_create(&PhaseLabels { phase }).set(n);
+            }
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accepting a metrics connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // Read the request head (bounded); the body, if any, is ignored.
+            while len < buf.len() {
+                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => len += n,
+                }
+                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, content_type, body) = match (head.split_whitespace().next(), path) {
+                (Some("GET"), "/metrics") => {
+                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
+                }
+                (Some("GET"), "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+                (Some("GET"), "/readyz") if metrics.ready.load(Ordering::Relaxed) => {
+                    ("200 OK", "text/plain", "ok\n".to_string())
+                }
+                (Some("GET"), "/readyz") => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
+                (Some("GET"), _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = stream.write_all(response.as_bytes()).await {
+                debug!(%peer, error = %e, "writing a metrics response failed");
+            }
+        });
+    }
+}
