@@ -2,7 +2,7 @@
 #
 #   make setup               install what is needed (idempotent)
 #   make test                setup, then lint and every test (unit, property, control plane)
-#   make generate            regenerate committed files (crds/*.yaml) from the Rust types
+#   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml) from the Rust code
 #   make bench               benchmarks (figures printed, nothing asserted)
 #   make replay              the detector on the public replay corpus, scored by its score.py
 #   make dev-control-plane   start etcd + kube-apiserver by hand, CRDs installed, kubeconfig written
@@ -31,6 +31,7 @@ lint:
 
 generate:
 	cargo run --locked -q -p runwarden-crds --bin runwarden-crdgen
+	cargo run --locked -q -p runwarden-operator -- --print-rbac runwarden-system > operator/rbac.yaml
 
 dev-control-plane: setup
 	cargo run --locked -q -p runwarden-tests --bin runwarden-control-plane

@@ -11,6 +11,7 @@
 //! - [`policy`]: `EgressPolicy` validation beyond the schema, overlaps, matched runners.
 //! - [`leader`]: leader election on a Lease, so one replica of several reconciles.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint.
+//! - [`rbac`]: the permissions the operator uses, as data; [`preflight`] checks them at start.
 
 pub mod arc;
 pub mod baselines;
@@ -20,6 +21,8 @@ pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
+pub mod preflight;
+pub mod rbac;
 pub mod runners;
 
 use std::sync::Arc;

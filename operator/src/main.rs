@@ -2,6 +2,8 @@
 //! controllers from the library.
 //!
 //! `runwarden-operator [--config FILE] [--metrics-addr ADDR] [--no-leader-elect] [--json-logs]`
+//! checks the CRDs and its permissions first (exit 2: CRDs missing, 3: permissions missing, 4:
+//! API unreachable), then runs. `runwarden-operator --print-rbac NAMESPACE` prints its RBAC.
 //! Environment: `POD_NAMESPACE` (Lease and DaemonSet namespace), `POD_NAME` (replica
 //! identity), `RUNWARDEN_LOG` (log filter, default `info`).
 
@@ -14,6 +16,7 @@ use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 struct Flags {
+    print_rbac: Option<String>,
     config: Option<String>,
     metrics_addr: String,
     leader_elect: bool,
@@ -21,17 +24,25 @@ struct Flags {
 }
 
 fn flags() -> anyhow::Result<Flags> {
-    let mut f = Flags { config: None, metrics_addr: "0.0.0.0:8080".into(), leader_elect: true, json_logs: false };
+    let mut f = Flags {
+        print_rbac: None,
+        config: None,
+        metrics_addr: "0.0.0.0:8080".into(),
+        leader_elect: true,
+        json_logs: false,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--json-logs" => f.json_logs = true,
             "--no-leader-elect" => f.leader_elect = false,
+            "--print-rbac" => f.print_rbac = Some(args.next().context("--print-rbac needs the operator's namespace")?),
             "--config" => f.config = Some(args.next().context("--config needs a path")?),
             "--metrics-addr" => f.metrics_addr = args.next().context("--metrics-addr needs an address")?,
             "-h" | "--help" => {
                 println!(
-                    "usage: runwarden-operator [--config FILE] [--metrics-addr ADDR] [--no-leader-elect] [--json-logs]"
+                    "usage: runwarden-operator [--config FILE] [--metrics-addr ADDR] [--no-leader-elect] [--json-logs]\n       \
+                     runwarden-operator --print-rbac NAMESPACE   (the ServiceAccount and roles it needs, as YAML)"
                 );
                 std::process::exit(0);
             }
@@ -44,6 +55,10 @@ fn flags() -> anyhow::Result<Flags> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = flags()?;
+    if let Some(ns) = &flags.print_rbac {
+        print!("{}", runwarden_operator::rbac::yaml(ns));
+        return Ok(());
+    }
     let filter = EnvFilter::try_from_env("RUNWARDEN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
     if flags.json_logs {
@@ -72,6 +87,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(metrics::serve(listener, metrics.clone()));
 
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    if let Err(e) = runwarden_operator::preflight::check(&client, &namespace).await {
+        error!("{e}");
+        std::process::exit(e.exit_code());
+    }
     metrics.set_ready();
 
     let shutdown = futures::FutureExt::shared(Box::pin(async {

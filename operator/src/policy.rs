@@ -2,7 +2,8 @@
 //! a policy covers.
 //!
 //! - Notifier secrets must exist and hold their key; otherwise `Ready=False`,
-//!   reason `SecretNotFound`, and the message names the field.
+//!   reason `SecretNotFound`, and the message names the field. Secrets are read by name only
+//!   (never listed or watched); an invalid policy is checked again every 10 s.
 //! - Policies of one namespace whose selectors can select the same runner overlap. For such a
 //!   runner the oldest policy applies (by creation time, then name); a newer overlapping policy
 //!   is `Ready=True` with reason `Overlapping` and a message naming the policy that wins.
@@ -50,16 +51,13 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Ou
     };
     let for_pod = everyone_in(store.clone());
     let for_monitored_pod = everyone_in(store.clone());
-    let for_secret = everyone_in(store.clone());
     let pods: Api<Pod> = Api::all(client.clone());
-    let secrets: Api<Secret> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
     controller
         .watches(pods.clone(), watcher::Config::default().labels(SCALE_SET_LABEL), move |p| for_pod(p.namespace()))
         .watches(pods, watcher::Config::default().labels(&format!("{MONITOR_LABEL}=true")), move |p| {
             for_monitored_pod(p.namespace())
         })
-        .watches(secrets, watcher::Config::default(), move |s| for_secret(s.namespace()))
         .graceful_shutdown_on(shutdown)
         .run(
             |p, ctx| async move { instrumented(&ctx.metrics.clone(), "policies", reconcile(p, ctx)).await },
@@ -97,7 +95,7 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
             .as_ref()
             .is_some_and(|s| s.matched_runners == matched && s.observed_generation == policy.metadata.generation);
     if unchanged {
-        return Ok(Action::requeue(Duration::from_secs(600)));
+        return Ok(Action::requeue(recheck(status)));
     }
     let since = match previous {
         Some(c) if c.status == status => c.last_transition_time.clone(),
@@ -118,7 +116,24 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
     });
     let api: Api<EgressPolicy> = Api::namespaced(ctx.client.clone(), &ns);
     api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    publish_invalid(&ctx, &policy, status, previous, message).await;
+    Ok(Action::requeue(recheck(status)))
+}
 
+/// Invalid policies are checked again soon: the operator does not watch Secrets (that would
+/// mean reading every Secret of the cluster), so a created Secret is noticed on the next check.
+fn recheck(status: ConditionStatus) -> Duration {
+    if status == ConditionStatus::False { Duration::from_secs(10) } else { Duration::from_secs(600) }
+}
+
+/// Records a `PolicyInvalid` Event when the policy has just become invalid.
+async fn publish_invalid(
+    ctx: &Ctx,
+    policy: &EgressPolicy,
+    status: ConditionStatus,
+    previous: Option<&Condition>,
+    message: String,
+) {
     let became_invalid =
         status == ConditionStatus::False && previous.is_none_or(|c| c.status != ConditionStatus::False);
     if became_invalid {
@@ -133,7 +148,6 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
             warn!(error = %e, "could not record the PolicyInvalid event");
         }
     }
-    Ok(Action::requeue(Duration::from_secs(600)))
 }
 
 /// The first notifier whose Secret (or key) is missing, as a message naming the field.

@@ -1,0 +1,171 @@
+//! The operator under exactly the RBAC it ships (operator/rbac.yaml), not as cluster-admin, on a
+//! real kube-apiserver: preflight passes and every controller does its work; a ServiceAccount
+//! without it fails preflight with the missing permissions named. The committed rbac.yaml is
+//! what the code generates.
+//!
+//! Needs the control-plane binaries built by `make setup`; `make test` runs it.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::discovery::ApiResource;
+use kube::{Client, CustomResourceExt, ResourceExt};
+use runwarden_crds::{EgressPolicy, WorkflowBaseline};
+use runwarden_operator::arc::{EphemeralRunner, EphemeralRunnerSpec};
+use runwarden_operator::preflight::{self, PreflightError};
+use runwarden_operator::{Config, rbac};
+use runwarden_tests::{ControlPlane, cluster};
+use serde_json::json;
+
+/// A client acting as `system:serviceaccount:<ns>:<name>`.
+async fn as_service_account(ns: &str, name: &str) -> Client {
+    let mut config = ControlPlane::shared().config().await.unwrap();
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{name}"));
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        format!("system:serviceaccounts:{ns}"),
+        "system:authenticated".into(),
+    ]);
+    Client::try_from(config).unwrap()
+}
+
+async fn apply_all(admin: &Client, objects: Vec<serde_json::Value>) {
+    for obj in objects {
+        let obj: DynamicObject = serde_json::from_value(obj).unwrap();
+        let types = obj.types.clone().unwrap();
+        let (group, version) = types.api_version.split_once('/').unwrap_or(("", &types.api_version));
+        let plural = match types.kind.as_str() {
+            "ServiceAccount" => "serviceaccounts",
+            "ClusterRole" => "clusterroles",
+            "ClusterRoleBinding" => "clusterrolebindings",
+            "Role" => "roles",
+            "RoleBinding" => "rolebindings",
+            other => panic!("unexpected kind {other}"),
+        };
+        let ar = ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: types.api_version.clone(),
+            kind: types.kind.clone(),
+            plural: plural.into(),
+        };
+        let api: Api<DynamicObject> = match obj.namespace() {
+            Some(ns) => Api::namespaced_with(admin.clone(), &ns, &ar),
+            None => Api::all_with(admin.clone(), &ar),
+        };
+        api.patch(&obj.name_any(), &PatchParams::apply("runwarden-tests").force(), &Patch::Apply(&obj)).await.unwrap();
+    }
+}
+
+#[test]
+fn the_committed_rbac_is_what_the_code_uses() {
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let committed = std::fs::read_to_string(std::path::Path::new(&manifest).join("rbac.yaml")).unwrap();
+    assert!(committed == rbac::yaml("runwarden-system"), "operator/rbac.yaml is stale; run `make generate`");
+}
+
+#[tokio::test]
+async fn the_operator_works_under_exactly_its_rbac() {
+    let admin = ControlPlane::shared().client().await;
+    cluster::ensure_crds(&admin).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    crds.patch(
+        "ephemeralrunners.actions.github.com",
+        &PatchParams::apply("runwarden-tests").force(),
+        &Patch::Apply(EphemeralRunner::crd()),
+    )
+    .await
+    .unwrap();
+    cluster::wait_established(&crds, "ephemeralrunners.actions.github.com").await;
+    let system = cluster::test_namespace(&admin, "runwarden-system").await;
+    let runners = cluster::test_namespace(&admin, "arc-runners").await;
+
+    // Without the RBAC: preflight names what is missing.
+    let nobody = as_service_account(&system, "nobody").await;
+    match preflight::check(&nobody, &system).await {
+        Err(PreflightError::MissingPermissions(missing)) => {
+            assert!(missing.iter().any(|m| m == "create runwarden.dev/workflowbaselines"), "{missing:?}");
+            assert!(
+                missing.iter().any(|m| m == &format!("update coordination.k8s.io/leases in {system}")),
+                "{missing:?}"
+            );
+        }
+        other => panic!("expected missing permissions, got {other:?}"),
+    }
+
+    apply_all(&admin, rbac::manifests(&system)).await;
+    let operator = as_service_account(&system, rbac::NAME).await;
+    preflight::check(&operator, &system).await.expect("preflight passes under the shipped RBAC");
+
+    let config = Config {
+        manage_agent: true,
+        agent: runwarden_operator::daemonset::AgentConfig { namespace: system.clone(), ..Default::default() },
+    };
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = futures::FutureExt::shared(Box::pin(async move {
+        let _ = stopped.await;
+    }));
+    let (op, sys) = (operator.clone(), system.clone());
+    let task = tokio::spawn(async move {
+        runwarden_operator::run_elected(op, config, Default::default(), &sys, "operator-0", shutdown).await
+    });
+
+    // Every controller, as the admin sees its results.
+    let runner_api: Api<EphemeralRunner> = Api::namespaced(admin.clone(), &runners);
+    let runner = runner_api
+        .create(&PostParams::default(), &EphemeralRunner::new("runner-0", EphemeralRunnerSpec::default()))
+        .await
+        .unwrap();
+    let mut pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "runner-0", "labels": {"actions.github.com/scale-set-name": "arc"}},
+        "spec": {"containers": [{"name": "runner", "image": "runner"}]}
+    }))
+    .unwrap();
+    pod.metadata.owner_references = Some(vec![kube::Resource::controller_owner_ref(&runner, &()).unwrap()]);
+    Api::<Pod>::namespaced(admin.clone(), &runners).create(&PostParams::default(), &pod).await.unwrap();
+    let job = json!({"status": {"jobRepositoryName": "acme/web", "jobDisplayName": "build",
+                                "jobWorkflowRef": "acme/web/.github/workflows/ci.yml@refs/heads/main", "workflowRunId": 5}});
+    runner_api.patch_status("runner-0", &PatchParams::default(), &Patch::Merge(&job)).await.unwrap();
+    let policy: EgressPolicy = serde_json::from_value(json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "EgressPolicy", "metadata": {"name": "audit"},
+        "spec": {"anomalyDetection": {"notifiers": [{"name": "hook", "webhook": {"urlSecretRef": {"name": "missing", "key": "url"}}}]}}
+    }))
+    .unwrap();
+    Api::<EgressPolicy>::namespaced(admin.clone(), &runners).create(&PostParams::default(), &policy).await.unwrap();
+
+    let mut done = [false; 6];
+    for _ in 0..300 {
+        let pod = Api::<Pod>::namespaced(admin.clone(), &runners).get("runner-0").await.unwrap();
+        done[0] = pod.annotations().get("runwarden.dev/job").is_some_and(|j| j == "build");
+        let baselines =
+            Api::<WorkflowBaseline>::namespaced(admin.clone(), &runners).list(&Default::default()).await.unwrap();
+        done[1] = baselines.items.iter().any(|b| b.status.as_ref().is_some_and(|s| !s.conditions.is_empty()));
+        let p = Api::<EgressPolicy>::namespaced(admin.clone(), &runners).get("audit").await.unwrap();
+        done[2] = p.status.is_some_and(|s| s.conditions.iter().any(|c| c.reason == "SecretNotFound"));
+        done[3] =
+            Api::<DaemonSet>::namespaced(admin.clone(), &system).get_opt("runwarden-agent").await.unwrap().is_some();
+        let lease = Api::<Lease>::namespaced(admin.clone(), &system).get_opt("runwarden-operator").await.unwrap();
+        done[4] = lease.and_then(|l| l.spec?.holder_identity).as_deref() == Some("operator-0");
+        let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(admin.clone(), &runners);
+        done[5] = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("PolicyInvalid"));
+        if done.iter().all(|d| *d) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        done, [true; 6],
+        "pod annotated, baseline created and reconciled, policy validated, DaemonSet applied, Lease held, Event recorded"
+    );
+    assert!(!task.is_finished(), "the operator is still running: {:?}", task);
+}
