@@ -1,9 +1,10 @@
 //! Creating each job's `WorkflowBaseline` the first time the job is seen.
 
-use kube::Api;
 use kube::api::PostParams;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Resource};
 use runwarden_crds::{BaselineMode, LearningSpec, WorkflowBaseline, WorkflowBaselineSpec};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::identity::JobIdentity;
 use crate::{Error, Result};
@@ -15,8 +16,9 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 
 /// Makes sure `identity` has its `WorkflowBaseline` in `api`'s namespace. The name is derived
 /// from the identity, so runners of one job starting together race to create the same object
-/// and exactly one wins; the others find it. Returns whether this call created it.
-pub async fn ensure(api: &Api<WorkflowBaseline>, identity: &JobIdentity) -> Result<bool> {
+/// and exactly one wins; the others find it. Returns whether this call created it; the one that
+/// did records a `BaselineCreated` Event on the new object.
+pub async fn ensure(api: &Api<WorkflowBaseline>, identity: &JobIdentity, recorder: &Recorder) -> Result<bool> {
     let name = identity.baseline_name();
     let spec = WorkflowBaselineSpec {
         repository: identity.repository.clone(),
@@ -35,8 +37,21 @@ pub async fn ensure(api: &Api<WorkflowBaseline>, identity: &JobIdentity) -> Resu
         .into(),
     );
     match api.create(&PostParams::default(), &baseline).await {
-        Ok(_) => {
+        Ok(created) => {
             info!(baseline = %name, repository = %identity.repository, workflow = %identity.workflow, job = %identity.job, "created WorkflowBaseline");
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "BaselineCreated".into(),
+                note: Some(format!(
+                    "first run of {} / {} / {}: learning its outbound calls",
+                    identity.repository, identity.workflow, identity.job
+                )),
+                action: "Create".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &created.object_ref(&())).await {
+                warn!(error = %e, "could not record the BaselineCreated event");
+            }
             Ok(true)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {

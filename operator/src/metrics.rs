@@ -43,6 +43,13 @@ pub struct PhaseLabels {
     pub phase: &'static str,
 }
 
+/// Labels of the watched-objects gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `WorkflowBaseline`, `EgressPolicy`, `EphemeralRunner`.
+    pub kind: &'static str,
+}
+
 /// Labels of the agent pod gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AgentLabels {
@@ -65,7 +72,10 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Node-agent pods of the DaemonSet, desired and ready (from its status).
     pub agent_pods: Family<AgentLabels, Gauge>,
+    /// Objects in the controllers' caches, by kind (counted when scraped).
+    pub watched: Family<KindLabels, Gauge>,
     baseline_store: Mutex<Option<Store<WorkflowBaseline>>>,
+    stores: Mutex<Vec<(&'static str, Box<dyn Fn() -> usize + Send + Sync>)>>,
     ready: AtomicBool,
 }
 
@@ -80,12 +90,14 @@ impl Default for Metrics {
         let baselines = Family::<PhaseLabels, Gauge>::default();
         let leader = Gauge::default();
         let agent_pods = Family::<AgentLabels, Gauge>::default();
+        let watched = Family::<KindLabels, Gauge>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_errors", "Reconciles that failed", errors.clone());
         registry.register("reconcile_duration_seconds", "Time spent in a reconcile", durations.clone());
         registry.register("workflow_baselines", "WorkflowBaselines by phase", baselines.clone());
         registry.register("leader", "1 while this replica is the leader", leader.clone());
         registry.register("agent_pods", "Node-agent pods by state", agent_pods.clone());
+        registry.register("watched_objects", "Objects in the controllers' caches", watched.clone());
         Self {
             registry,
             reconciles,
@@ -94,7 +106,9 @@ impl Default for Metrics {
             baselines,
             leader,
             agent_pods,
+            watched,
             baseline_store: Mutex::new(None),
+            stores: Mutex::new(Vec::new()),
             ready: AtomicBool::new(false),
         }
     }
@@ -112,7 +126,17 @@ impl Metrics {
 
     /// Where baselines are counted from when scraped.
     pub fn count_baselines_from(&self, store: Store<WorkflowBaseline>) {
+        self.count_watched("WorkflowBaseline", store.clone());
         *self.baseline_store.lock().unwrap() = Some(store);
+    }
+
+    /// Counts the objects of `store` as watched objects of `kind` when scraped.
+    pub fn count_watched<K>(&self, kind: &'static str, store: Store<K>)
+    where
+        K: kube::Resource + Clone + Send + Sync + 'static,
+        K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+    {
+        self.stores.lock().unwrap().push((kind, Box::new(move || store.state().len())));
     }
 
     /// Marks the operator ready (preflight passed).
@@ -136,6 +160,9 @@ impl Metrics {
             for (phase, n) in ["Learning", "Monitoring", "Frozen", "New"].into_iter().zip(counts) {
                 self.baselines.get_or_create(&PhaseLabels { phase }).set(n);
             }
+        }
+        for (kind, count) in self.stores.lock().unwrap().iter() {
+            self.watched.get_or_create(&KindLabels { kind }).set(count() as i64);
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");

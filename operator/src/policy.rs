@@ -44,6 +44,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Ou
     let policies: Api<EgressPolicy> = Api::all(client.clone());
     let controller = Controller::new(policies, watcher::Config::default());
     let store = controller.store();
+    metrics.count_watched("EgressPolicy", store.clone());
     let everyone_in = |store: Store<EgressPolicy>| {
         move |ns: Option<String>| -> Vec<ObjectRef<EgressPolicy>> {
             store.state().iter().filter(|p| p.namespace() == ns).map(|p| ObjectRef::from_obj(&**p)).collect()

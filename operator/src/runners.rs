@@ -10,6 +10,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -25,6 +26,14 @@ use crate::{Error, FIELD_MANAGER, Result, baselines, instrumented};
 struct Ctx {
     client: Client,
     metrics: Arc<Metrics>,
+    recorder: Recorder,
+}
+
+impl Ctx {
+    fn new(client: Client, metrics: Arc<Metrics>) -> Arc<Self> {
+        let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
+        Arc::new(Self { client, metrics, recorder })
+    }
 }
 
 /// Runs the `EphemeralRunner` controller until `shutdown` completes.
@@ -35,7 +44,9 @@ pub async fn run_ephemeral_runners(
 ) {
     let runners: Api<EphemeralRunner> = Api::all(client.clone());
     let pods: Api<Pod> = Api::all(client.clone());
-    Controller::new(runners, watcher::Config::default())
+    let controller = Controller::new(runners, watcher::Config::default());
+    metrics.count_watched("EphemeralRunner", controller.store());
+    controller
         // Runner pods are named after their EphemeralRunner.
         .watches(pods.clone(), watcher::Config::default().labels(SCALE_SET_LABEL), |pod| {
             Some(ObjectRef::new(&pod.name_any()).within(&pod.namespace()?))
@@ -49,7 +60,7 @@ pub async fn run_ephemeral_runners(
         .run(
             |r, ctx| async move { instrumented(&ctx.metrics.clone(), "runners", reconcile_runner(r, ctx)).await },
             error_policy,
-            Arc::new(Ctx { client, metrics }),
+            Ctx::new(client, metrics),
         )
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -73,7 +84,7 @@ pub async fn run_monitored_pods(
                 instrumented(&ctx.metrics.clone(), "monitored_pods", reconcile_monitored_pod(p, ctx)).await
             },
             error_policy,
-            Arc::new(Ctx { client, metrics }),
+            Ctx::new(client, metrics),
         )
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -116,7 +127,7 @@ async fn reconcile_runner(runner: Arc<EphemeralRunner>, ctx: Arc<Ctx>) -> Result
     }
 
     let baselines: Api<WorkflowBaseline> = Api::namespaced(ctx.client.clone(), &ns);
-    baselines::ensure(&baselines, &identity).await?;
+    baselines::ensure(&baselines, &identity, &ctx.recorder).await?;
     Ok(Action::await_change())
 }
 
@@ -125,7 +136,7 @@ async fn reconcile_monitored_pod(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action>
     match JobIdentity::from_annotations(pod.annotations()) {
         Ok(identity) => {
             let baselines: Api<WorkflowBaseline> = Api::namespaced(ctx.client.clone(), &ns);
-            baselines::ensure(&baselines, &identity).await?;
+            baselines::ensure(&baselines, &identity, &ctx.recorder).await?;
         }
         Err(e) => {
             warn!(namespace = %ns, pod = %pod.name_any(), error = %e, "pod labelled {MONITOR_LABEL}=true lacks its identity annotations");

@@ -124,4 +124,5 @@ async fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
     assert!(text.contains("runwarden_operator_leader 1"), "{text}");
     assert!(text.contains("runwarden_operator_reconciles_total{controller=\"monitored_pods\"}"), "{text}");
     assert!(text.contains("runwarden_operator_workflow_baselines{phase="), "{text}");
+    assert!(text.contains("runwarden_operator_watched_objects{kind=\"WorkflowBaseline\"} 3"), "{text}");
 }

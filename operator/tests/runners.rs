@@ -136,6 +136,19 @@ async fn a_runner_pod_is_annotated_once_its_runner_gets_a_job_and_not_before() {
     assert_eq!(baseline.spec.repository, "acme/web");
     assert_eq!(baseline.spec.workflow, ".github/workflows/ci.yml");
     assert_eq!(baseline.spec.job, "test");
+
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let mut created = None;
+    for _ in 0..100 {
+        let list = events.list(&Default::default()).await.unwrap();
+        created = list.items.into_iter().find(|e| e.reason.as_deref() == Some("BaselineCreated"));
+        if created.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let created = created.expect("a BaselineCreated Event is recorded");
+    assert_eq!(created.regarding.and_then(|r| r.name), Some(baseline.name_any()));
 }
 
 #[tokio::test]

@@ -1,0 +1,48 @@
+//! The `runwarden-operator` binary against a real kube-apiserver: without the CRDs, or without
+//! its permissions, it says what is missing in one line and exits with a distinct code.
+//!
+//! Needs the control-plane binaries built by `make setup`; `make test` runs it. This file has a
+//! control plane of its own (the CRDs are absent at first).
+
+use std::process::Command;
+
+use runwarden_tests::{ControlPlane, cluster};
+
+/// Runs the operator binary with `kubeconfig`, returning its exit code and stderr+stdout.
+fn run_operator(kubeconfig: &std::path::Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_runwarden-operator"))
+        .args(["--metrics-addr", "127.0.0.1:0", "--no-leader-elect"])
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAMESPACE", "runwarden-system")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("the operator binary runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+#[tokio::test]
+async fn missing_crds_and_missing_permissions_are_clear_exits() {
+    let cp = ControlPlane::shared();
+    let (code, log) = run_operator(&cp.kubeconfig);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("CRD (runwarden.dev/v1alpha1) is not installed"), "{log}");
+    assert!(log.contains("kubectl apply -f crds/"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+
+    let client = cp.client().await;
+    cluster::ensure_crds(&client).await;
+    // The same kubeconfig, acting as a ServiceAccount that has no RBAC.
+    let text = std::fs::read_to_string(&cp.kubeconfig).unwrap();
+    let limited = cp.dir.join("kubeconfig-nobody");
+    std::fs::write(
+        &limited,
+        text.replace("    token:", "    as: system:serviceaccount:runwarden-system:nobody\n    token:"),
+    )
+    .unwrap();
+    let (code, log) = run_operator(&limited);
+    assert_eq!(code, Some(3), "{log}");
+    assert!(log.contains("the operator lacks permissions"), "{log}");
+    assert!(log.contains("create runwarden.dev/workflowbaselines"), "{log}");
+    assert!(log.contains("apply operator/rbac.yaml"), "{log}");
+}
