@@ -57,6 +57,9 @@ pub struct AgentLabels {
     pub state: &'static str,
 }
 
+/// Counts the objects of one controller cache.
+type StoreSize = Box<dyn Fn() -> usize + Send + Sync>;
+
 /// Every metric of the operator.
 pub struct Metrics {
     registry: Registry,
@@ -75,7 +78,7 @@ pub struct Metrics {
     /// Objects in the controllers' caches, by kind (counted when scraped).
     pub watched: Family<KindLabels, Gauge>,
     baseline_store: Mutex<Option<Store<WorkflowBaseline>>>,
-    stores: Mutex<Vec<(&'static str, Box<dyn Fn() -> usize + Send + Sync>)>>,
+    stores: Mutex<Vec<(&'static str, StoreSize)>>,
     ready: AtomicBool,
 }
 
