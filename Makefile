@@ -3,7 +3,7 @@
 #   make setup               install what is needed (idempotent)
 #   make test                setup, then lint and every test (unit, property, control plane)
 #   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml) from the Rust code
-#   make bench               benchmarks (figures printed, nothing asserted)
+#   make bench               benchmarks: detector throughput, operator at scale (figures printed, nothing asserted)
 #   make replay              the detector on the public replay corpus, scored by its score.py
 #   make dev-control-plane   start etcd + kube-apiserver by hand, CRDs installed, kubeconfig written
 
@@ -36,8 +36,9 @@ generate:
 dev-control-plane: setup
 	cargo run --locked -q -p runwarden-tests --bin runwarden-control-plane
 
-bench:
+bench: setup
 	cargo bench --locked -p runwarden-detector
+	cargo bench --locked -p runwarden-operator --bench scale
 
 replay:
 	cargo build --locked --release -q -p runwarden-detector --bin runwarden-replay

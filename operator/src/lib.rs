@@ -65,6 +65,15 @@ impl Error {
     }
 }
 
+/// Reconciles run at once per controller. Unbounded, a start with thousands of objects holds
+/// thousands of requests in flight and the memory they need stays with the process.
+pub const RECONCILE_CONCURRENCY: u16 = 8;
+
+/// The configuration every controller runs with.
+pub(crate) fn controller_config() -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY)
+}
+
 /// Runs `reconcile` and records it in the metrics of `controller`.
 pub(crate) async fn instrumented<T>(
     metrics: &metrics::Metrics,

@@ -39,6 +39,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Ou
     let controller = Controller::new(api, watcher::Config::default());
     metrics.count_baselines_from(controller.store());
     controller
+        .with_config(crate::controller_config())
         .graceful_shutdown_on(shutdown)
         .run(
             |b, ctx| async move { instrumented(&ctx.metrics.clone(), "baselines", reconcile(b, ctx)).await },

@@ -59,6 +59,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Ou
         .watches(pods, watcher::Config::default().labels(&format!("{MONITOR_LABEL}=true")), move |p| {
             for_monitored_pod(p.namespace())
         })
+        .with_config(crate::controller_config())
         .graceful_shutdown_on(shutdown)
         .run(
             |p, ctx| async move { instrumented(&ctx.metrics.clone(), "policies", reconcile(p, ctx)).await },

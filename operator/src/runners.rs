@@ -56,6 +56,7 @@ pub async fn run_ephemeral_runners(
             let runner = pod.labels().get(RUNNER_POD_LABEL)?.clone();
             Some(ObjectRef::new(&runner).within(&pod.namespace()?))
         })
+        .with_config(crate::controller_config())
         .graceful_shutdown_on(shutdown)
         .run(
             |r, ctx| async move { instrumented(&ctx.metrics.clone(), "runners", reconcile_runner(r, ctx)).await },
@@ -78,6 +79,7 @@ pub async fn run_monitored_pods(
 ) {
     let pods: Api<Pod> = Api::all(client.clone());
     Controller::new(pods, watcher::Config::default().labels(&format!("{MONITOR_LABEL}=true")))
+        .with_config(crate::controller_config())
         .graceful_shutdown_on(shutdown)
         .run(
             |p, ctx| async move {
