@@ -85,7 +85,7 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
                     "selects runners that EgressPolicy {older} (older) also selects; for those runners {older} applies"
                 ),
             ),
-            None => (ConditionStatus::True, "Valid", "policy is valid".to_string()),
+            None => (ConditionStatus::True, "Valid", allowance(&policy)),
         },
     };
     let matched = matched_runners(&ctx.client, &ns, &policy, &ctx.policies).await?;
@@ -150,6 +150,17 @@ async fn publish_invalid(
             warn!(error = %e, "could not record the PolicyInvalid event");
         }
     }
+}
+
+/// What a valid policy allows, with its presets resolved.
+fn allowance(policy: &EgressPolicy) -> String {
+    let from_presets: usize = policy.spec.presets.iter().map(|p| p.endpoints().len()).sum();
+    let baseline = if policy.spec.include_baseline { " plus what each job's baseline learned" } else { "" };
+    format!(
+        "valid; allows {} endpoints ({} from presets){baseline}",
+        policy.spec.allowed_endpoints.len() + from_presets,
+        from_presets
+    )
 }
 
 /// The first notifier whose Secret (or key) is missing, as a message naming the field.

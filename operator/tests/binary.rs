@@ -45,4 +45,22 @@ async fn missing_crds_and_missing_permissions_are_clear_exits() {
     assert!(log.contains("the operator lacks permissions"), "{log}");
     assert!(log.contains("create runwarden.dev/workflowbaselines"), "{log}");
     assert!(log.contains("apply operator/rbac.yaml"), "{log}");
+
+    // With everything but ARC it says so once and keeps running.
+    let log_path = cp.dir.join("operator-no-arc.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_runwarden-operator"))
+        .args(["--metrics-addr", "127.0.0.1:0", "--no-leader-elect"])
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .env("POD_NAMESPACE", "runwarden-system")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(std::fs::File::create(&log_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the operator keeps running without ARC");
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(log.matches("Actions Runner Controller is not installed").count(), 1, "{log}");
 }

@@ -35,7 +35,8 @@ async fn the_agent_daemonset_is_created_with_least_privilege_and_restored_after_
         ..AgentConfig::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(daemonset::run(client.clone(), config, Default::default(), async move {
+    let metrics = std::sync::Arc::new(runwarden_operator::metrics::Metrics::default());
+    tokio::spawn(daemonset::run(client.clone(), config, metrics.clone(), async move {
         let _ = stopped.await;
     }));
 
@@ -80,6 +81,21 @@ async fn the_agent_daemonset_is_created_with_least_privilege_and_restored_after_
                 == Some(&["BPF".to_string(), "PERFMON".to_string(), "NET_ADMIN".to_string()][..])
     })
     .await;
+
+    // Its pods' state (here written by the test: no kubelet runs) is reflected in the metrics.
+    let status = json!({"status": {"desiredNumberScheduled": 3, "numberReady": 2, "numberAvailable": 2,
+                                   "currentNumberScheduled": 3, "numberMisscheduled": 0}});
+    api.patch_status(daemonset::NAME, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = metrics.encode();
+        if text.contains("runwarden_operator_agent_pods{state=\"ready\"} 2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(text.contains("runwarden_operator_agent_pods{state=\"desired\"} 3"), "{text}");
+    assert!(text.contains("runwarden_operator_agent_pods{state=\"ready\"} 2"), "{text}");
 
     // Deleted: recreated on the next reconcile of the watch.
     api.delete(daemonset::NAME, &Default::default()).await.unwrap();

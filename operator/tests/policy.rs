@@ -69,7 +69,7 @@ async fn a_policy_naming_a_missing_secret_is_not_ready_and_says_which_field() {
         &client,
         &ns,
         "audit",
-        json!({"anomalyDetection": {"notifiers": [
+        json!({"presets": ["github-actions"], "anomalyDetection": {"notifiers": [
             {"name": "slack", "slack": {"webhookUrlSecretRef": {"name": "runwarden-slack", "key": "url"}}}
         ]}}),
     )
@@ -101,8 +101,10 @@ async fn a_policy_naming_a_missing_secret_is_not_ready_and_says_which_field() {
     )
     .unwrap();
     Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();
-    let (status, _, _) = ready(&client, &ns, "audit", "Valid").await;
+    let (status, message, _) = ready(&client, &ns, "audit", "Valid").await;
     assert_eq!(status, ConditionStatus::True);
+    let presets = runwarden_crds::Preset::GithubActions.endpoints().len();
+    assert!(message.contains(&format!("allows {presets} endpoints ({presets} from presets)")), "{message}");
 }
 
 #[tokio::test]
