@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::{debug, warn};
@@ -56,7 +56,10 @@ pub struct AgentConfig {
     pub state_dir: String,
     /// Priority class, e.g. `system-node-critical`.
     pub priority_class_name: Option<String>,
-    /// Owner of the DaemonSet (the operator's Deployment), so uninstalling removes it.
+    /// Name of the operator's Deployment in `namespace`: it becomes the DaemonSet's owner, so
+    /// uninstalling the operator removes the agent too.
+    pub owner_deployment: Option<String>,
+    /// The owner reference itself (resolved from `ownerDeployment` at start when absent).
     pub owner: Option<OwnerReference>,
 }
 
@@ -74,6 +77,7 @@ impl Default for AgentConfig {
             metrics_port: 9090,
             state_dir: "/var/lib/runwarden".into(),
             priority_class_name: None,
+            owner_deployment: None,
             owner: None,
         }
     }
@@ -155,6 +159,22 @@ pub fn desired(config: &AgentConfig) -> Value {
     })
 }
 
+/// Resolves `ownerDeployment` into an owner reference (once, at start).
+pub async fn resolve_owner(client: &Client, config: &mut AgentConfig) -> Result<()> {
+    if config.owner.is_some() {
+        return Ok(());
+    }
+    if let Some(name) = &config.owner_deployment {
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &config.namespace);
+        let d = deployments.get(name).await?;
+        config.owner = d.controller_owner_ref(&()).map(|mut o| {
+            o.controller = Some(false);
+            o
+        });
+    }
+    Ok(())
+}
+
 /// Applies the desired DaemonSet.
 pub async fn apply(client: &Client, config: &AgentConfig) -> Result<DaemonSet> {
     let api: Api<DaemonSet> = Api::namespaced(client.clone(), &config.namespace);
@@ -166,10 +186,13 @@ pub async fn apply(client: &Client, config: &AgentConfig) -> Result<DaemonSet> {
 /// it changes or is deleted, and every five minutes.
 pub async fn run(
     client: Client,
-    config: AgentConfig,
+    mut config: AgentConfig,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    if let Err(e) = resolve_owner(&client, &mut config).await {
+        warn!(deployment = ?config.owner_deployment, error = %e, "could not read the operator's Deployment; the DaemonSet gets no owner");
+    }
     let api: Api<DaemonSet> = Api::namespaced(client.clone(), &config.namespace);
     let events = watcher(api, watcher::Config::default().fields(&format!("metadata.name={NAME}"))).default_backoff();
     let mut events = std::pin::pin!(events);

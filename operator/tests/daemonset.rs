@@ -28,8 +28,18 @@ async fn wait_for<F: Fn(&DaemonSet) -> bool>(api: &Api<DaemonSet>, what: &str, c
 async fn the_agent_daemonset_is_created_with_least_privilege_and_restored_after_an_edit() {
     let client = ControlPlane::shared().client().await;
     let ns = cluster::test_namespace(&client, "agent").await;
+    // The operator's own Deployment, which is to own the DaemonSet.
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "runwarden-operator"},
+        "spec": {"selector": {"matchLabels": {"app": "op"}},
+                 "template": {"metadata": {"labels": {"app": "op"}},
+                              "spec": {"containers": [{"name": "operator", "image": "runwarden-operator"}]}}}
+    }))
+    .unwrap();
+    let deployment = Api::namespaced(client.clone(), &ns).create(&Default::default(), &deployment).await.unwrap();
     let config = AgentConfig {
         namespace: ns.clone(),
+        owner_deployment: Some("runwarden-operator".into()),
         image: "registry.example/runwarden-agent:1.0.0".into(),
         node_selector: [("runwarden.dev/runners".to_string(), "true".to_string())].into(),
         ..AgentConfig::default()
@@ -42,6 +52,12 @@ async fn the_agent_daemonset_is_created_with_least_privilege_and_restored_after_
 
     let api: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
     let ds = wait_for(&api, "created", |_| true).await;
+    let owners = ds.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    assert_eq!(
+        (owners[0].kind.as_str(), owners[0].uid.as_str()),
+        ("Deployment", deployment.metadata.uid.as_deref().unwrap())
+    );
     let pod = ds.spec.unwrap().template.spec.unwrap();
     assert_ne!(pod.host_network, Some(true));
     assert_ne!(pod.host_pid, Some(true));
