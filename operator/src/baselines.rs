@@ -1,13 +1,13 @@
 //! Creating each job's `WorkflowBaseline` the first time the job is seen.
 
+use kube::Api;
 use kube::api::PostParams;
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Resource};
+use kube::runtime::events::{EventType, Recorder};
 use runwarden_crds::{BaselineMode, LearningSpec, WorkflowBaseline, WorkflowBaselineSpec};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::identity::JobIdentity;
-use crate::{Error, Result};
+use crate::{Error, Result, record_event};
 
 /// Label with the baseline's repository (`owner.name`: `/` is not allowed in label values).
 pub const REPOSITORY_LABEL: &str = "runwarden.dev/repository";
@@ -39,19 +39,11 @@ pub async fn ensure(api: &Api<WorkflowBaseline>, identity: &JobIdentity, recorde
     match api.create(&PostParams::default(), &baseline).await {
         Ok(created) => {
             info!(baseline = %name, repository = %identity.repository, workflow = %identity.workflow, job = %identity.job, "created WorkflowBaseline");
-            let event = Event {
-                type_: EventType::Normal,
-                reason: "BaselineCreated".into(),
-                note: Some(format!(
-                    "first run of {} / {} / {}: learning its outbound calls",
-                    identity.repository, identity.workflow, identity.job
-                )),
-                action: "Create".into(),
-                secondary: None,
-            };
-            if let Err(e) = recorder.publish(&event, &created.object_ref(&())).await {
-                warn!(error = %e, "could not record the BaselineCreated event");
-            }
+            let note = format!(
+                "first run of {} / {} / {}: learning its outbound calls",
+                identity.repository, identity.workflow, identity.job
+            );
+            record_event(recorder, &created, EventType::Normal, "BaselineCreated", "Create", note).await;
             Ok(true)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {

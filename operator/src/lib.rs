@@ -65,6 +65,28 @@ impl Error {
     }
 }
 
+/// Records an Event (`events.k8s.io/v1`) about `object`; a failure is logged, not returned:
+/// an Event that cannot be written must not fail the reconcile that caused it.
+pub(crate) async fn record_event<K: kube::Resource<DynamicType = ()>>(
+    recorder: &kube::runtime::events::Recorder,
+    object: &K,
+    type_: kube::runtime::events::EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = kube::runtime::events::Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        warn!(reason, error = %e, "could not record an Event");
+    }
+}
+
 /// Reconciles run at once per controller. Unbounded, a start with thousands of objects holds
 /// thousands of requests in flight and the memory they need stays with the process.
 pub const RECONCILE_CONCURRENCY: u16 = 8;

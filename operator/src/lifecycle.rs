@@ -13,15 +13,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use runwarden_crds::{Condition, ConditionStatus, WorkflowBaseline, WorkflowBaselineStatus};
 use runwarden_detector::Severity;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::{Error, FIELD_MANAGER, Result, instrumented};
+use crate::{Error, FIELD_MANAGER, Result, instrumented, record_event};
 
 /// How often a baseline is looked at without any change, for expiry by time.
 const REFRESH_EVERY: Duration = Duration::from_secs(3600);
@@ -160,16 +160,7 @@ async fn settled_event(ctx: &Ctx, b: &WorkflowBaseline, status: &WorkflowBaselin
         b.spec.repository, b.spec.workflow, b.spec.job, status.observed_runs, status.endpoint_count
     );
     info!(baseline = %b.name_any(), runs = status.observed_runs, "baseline settled");
-    let event = Event {
-        type_: EventType::Normal,
-        reason: "BaselineSettled".into(),
-        note: Some(note),
-        action: "Monitor".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &b.object_ref(&())).await {
-        warn!(error = %e, "could not record the BaselineSettled event");
-    }
+    record_event(&ctx.recorder, b, EventType::Normal, "BaselineSettled", "Monitor", note).await;
 }
 
 fn error_policy(_: Arc<WorkflowBaseline>, error: &Error, _: Arc<Ctx>) -> Action {

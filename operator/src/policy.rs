@@ -19,10 +19,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use runwarden_crds::{Condition, ConditionStatus, EgressPolicy, RunnerSelector};
 use serde_json::json;
 use tracing::warn;
@@ -30,7 +30,7 @@ use tracing::warn;
 use crate::arc::SCALE_SET_LABEL;
 use crate::identity::{MONITOR_LABEL, annotations};
 use crate::metrics::Metrics;
-use crate::{Error, FIELD_MANAGER, Result, instrumented};
+use crate::{Error, FIELD_MANAGER, Result, instrumented, record_event};
 
 struct Ctx {
     client: Client,
@@ -139,16 +139,7 @@ async fn publish_invalid(
     let became_invalid =
         status == ConditionStatus::False && previous.is_none_or(|c| c.status != ConditionStatus::False);
     if became_invalid {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "PolicyInvalid".into(),
-            note: Some(message),
-            action: "Validate".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
-            warn!(error = %e, "could not record the PolicyInvalid event");
-        }
+        record_event(&ctx.recorder, policy, EventType::Warning, "PolicyInvalid", "Validate", message).await;
     }
 }
 

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use runwarden_crds::baseline::{BaselinePhase, EndpointState};
@@ -14,6 +13,8 @@ use runwarden_crds::{ConditionStatus, WorkflowBaseline, WorkflowBaselineSpec, Wo
 use runwarden_detector::{Call, Proto, Run, Severity, Verdict};
 use runwarden_status::merge::{FinishedRun, merge_run};
 use runwarden_tests::{ControlPlane, cluster};
+
+mod common;
 
 const NAME: &str = "acme-web-ci-build";
 
@@ -63,16 +64,7 @@ async fn the_operator_keeps_phase_conditions_and_approvals_true() {
     }))
     .unwrap();
     api.create(&PostParams::default(), &WorkflowBaseline::new(NAME, spec)).await.unwrap();
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = futures::FutureExt::shared(Box::pin(async move {
-        let _ = stopped.await;
-    }));
-    tokio::spawn(runwarden_operator::run(
-        client.clone(),
-        runwarden_operator::Config::default(),
-        Default::default(),
-        shutdown,
-    ));
+    let _stop = common::start_operator(&client);
 
     let s = wait_for(&api, "reconciled", |s| s.observed_generation == Some(1)).await;
     assert_eq!(s.phase, Some(BaselinePhase::Learning));
@@ -85,17 +77,7 @@ async fn the_operator_keeps_phase_conditions_and_approvals_true() {
     let s = wait_for(&api, "settled", |s| condition(s, "Settled").is_some_and(|c| c.0 == ConditionStatus::True)).await;
     assert_eq!(s.phase, Some(BaselinePhase::Monitoring));
     assert_eq!(s.observed_runs, 4);
-    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
-    let mut recorded = false;
-    for _ in 0..100 {
-        let list = events.list(&Default::default()).await.unwrap();
-        if list.items.iter().any(|e| e.reason.as_deref() == Some("BaselineSettled")) {
-            recorded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(recorded, "a BaselineSettled Event is recorded");
+    common::wait_for_event(&client, &ns, "BaselineSettled").await;
 
     // A reported call stays anomalous until a person approves it in the spec.
     let paste = Call { host: Some("paste.example"), ip: None, port: 443, proto: Proto::Tcp, process: Some("curl") };

@@ -7,27 +7,19 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use runwarden_crds::{ConditionStatus, EgressPolicy};
 use runwarden_tests::{ControlPlane, cluster};
 use serde_json::json;
 
-async fn setup(prefix: &str) -> (Client, String, tokio::sync::oneshot::Sender<()>) {
+mod common;
+
+async fn setup(prefix: &str) -> (Client, String, common::Stop) {
     let client = ControlPlane::shared().client().await;
     cluster::ensure_crds(&client).await;
     let ns = cluster::test_namespace(&client, prefix).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = futures::FutureExt::shared(Box::pin(async move {
-        let _ = stopped.await;
-    }));
-    tokio::spawn(runwarden_operator::run(
-        client.clone(),
-        runwarden_operator::Config::default(),
-        Default::default(),
-        shutdown,
-    ));
+    let stop = common::start_operator(&client);
     (client, ns, stop)
 }
 
@@ -79,22 +71,7 @@ async fn a_policy_naming_a_missing_secret_is_not_ready_and_says_which_field() {
     assert!(message.contains("spec.anomalyDetection.notifiers[0].slack.webhookUrlSecretRef"), "{message}");
     assert!(message.contains("runwarden-slack"), "{message}");
 
-    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
-    let mut seen = false;
-    for _ in 0..100 {
-        seen = events
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("PolicyInvalid"));
-        if seen {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(seen, "a PolicyInvalid Event is recorded");
+    common::wait_for_event(&client, &ns, "PolicyInvalid").await;
 
     let secret: Secret = serde_json::from_value(
         json!({"metadata": {"name": "runwarden-slack"}, "stringData": {"url": "https://hooks.slack.example/x"}}),

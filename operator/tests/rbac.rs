@@ -10,16 +10,17 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::discovery::ApiResource;
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::{Client, ResourceExt};
 use runwarden_crds::{EgressPolicy, WorkflowBaseline};
 use runwarden_operator::arc::{EphemeralRunner, EphemeralRunnerSpec};
 use runwarden_operator::preflight::{self, PreflightError};
 use runwarden_operator::{Config, rbac};
 use runwarden_tests::{ControlPlane, cluster};
 use serde_json::json;
+
+mod common;
 
 /// A client acting as `system:serviceaccount:<ns>:<name>`.
 async fn as_service_account(ns: &str, name: &str) -> Client {
@@ -72,15 +73,7 @@ fn the_committed_rbac_is_what_the_code_uses() {
 async fn the_operator_works_under_exactly_its_rbac() {
     let admin = ControlPlane::shared().client().await;
     cluster::ensure_crds(&admin).await;
-    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    crds.patch(
-        "ephemeralrunners.actions.github.com",
-        &PatchParams::apply("runwarden-tests").force(),
-        &Patch::Apply(EphemeralRunner::crd()),
-    )
-    .await
-    .unwrap();
-    cluster::wait_established(&crds, "ephemeralrunners.actions.github.com").await;
+    common::install_arc_crd(&admin).await;
     let system = cluster::test_namespace(&admin, "runwarden-system").await;
     let runners = cluster::test_namespace(&admin, "arc-runners").await;
 

@@ -8,45 +8,24 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt, Resource, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use runwarden_crds::WorkflowBaseline;
 use runwarden_operator::arc::{EphemeralRunner, EphemeralRunnerSpec, EphemeralRunnerStatus};
 use runwarden_operator::identity::{JobIdentity, annotations};
 use runwarden_tests::{ControlPlane, cluster};
 use serde_json::json;
-use tokio::sync::OnceCell;
+
+mod common;
 
 /// A client, the CRDs (ours and the EphemeralRunner stand-in) and a namespace of the test's own,
 /// with the operator running until the returned sender is dropped.
-async fn setup(prefix: &str) -> (Client, String, tokio::sync::oneshot::Sender<()>) {
+async fn setup(prefix: &str) -> (Client, String, common::Stop) {
     let client = ControlPlane::shared().client().await;
     cluster::ensure_crds(&client).await;
-    static ARC: OnceCell<()> = OnceCell::const_new();
-    ARC.get_or_init(|| async {
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        crds.patch(
-            "ephemeralrunners.actions.github.com",
-            &PatchParams::apply("runwarden-tests").force(),
-            &Patch::Apply(EphemeralRunner::crd()),
-        )
-        .await
-        .expect("the EphemeralRunner CRD installs");
-        cluster::wait_established(&crds, "ephemeralrunners.actions.github.com").await;
-    })
-    .await;
+    common::install_arc_crd(&client).await;
     let ns = cluster::test_namespace(&client, prefix).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = futures::FutureExt::shared(Box::pin(async move {
-        let _ = stopped.await;
-    }));
-    tokio::spawn(runwarden_operator::run(
-        client.clone(),
-        runwarden_operator::Config::default(),
-        Default::default(),
-        shutdown,
-    ));
+    let stop = common::start_operator(&client);
     (client, ns, stop)
 }
 
@@ -137,17 +116,7 @@ async fn a_runner_pod_is_annotated_once_its_runner_gets_a_job_and_not_before() {
     assert_eq!(baseline.spec.workflow, ".github/workflows/ci.yml");
     assert_eq!(baseline.spec.job, "test");
 
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
-    let mut created = None;
-    for _ in 0..100 {
-        let list = events.list(&Default::default()).await.unwrap();
-        created = list.items.into_iter().find(|e| e.reason.as_deref() == Some("BaselineCreated"));
-        if created.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let created = created.expect("a BaselineCreated Event is recorded");
+    let created = common::wait_for_event(&client, &ns, "BaselineCreated").await;
     assert_eq!(created.regarding.and_then(|r| r.name), Some(baseline.name_any()));
 }
 
