@@ -1,0 +1,164 @@
+//! cgroup → pod: the kernel reports the cgroup v2 id of the caller (the inode number of its
+//! cgroup directory); kubelet names pod cgroups after the pod's UID. [`parse`] reads a cgroup
+//! path in every layout kubelet and the runtimes produce:
+//!
+//! - systemd driver: `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`
+//!   (UID with `_` for `-`; Guaranteed pods sit directly under `kubepods.slice`);
+//! - cgroupfs driver: `kubepods/burstable/pod<uid>/<id>`;
+//! - containerd (`cri-containerd-`), CRI-O (`crio-`, and `crio-conmon-` for its monitor), Docker
+//!   (`docker-`);
+//! - anything nested below a container (Docker-in-Docker, systemd inside a container) belongs
+//!   to that container's pod;
+//! - the kubepods tree may sit below another prefix or carry one (kind's
+//!   `kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort-pod<uid>.slice`).
+//!
+//! [`CgroupIndex::scan`] walks a cgroup v2 mount and maps every pod and container directory's
+//! id to its pod, so the pipeline resolves ids with one lookup; an id not found yet is resolved
+//! after the next scan.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Kubernetes QoS class of a pod, from its cgroup's place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Qos {
+    /// Requests equal limits: directly under `kubepods`.
+    Guaranteed,
+    /// Under `burstable`.
+    Burstable,
+    /// Under `besteffort`.
+    BestEffort,
+}
+
+/// The container runtime that made a container cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Runtime {
+    /// `cri-containerd-<id>.scope` (systemd) or a bare id (cgroupfs, any runtime).
+    Containerd,
+    /// `crio-<id>.scope`.
+    CriO,
+    /// `docker-<id>.scope`.
+    Docker,
+    /// A bare 64-hex id under the cgroupfs driver: the runtime cannot be told.
+    Unknown,
+}
+
+/// What a cgroup path says about the pod it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PodCgroup {
+    /// The pod's UID, with dashes.
+    pub pod_uid: String,
+    /// The pod's QoS class.
+    pub qos: Qos,
+    /// The container's id, when the path goes below the pod level (conmon and pause-less
+    /// runtime helpers have none).
+    pub container_id: Option<String>,
+    /// The runtime that made the container cgroup.
+    pub runtime: Option<Runtime>,
+    /// Whether the path goes further below the container (a nested cgroup).
+    pub nested: bool,
+    /// The path of the pod-level cgroup (the prefix of the input up to the pod directory).
+    pub pod_path: String,
+}
+
+/// Reads the pod (and container) a cgroup path belongs to; `None` for cgroups outside pods.
+pub fn parse(path: &str) -> Option<PodCgroup> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (pod_at, pod_uid) = segments.iter().enumerate().find_map(|(i, s)| pod_uid(s).map(|uid| (i, uid)))?;
+    // kubepods must be in the path: a directory named pod<uid> elsewhere is not a pod.
+    if !segments[..=pod_at].iter().any(|s| s.contains("kubepods")) {
+        return None;
+    }
+    let qos = match segments[pod_at] {
+        s if s.contains("besteffort") => Qos::BestEffort,
+        s if s.contains("burstable") => Qos::Burstable,
+        _ if segments[..pod_at].iter().any(|s| s.contains("besteffort")) => Qos::BestEffort,
+        _ if segments[..pod_at].iter().any(|s| s.contains("burstable")) => Qos::Burstable,
+        _ => Qos::Guaranteed,
+    };
+    let (container_id, runtime) = match segments.get(pod_at + 1).map(|s| container(s)) {
+        Some(Some((id, rt))) => (Some(id), Some(rt)),
+        _ => (None, None),
+    };
+    let pod_path = format!("/{}", segments[..=pod_at].join("/"));
+    Some(PodCgroup { pod_uid, qos, container_id, runtime, nested: segments.len() > pod_at + 2, pod_path })
+}
+
+/// The UID in `pod<uid>`, `kubepods-pod<uid>.slice`, `kubepods-<qos>-pod<uid>.slice` (or with a
+/// prefix, as kind's `kubelet-kubepods-<qos>-pod<uid>.slice`).
+fn pod_uid(segment: &str) -> Option<String> {
+    let s = segment.strip_suffix(".slice").unwrap_or(segment);
+    let at = s.rfind("pod")?;
+    let prefix = &s[..at];
+    if !(prefix.is_empty() || (prefix.contains("kubepods") && prefix.ends_with('-'))) {
+        return None;
+    }
+    let uid = s[at + 3..].replace('_', "-");
+    let groups: Vec<usize> = uid.split('-').map(str::len).collect();
+    let hex = uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+    (hex && groups == [8, 4, 4, 4, 12]).then(|| uid.to_ascii_lowercase())
+}
+
+/// The container id and runtime of a container-level segment.
+fn container(segment: &str) -> Option<(String, Runtime)> {
+    let (id, runtime) = if let Some(rest) = segment.strip_prefix("cri-containerd-") {
+        (rest.strip_suffix(".scope")?, Runtime::Containerd)
+    } else if segment.starts_with("crio-conmon-") {
+        return None;
+    } else if let Some(rest) = segment.strip_prefix("crio-") {
+        (rest.strip_suffix(".scope")?, Runtime::CriO)
+    } else if let Some(rest) = segment.strip_prefix("docker-") {
+        (rest.strip_suffix(".scope")?, Runtime::Docker)
+    } else {
+        (segment, Runtime::Unknown)
+    };
+    (id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit())).then(|| (id.to_string(), runtime))
+}
+
+/// cgroup id → pod, for every pod and container cgroup under a cgroup v2 mount.
+#[derive(Debug, Default)]
+pub struct CgroupIndex {
+    by_id: HashMap<u64, PodCgroup>,
+}
+
+impl CgroupIndex {
+    /// Walks `root` (a cgroup v2 mount) and indexes every cgroup that belongs to a pod, down to
+    /// nested cgroups. Directories that vanish during the walk (pods ending) are skipped.
+    pub fn scan(root: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let mut by_id = HashMap::new();
+        let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
+        std::fs::metadata(root)?;
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if !meta.is_dir() {
+                    continue;
+                }
+                let path = entry.path();
+                let relative = path.strip_prefix(root).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+                if let Some(pod) = parse(&relative) {
+                    by_id.insert(meta.ino(), pod);
+                }
+                stack.push(path);
+            }
+        }
+        Ok(Self { by_id })
+    }
+
+    /// The pod of cgroup `id`, if it was there at the last scan.
+    pub fn get(&self, id: u64) -> Option<&PodCgroup> {
+        self.by_id.get(&id)
+    }
+
+    /// cgroups indexed.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether no pod cgroup was found.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
