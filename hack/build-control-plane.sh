@@ -15,10 +15,13 @@ cache="${RUNWARDEN_CACHE:-$HOME/.cache/runwarden}"
 bin="$cache/k8s-$K8S_VERSION-etcd-$ETCD_VERSION/bin"
 mkdir -p "$bin"
 
-have_etcd() { "$bin/etcd" --version 2>/dev/null | grep -q "etcd Version: ${ETCD_VERSION#v}"; }
+# Output is captured before matching: with pipefail, `cmd | grep -q` fails whenever grep exits
+# before cmd has written everything (SIGPIPE), which made this check flaky.
+version_of() { "$@" 2>/dev/null || true; }
+have_etcd() { [[ "$(version_of "$bin/etcd" --version)" == *"etcd Version: ${ETCD_VERSION#v}"* ]]; }
 have_k8s() {
-  "$bin/kube-apiserver" --version 2>/dev/null | grep -q "Kubernetes $K8S_VERSION" &&
-    "$bin/kubectl" version --client 2>/dev/null | grep -q "Client Version: $K8S_VERSION"
+  [[ "$(version_of "$bin/kube-apiserver" --version)" == *"Kubernetes $K8S_VERSION"* ]] &&
+    [[ "$(version_of "$bin/kubectl" version --client)" == *"Client Version: $K8S_VERSION"* ]]
 }
 
 if have_etcd && have_k8s; then

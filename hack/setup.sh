@@ -6,8 +6,9 @@ set -euo pipefail
 # Debian packages. openssl makes the test control plane's service-account key.
 apt_packages=(openssl ca-certificates)
 missing=()
+# Outputs are captured before matching: with pipefail, `cmd | grep -q` can fail by SIGPIPE.
 for p in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" == *"install ok installed"* ]] || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
@@ -18,8 +19,9 @@ fi
 # Toolchains that come with the machine: check, with a clear message if absent.
 command -v go >/dev/null || { echo "setup: Go is required (to build etcd and kube-apiserver); install Go >= 1.26" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "setup: Rust is required (rustup, stable >= 1.95)" >&2; exit 1; }
+installed_components="$(rustup component list --installed 2>/dev/null || true)"
 for c in rustfmt clippy; do
-  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+  [[ "$installed_components" == *"$c"* ]] || rustup component add "$c"
 done
 
 # etcd, kube-apiserver and kubectl at pinned versions, built once into the cache.
