@@ -27,6 +27,10 @@ use crate::{FIELD_MANAGER, Result};
 
 /// Name of the DaemonSet and of its ServiceAccount.
 pub const NAME: &str = "runwarden-agent";
+/// Where the host's cgroup v2 mount appears in the agent's container.
+const CGROUP_MOUNT: &str = "/host/cgroup";
+/// Where the node-local state directory appears in the agent's container.
+const STATE_MOUNT: &str = "/var/lib/runwarden";
 /// Label selecting the agent's pods.
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 
@@ -108,9 +112,9 @@ pub fn desired(config: &AgentConfig) -> Value {
             "image": config.image,
             "imagePullPolicy": config.image_pull_policy,
             "args": [
-                format!("--cgroup-root={}", "/host/cgroup"),
+                format!("--cgroup-root={CGROUP_MOUNT}"),
                 format!("--metrics-port={port}"),
-                format!("--state-dir={}", "/var/lib/runwarden"),
+                format!("--state-dir={STATE_MOUNT}"),
             ],
             "env": [
                 {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
@@ -129,8 +133,8 @@ pub fn desired(config: &AgentConfig) -> Value {
                 "capabilities": {"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN"]},
             },
             "volumeMounts": [
-                {"name": "cgroup", "mountPath": "/host/cgroup", "readOnly": true},
-                {"name": "state", "mountPath": "/var/lib/runwarden"},
+                {"name": "cgroup", "mountPath": CGROUP_MOUNT, "readOnly": true},
+                {"name": "state", "mountPath": STATE_MOUNT},
                 {"name": "tmp", "mountPath": "/tmp"},
             ],
         }],

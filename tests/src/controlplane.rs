@@ -389,9 +389,8 @@ fn free_ports() -> [u16; 3] {
     [port(0), port(1), port(2)]
 }
 
+/// A random number from the standard library's randomly seeded hasher (no RNG crate needed).
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.finish()
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
 }
