@@ -27,6 +27,7 @@ test: setup lint
 
 lint:
 	cargo fmt --all -- --check
+	cargo fmt --manifest-path node-agent-ebpf/programs/Cargo.toml -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 generate:

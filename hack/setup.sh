@@ -3,8 +3,10 @@
 # Safe to run again; CI runs it on every fresh machine.
 set -euo pipefail
 
-# Debian packages. openssl makes the test control plane's service-account key.
-apt_packages=(openssl ca-certificates)
+# Debian packages. openssl makes the test control plane's service-account key; iproute2 the
+# kernel tests' network namespaces; llvm-22-dev is what bpf-linker is built against (LLVM 22 is
+# rustc 1.95's; bookworm-security has it).
+apt_packages=(openssl ca-certificates iproute2 llvm-22-dev)
 missing=()
 # Outputs are captured before matching: with pipefail, `cmd | grep -q` can fail by SIGPIPE.
 for p in "${apt_packages[@]}"; do
@@ -20,9 +22,20 @@ fi
 command -v go >/dev/null || { echo "setup: Go is required (to build etcd and kube-apiserver); install Go >= 1.26" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "setup: Rust is required (rustup, stable >= 1.95)" >&2; exit 1; }
 installed_components="$(rustup component list --installed 2>/dev/null || true)"
-for c in rustfmt clippy; do
+# rust-src: the kernel programs build core for bpfel-unknown-none (-Z build-std=core).
+for c in rustfmt clippy rust-src; do
   [[ "$installed_components" == *"$c"* ]] || rustup component add "$c"
 done
+
+# bpf-linker links the kernel programs (node-agent/build.rs finds it here).
+bpf_linker_version=0.13.0
+tools="${RUNWARDEN_CACHE:-$HOME/.cache/runwarden}/tools"
+have="$("$tools/bin/bpf-linker" --version 2>/dev/null || true)"
+if [[ "$have" != "bpf-linker $bpf_linker_version" ]]; then
+  echo "setup: building bpf-linker $bpf_linker_version against LLVM 22"
+  PATH="/usr/lib/llvm-22/bin:$PATH" LLVM_PREFIX=/usr/lib/llvm-22 \
+    cargo install --quiet --locked --root "$tools" "bpf-linker@$bpf_linker_version" --no-default-features --features llvm-22
+fi
 
 # etcd, kube-apiserver and kubectl at pinned versions, built once into the cache.
 "$(dirname "$0")/build-control-plane.sh"

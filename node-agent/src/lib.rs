@@ -1,10 +1,19 @@
-//! runwarden's node agent. This first part holds the pure pieces the pipeline is built from:
+//! runwarden's node agent:
 //!
+//! - [`ebpf`]: loads the kernel programs, attaches them to a cgroup tree, marks cgroups as
+//!   monitored, reads the ring buffer and the kernel's counters.
+//! - [`events`]: decodes the kernel's records (safe on truncated or garbage bytes).
 //! - [`dns`]: parses the DNS answers a pod receives (A, AAAA, CNAME chains, compression,
 //!   truncation) without ever panicking, and keeps a per-pod ip → names cache with TTLs.
 //! - [`cgroups`]: maps a cgroup v2 path to the pod (UID) and container it belongs to, for
 //!   kubelet's systemd and cgroupfs layouts, every QoS class, containerd and CRI-O, and
 //!   cgroups nested below a container.
+//! - [`pipeline`]: records → named, attributed observations with exact call counts.
+//! - [`trace`]: `runwarden-agent trace`, every outbound call of one command, no Kubernetes.
 
 pub mod cgroups;
 pub mod dns;
+pub mod ebpf;
+pub mod events;
+pub mod pipeline;
+pub mod trace;

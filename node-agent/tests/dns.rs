@@ -6,47 +6,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use proptest::prelude::*;
 use runwarden_agent::dns::{DnsCache, DnsError, RecordData, TtlBounds, parse, resolutions};
 
-/// Encodes a response: one question, then `answers` (name, ttl, data). With `compress`, owner
-/// names equal to the question are written as a pointer to it (offset 12).
+mod common;
+
+/// A response to an A query for `question` with `answers` (name, ttl, data).
 fn response(question: &str, answers: &[(&str, u32, RecordData)], compress: bool, tc: bool) -> Vec<u8> {
-    let mut m = vec![0x12, 0x34, 0x81 | if tc { 0x02 } else { 0 }, 0x80, 0, 1];
-    m.extend((answers.len() as u16).to_be_bytes());
-    m.extend([0, 0, 0, 0]);
-    let name = |m: &mut Vec<u8>, n: &str| {
-        if compress && n == question {
-            m.extend([0xc0, 12]);
-            return;
-        }
-        for label in n.split('.') {
-            m.push(label.len() as u8);
-            m.extend(label.as_bytes());
-        }
-        m.push(0);
-    };
-    for label in question.split('.') {
-        m.push(label.len() as u8);
-        m.extend(label.as_bytes());
-    }
-    m.extend([0, 0, 1, 0, 1]);
-    for (owner, ttl, data) in answers {
-        name(&mut m, owner);
-        let (rtype, rdata) = match data {
-            RecordData::A(v4) => (1u16, v4.octets().to_vec()),
-            RecordData::Aaaa(v6) => (28, v6.octets().to_vec()),
-            RecordData::Cname(target) => {
-                let mut r = Vec::new();
-                name(&mut r, target);
-                (5, r)
-            }
-            RecordData::Other(t) => (*t, vec![1, 2, 3]),
-        };
-        m.extend(rtype.to_be_bytes());
-        m.extend([0, 1]);
-        m.extend(ttl.to_be_bytes());
-        m.extend((rdata.len() as u16).to_be_bytes());
-        m.extend(rdata);
-    }
-    m
+    common::dns_response(0x1234, question, 1, answers, compress, tc)
 }
 
 fn a(ip: [u8; 4]) -> RecordData {

@@ -1,0 +1,199 @@
+//! The records runwarden's kernel programs write into their ring buffer and the maps they share
+//! with the agent: one `#[repr(C)]` definition for both sides. Every field has a fixed width,
+//! padding is explicit, and each size is asserted at compile time in both builds (the kernel
+//! object and the agent), so a change on one side cannot go unnoticed on the other.
+//!
+//! Byte order: integers are native (the kernel and the agent run on the same machine); ports
+//! are converted to host order in the kernel; addresses are kept as the network-order bytes.
+
+#![no_std]
+
+/// The first four bytes of every ring-buffer record: which record follows.
+pub type Kind = u32;
+/// A [`CallEvent`].
+pub const KIND_CALL: Kind = 1;
+/// A [`DnsEvent`].
+pub const KIND_DNS: Kind = 2;
+
+/// `family`: IPv4 (`AF_INET`).
+pub const FAMILY_IPV4: u8 = 2;
+/// `family`: IPv6 (`AF_INET6`).
+pub const FAMILY_IPV6: u8 = 10;
+
+/// `protocol`: TCP.
+pub const PROTO_TCP: u8 = 6;
+/// `protocol`: UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// `hook`: `connect()` (TCP, or UDP that connects).
+pub const HOOK_CONNECT: u8 = 1;
+/// `hook`: `sendto()`/`sendmsg()` with an address on an unconnected UDP socket.
+pub const HOOK_SENDMSG: u8 = 2;
+
+/// `verdict`: the call went ahead.
+pub const VERDICT_ALLOWED: u8 = 1;
+/// `verdict`: the call was refused (`EPERM`).
+pub const VERDICT_DENIED: u8 = 2;
+
+/// `flags`: the first call of this cgroup to this destination the kernel's dedupe table has
+/// seen (a new table entry); `total` starts again from 1.
+pub const FLAG_FIRST: u8 = 1;
+
+/// One outbound call, or, with the kernel's dedupe on, the first of a burst of calls from one
+/// cgroup to one destination: `total` says how many calls this cgroup has made to it so far.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallEvent {
+    /// [`KIND_CALL`].
+    pub kind: Kind,
+    /// Bit set of `FLAG_*`.
+    pub flags: u8,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// `PROTO_*`.
+    pub protocol: u8,
+    /// `bpf_ktime_get_boot_ns()`: nanoseconds since boot, suspend included.
+    pub timestamp_ns: u64,
+    /// The caller's cgroup v2 id (its container's, or one nested below it).
+    pub cgroup_id: u64,
+    /// The monitored ancestor the call was matched by (the pod-level cgroup).
+    pub pod_cgroup_id: u64,
+    /// Calls from `cgroup_id` to this destination counted by the kernel, this one included,
+    /// since `FLAG_FIRST`.
+    pub total: u64,
+    /// Process id (thread group id).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Destination address: 4 bytes for IPv4 (rest zero), 16 for IPv6, network order.
+    pub addr: [u8; 16],
+    /// Destination port, host order.
+    pub port: u16,
+    /// `FAMILY_*`.
+    pub family: u8,
+    /// Explicit padding (zero).
+    pub _pad: [u8; 5],
+    /// The calling thread's `comm`, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// Bytes of DNS message copied per answer. Longer answers are cut here (`truncated` is set);
+/// the parser reads what fits.
+pub const DNS_CAPTURE: usize = 1024;
+
+/// A DNS answer (UDP from port 53) received by a socket in a monitored cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsEvent {
+    /// [`KIND_DNS`].
+    pub kind: Kind,
+    /// Bytes of `payload` that hold the message.
+    pub captured: u32,
+    /// `bpf_ktime_get_boot_ns()`.
+    pub timestamp_ns: u64,
+    /// The receiving socket's cgroup v2 id.
+    pub cgroup_id: u64,
+    /// The monitored ancestor (the pod-level cgroup).
+    pub pod_cgroup_id: u64,
+    /// Length of the whole DNS message (UDP payload) as received.
+    pub length: u32,
+    /// `FAMILY_*` of the server's address.
+    pub family: u8,
+    /// Explicit padding (zero).
+    pub _pad: [u8; 3],
+    /// The server's address, as in [`CallEvent::addr`].
+    pub server: [u8; 16],
+    /// The DNS message, `captured` bytes of it.
+    pub payload: [u8; DNS_CAPTURE],
+}
+
+/// Key of the kernel's dedupe table: one cgroup, one destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DedupeKey {
+    /// The caller's cgroup v2 id.
+    pub cgroup_id: u64,
+    /// As in [`CallEvent::addr`].
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    /// `FAMILY_*`.
+    pub family: u8,
+    /// `PROTO_*`.
+    pub protocol: u8,
+    /// Explicit padding (zero: keys are compared as bytes).
+    pub _pad: [u8; 4],
+}
+
+/// Value of the dedupe table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupeValue {
+    /// When the last event for this key was written (`bpf_ktime_get_boot_ns`).
+    pub last_event_ns: u64,
+    /// Calls counted, as in [`CallEvent::total`].
+    pub total: u64,
+}
+
+/// Settings the agent writes into the one-entry `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Bit `n` set: some monitored cgroup sits at level `n` of the cgroup tree (the root is
+    /// level 0), so the programs look up the caller's ancestor at that level.
+    pub monitored_levels: u32,
+    /// Explicit padding (zero).
+    pub _pad: u32,
+    /// Repeated calls from one cgroup to one destination within this window after an event
+    /// are counted, not reported. 0 turns the dedupe off: every call is an event.
+    pub dedupe_window_ns: u64,
+}
+
+/// Deepest cgroup level the programs look at (the root is 0; kubelet's pod cgroups sit at 2-4).
+pub const MAX_LEVEL: u32 = 31;
+
+/// Value in the `MONITORED` map (key: a cgroup v2 id): report calls of this cgroup's tree.
+pub const MONITOR: u32 = 1;
+
+/// Indexes of the per-CPU `STATS` array.
+pub mod stats {
+    /// Call events lost because the ring buffer was full.
+    pub const LOST_CALLS: u32 = 0;
+    /// DNS answers lost because the ring buffer was full.
+    pub const LOST_DNS: u32 = 1;
+    /// Call events written.
+    pub const CALL_EVENTS: u32 = 2;
+    /// Calls counted in the dedupe table without an event.
+    pub const CALLS_FOLDED: u32 = 3;
+    /// DNS answers written.
+    pub const DNS_EVENTS: u32 = 4;
+    /// DNS answers longer than the capture, written cut.
+    pub const DNS_CUT: u32 = 5;
+    /// Number of entries.
+    pub const COUNT: u32 = 8;
+}
+
+/// Names of the maps and programs in the kernel object.
+pub mod names {
+    /// Ring buffer of [`super::CallEvent`] and [`super::DnsEvent`].
+    pub const EVENTS: &str = "EVENTS";
+    /// cgroup id → [`super::MONITOR`].
+    pub const MONITORED: &str = "MONITORED";
+    /// One [`super::Config`].
+    pub const CONFIG: &str = "CONFIG";
+    /// Per-CPU counters, see [`super::stats`].
+    pub const STATS: &str = "STATS";
+    /// [`super::DedupeKey`] → [`super::DedupeValue`], LRU.
+    pub const DEDUPE: &str = "DEDUPE";
+    /// The programs, one per hook.
+    pub const PROGRAMS: [&str; 5] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "dns_ingress"];
+}
+
+const _: () = assert!(core::mem::size_of::<CallEvent>() == 88);
+const _: () = assert!(core::mem::size_of::<DnsEvent>() == 56 + DNS_CAPTURE);
+const _: () = assert!(core::mem::size_of::<DedupeKey>() == 32);
+const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(DNS_CAPTURE.is_power_of_two());

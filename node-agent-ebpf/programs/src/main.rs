@@ -1,0 +1,326 @@
+//! runwarden's kernel programs, attached once to a cgroup v2 tree (the root on a node):
+//!
+//! - `connect4`/`connect6`: every `connect()` (TCP, and UDP sockets that connect);
+//! - `sendmsg4`/`sendmsg6`: `sendto()`/`sendmsg()` with an address on unconnected UDP sockets
+//!   (DNS, QUIC);
+//! - `dns_ingress` (`cgroup_skb/ingress`): UDP answers from port 53, a bounded copy of the
+//!   message, so the agent can name destinations from the answers each pod received.
+//!
+//! Only callers below a cgroup in `MONITORED` produce anything: the programs look up the
+//! caller's ancestors at the levels `CONFIG.monitored_levels` names, so other workloads cost a
+//! few map lookups. Repeated calls from one cgroup to one destination within the dedupe window
+//! are counted in `DEDUPE`, not reported. Records are submitted without waking the reader (it
+//! polls) unless the ring buffer fills past a threshold; records that do not fit are counted in
+//! `STATS`. Every program lets the call go ahead.
+
+#![no_std]
+#![no_main]
+// The BPF target has atomic add but no compare-and-swap, so core's atomic types offer no
+// `fetch_add`; the intrinsic lowers to BPF's atomic add. (This crate is built with
+// RUSTC_BOOTSTRAP=1 for -Z build-std anyway.)
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::bindings::{__sk_buff, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id,
+    bpf_skb_cgroup_id, bpf_skb_load_bytes,
+};
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
+use aya_ebpf::macros::{cgroup_skb, cgroup_sock_addr, map};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
+use runwarden_ebpf_common::{
+    CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST,
+    HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, MAX_LEVEL, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, stats,
+};
+
+/// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
+/// every 10 ms.
+const EVENTS_BYTES: u32 = 4 << 20;
+/// Wake the reader early once this much is waiting.
+const WAKE_AT_BYTES: u64 = 1 << 20;
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+#[map]
+static MONITORED: HashMap<u64, u32> = HashMap::with_max_entries(16_384, 0);
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+#[map]
+static DEDUPE: LruHashMap<DedupeKey, DedupeValue> = LruHashMap::with_max_entries(65_536, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot; programs on one CPU do not run concurrently with each other
+        // in these hooks (they are not preemptible within a program).
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn config() -> Config {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// The monitored ancestor of a cgroup, given a way to read its ancestor id at a level.
+#[inline(always)]
+fn monitored_ancestor(levels: u32, ancestor: impl Fn(i32) -> u64) -> Option<u64> {
+    let mut level = 0;
+    while level <= MAX_LEVEL {
+        if levels & (1 << level) != 0 {
+            let id = ancestor(level as i32);
+            if id != 0 && MONITORED.get_ptr(id).is_some() {
+                return Some(id);
+            }
+        }
+        level += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn wake_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_AT_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// Reports one call (after the dedupe). Always lets it go ahead.
+#[inline(always)]
+fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
+    let cfg = config();
+    if cfg.monitored_levels == 0 {
+        return;
+    }
+    // SAFETY: helpers without pointer arguments.
+    let Some(pod) = monitored_ancestor(cfg.monitored_levels, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })
+    else {
+        return;
+    };
+    // SAFETY: as above.
+    let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
+    let key = DedupeKey { cgroup_id, addr, port, family, protocol, _pad: [0; 4] };
+    let mut total = 1;
+    let mut flags = FLAG_FIRST;
+    if cfg.dedupe_window_ns != 0 {
+        let mut entry = DEDUPE.get_ptr_mut(&key);
+        if entry.is_none() {
+            let fresh = DedupeValue { last_event_ns: now, total: 1 };
+            if DEDUPE.insert(&key, &fresh, BPF_NOEXIST as u64).is_err() {
+                // Another CPU inserted it first: count on its entry.
+                entry = DEDUPE.get_ptr_mut(&key);
+            }
+        }
+        if let Some(value) = entry {
+            // SAFETY: `value` points into the map's element, valid for this program run; the
+            // counter is updated atomically, the timestamp is advisory.
+            unsafe {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*value).total, 1);
+                total = (*value).total;
+                if now.wrapping_sub((*value).last_event_ns) < cfg.dedupe_window_ns {
+                    count(stats::CALLS_FOLDED);
+                    return;
+                }
+                (*value).last_event_ns = now;
+            }
+            flags = 0;
+        }
+    }
+    let Some(mut slot) = EVENTS.reserve::<CallEvent>(0) else {
+        count(stats::LOST_CALLS);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    slot.write(CallEvent {
+        kind: KIND_CALL,
+        flags,
+        hook,
+        verdict: VERDICT_ALLOWED,
+        protocol,
+        timestamp_ns: now,
+        cgroup_id,
+        pod_cgroup_id: pod,
+        total,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        addr,
+        port,
+        family,
+        _pad: [0; 5],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    slot.submit(wake_flags());
+    count(stats::CALL_EVENTS);
+}
+
+#[inline(always)]
+fn protocol(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: the context pointer the kernel passed in.
+    match unsafe { (*ctx.sock_addr).protocol } {
+        6 => PROTO_TCP,
+        _ => PROTO_UDP,
+    }
+}
+
+#[inline(always)]
+fn port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: as above; the port is in network order in the low 16 bits.
+    u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16)
+}
+
+#[inline(always)]
+fn ipv4(ctx: &SockAddrContext) -> [u8; 16] {
+    let mut addr = [0; 16];
+    // SAFETY: as above; a connect4/sendmsg4 program may read user_ip4 only.
+    let ip = unsafe { (*ctx.sock_addr).user_ip4 };
+    addr[..4].copy_from_slice(&ip.to_ne_bytes());
+    addr
+}
+
+#[inline(always)]
+fn ipv6(ctx: &SockAddrContext) -> [u8; 16] {
+    let mut addr = [0; 16];
+    // SAFETY: as above; user_ip6 is read a 32-bit word at a time, as the verifier requires.
+    let words = unsafe {
+        [
+            (*ctx.sock_addr).user_ip6[0],
+            (*ctx.sock_addr).user_ip6[1],
+            (*ctx.sock_addr).user_ip6[2],
+            (*ctx.sock_addr).user_ip6[3],
+        ]
+    };
+    addr[0..4].copy_from_slice(&words[0].to_ne_bytes());
+    addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
+    addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
+    addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    addr
+}
+
+/// The verdict, masked: newer LLVM may spill it so the verifier cannot see it is 0 or 1.
+#[inline(always)]
+fn allow() -> i32 {
+    core::hint::black_box(1) & 1
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    on_call(HOOK_CONNECT, FAMILY_IPV4, protocol(&ctx), ipv4(&ctx), port(&ctx));
+    allow()
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    on_call(HOOK_CONNECT, FAMILY_IPV6, protocol(&ctx), ipv6(&ctx), port(&ctx));
+    allow()
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    on_call(HOOK_SENDMSG, FAMILY_IPV4, PROTO_UDP, ipv4(&ctx), port(&ctx));
+    allow()
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    on_call(HOOK_SENDMSG, FAMILY_IPV6, PROTO_UDP, ipv6(&ctx), port(&ctx));
+    allow()
+}
+
+#[cgroup_skb(ingress)]
+pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
+    on_packet(&ctx);
+    allow()
+}
+
+/// Copies a DNS answer (UDP from port 53) received by a monitored cgroup into the ring buffer.
+#[inline(always)]
+fn on_packet(ctx: &SkBuffContext) -> Option<()> {
+    let cfg = config();
+    if cfg.monitored_levels == 0 {
+        return None;
+    }
+    let skb = ctx.skb.skb;
+    let first: u8 = ctx.load(0).ok()?;
+    let (family, udp, server) = match first >> 4 {
+        4 => {
+            if ctx.load::<u8>(9).ok()? != 17 {
+                return None;
+            }
+            // Only the first fragment carries the UDP header.
+            if u16::from_be(ctx.load::<u16>(6).ok()?) & 0x1fff != 0 {
+                return None;
+            }
+            let mut server = [0; 16];
+            server[..4].copy_from_slice(&ctx.load::<[u8; 4]>(12).ok()?);
+            (FAMILY_IPV4, usize::from(first & 0x0f) * 4, server)
+        }
+        6 => {
+            if ctx.load::<u8>(6).ok()? != 17 {
+                return None;
+            }
+            (FAMILY_IPV6, 40, ctx.load::<[u8; 16]>(8).ok()?)
+        }
+        _ => return None,
+    };
+    if u16::from_be(ctx.load::<u16>(udp).ok()?) != 53 {
+        return None;
+    }
+    // SAFETY: the skb pointer the kernel passed in.
+    let pod = monitored_ancestor(cfg.monitored_levels, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;
+    let offset = udp + 8;
+    let length = (ctx.len() as usize).checked_sub(offset)?;
+    if length == 0 {
+        return None;
+    }
+    // A bound the verifier can see, 1..=DNS_CAPTURE, computed where LLVM cannot fold it away.
+    let captured = core::hint::black_box(if length > DNS_CAPTURE { DNS_CAPTURE } else { length });
+    let captured = ((captured - 1) & (DNS_CAPTURE - 1)) + 1;
+    let Some(mut slot) = EVENTS.reserve::<DnsEvent>(0) else {
+        count(stats::LOST_DNS);
+        return None;
+    };
+    let event = slot.as_mut_ptr();
+    // SAFETY: `event` is the reserved record, written field by field before submit; the copy
+    // reads `captured` bytes (bounded above) of the packet into its payload.
+    unsafe {
+        (*event).kind = KIND_DNS;
+        (*event).captured = captured as u32;
+        (*event).timestamp_ns = bpf_ktime_get_boot_ns();
+        (*event).cgroup_id = bpf_skb_cgroup_id(skb as *mut __sk_buff);
+        (*event).pod_cgroup_id = pod;
+        (*event).length = length as u32;
+        (*event).family = family;
+        (*event)._pad = [0; 3];
+        (*event).server = server;
+        if bpf_skb_load_bytes(skb as *const _, offset as u32, (*event).payload.as_mut_ptr().cast(), captured as u32)
+            != 0
+        {
+            slot.discard(0);
+            return None;
+        }
+    }
+    slot.submit(wake_flags());
+    count(stats::DNS_EVENTS);
+    if length > DNS_CAPTURE {
+        count(stats::DNS_CUT);
+    }
+    Some(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

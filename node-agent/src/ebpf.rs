@@ -1,0 +1,316 @@
+//! Loads the kernel programs (built by `build.rs` from `node-agent-ebpf/programs`), attaches them
+//! to a cgroup v2 tree, and gives the agent their maps: which cgroups are monitored, the
+//! settings, the counters, the dedupe table and the ring buffer of records.
+
+#![allow(unsafe_code, reason = "aya::Pod marks the shared #[repr(C)] types as plain bytes; epoll on the ring buffer")]
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::cgroup_skb::CgroupSkbAttachType;
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+use runwarden_ebpf_common::{Config, DedupeKey, DedupeValue, MAX_LEVEL, MONITOR, names, stats};
+use tokio::io::unix::AsyncFd;
+
+/// The kernel object, built for this agent.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/runwarden.bpf.o"));
+
+/// How often the reader drains the ring buffer when the kernel has not woken it (it wakes the
+/// reader itself only once the buffer holds 1 MiB).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct Key(DedupeKey);
+// SAFETY: #[repr(C)], fixed-width fields, explicit padding: any bytes are a valid value.
+unsafe impl aya::Pod for Key {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct Value(DedupeValue);
+// SAFETY: as above.
+unsafe impl aya::Pod for Value {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct Settings(Config);
+// SAFETY: as above.
+unsafe impl aya::Pod for Settings {}
+
+/// Why the programs could not be loaded or attached, worded for the person running the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Loading BPF programs needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN).
+    #[error(
+        "loading BPF programs needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN \
+         (in Kubernetes: the agent's securityContext.capabilities.add)"
+    )]
+    NotPermitted,
+    /// No cgroup v2 hierarchy is mounted.
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo for a `cgroup2` mount; \
+         /sys/fs/cgroup on most nodes, /sys/fs/cgroup/unified on hybrid hosts)"
+    )]
+    NoCgroup2,
+    /// The kernel has no BPF, or refused the programs.
+    #[error(
+        "the kernel refused runwarden's BPF programs (it needs cgroup v2 BPF hooks and ring buffers, Linux 5.8 or newer): {0}"
+    )]
+    Unsupported(String),
+    /// The cgroup to attach to or to monitor.
+    #[error("{path}: {source}")]
+    Cgroup {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        source: io::Error,
+    },
+}
+
+fn refused(e: impl std::error::Error) -> LoadError {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    if text.contains("Operation not permitted") || text.contains("os error 1)") {
+        return LoadError::NotPermitted;
+    }
+    // A verifier log is long: its last lines say what was refused.
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() > 12 {
+        text = format!("{}\n  ...\n{}", lines[0], lines[lines.len() - 10..].join("\n"));
+    }
+    LoadError::Unsupported(text)
+}
+
+/// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` when it is there (real nodes),
+/// else the first `cgroup2` mount (`/sys/fs/cgroup/unified` on hybrid hosts).
+pub fn cgroup2_mount() -> Result<PathBuf, LoadError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| LoadError::NoCgroup2)?;
+    let mounts: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next() == Some("cgroup2"))
+                .then(|| left.split_whitespace().nth(4).map(unescape))?
+        })
+        .collect();
+    mounts
+        .iter()
+        .find(|m| m.as_path() == Path::new("/sys/fs/cgroup"))
+        .or(mounts.first())
+        .cloned()
+        .ok_or(LoadError::NoCgroup2)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> PathBuf {
+    let mut out = Vec::with_capacity(field.len());
+    let bytes = field.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// What to load.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The cgroup v2 mount (see [`cgroup2_mount`]).
+    pub mount: PathBuf,
+    /// The cgroup the programs are attached to: the mount's root on a node; a subtree in tests.
+    pub attach: PathBuf,
+    /// Repeated calls from one cgroup to one destination within this window are counted, not
+    /// reported; zero reports every call.
+    pub dedupe_window: Duration,
+}
+
+/// The kernel's counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Call records lost because the ring buffer was full.
+    pub lost_calls: u64,
+    /// DNS answers lost because the ring buffer was full.
+    pub lost_dns: u64,
+    /// Call records written.
+    pub call_events: u64,
+    /// Calls counted in the dedupe table without a record.
+    pub calls_folded: u64,
+    /// DNS answers written.
+    pub dns_events: u64,
+    /// DNS answers longer than the capture, written cut.
+    pub dns_cut: u64,
+}
+
+/// The loaded and attached programs. Dropping it detaches them.
+pub struct Probes {
+    bpf: Ebpf,
+    mount: PathBuf,
+    /// Monitored cgroup id → its level in the tree.
+    monitored: HashMap<u64, u32>,
+    config: Config,
+}
+
+impl std::fmt::Debug for Probes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probes").field("mount", &self.mount).field("monitored", &self.monitored).finish()
+    }
+}
+
+impl Probes {
+    /// Loads the programs and attaches them to `options.attach`. Nothing is reported until a
+    /// cgroup is [monitored](Self::monitor).
+    pub fn load(options: &Options) -> Result<Self, LoadError> {
+        let cgroup = std::fs::File::open(&options.attach)
+            .map_err(|source| LoadError::Cgroup { path: options.attach.clone(), source })?;
+        let mut bpf = EbpfLoader::new().load(OBJECT).map_err(refused)?;
+        for name in &names::PROGRAMS[..4] {
+            let program: &mut CgroupSockAddr = program(&mut bpf, name)?;
+            program.load().map_err(refused)?;
+            // Links always stack on a cgroup; "Single" is how aya asks for a plain link.
+            program.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(refused)?;
+        }
+        let dns: &mut CgroupSkb = program(&mut bpf, names::PROGRAMS[4])?;
+        dns.load().map_err(refused)?;
+        dns.attach(cgroup.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(refused)?;
+        let config = Config {
+            dedupe_window_ns: u64::try_from(options.dedupe_window.as_nanos()).unwrap_or(u64::MAX),
+            ..Config::default()
+        };
+        let mut probes = Self { bpf, mount: options.mount.clone(), monitored: HashMap::new(), config };
+        probes.write_config()?;
+        Ok(probes)
+    }
+
+    /// Reports calls and DNS answers of every process in the cgroup `dir` and below it.
+    /// Returns the cgroup's id.
+    pub fn monitor(&mut self, dir: &Path) -> Result<u64, LoadError> {
+        let cgroup_error = |source| LoadError::Cgroup { path: dir.to_path_buf(), source };
+        let id = std::fs::metadata(dir).map_err(cgroup_error)?.ino();
+        let relative = dir.strip_prefix(&self.mount).map_err(|_| {
+            cgroup_error(io::Error::other(format!("not below the cgroup v2 mount {}", self.mount.display())))
+        })?;
+        let level = relative.components().count() as u32;
+        if level > MAX_LEVEL {
+            return Err(cgroup_error(io::Error::other(format!("deeper than level {MAX_LEVEL}"))));
+        }
+        let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
+        map.insert(id, MONITOR, 0).map_err(refused)?;
+        self.monitored.insert(id, level);
+        self.write_config()?;
+        Ok(id)
+    }
+
+    /// Stops reporting the cgroup `id` (a pod that ended).
+    pub fn unmonitor(&mut self, id: u64) -> Result<(), LoadError> {
+        let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
+        let _ = map.remove(&id);
+        self.monitored.remove(&id);
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), LoadError> {
+        self.config.monitored_levels = self.monitored.values().fold(0, |bits, level| bits | 1 << level);
+        let mut array: Array<_, Settings> = map(&mut self.bpf, names::CONFIG)?;
+        array.set(0, Settings(self.config), 0).map_err(refused)
+    }
+
+    /// The kernel's counters, summed over CPUs.
+    pub fn stats(&self) -> Result<KernelStats, LoadError> {
+        let array: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.bpf.map(names::STATS).ok_or_else(|| missing(names::STATS))?).map_err(refused)?;
+        let sum = |i: u32| array.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+        Ok(KernelStats {
+            lost_calls: sum(stats::LOST_CALLS),
+            lost_dns: sum(stats::LOST_DNS),
+            call_events: sum(stats::CALL_EVENTS),
+            calls_folded: sum(stats::CALLS_FOLDED),
+            dns_events: sum(stats::DNS_EVENTS),
+            dns_cut: sum(stats::DNS_CUT),
+        })
+    }
+
+    /// Every (cgroup, destination) in the kernel's dedupe table with its call count, so calls
+    /// folded after the last record are counted too (see [`crate::pipeline::Pipeline::totals`]).
+    pub fn dedupe_totals(&self) -> Result<Vec<(DedupeKey, u64)>, LoadError> {
+        let table: BpfHashMap<_, Key, Value> =
+            BpfHashMap::try_from(self.bpf.map(names::DEDUPE).ok_or_else(|| missing(names::DEDUPE))?)
+                .map_err(refused)?;
+        // Entries evicted or rewritten during the walk are skipped; the next walk sees them.
+        Ok(table.iter().filter_map(Result::ok).map(|(k, v)| (k.0, v.0.total)).collect())
+    }
+
+    /// Takes the ring buffer out for a [`Reader`] (once; within a tokio runtime).
+    pub fn reader(&mut self) -> Result<Reader, LoadError> {
+        let events = self.bpf.take_map(names::EVENTS).ok_or_else(|| missing(names::EVENTS))?;
+        let ring = RingBuf::try_from(events).map_err(refused)?;
+        // SAFETY: the ring buffer owns its map's fd, which stays open and the same for as long
+        // as the ring buffer lives, and the AsyncFd owns the ring buffer.
+        let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| LoadError::Unsupported(format!("polling the ring buffer: {}", std::io::Error::from(e))))?;
+        Ok(Reader { fd })
+    }
+}
+
+fn missing(name: &str) -> LoadError {
+    LoadError::Unsupported(format!("the kernel object has no `{name}` (agent and kernel programs out of step)"))
+}
+
+fn program<'a, T>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    bpf.program_mut(name).ok_or_else(|| missing(name))?.try_into().map_err(refused)
+}
+
+fn map<'a, T>(bpf: &'a mut Ebpf, name: &str) -> Result<T, LoadError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    T::try_from(bpf.map_mut(name).ok_or_else(|| missing(name))?).map_err(refused)
+}
+
+/// Reads the ring buffer: waits until the kernel wakes it or [`POLL_INTERVAL`] passes, then
+/// hands every waiting record to the caller.
+pub struct Reader {
+    fd: AsyncFd<RingBuf<MapData>>,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// Waits for records (at most [`POLL_INTERVAL`]) and passes each to `each`, in order.
+    /// Returns how many there were.
+    pub async fn drain(&mut self, mut each: impl FnMut(&[u8])) -> usize {
+        if let Ok(Ok(mut guard)) = tokio::time::timeout(POLL_INTERVAL, self.fd.readable_mut()).await {
+            guard.clear_ready();
+        }
+        let ring = self.fd.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            each(&item);
+            n += 1;
+        }
+        n
+    }
+}

@@ -1,0 +1,293 @@
+//! Decodes the kernel's ring-buffer records ([`runwarden_ebpf_common`]) into Rust values. Reads
+//! field by field at the `#[repr(C)]` offsets, so a short, long or garbage record is an error,
+//! never a panic or an out-of-bounds read.
+
+use std::mem::{offset_of, size_of};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use runwarden_ebpf_common::{
+    CallEvent, DNS_CAPTURE, DedupeKey, DnsEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG,
+    KIND_CALL, KIND_DNS, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_DENIED,
+};
+
+/// Transport protocol of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    /// `tcp` or `udp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// Which hook saw a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// `connect()`.
+    Connect,
+    /// `sendto()`/`sendmsg()` with an address (unconnected UDP).
+    Sendmsg,
+}
+
+/// What the kernel did with a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// It went ahead.
+    Allowed,
+    /// It was refused with EPERM.
+    Denied,
+}
+
+/// An outbound call, decoded from a [`CallEvent`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    /// Nanoseconds since boot.
+    pub timestamp_ns: u64,
+    /// The caller's cgroup id.
+    pub cgroup_id: u64,
+    /// The monitored (pod-level) ancestor.
+    pub pod_cgroup_id: u64,
+    /// Calls from `cgroup_id` to this destination counted by the kernel so far.
+    pub total: u64,
+    /// The first call to this destination in the kernel's dedupe table (a new count).
+    pub first: bool,
+    /// Process id.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// The calling thread's name.
+    pub comm: String,
+    /// Destination address.
+    pub ip: IpAddr,
+    /// Destination port.
+    pub port: u16,
+    /// Transport.
+    pub proto: Proto,
+    /// Which hook.
+    pub hook: Hook,
+    /// Allowed or denied.
+    pub verdict: Verdict,
+    /// The kernel's dedupe-table key for this call (cgroup and destination as the kernel saw
+    /// them), to match its counts.
+    pub key: DedupeKey,
+}
+
+/// A DNS answer a monitored cgroup received, decoded from a [`DnsEvent`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsAnswer {
+    /// Nanoseconds since boot.
+    pub timestamp_ns: u64,
+    /// The receiving socket's cgroup id.
+    pub cgroup_id: u64,
+    /// The monitored (pod-level) ancestor.
+    pub pod_cgroup_id: u64,
+    /// The server that answered.
+    pub server: IpAddr,
+    /// The message's length as received (the capture may be shorter).
+    pub length: u32,
+    /// The captured message.
+    pub message: Vec<u8>,
+}
+
+/// A decoded record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// An outbound call.
+    Call(Call),
+    /// A DNS answer.
+    Dns(DnsAnswer),
+}
+
+/// Why a record could not be decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Fewer bytes than the record's kind needs.
+    #[error("record of {got} bytes, {need} needed")]
+    Short {
+        /// Bytes present.
+        got: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// An unknown kind.
+    #[error("unknown record kind {0}")]
+    Kind(u32),
+    /// A field out of range (family, protocol, hook, verdict, capture length).
+    #[error("bad {0}")]
+    Field(&'static str),
+}
+
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn array<const N: usize>(&self, at: usize) -> [u8; N] {
+        // Callers check the record's length against its size first.
+        self.0[at..at + N].try_into().unwrap()
+    }
+    fn u8(&self, at: usize) -> u8 {
+        self.0[at]
+    }
+    fn u16(&self, at: usize) -> u16 {
+        u16::from_ne_bytes(self.array(at))
+    }
+    fn u32(&self, at: usize) -> u32 {
+        u32::from_ne_bytes(self.array(at))
+    }
+    fn u64(&self, at: usize) -> u64 {
+        u64::from_ne_bytes(self.array(at))
+    }
+}
+
+fn address(family: u8, bytes: [u8; 16]) -> Result<IpAddr, DecodeError> {
+    match family {
+        FAMILY_IPV4 => Ok(IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))),
+        FAMILY_IPV6 => {
+            let v6 = Ipv6Addr::from(bytes);
+            // Dual-stack sockets reach IPv4 destinations as ::ffff:a.b.c.d.
+            Ok(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+        }
+        _ => Err(DecodeError::Field("family")),
+    }
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
+    if record.len() < 4 {
+        return Err(DecodeError::Short { got: record.len(), need: 4 });
+    }
+    let b = Bytes(record);
+    let need =
+        |n: usize| if record.len() < n { Err(DecodeError::Short { got: record.len(), need: n }) } else { Ok(()) };
+    match b.u32(0) {
+        KIND_CALL => {
+            need(size_of::<CallEvent>())?;
+            let comm = b.array::<16>(offset_of!(CallEvent, comm));
+            let comm_len = comm.iter().position(|&c| c == 0).unwrap_or(16);
+            let family = b.u8(offset_of!(CallEvent, family));
+            let addr = b.array(offset_of!(CallEvent, addr));
+            let port = b.u16(offset_of!(CallEvent, port));
+            let protocol = b.u8(offset_of!(CallEvent, protocol));
+            let cgroup_id = b.u64(offset_of!(CallEvent, cgroup_id));
+            Ok(Record::Call(Call {
+                timestamp_ns: b.u64(offset_of!(CallEvent, timestamp_ns)),
+                cgroup_id,
+                pod_cgroup_id: b.u64(offset_of!(CallEvent, pod_cgroup_id)),
+                total: b.u64(offset_of!(CallEvent, total)),
+                first: b.u8(offset_of!(CallEvent, flags)) & FLAG_FIRST != 0,
+                pid: b.u32(offset_of!(CallEvent, pid)),
+                tid: b.u32(offset_of!(CallEvent, tid)),
+                comm: String::from_utf8_lossy(&comm[..comm_len]).into_owned(),
+                ip: address(family, addr)?,
+                port,
+                proto: match protocol {
+                    PROTO_TCP => Proto::Tcp,
+                    PROTO_UDP => Proto::Udp,
+                    _ => return Err(DecodeError::Field("protocol")),
+                },
+                hook: match b.u8(offset_of!(CallEvent, hook)) {
+                    HOOK_CONNECT => Hook::Connect,
+                    HOOK_SENDMSG => Hook::Sendmsg,
+                    _ => return Err(DecodeError::Field("hook")),
+                },
+                verdict: match b.u8(offset_of!(CallEvent, verdict)) {
+                    VERDICT_ALLOWED => Verdict::Allowed,
+                    VERDICT_DENIED => Verdict::Denied,
+                    _ => return Err(DecodeError::Field("verdict")),
+                },
+                key: DedupeKey { cgroup_id, addr, port, family, protocol, _pad: [0; 4] },
+            }))
+        }
+        KIND_DNS => {
+            need(offset_of!(DnsEvent, payload))?;
+            let captured = b.u32(offset_of!(DnsEvent, captured)) as usize;
+            if captured > DNS_CAPTURE {
+                return Err(DecodeError::Field("captured"));
+            }
+            let start = offset_of!(DnsEvent, payload);
+            need(start + captured)?;
+            Ok(Record::Dns(DnsAnswer {
+                timestamp_ns: b.u64(offset_of!(DnsEvent, timestamp_ns)),
+                cgroup_id: b.u64(offset_of!(DnsEvent, cgroup_id)),
+                pod_cgroup_id: b.u64(offset_of!(DnsEvent, pod_cgroup_id)),
+                server: address(b.u8(offset_of!(DnsEvent, family)), b.array(offset_of!(DnsEvent, server)))?,
+                length: b.u32(offset_of!(DnsEvent, length)),
+                message: record[start..start + captured].to_vec(),
+            }))
+        }
+        other => Err(DecodeError::Kind(other)),
+    }
+}
+
+/// An address as the kernel writes it: family and 16 bytes, IPv4 in the first 4.
+fn to_wire(ip: IpAddr) -> (u8, [u8; 16]) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut a = [0; 16];
+            a[..4].copy_from_slice(&v4.octets());
+            (FAMILY_IPV4, a)
+        }
+        IpAddr::V6(v6) => (FAMILY_IPV6, v6.octets()),
+    }
+}
+
+/// Encodes a call as the kernel would: for tests and benchmarks of the pipeline.
+pub fn encode_call(call: &Call) -> Vec<u8> {
+    let mut out = vec![0u8; size_of::<CallEvent>()];
+    let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
+    let (family, addr) = to_wire(call.ip);
+    put(0, &KIND_CALL.to_ne_bytes());
+    put(offset_of!(CallEvent, flags), &[if call.first { FLAG_FIRST } else { 0 }]);
+    put(offset_of!(CallEvent, hook), &[if call.hook == Hook::Connect { HOOK_CONNECT } else { HOOK_SENDMSG }]);
+    put(
+        offset_of!(CallEvent, verdict),
+        &[if call.verdict == Verdict::Allowed { VERDICT_ALLOWED } else { VERDICT_DENIED }],
+    );
+    put(offset_of!(CallEvent, protocol), &[if call.proto == Proto::Tcp { PROTO_TCP } else { PROTO_UDP }]);
+    put(offset_of!(CallEvent, timestamp_ns), &call.timestamp_ns.to_ne_bytes());
+    put(offset_of!(CallEvent, cgroup_id), &call.cgroup_id.to_ne_bytes());
+    put(offset_of!(CallEvent, pod_cgroup_id), &call.pod_cgroup_id.to_ne_bytes());
+    put(offset_of!(CallEvent, total), &call.total.to_ne_bytes());
+    put(offset_of!(CallEvent, pid), &call.pid.to_ne_bytes());
+    put(offset_of!(CallEvent, tid), &call.tid.to_ne_bytes());
+    put(offset_of!(CallEvent, addr), &addr);
+    put(offset_of!(CallEvent, port), &call.port.to_ne_bytes());
+    put(offset_of!(CallEvent, family), &[family]);
+    let comm = call.comm.as_bytes();
+    put(offset_of!(CallEvent, comm), &comm[..comm.len().min(15)]);
+    out
+}
+
+/// Encodes a DNS answer as the kernel would: for tests and benchmarks of the pipeline.
+pub fn encode_dns(answer: &DnsAnswer) -> Vec<u8> {
+    let captured = answer.message.len().min(DNS_CAPTURE);
+    let mut out = vec![0u8; size_of::<DnsEvent>()];
+    let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
+    let (family, server) = to_wire(answer.server);
+    put(0, &KIND_DNS.to_ne_bytes());
+    put(offset_of!(DnsEvent, captured), &(captured as u32).to_ne_bytes());
+    put(offset_of!(DnsEvent, timestamp_ns), &answer.timestamp_ns.to_ne_bytes());
+    put(offset_of!(DnsEvent, cgroup_id), &answer.cgroup_id.to_ne_bytes());
+    put(offset_of!(DnsEvent, pod_cgroup_id), &answer.pod_cgroup_id.to_ne_bytes());
+    put(offset_of!(DnsEvent, length), &answer.length.to_ne_bytes());
+    put(offset_of!(DnsEvent, family), &[family]);
+    put(offset_of!(DnsEvent, server), &server);
+    put(offset_of!(DnsEvent, payload), &answer.message[..captured]);
+    out
+}
+
+/// The kernel's dedupe key for a call from `cgroup_id` to `ip:port` over `proto` (IPv4 as an
+/// IPv4 socket reports it).
+pub fn dedupe_key(cgroup_id: u64, ip: IpAddr, port: u16, proto: Proto) -> DedupeKey {
+    let (family, addr) = to_wire(ip);
+    let protocol = if proto == Proto::Tcp { PROTO_TCP } else { PROTO_UDP };
+    DedupeKey { cgroup_id, addr, port, family, protocol, _pad: [0; 4] }
+}

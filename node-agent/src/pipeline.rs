@@ -1,0 +1,300 @@
+//! Records → observations: decodes each ring-buffer record, keeps each pod's DNS answers, names
+//! every call from the answers its own pod received, attributes it to a pod through the cgroup
+//! index, and keeps exact call counts per destination although the kernel reports only the first
+//! call of a burst (it counts the rest in its dedupe table, read with [`Pipeline::totals`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use runwarden_ebpf_common::DedupeKey;
+
+use crate::cgroups::{CgroupIndex, PodCgroup};
+use crate::dns::{self, DnsCache, TtlBounds};
+use crate::events::{self, Call, DnsAnswer, Hook, Proto, Record, Verdict};
+
+/// One outbound call (or the first of a burst), named and attributed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// When it happened.
+    pub time: SystemTime,
+    /// Process id.
+    pub pid: u32,
+    /// Process (thread) name.
+    pub process: String,
+    /// The caller's cgroup id.
+    pub cgroup_id: u64,
+    /// The monitored (pod-level) cgroup id.
+    pub pod_cgroup_id: u64,
+    /// The pod, when the pipeline attributes to pods and the cgroup is a pod's.
+    pub pod: Option<PodCgroup>,
+    /// Destination address.
+    pub ip: IpAddr,
+    /// Destination port.
+    pub port: u16,
+    /// Transport.
+    pub proto: Proto,
+    /// Which hook saw it.
+    pub hook: Hook,
+    /// Allowed or denied.
+    pub verdict: Verdict,
+    /// The names this pod's DNS answers gave `ip` (all of them, question names first; empty
+    /// when none is known).
+    pub hosts: Vec<String>,
+}
+
+/// Calls counted for one cgroup and destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallCount {
+    /// The last observation of this destination (process, names, pod).
+    pub last: Observation,
+    /// Calls counted, those the kernel folded into its dedupe table included.
+    pub calls: u64,
+}
+
+/// Counters of the pipeline itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipelineStats {
+    /// Records that could not be decoded.
+    pub undecodable: u64,
+    /// Call records.
+    pub calls: u64,
+    /// DNS answers read.
+    pub dns_answers: u64,
+    /// DNS answers that did not parse (counted, dropped).
+    pub malformed_dns: u64,
+    /// Calls waiting for their cgroup to appear in the index.
+    pub pending: u64,
+    /// Calls dropped because too many were waiting.
+    pub pending_dropped: u64,
+}
+
+/// Settings.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// TTL floor and cap of names.
+    pub ttl: TtlBounds,
+    /// Addresses kept per pod.
+    pub max_addresses: usize,
+    /// Wall-clock time at boot: kernel timestamps are nanoseconds since boot.
+    pub boot_time: SystemTime,
+    /// Attribute calls to pods through a cgroup index (the node agent); `false` in trace mode.
+    pub attribute_pods: bool,
+    /// Calls kept while their cgroup is not yet in the index.
+    pub max_pending: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            ttl: TtlBounds::default(),
+            max_addresses: 4096,
+            boot_time: boot_time(),
+            attribute_pods: false,
+            max_pending: 100_000,
+        }
+    }
+}
+
+/// Wall-clock time of boot, from CLOCK_BOOTTIME (the clock of `bpf_ktime_get_boot_ns`).
+pub fn boot_time() -> SystemTime {
+    let since_boot = since_boot();
+    SystemTime::now().checked_sub(since_boot).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// CLOCK_BOOTTIME now.
+pub fn since_boot() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    #[allow(unsafe_code, reason = "clock_gettime writes the timespec it is given")]
+    // SAFETY: a valid pointer to a timespec on our stack.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[derive(Debug)]
+struct Count {
+    /// The kernel's total last seen for the key.
+    kernel_total: u64,
+    calls: u64,
+    last: Observation,
+}
+
+/// The pipeline's state.
+#[derive(Debug)]
+pub struct Pipeline {
+    config: PipelineConfig,
+    names: HashMap<u64, DnsCache>,
+    counts: HashMap<DedupeKey, Count>,
+    index: CgroupIndex,
+    pending: VecDeque<(Call, Vec<String>)>,
+    stats: PipelineStats,
+}
+
+impl Pipeline {
+    /// An empty pipeline.
+    pub fn new(config: PipelineConfig) -> Self {
+        Self {
+            config,
+            names: HashMap::new(),
+            counts: HashMap::new(),
+            index: CgroupIndex::default(),
+            pending: VecDeque::new(),
+            stats: PipelineStats::default(),
+        }
+    }
+
+    /// Decodes and handles one ring-buffer record; an observation when it was a call that
+    /// could be attributed now.
+    pub fn record(&mut self, bytes: &[u8]) -> Option<Observation> {
+        match events::decode(bytes) {
+            Ok(record) => self.handle(record),
+            Err(_) => {
+                self.stats.undecodable += 1;
+                None
+            }
+        }
+    }
+
+    /// Handles one decoded record.
+    pub fn handle(&mut self, record: Record) -> Option<Observation> {
+        match record {
+            Record::Dns(answer) => {
+                self.dns(&answer);
+                None
+            }
+            Record::Call(call) => {
+                self.stats.calls += 1;
+                let hosts = self.hosts(&call);
+                let pod = if self.config.attribute_pods {
+                    match self.index.get(call.cgroup_id) {
+                        Some(pod) => Some(pod.clone()),
+                        None => {
+                            self.park(call, hosts);
+                            return None;
+                        }
+                    }
+                } else {
+                    None
+                };
+                Some(self.observe(call, hosts, pod))
+            }
+        }
+    }
+
+    fn dns(&mut self, answer: &DnsAnswer) {
+        self.stats.dns_answers += 1;
+        match dns::parse(&answer.message) {
+            Ok(message) => {
+                let (ttl, max) = (self.config.ttl, self.config.max_addresses);
+                let cache = self.names.entry(answer.pod_cgroup_id).or_insert_with(|| DnsCache::new(ttl, max));
+                cache.insert(&message, answer.timestamp_ns / 1_000_000_000);
+            }
+            Err(_) => self.stats.malformed_dns += 1,
+        }
+    }
+
+    fn hosts(&self, call: &Call) -> Vec<String> {
+        self.names
+            .get(&call.pod_cgroup_id)
+            .map(|cache| {
+                cache.names(call.ip, call.timestamp_ns / 1_000_000_000).into_iter().map(str::to_owned).collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn park(&mut self, call: Call, hosts: Vec<String>) {
+        if self.pending.len() >= self.config.max_pending {
+            self.pending.pop_front();
+            self.stats.pending_dropped += 1;
+        }
+        self.pending.push_back((call, hosts));
+        self.stats.pending = self.pending.len() as u64;
+    }
+
+    fn observe(&mut self, call: Call, hosts: Vec<String>, pod: Option<PodCgroup>) -> Observation {
+        let observation = Observation {
+            time: self.config.boot_time + Duration::from_nanos(call.timestamp_ns),
+            pid: call.pid,
+            process: call.comm,
+            cgroup_id: call.cgroup_id,
+            pod_cgroup_id: call.pod_cgroup_id,
+            pod,
+            ip: call.ip,
+            port: call.port,
+            proto: call.proto,
+            hook: call.hook,
+            verdict: call.verdict,
+            hosts,
+        };
+        match self.counts.get_mut(&call.key) {
+            Some(count) if !call.first => {
+                count.calls += call.total.saturating_sub(count.kernel_total);
+                count.kernel_total = count.kernel_total.max(call.total);
+                count.last = observation.clone();
+            }
+            Some(count) => {
+                // A new entry in the kernel's table (the old one was evicted, or dedupe is off).
+                count.calls += call.total;
+                count.kernel_total = call.total;
+                count.last = observation.clone();
+            }
+            None => {
+                let count = Count { kernel_total: call.total, calls: call.total, last: observation.clone() };
+                self.counts.insert(call.key, count);
+            }
+        }
+        observation
+    }
+
+    /// Takes the kernel's dedupe-table counts ([`crate::ebpf::Probes::dedupe_totals`]): calls
+    /// folded since the last record of each destination are added to its count.
+    pub fn totals(&mut self, totals: &[(DedupeKey, u64)]) {
+        for (key, total) in totals {
+            // A key with no record yet: its first record is still in the ring buffer.
+            if let Some(count) = self.counts.get_mut(key)
+                && *total > count.kernel_total
+            {
+                count.calls += total - count.kernel_total;
+                count.kernel_total = *total;
+            }
+        }
+    }
+
+    /// Replaces the cgroup index after a scan, and attributes the calls that were waiting for
+    /// their cgroup; calls whose cgroup is still unknown keep waiting.
+    pub fn set_index(&mut self, index: CgroupIndex) -> Vec<Observation> {
+        self.index = index;
+        let waiting = std::mem::take(&mut self.pending);
+        let mut out = Vec::new();
+        for (call, hosts) in waiting {
+            match self.index.get(call.cgroup_id).cloned() {
+                Some(pod) => out.push(self.observe(call, hosts, Some(pod))),
+                None => self.pending.push_back((call, hosts)),
+            }
+        }
+        self.stats.pending = self.pending.len() as u64;
+        out
+    }
+
+    /// Calls per cgroup and destination so far.
+    pub fn calls(&self) -> Vec<CallCount> {
+        let mut out: Vec<CallCount> =
+            self.counts.values().map(|c| CallCount { last: c.last.clone(), calls: c.calls }).collect();
+        out.sort_by_key(|c| (c.last.time, c.last.ip, c.last.port));
+        out
+    }
+
+    /// Forgets a pod's names and counts (it ended).
+    pub fn forget_pod(&mut self, pod_cgroup_id: u64) {
+        self.names.remove(&pod_cgroup_id);
+        self.counts.retain(|_, c| c.last.pod_cgroup_id != pod_cgroup_id);
+    }
+
+    /// The pipeline's counters.
+    pub fn stats(&self) -> PipelineStats {
+        self.stats
+    }
+}

@@ -1,0 +1,308 @@
+//! `runwarden-agent trace`: every outbound call of one command (and its children), or of an
+//! existing cgroup tree, named from the DNS answers it received. No Kubernetes needed.
+//!
+//! ```text
+//! runwarden-agent trace [--json] [--dedupe-window SECONDS] -- COMMAND ARGS...
+//! runwarden-agent trace [--json] [--dedupe-window SECONDS] --cgroup PATH
+//! ```
+//!
+//! The command runs in a fresh cgroup below the cgroup v2 mount; the programs are attached to
+//! that cgroup only. With `--cgroup`, tracing runs until interrupted. With `--json`, one object
+//! per line on stdout; otherwise a table. A summary of calls per destination goes to stderr.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::ebpf::{self, LoadError, Options, Probes};
+use crate::pipeline::{Observation, Pipeline, PipelineConfig};
+
+/// What to trace and how to print it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Args {
+    /// One JSON object per line instead of a table.
+    pub json: bool,
+    /// Trace this existing cgroup tree (until interrupted) instead of running a command.
+    pub cgroup: Option<PathBuf>,
+    /// The command and its arguments.
+    pub command: Vec<String>,
+    /// The kernel's dedupe window; zero reports every call.
+    pub dedupe_window: Duration,
+}
+
+/// Usage text.
+pub const USAGE: &str = "\
+usage: runwarden-agent trace [--json] [--dedupe-window SECONDS] -- COMMAND [ARGS...]
+       runwarden-agent trace [--json] [--dedupe-window SECONDS] --cgroup PATH
+
+Prints every outbound call (TCP and UDP, IPv4 and IPv6) of COMMAND and its children, or of the
+processes in the cgroup v2 tree PATH until interrupted, with the host name each address was
+answered for. Needs root (or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN) and a cgroup v2 mount.
+
+  --json                one JSON object per call on stdout: time, pid, process, ip, port,
+                        proto, host (null when no DNS answer named the address), hosts, hook
+  --dedupe-window SECS  repeated calls to one destination within SECS are counted, not printed
+                        (default 1; 0 prints every call); the summary on stderr has exact counts
+  --cgroup PATH         trace an existing cgroup (absolute, or relative to the cgroup v2 mount)
+";
+
+/// Parses the arguments after `trace`.
+pub fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut parsed = Args { json: false, cgroup: None, command: Vec::new(), dedupe_window: Duration::from_secs(1) };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--json" => parsed.json = true,
+            "--cgroup" => parsed.cgroup = Some(it.next().ok_or("--cgroup needs a path")?.into()),
+            "--dedupe-window" => {
+                let v = it.next().ok_or("--dedupe-window needs a number of seconds")?;
+                let secs: f64 = v.parse().map_err(|_| format!("--dedupe-window: `{v}` is not a number of seconds"))?;
+                if !(0.0..=3600.0).contains(&secs) {
+                    return Err("--dedupe-window: between 0 and 3600 seconds".into());
+                }
+                parsed.dedupe_window = Duration::from_secs_f64(secs);
+            }
+            "--" => {
+                parsed.command = it.cloned().collect();
+                break;
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other if other.starts_with('-') => return Err(format!("unknown option {other}")),
+            _ => {
+                parsed.command = std::iter::once(arg.clone()).chain(it.cloned()).collect();
+                break;
+            }
+        }
+    }
+    match (&parsed.cgroup, parsed.command.is_empty()) {
+        (Some(_), false) => Err("give either --cgroup PATH or a command, not both".into()),
+        (None, true) => Err("nothing to trace: give a command after `--`, or --cgroup PATH".into()),
+        _ => Ok(parsed),
+    }
+}
+
+/// Why tracing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// Not root.
+    #[error("trace needs root: it creates a cgroup and loads BPF programs (run it with sudo)")]
+    NotRoot,
+    /// Loading or attaching.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Creating the cgroup, starting the command, writing output.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Traces as `args` say, writing calls to `out`. Returns the command's exit code (0 with
+/// `--cgroup`).
+pub async fn run(args: &Args, out: &mut dyn Write) -> Result<i32, TraceError> {
+    #[allow(unsafe_code, reason = "geteuid has no preconditions")]
+    // SAFETY: no arguments, no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(TraceError::NotRoot);
+    }
+    let mount = ebpf::cgroup2_mount()?;
+    let (cgroup, created) = match &args.cgroup {
+        Some(path) => {
+            let path = if path.is_absolute() { path.clone() } else { mount.join(path) };
+            if !path.join("cgroup.procs").exists() {
+                return Err(TraceError::Io(format!(
+                    "{} is not a cgroup v2 directory (the cgroup v2 mount is {})",
+                    path.display(),
+                    mount.display()
+                )));
+            }
+            (path, false)
+        }
+        None => {
+            let path = mount.join(format!("runwarden-trace-{}", std::process::id()));
+            std::fs::create_dir(&path).map_err(|e| TraceError::Io(format!("creating {}: {e}", path.display())))?;
+            (path, true)
+        }
+    };
+    let result = trace(args, &mount, &cgroup, out).await;
+    if created && std::fs::remove_dir(&cgroup).is_err() {
+        eprintln!("runwarden-agent: {} still holds processes the command left running; not removed", cgroup.display());
+    }
+    result
+}
+
+async fn trace(args: &Args, mount: &Path, cgroup: &Path, out: &mut dyn Write) -> Result<i32, TraceError> {
+    let options =
+        Options { mount: mount.to_path_buf(), attach: cgroup.to_path_buf(), dedupe_window: args.dedupe_window };
+    let mut probes = Probes::load(&options)?;
+    probes.monitor(cgroup)?;
+    let mut reader = probes.reader()?;
+    let mut pipeline = Pipeline::new(PipelineConfig::default());
+    let io = |e: std::io::Error| TraceError::Io(format!("writing output: {e}"));
+    if !args.json {
+        writeln!(out, "{:<12} {:>7} {:<16} {:<5} {:<41} HOST", "TIME", "PID", "PROCESS", "PROTO", "DESTINATION")
+            .map_err(io)?;
+    }
+
+    let mut child = match args.command.split_first() {
+        Some((program, rest)) => Some(spawn_in(cgroup, program, rest)?),
+        None => None,
+    };
+    let mut interrupt = Box::pin(interrupted());
+    let code = loop {
+        let mut lines = Vec::new();
+        reader.drain(|bytes| lines.extend(pipeline.record(bytes))).await;
+        for o in &lines {
+            print(out, o, args.json).map_err(io)?;
+        }
+        out.flush().map_err(io)?;
+        // Ctrl-C reaches the command too: wait for it to end rather than leave its cgroup.
+        let interrupted = futures_poll(&mut interrupt);
+        match child.as_mut() {
+            Some(c) => {
+                let status = c.try_wait().map_err(|e| TraceError::Io(format!("waiting for the command: {e}")))?;
+                if let Some(status) = status {
+                    use std::os::unix::process::ExitStatusExt;
+                    break status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+                }
+            }
+            None if interrupted => break 0,
+            None => {}
+        }
+    };
+    // Everything the command did is in the ring buffer by now: read the rest.
+    let mut lines = Vec::new();
+    while reader.drain(|bytes| lines.extend(pipeline.record(bytes))).await > 0 {}
+    for o in &lines {
+        print(out, o, args.json).map_err(io)?;
+    }
+    out.flush().map_err(io)?;
+    pipeline.totals(&probes.dedupe_totals()?);
+    summary(&pipeline, &probes.stats()?);
+    Ok(code)
+}
+
+/// Polls a future once without blocking.
+fn futures_poll(fut: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>) -> bool {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    fut.as_mut().poll(&mut cx).is_ready()
+}
+
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Starts `program` with its process already in `cgroup` (it moves itself there between fork
+/// and exec, so not one call escapes).
+fn spawn_in(cgroup: &Path, program: &str, args: &[String]) -> Result<std::process::Child, TraceError> {
+    use std::os::unix::process::CommandExt;
+    let procs = CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())
+        .map_err(|_| TraceError::Io("cgroup path holds a NUL byte".into()))?;
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    #[allow(unsafe_code, reason = "pre_exec runs between fork and exec; the hook only makes raw syscalls")]
+    // SAFETY: the closure calls only async-signal-safe functions (open, write, close) on data
+    // prepared before the fork, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+            libc::close(fd);
+            if written < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        });
+    }
+    command.spawn().map_err(|e| TraceError::Io(format!("starting {program}: {e}")))
+}
+
+fn print(out: &mut dyn Write, o: &Observation, json: bool) -> std::io::Result<()> {
+    if json {
+        let line = serde_json::json!({
+            "time": rfc3339(o.time),
+            "pid": o.pid,
+            "process": o.process,
+            "ip": o.ip.to_string(),
+            "port": o.port,
+            "proto": o.proto.as_str(),
+            "host": o.hosts.first(),
+            "hosts": o.hosts,
+            "hook": match o.hook { crate::events::Hook::Connect => "connect", crate::events::Hook::Sendmsg => "sendmsg" },
+            "cgroup_id": o.cgroup_id,
+        });
+        writeln!(out, "{line}")
+    } else {
+        let time = rfc3339(o.time);
+        let clock = time.get(11..23).unwrap_or(&time);
+        writeln!(
+            out,
+            "{:<12} {:>7} {:<16} {:<5} {:<41} {}",
+            clock,
+            o.pid,
+            o.process,
+            o.proto.as_str(),
+            destination(o.ip, o.port),
+            if o.hosts.is_empty() { "-".to_string() } else { o.hosts.join(",") }
+        )
+    }
+}
+
+fn destination(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+fn summary(pipeline: &Pipeline, kernel: &ebpf::KernelStats) {
+    let calls = pipeline.calls();
+    let total: u64 = calls.iter().map(|c| c.calls).sum();
+    eprintln!("runwarden-agent: {total} calls to {} destinations", calls.len());
+    for c in &calls {
+        let host = c.last.hosts.first().map(String::as_str).unwrap_or("-");
+        eprintln!("  {:>8}  {:<5} {:<41} {host}", c.calls, c.last.proto.as_str(), destination(c.last.ip, c.last.port));
+    }
+    let stats = pipeline.stats();
+    if kernel.lost_calls + kernel.lost_dns > 0 {
+        eprintln!(
+            "runwarden-agent: the ring buffer overflowed: {} calls and {} DNS answers lost",
+            kernel.lost_calls, kernel.lost_dns
+        );
+    }
+    if stats.malformed_dns > 0 {
+        eprintln!("runwarden-agent: {} DNS answers could not be parsed", stats.malformed_dns);
+    }
+}
+
+/// `2026-11-28T11:34:52.123Z`.
+pub fn rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to civil date (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}

@@ -1,0 +1,355 @@
+//! The kernel programs loaded into this kernel, attached to a test cgroup tree laid out as
+//! kubelet lays it out, watching real processes in network namespaces: what a user of the
+//! agent would check.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket};
+use std::time::Duration;
+
+use common::{Agent, DnsServer, Layout, NetNs, Zone, python};
+use runwarden_agent::dns::RecordData;
+use runwarden_agent::events::{Hook, Proto};
+use runwarden_agent::pipeline::Observation;
+
+const WINDOW: Duration = Duration::from_secs(5);
+
+fn pid_of(out: &std::process::Output) -> u32 {
+    String::from_utf8_lossy(&out.stdout).lines().next().unwrap().trim().parse().unwrap()
+}
+
+fn find(obs: &[Observation], ip: IpAddr, port: u16, proto: Proto) -> Vec<&Observation> {
+    obs.iter().filter(|o| o.ip == ip && o.port == port && o.proto == proto).collect()
+}
+
+fn one(obs: &[Observation], ip: IpAddr, port: u16, proto: Proto) -> &Observation {
+    let found = find(obs, ip, port, proto);
+    assert_eq!(found.len(), 1, "one observation of {proto:?} {ip}:{port} expected, got {found:#?}\nall: {obs:#?}");
+    found[0]
+}
+
+#[tokio::test]
+async fn tcp_and_udp_over_ipv4_and_ipv6_connected_and_unconnected() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    let tcp4 = TcpListener::bind((ns.host_v4, 0)).unwrap();
+    let tcp6 = TcpListener::bind((ns.host_v6, 0)).unwrap();
+    let udp4 = UdpSocket::bind((ns.host_v4, 0)).unwrap();
+    let udp6 = UdpSocket::bind((ns.host_v6, 0)).unwrap();
+    let port = |a: std::io::Result<std::net::SocketAddr>| a.unwrap().port();
+    let (t4, t6, u4, u6) =
+        (port(tcp4.local_addr()), port(tcp6.local_addr()), port(udp4.local_addr()), port(udp6.local_addr()));
+    let (h4, h6) = (ns.host_v4, ns.host_v6);
+    let script = format!(
+        r#"
+import os, socket
+print(os.getpid(), flush=True)
+socket.create_connection(("{h4}", {t4})).close()
+socket.create_connection(("{h6}", {t6})).close()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(("{h4}", {u4})); u.send(b"c4")
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.connect(("{h6}", {u6})); u.send(b"c6")
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.sendto(b"s4", ("{h4}", {u4p}))
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.sendto(b"s6", ("{h6}", {u6p}))
+"#,
+        u4p = u4 + 1,
+        u6p = u6 + 1,
+    );
+    let out = python(&pod.container, Some(&ns), &script);
+    let pid = pid_of(&out);
+    let obs = agent.drain().await;
+
+    let expected = [
+        (IpAddr::V4(h4), t4, Proto::Tcp, Hook::Connect),
+        (IpAddr::V6(h6), t6, Proto::Tcp, Hook::Connect),
+        (IpAddr::V4(h4), u4, Proto::Udp, Hook::Connect),
+        (IpAddr::V6(h6), u6, Proto::Udp, Hook::Connect),
+        (IpAddr::V4(h4), u4 + 1, Proto::Udp, Hook::Sendmsg),
+        (IpAddr::V6(h6), u6 + 1, Proto::Udp, Hook::Sendmsg),
+    ];
+    for (ip, port, proto, hook) in expected {
+        let o = one(&obs, ip, port, proto);
+        assert_eq!(o.hook, hook, "{o:#?}");
+        assert_eq!(o.pid, pid);
+        assert_eq!(o.process, "python3");
+        let attributed = o.pod.as_ref().expect("attributed to the pod");
+        assert_eq!(attributed.pod_uid, pod.uid);
+        assert_eq!(attributed.container_id.as_deref(), Some(pod.container_id.as_str()));
+        assert_eq!(o.pod_cgroup_id, pod.cgroup_id);
+        let age = std::time::SystemTime::now().duration_since(o.time).expect("a time in the past");
+        assert!(age < Duration::from_secs(60), "time {:?} is {age:?} old", o.time);
+    }
+    assert_eq!(obs.len(), expected.len(), "nothing else: {obs:#?}");
+    assert_eq!(agent.probes.stats().unwrap().lost_calls, 0);
+}
+
+#[tokio::test]
+async fn names_come_from_the_answers_each_pod_received() {
+    let mut agent = Agent::start(WINDOW);
+    let (pod_a, pod_b) = (agent.pod(Layout::SystemdBurstable), agent.pod(Layout::SystemdGuaranteed));
+    let (ns_a, ns_b) = (NetNs::new(), NetNs::new());
+    let (dns_a, dns_b) = (DnsServer::start(IpAddr::V4(ns_a.host_v4)), DnsServer::start(IpAddr::V4(ns_b.host_v4)));
+    let shared = Ipv4Addr::new(198, 51, 100, 7);
+    let cdn = Ipv4Addr::new(198, 51, 100, 9);
+    let v6: Ipv6Addr = "2001:db8::7".parse().unwrap();
+    let records = |r: &[(&str, RecordData)]| Zone::Records(r.iter().map(|(n, d)| (n.to_string(), d.clone())).collect());
+    dns_a.set("registry.example", records(&[("registry.example", RecordData::A(shared))]));
+    dns_b.set(
+        "www.example",
+        records(&[
+            ("www.example", RecordData::Cname("edge.cdn.example".into())),
+            ("edge.cdn.example", RecordData::Cname("e1.edge.cdn.example".into())),
+            ("e1.edge.cdn.example", RecordData::A(cdn)),
+        ]),
+    );
+    dns_b.set("six.example", records(&[("six.example", RecordData::Aaaa(v6))]));
+
+    // Pod A resolves the name and calls the address; pod B calls the same address without
+    // asking, and calls a CNAME-chained name and an IPv6 name.
+    let resolve_and_call = |name: &str, family: &str| {
+        format!(
+            "ai = socket.getaddrinfo('{name}', 443, socket.{family}, socket.SOCK_DGRAM)[0]\n\
+             u = socket.socket(ai[0], socket.SOCK_DGRAM); u.connect(ai[4])\n"
+        )
+    };
+    let a = python(
+        &pod_a.container,
+        Some(&ns_a),
+        &format!("import os, socket\nprint(os.getpid())\n{}", resolve_and_call("registry.example", "AF_INET")),
+    );
+    let b = python(
+        &pod_b.container,
+        Some(&ns_b),
+        &format!(
+            "import os, socket\nprint(os.getpid())\n\
+             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('{shared}', 443))\n{}{}",
+            resolve_and_call("www.example", "AF_INET"),
+            resolve_and_call("six.example", "AF_INET6"),
+        ),
+    );
+    let obs = agent.drain().await;
+    let calls = |pid: u32| obs.iter().filter(|o| o.pid == pid && o.port == 443).cloned().collect::<Vec<_>>();
+    let (from_a, from_b) = (calls(pid_of(&a)), calls(pid_of(&b)));
+
+    let a_shared = one(&from_a, IpAddr::V4(shared), 443, Proto::Udp);
+    assert_eq!(a_shared.hosts, ["registry.example"]);
+    assert_eq!(a_shared.pod.as_ref().unwrap().pod_uid, pod_a.uid);
+
+    let b_shared = one(&from_b, IpAddr::V4(shared), 443, Proto::Udp);
+    assert!(b_shared.hosts.is_empty(), "pod B never asked for a name of {shared}: {b_shared:#?}");
+    assert_eq!(b_shared.pod.as_ref().unwrap().pod_uid, pod_b.uid);
+    assert_ne!(a_shared.pod_cgroup_id, b_shared.pod_cgroup_id);
+
+    let chained = one(&from_b, IpAddr::V4(cdn), 443, Proto::Udp);
+    let names: HashSet<&str> = chained.hosts.iter().map(String::as_str).collect();
+    assert_eq!(names, HashSet::from(["www.example", "edge.cdn.example", "e1.edge.cdn.example"]), "{chained:#?}");
+    assert_eq!(chained.hosts[0], "www.example", "the name asked for comes first");
+
+    let six = one(&from_b, IpAddr::V6(v6), 443, Proto::Udp);
+    assert_eq!(six.hosts, ["six.example"]);
+
+    // The lookups themselves were seen: the resolver's calls to port 53 of each pod's server.
+    assert!(obs.iter().any(|o| o.ip == IpAddr::V4(ns_a.host_v4) && o.port == 53));
+    assert!(agent.pipeline.stats().dns_answers >= 3);
+    assert_eq!(agent.pipeline.stats().malformed_dns, 0);
+}
+
+#[tokio::test]
+async fn a_nested_cgroup_made_after_the_scan_is_attributed_to_its_pod_on_the_next_scan() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::CgroupfsBestEffort);
+    // Docker-in-Docker: a cgroup below the container's, made after the last scan.
+    let nested = pod.container.join("docker/inner");
+    std::fs::create_dir_all(&nested).unwrap();
+    let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let out = python(
+        &nested,
+        None,
+        &format!(
+            "import os, socket\nprint(os.getpid())\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', {port}))"
+        ),
+    );
+    let seen = agent.drain().await;
+    assert!(seen.is_empty(), "not attributable before the scan, so held: {seen:#?}");
+    assert_eq!(agent.pipeline.stats().pending, 1);
+
+    let resolved = agent.rescan();
+    let o = one(&resolved, IpAddr::V4(Ipv4Addr::LOCALHOST), port, Proto::Udp);
+    assert_eq!(o.pid, pid_of(&out));
+    let attributed = o.pod.as_ref().unwrap();
+    assert_eq!(attributed.pod_uid, pod.uid);
+    assert_eq!(attributed.container_id.as_deref(), Some(pod.container_id.as_str()));
+    assert!(attributed.nested);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(o.cgroup_id, std::fs::metadata(&nested).unwrap().ino(), "the caller's own cgroup");
+    assert_eq!(o.pod_cgroup_id, pod.cgroup_id, "matched at the pod's level");
+    assert_eq!(agent.pipeline.stats().pending, 0);
+}
+
+#[tokio::test]
+async fn processes_outside_monitored_cgroups_produce_nothing() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    // A pod cgroup the agent was not told to monitor, and a system service.
+    let unmonitored = agent
+        .cgroup(&format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice", "0".repeat(32)));
+    let service = agent.cgroup("system.slice/containerd.service");
+    let before = agent.probes.stats().unwrap();
+    let script = "import socket\nfor p in range(20):\n  socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 9000 + p))";
+    python(&unmonitored, None, script);
+    python(&service, None, script);
+    // The programs do run for them (they are below the attach point): the filter drops them.
+    assert!(agent.drain().await.is_empty());
+    let after = agent.probes.stats().unwrap();
+    assert_eq!(after, before, "no record written, nothing counted");
+
+    // The monitored pod next to them is seen.
+    python(&pod.container, None, script);
+    let obs = agent.drain().await;
+    assert_eq!(obs.len(), 20);
+    assert!(obs.iter().all(|o| o.pod.as_ref().unwrap().pod_uid == pod.uid));
+}
+
+/// 1,000 connects to one destination: a handful of records, and the count still exact.
+async fn burst(window: Duration) -> (usize, u64, u64) {
+    let mut agent = Agent::start(window);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    let target = UdpSocket::bind((ns.host_v4, 0)).unwrap();
+    let port = target.local_addr().unwrap().port();
+    let h4 = ns.host_v4;
+    python(
+        &pod.container,
+        Some(&ns),
+        &format!(
+            "import socket\nfor _ in range(1000):\n  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('{h4}', {port})); s.close()"
+        ),
+    );
+    let records = find(&agent.drain().await, IpAddr::V4(h4), port, Proto::Udp).len();
+    agent.totals();
+    let calls: u64 = agent.pipeline.calls().iter().filter(|c| c.last.port == port).map(|c| c.calls).sum();
+    (records, calls, agent.probes.stats().unwrap().calls_folded)
+}
+
+#[tokio::test]
+async fn the_kernel_dedupe_sends_a_handful_of_records_and_counts_stay_exact() {
+    let (records, calls, folded) = burst(WINDOW).await;
+    assert!((1..=3).contains(&records), "{records} records for 1,000 calls in one window");
+    assert_eq!(calls, 1000, "every call counted");
+    assert_eq!(folded, 1000 - records as u64);
+
+    let (records, calls, folded) = burst(Duration::ZERO).await;
+    assert_eq!((records, calls, folded), (1000, 1000, 0), "dedupe off: a record per call");
+}
+
+#[tokio::test]
+async fn malformed_dns_answers_are_counted_and_names_keep_working() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    let dns = DnsServer::start(IpAddr::V4(ns.host_v4));
+    let good = Ipv4Addr::new(203, 0, 113, 5);
+    dns.set("ok.example", Zone::Records(vec![("ok.example".into(), RecordData::A(good))]));
+    // A header claiming an answer, then a name whose compression pointer loops, then junk.
+    let mut looping = vec![0x00, 0x07, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1, 0xc0, 18];
+    looping.extend([0xff; 40]);
+    dns.set("loop.example", Zone::Garbage(looping));
+    dns.set("short.example", Zone::Garbage(vec![0x00, 0x08, 0x81]));
+    let h4 = ns.host_v4;
+    // Raw queries (the resolver would retry garbage); then a normal lookup and a call.
+    let query = |id: u8, name: &str| {
+        let labels: String = name.split('.').map(|l| format!("bytes([{}]) + b'{l}' + ", l.len())).collect();
+        format!(
+            "q = bytes([0, {id}, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]) + {labels}bytes([0, 0, 1, 0, 1])\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(q, ('{h4}', 53)); s.recv(2048)\n"
+        )
+    };
+    python(
+        &pod.container,
+        Some(&ns),
+        &format!(
+            "import socket\n{}{}ai = socket.getaddrinfo('ok.example', 80, socket.AF_INET, socket.SOCK_DGRAM)[0]\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(ai[4])\n",
+            query(7, "loop.example"),
+            query(8, "short.example")
+        ),
+    );
+    let obs = agent.drain().await;
+    let stats = agent.pipeline.stats();
+    assert_eq!(stats.malformed_dns, 2, "{stats:?}");
+    assert_eq!(one(&obs, IpAddr::V4(good), 80, Proto::Udp).hosts, ["ok.example"]);
+}
+
+#[test]
+fn trace_prints_json_for_a_command_that_calls_three_destinations() {
+    common::require_root();
+    let ns = NetNs::new();
+    let dns = DnsServer::start(IpAddr::V4(ns.host_v4));
+    dns.set("api.example", Zone::Records(vec![("api.example".into(), RecordData::A(ns.host_v4))]));
+    let tcp = TcpListener::bind((ns.host_v4, 0)).unwrap();
+    let udp = UdpSocket::bind((ns.host_v6, 0)).unwrap();
+    let (tp, up) = (tcp.local_addr().unwrap().port(), udp.local_addr().unwrap().port());
+    let (h4, h6) = (ns.host_v4, ns.host_v6);
+    let script = format!(
+        "import os, socket\nprint(os.getpid(), flush=True)\n\
+         socket.create_connection(('api.example', {tp})).close()\n\
+         socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b'x', ('{h6}', {up}))\n\
+         socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 9))\n"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runwarden-agent"))
+        .args(["trace", "--json", "--", "ip", "netns", "exec", &ns.name, "python3", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "trace failed: {stderr}");
+    let mut lines = stdout.lines();
+    let pid: u64 = lines.next().unwrap().parse().unwrap();
+    let calls: Vec<serde_json::Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    let to: Vec<&serde_json::Value> = calls.iter().filter(|c| c["port"] != 53).collect();
+    assert_eq!(to.len(), 3, "three destinations (and the lookups to port 53): {stdout}");
+    let expect = [
+        (h4.to_string(), tp, "tcp", serde_json::json!("api.example")),
+        (h6.to_string(), up, "udp", serde_json::Value::Null),
+        ("127.0.0.1".to_string(), 9, "udp", serde_json::Value::Null),
+    ];
+    for (call, (ip, port, proto, host)) in to.iter().zip(expect) {
+        assert_eq!(call["ip"], ip.as_str(), "{call}");
+        assert_eq!(call["port"], port);
+        assert_eq!(call["proto"], proto);
+        assert_eq!(call["host"], host);
+        assert_eq!(call["pid"], pid);
+        assert_eq!(call["process"], "python3");
+        let time = call["time"].as_str().unwrap();
+        assert!(time.len() == 24 && time.ends_with('Z') && time.starts_with("20"), "RFC 3339 time: {time}");
+    }
+    assert!(calls.iter().any(|c| c["port"] == 53 && c["ip"] == h4.to_string()), "the lookup itself");
+    assert!(stderr.contains("calls to"), "a summary on stderr: {stderr}");
+}
+
+#[test]
+fn trace_explains_what_is_wrong() {
+    let bin = env!("CARGO_BIN_EXE_runwarden-agent");
+    let out = std::process::Command::new(bin).args(["trace"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to trace"));
+    let out =
+        std::process::Command::new(bin).args(["trace", "--cgroup", "/nonexistent", "--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = std::process::Command::new(bin).args(["trace", "--cgroup", "/tmp"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a cgroup v2 directory"));
+    // Not root: a clear message (setpriv drops to nobody).
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", bin, "trace", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("trace needs root"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,136 @@
+//! The decoder on hostile bytes, and the pipeline's naming and counting on records encoded as
+//! the kernel writes them.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, SystemTime};
+
+use proptest::prelude::*;
+use runwarden_agent::dns::RecordData;
+use runwarden_agent::events::{
+    Call, DecodeError, DnsAnswer, Hook, Proto, Record, Verdict, decode, dedupe_key, encode_call, encode_dns,
+};
+use runwarden_agent::pipeline::{Pipeline, PipelineConfig};
+
+mod common;
+
+fn call(pod: u64, ip: IpAddr, port: u16, total: u64, first: bool, at_secs: u64) -> Call {
+    Call {
+        timestamp_ns: at_secs * 1_000_000_000,
+        cgroup_id: pod + 1,
+        pod_cgroup_id: pod,
+        total,
+        first,
+        pid: 4242,
+        tid: 4243,
+        comm: "npm install".into(),
+        ip,
+        port,
+        proto: Proto::Tcp,
+        hook: Hook::Connect,
+        verdict: Verdict::Allowed,
+        key: dedupe_key(pod + 1, ip, port, Proto::Tcp),
+    }
+}
+
+fn answer(pod: u64, name: &str, ip: Ipv4Addr, at_secs: u64) -> DnsAnswer {
+    DnsAnswer {
+        timestamp_ns: at_secs * 1_000_000_000,
+        cgroup_id: pod + 1,
+        pod_cgroup_id: pod,
+        server: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+        length: 0,
+        message: common::dns_response(1, name, 1, &[(name, 60, RecordData::A(ip))], true, false),
+    }
+}
+
+fn pipeline() -> Pipeline {
+    Pipeline::new(PipelineConfig { boot_time: SystemTime::UNIX_EPOCH, ..PipelineConfig::default() })
+}
+
+#[test]
+fn records_round_trip_through_the_kernel_layout() {
+    let c = call(7, IpAddr::V4(Ipv4Addr::new(104, 16, 1, 34)), 443, 3, true, 12);
+    assert_eq!(decode(&encode_call(&c)), Ok(Record::Call(c.clone())));
+    let v6 = call(7, "2606:4700::6810:122".parse().unwrap(), 443, 1, false, 12);
+    assert_eq!(decode(&encode_call(&v6)), Ok(Record::Call(v6)));
+    let mut a = answer(7, "registry.npmjs.org", Ipv4Addr::new(104, 16, 1, 34), 5);
+    a.length = a.message.len() as u32;
+    assert_eq!(decode(&encode_dns(&a)), Ok(Record::Dns(a)));
+}
+
+#[test]
+fn short_and_unknown_records_are_errors() {
+    let c = encode_call(&call(7, IpAddr::V4(Ipv4Addr::LOCALHOST), 80, 1, true, 1));
+    assert!(matches!(decode(&c[..c.len() - 1]), Err(DecodeError::Short { .. })));
+    assert!(matches!(decode(&[]), Err(DecodeError::Short { .. })));
+    assert_eq!(decode(&[9, 0, 0, 0, 1, 2]), Err(DecodeError::Kind(9)));
+    let mut bad_family = c.clone();
+    bad_family[66] = 3;
+    assert_eq!(decode(&bad_family), Err(DecodeError::Field("family")));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn garbage_never_panics(kind in 0u32..4, bytes in prop::collection::vec(any::<u8>(), 0..1200)) {
+        let mut record = kind.to_ne_bytes().to_vec();
+        record.extend(bytes);
+        let _ = decode(&record);
+        let _ = pipeline().record(&record);
+    }
+
+    #[test]
+    fn cut_records_are_errors(cut in 0usize..88) {
+        let c = encode_call(&call(7, IpAddr::V4(Ipv4Addr::LOCALHOST), 80, 1, true, 1));
+        prop_assert!(decode(&c[..cut]).is_err());
+    }
+}
+
+#[test]
+fn a_call_is_named_from_its_own_pods_answers_only() {
+    let mut p = pipeline();
+    let ip = Ipv4Addr::new(104, 16, 1, 34);
+    assert_eq!(p.record(&encode_dns(&answer(1, "registry.npmjs.org", ip, 10))), None);
+    let mine = p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 1, true, 11))).unwrap();
+    let theirs = p.record(&encode_call(&call(2, IpAddr::V4(ip), 443, 1, true, 11))).unwrap();
+    assert_eq!(mine.hosts, ["registry.npmjs.org"]);
+    assert!(theirs.hosts.is_empty());
+    assert_eq!(mine.time, SystemTime::UNIX_EPOCH + Duration::from_secs(11));
+    assert_eq!(mine.process, "npm install");
+    // The name outlives its 60 s TTL by nothing: at 71 s it is gone.
+    assert!(p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 2, false, 71))).unwrap().hosts.is_empty());
+}
+
+#[test]
+fn counts_add_the_calls_the_kernel_folded() {
+    let mut p = pipeline();
+    let ip = IpAddr::V4(Ipv4Addr::new(140, 82, 112, 3));
+    let first = call(1, ip, 443, 1, true, 1);
+    p.record(&encode_call(&first));
+    // The kernel folded 40 more, then reported the 42nd, then folded 8 more.
+    p.record(&encode_call(&call(1, ip, 443, 42, false, 7)));
+    p.totals(&[(first.key, 50)]);
+    // Reading the table again adds nothing new.
+    p.totals(&[(first.key, 50)]);
+    assert_eq!(p.calls()[0].calls, 50);
+    // The entry was evicted and started again: the new count adds on.
+    p.record(&encode_call(&call(1, ip, 443, 1, true, 20)));
+    p.totals(&[(first.key, 5)]);
+    assert_eq!(p.calls()[0].calls, 55);
+    // A key the pipeline has no record of yet waits for its record.
+    let other = dedupe_key(2, ip, 80, Proto::Tcp);
+    p.totals(&[(other, 9)]);
+    assert_eq!(p.calls().len(), 1);
+}
+
+#[test]
+fn malformed_answers_are_counted() {
+    let mut p = pipeline();
+    let mut bad = answer(1, "x.example", Ipv4Addr::LOCALHOST, 1);
+    bad.message.truncate(20);
+    p.record(&encode_dns(&bad));
+    p.record(&[1, 2, 3]);
+    let stats = p.stats();
+    assert_eq!((stats.malformed_dns, stats.undecodable, stats.dns_answers), (1, 1, 1));
+}
