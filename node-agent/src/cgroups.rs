@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Kubernetes QoS class of a pod, from its cgroup's place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -118,7 +119,7 @@ fn container(segment: &str) -> Option<(String, Runtime)> {
 /// cgroup id → pod, for every pod and container cgroup under a cgroup v2 mount.
 #[derive(Debug, Default)]
 pub struct CgroupIndex {
-    by_id: HashMap<u64, PodCgroup>,
+    by_id: HashMap<u64, Arc<PodCgroup>>,
 }
 
 impl CgroupIndex {
@@ -139,7 +140,7 @@ impl CgroupIndex {
                 let path = entry.path();
                 let relative = path.strip_prefix(root).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
                 if let Some(pod) = parse(&relative) {
-                    by_id.insert(meta.ino(), pod);
+                    by_id.insert(meta.ino(), Arc::new(pod));
                 }
                 stack.push(path);
             }
@@ -148,7 +149,7 @@ impl CgroupIndex {
     }
 
     /// The pod of cgroup `id`, if it was there at the last scan.
-    pub fn get(&self, id: u64) -> Option<&PodCgroup> {
+    pub fn get(&self, id: u64) -> Option<&Arc<PodCgroup>> {
         self.by_id.get(&id)
     }
 

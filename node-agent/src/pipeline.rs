@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use runwarden_ebpf_common::DedupeKey;
@@ -27,7 +28,7 @@ pub struct Observation {
     /// The monitored (pod-level) cgroup id.
     pub pod_cgroup_id: u64,
     /// The pod, when the pipeline attributes to pods and the cgroup is a pod's.
-    pub pod: Option<PodCgroup>,
+    pub pod: Option<Arc<PodCgroup>>,
     /// Destination address.
     pub ip: IpAddr,
     /// Destination port.
@@ -41,6 +42,25 @@ pub struct Observation {
     /// The names this pod's DNS answers gave `ip` (all of them, question names first; empty
     /// when none is known).
     pub hosts: Vec<String>,
+}
+
+impl Observation {
+    /// Becomes `newer` (same cgroup and destination), allocating only for what changed.
+    fn update_from(&mut self, newer: &Observation) {
+        self.time = newer.time;
+        self.pid = newer.pid;
+        self.hook = newer.hook;
+        self.verdict = newer.verdict;
+        if self.process != newer.process {
+            self.process.clone_from(&newer.process);
+        }
+        if self.hosts != newer.hosts {
+            self.hosts.clone_from(&newer.hosts);
+        }
+        if self.pod != newer.pod {
+            self.pod.clone_from(&newer.pod);
+        }
+    }
 }
 
 /// Calls counted for one cgroup and destination.
@@ -214,7 +234,7 @@ impl Pipeline {
         self.stats.pending = self.pending.len() as u64;
     }
 
-    fn observe(&mut self, call: Call, hosts: Vec<String>, pod: Option<PodCgroup>) -> Observation {
+    fn observe(&mut self, call: Call, hosts: Vec<String>, pod: Option<Arc<PodCgroup>>) -> Observation {
         let observation = Observation {
             time: self.config.boot_time + Duration::from_nanos(call.timestamp_ns),
             pid: call.pid,
@@ -230,16 +250,16 @@ impl Pipeline {
             hosts,
         };
         match self.counts.get_mut(&call.key) {
-            Some(count) if !call.first => {
-                count.calls += call.total.saturating_sub(count.kernel_total);
-                count.kernel_total = count.kernel_total.max(call.total);
-                count.last = observation.clone();
-            }
             Some(count) => {
-                // A new entry in the kernel's table (the old one was evicted, or dedupe is off).
-                count.calls += call.total;
-                count.kernel_total = call.total;
-                count.last = observation.clone();
+                if call.first {
+                    // A new entry in the kernel's table (the old one was evicted, or dedupe is off).
+                    count.calls += call.total;
+                    count.kernel_total = call.total;
+                } else {
+                    count.calls += call.total.saturating_sub(count.kernel_total);
+                    count.kernel_total = count.kernel_total.max(call.total);
+                }
+                count.last.update_from(&observation);
             }
             None => {
                 let count = Count { kernel_total: call.total, calls: call.total, last: observation.clone() };
