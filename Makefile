@@ -3,7 +3,8 @@
 #   make setup               install what is needed (idempotent)
 #   make test                setup, then lint and every test (unit, property, control plane)
 #   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml) from the Rust code
-#   make bench               benchmarks: detector throughput, operator at scale (figures printed, nothing asserted)
+#   make bench               benchmarks: detector, operator at scale, agent pipeline, connect() overhead, connect storm
+#                            (figures printed, nothing asserted; the agent's need root)
 #   make replay              the detector on the public replay corpus, scored by its score.py
 #   make dev-control-plane   start etcd + kube-apiserver by hand, CRDs installed, kubeconfig written
 
@@ -40,6 +41,9 @@ dev-control-plane: setup
 bench: setup
 	cargo bench --locked -p runwarden-detector
 	cargo bench --locked -p runwarden-operator --bench scale
+	cargo bench --locked -p runwarden-agent --bench pipeline
+	cargo bench --locked -p runwarden-agent --bench connect
+	cargo bench --locked -p runwarden-agent --bench storm
 
 replay:
 	cargo build --locked --release -q -p runwarden-detector --bin runwarden-replay

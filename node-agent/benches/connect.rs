@@ -12,7 +12,7 @@ use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use support::{AgentThread, BenchCgroups};
+use support::{AgentThread, BenchCgroups, pin};
 
 const ROUNDS: usize = 40;
 
@@ -80,17 +80,6 @@ fn udp_socket_loop(port: u16, n: usize) -> Duration {
         s.connect(("127.0.0.1", port)).unwrap();
     }
     start.elapsed()
-}
-
-/// Pins the calling thread to one CPU: the loops on CPU 0, the listener and the agent on CPU 1,
-/// so the scheduler moving threads around does not drown a difference of a few percent.
-pub fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
 }
 
 fn median(values: &[f64]) -> f64 {

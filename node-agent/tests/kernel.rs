@@ -353,3 +353,20 @@ fn trace_explains_what_is_wrong() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn records_that_do_not_fit_are_counted_as_lost() {
+    // Dedupe off and nobody reading: 60,000 records do not fit in the 4 MiB ring buffer.
+    let mut agent = Agent::start(Duration::ZERO);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    python(
+        &pod.container,
+        None,
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor _ in range(60000):\n  s.connect(('127.0.0.1', 9))",
+    );
+    let stats = agent.probes.stats().unwrap();
+    assert!(stats.lost_calls > 0, "{stats:?}");
+    assert_eq!(stats.call_events + stats.lost_calls, 60_000, "every call either written or counted lost: {stats:?}");
+    let read = agent.drain().await.len() as u64;
+    assert_eq!(read, stats.call_events, "what was written is read");
+}

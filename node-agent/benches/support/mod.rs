@@ -42,7 +42,7 @@ impl AgentThread {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (s, r) = (stop.clone(), report.clone());
         let handle = std::thread::spawn(move || {
-            super::pin(1);
+            pin(1);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let mut probes = Probes::load(&options).expect("loading the programs (run as root)");
@@ -82,7 +82,7 @@ impl AgentThread {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let handle = std::thread::spawn(move || {
-            super::pin(1);
+            pin(1);
             while !s.load(Ordering::Relaxed) {
                 std::thread::sleep(ebpf::POLL_INTERVAL);
             }
@@ -95,6 +95,18 @@ impl AgentThread {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.take().unwrap().join().unwrap();
         *self.report.lock().unwrap()
+    }
+}
+
+/// Pins the calling thread to one CPU: the loops on CPU 0, the listener and the agent on CPU 1,
+/// so the scheduler moving threads around does not drown a difference of a few percent.
+#[allow(unsafe_code, reason = "sched_setaffinity through libc")]
+pub fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
