@@ -163,3 +163,38 @@ impl CgroupIndex {
         self.by_id.is_empty()
     }
 }
+
+/// Keeps a [`CgroupIndex`] current as pods come and go: a rescan every `every`, or sooner
+/// (but not more often than every `min_gap`) when the pipeline holds calls whose cgroup the
+/// index does not know yet (a pod that started since the last scan).
+#[derive(Debug)]
+pub struct Rescanner {
+    root: PathBuf,
+    every: std::time::Duration,
+    min_gap: std::time::Duration,
+    last: Option<std::time::Instant>,
+}
+
+impl Rescanner {
+    /// Rescans `root` every `every`; urgent rescans at most every `min_gap`.
+    pub fn new(root: &Path, every: std::time::Duration, min_gap: std::time::Duration) -> Self {
+        Self { root: root.to_path_buf(), every, min_gap, last: None }
+    }
+
+    /// A fresh index when one is due at `now`: the first call, `every` after the last scan,
+    /// or `min_gap` after it when `urgent`.
+    pub fn poll(&mut self, now: std::time::Instant, urgent: bool) -> Option<std::io::Result<CgroupIndex>> {
+        let due = match self.last {
+            None => true,
+            Some(last) => {
+                let since = now.saturating_duration_since(last);
+                since >= self.every || (urgent && since >= self.min_gap)
+            }
+        };
+        if !due {
+            return None;
+        }
+        self.last = Some(now);
+        Some(CgroupIndex::scan(&self.root))
+    }
+}

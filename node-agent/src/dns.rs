@@ -168,6 +168,17 @@ impl Reader<'_> {
 
 /// Parses a DNS response.
 pub fn parse(msg: &[u8]) -> Result<Message, DnsError> {
+    parse_inner(msg, false)
+}
+
+/// Parses the first bytes of a longer DNS response (the kernel copies at most 1,024 bytes of
+/// each answer): the answer records that fit whole are returned, the one cut off and any after
+/// it are left out, and the message is marked `truncated`.
+pub fn parse_prefix(msg: &[u8]) -> Result<Message, DnsError> {
+    parse_inner(msg, true)
+}
+
+fn parse_inner(msg: &[u8], cut: bool) -> Result<Message, DnsError> {
     let mut r = Reader { msg, pos: 0 };
     let id = r.u16()?;
     let flags = r.u16()?;
@@ -183,32 +194,40 @@ pub fn parse(msg: &[u8]) -> Result<Message, DnsError> {
     }
     let mut answers = Vec::new();
     for _ in 0..an.min(MAX_RECORDS as u16) {
-        let name = r.name()?;
-        let (rtype, _class, ttl, len) = (r.u16()?, r.u16()?, r.u32()?, r.u16()?);
-        let rdata_start = r.pos;
-        let data = match (rtype, len) {
-            (1, 4) => {
-                let b = r.bytes(4)?;
-                RecordData::A(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-            }
-            (28, 16) => {
-                let b: [u8; 16] = r.bytes(16)?.try_into().expect("16 bytes were read");
-                RecordData::Aaaa(Ipv6Addr::from(b))
-            }
-            (5, _) => {
-                let target = r.name()?;
-                r.pos = rdata_start;
-                r.bytes(usize::from(len))?;
-                RecordData::Cname(target)
-            }
-            _ => {
-                r.bytes(usize::from(len))?;
-                RecordData::Other(rtype)
-            }
-        };
-        answers.push(Record { name, ttl, data });
+        match answer(&mut r) {
+            Ok(record) => answers.push(record),
+            Err(_) if cut => break,
+            Err(e) => return Err(e),
+        }
     }
-    Ok(Message { id, rcode: (flags & 0x000f) as u8, truncated: flags & 0x0200 != 0, questions, answers })
+    Ok(Message { id, rcode: (flags & 0x000f) as u8, truncated: cut || flags & 0x0200 != 0, questions, answers })
+}
+
+fn answer(r: &mut Reader<'_>) -> Result<Record, DnsError> {
+    let name = r.name()?;
+    let (rtype, _class, ttl, len) = (r.u16()?, r.u16()?, r.u32()?, r.u16()?);
+    let rdata_start = r.pos;
+    let data = match (rtype, len) {
+        (1, 4) => {
+            let b = r.bytes(4)?;
+            RecordData::A(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        }
+        (28, 16) => {
+            let b: [u8; 16] = r.bytes(16)?.try_into().expect("16 bytes were read");
+            RecordData::Aaaa(Ipv6Addr::from(b))
+        }
+        (5, _) => {
+            let target = r.name()?;
+            r.pos = rdata_start;
+            r.bytes(usize::from(len))?;
+            RecordData::Cname(target)
+        }
+        _ => {
+            r.bytes(usize::from(len))?;
+            RecordData::Other(rtype)
+        }
+    };
+    Ok(Record { name, ttl, data })
 }
 
 /// Every address in `msg` with the names it was answered for: the question name and the CNAME

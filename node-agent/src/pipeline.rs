@@ -206,7 +206,9 @@ impl Pipeline {
 
     fn dns(&mut self, answer: &DnsAnswer) {
         self.stats.dns_answers += 1;
-        match dns::parse(&answer.message) {
+        let whole = answer.length as usize <= answer.message.len();
+        let parsed = if whole { dns::parse(&answer.message) } else { dns::parse_prefix(&answer.message) };
+        match parsed {
             Ok(message) => {
                 let (ttl, max) = (self.config.ttl, self.config.max_addresses);
                 let cache = self.names.entry(answer.pod_cgroup_id).or_insert_with(|| DnsCache::new(ttl, max));
@@ -297,6 +299,12 @@ impl Pipeline {
         }
         self.stats.pending = self.pending.len() as u64;
         out
+    }
+
+    /// Whether calls are waiting for their cgroup: time for a rescan
+    /// ([`crate::cgroups::Rescanner::poll`] with `urgent`).
+    pub fn wants_rescan(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// Calls per cgroup and destination so far.

@@ -112,3 +112,27 @@ fn a_scan_finds_pod_and_container_cgroups_by_inode() {
     assert!(CgroupIndex::scan(&root).unwrap().get(id(&later)).is_some());
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn the_rescanner_follows_pods_that_come_and_go() {
+    use runwarden_agent::cgroups::Rescanner;
+    use std::time::{Duration, Instant};
+    let root = std::env::temp_dir().join(format!("runwarden-rescan-{}", std::process::id()));
+    let pod = root.join(format!("kubepods/burstable/pod{UID}"));
+    let container = pod.join(CID);
+    std::fs::create_dir_all(&root).unwrap();
+    let mut rescanner = Rescanner::new(&root, Duration::from_secs(10), Duration::from_millis(200));
+    let t0 = Instant::now();
+    assert!(rescanner.poll(t0, false).unwrap().unwrap().is_empty(), "the first poll scans");
+    std::fs::create_dir_all(&container).unwrap();
+    let id = std::fs::metadata(&container).unwrap().ino();
+    assert!(rescanner.poll(t0 + Duration::from_secs(1), false).is_none(), "not due yet");
+    assert!(rescanner.poll(t0 + Duration::from_millis(100), true).is_none(), "urgent, but too soon");
+    let index = rescanner.poll(t0 + Duration::from_secs(1), true).unwrap().unwrap();
+    assert_eq!(index.get(id).unwrap().pod_uid, UID, "a pod that started is found by an urgent rescan");
+    std::fs::remove_dir(&container).unwrap();
+    std::fs::remove_dir(&pod).unwrap();
+    let index = rescanner.poll(t0 + Duration::from_secs(11), false).unwrap().unwrap();
+    assert!(index.get(id).is_none(), "a pod that ended is gone after the periodic rescan");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proptest::prelude::*;
-use runwarden_agent::dns::{DnsCache, DnsError, RecordData, TtlBounds, parse, resolutions};
+use runwarden_agent::dns::{DnsCache, DnsError, RecordData, TtlBounds, parse, parse_prefix, resolutions};
 
 mod common;
 
@@ -66,6 +66,24 @@ fn a_cut_off_message_is_an_error_not_a_panic() {
         assert!(parse(&full[..len]).is_err(), "a prefix of {len} bytes parsed");
     }
     assert!(parse(&full).is_ok());
+}
+
+#[test]
+fn a_captured_prefix_yields_the_records_that_fit_whole() {
+    let answers = [("github.com", 60, a([140, 82, 112, 3])), ("github.com", 60, a([140, 82, 112, 4]))];
+    let full = response("github.com", &answers, true, false);
+    let header_and_question = 12 + 12 + 4;
+    let one_record = 16;
+    for len in 0..full.len() {
+        let prefix = parse_prefix(&full[..len]);
+        if len < header_and_question {
+            assert!(prefix.is_err(), "{len}");
+            continue;
+        }
+        let msg = prefix.unwrap();
+        assert!(msg.truncated);
+        assert_eq!(msg.answers.len(), (len - header_and_question) / one_record, "{len} bytes");
+    }
 }
 
 #[test]

@@ -174,6 +174,7 @@ async fn a_nested_cgroup_made_after_the_scan_is_attributed_to_its_pod_on_the_nex
     let seen = agent.drain().await;
     assert!(seen.is_empty(), "not attributable before the scan, so held: {seen:#?}");
     assert_eq!(agent.pipeline.stats().pending, 1);
+    assert!(agent.pipeline.wants_rescan());
 
     let resolved = agent.rescan();
     let o = one(&resolved, IpAddr::V4(Ipv4Addr::LOCALHOST), port, Proto::Udp);
@@ -186,6 +187,7 @@ async fn a_nested_cgroup_made_after_the_scan_is_attributed_to_its_pod_on_the_nex
     assert_eq!(o.cgroup_id, std::fs::metadata(&nested).unwrap().ino(), "the caller's own cgroup");
     assert_eq!(o.pod_cgroup_id, pod.cgroup_id, "matched at the pod's level");
     assert_eq!(agent.pipeline.stats().pending, 0);
+    assert!(!agent.pipeline.wants_rescan());
 }
 
 #[tokio::test]
@@ -369,4 +371,36 @@ async fn records_that_do_not_fit_are_counted_as_lost() {
     assert_eq!(stats.call_events + stats.lost_calls, 60_000, "every call either written or counted lost: {stats:?}");
     let read = agent.drain().await.len() as u64;
     assert_eq!(read, stats.call_events, "what was written is read");
+}
+
+#[tokio::test]
+async fn a_long_answer_is_cut_at_the_capture_and_the_addresses_that_fit_are_named() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    let dns = DnsServer::start(IpAddr::V4(ns.host_v4));
+    // 100 A records: 16 bytes each with a compressed owner, ~1,630 bytes in all.
+    let addresses: Vec<Ipv4Addr> = (0..100).map(|i| Ipv4Addr::new(198, 18, 0, i)).collect();
+    dns.set(
+        "many.example",
+        Zone::Records(addresses.iter().map(|a| ("many.example".into(), RecordData::A(*a))).collect()),
+    );
+    let h4 = ns.host_v4;
+    python(
+        &pod.container,
+        Some(&ns),
+        &format!(
+            "import socket\n\
+             q = bytes([0, 9, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 4]) + b'many' + bytes([7]) + b'example' + bytes([0, 0, 1, 0, 1])\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(q, ('{h4}', 53))\n\
+             assert len(s.recv(4096)) > 1500\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('198.18.0.0', 443))\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('198.18.0.99', 443))\n"
+        ),
+    );
+    let obs = agent.drain().await;
+    assert_eq!(agent.probes.stats().unwrap().dns_cut, 1);
+    assert_eq!(agent.pipeline.stats().malformed_dns, 0, "a cut answer is read as far as it goes");
+    assert_eq!(one(&obs, IpAddr::V4(addresses[0]), 443, Proto::Udp).hosts, ["many.example"]);
+    assert!(one(&obs, IpAddr::V4(addresses[99]), 443, Proto::Udp).hosts.is_empty(), "past the capture");
 }
