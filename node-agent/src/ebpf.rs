@@ -49,9 +49,10 @@ pub enum LoadError {
     /// Loading BPF programs needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN).
     #[error(
         "loading BPF programs needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN \
-         (in Kubernetes: the agent's securityContext.capabilities.add)"
+         (in Kubernetes: the agent's securityContext.capabilities.add){}",
+        if .0.is_empty() { String::new() } else { format!("; missing: {}", .0.join(", ")) }
     )]
-    NotPermitted,
+    NotPermitted(Vec<&'static str>),
     /// No cgroup v2 hierarchy is mounted.
     #[error(
         "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo for a `cgroup2` mount; \
@@ -81,7 +82,7 @@ fn refused(e: impl std::error::Error) -> LoadError {
         source = s.source();
     }
     if text.contains("Operation not permitted") || text.contains("os error 1)") {
-        return LoadError::NotPermitted;
+        return LoadError::NotPermitted(missing_capabilities());
     }
     // A verifier log is long: its last lines say what was refused.
     let lines: Vec<&str> = text.lines().collect();
@@ -89,6 +90,33 @@ fn refused(e: impl std::error::Error) -> LoadError {
         text = format!("{}\n  ...\n{}", lines[0], lines[lines.len() - 10..].join("\n"));
     }
     LoadError::Unsupported(text)
+}
+
+/// The capabilities the programs need that this process's effective set lacks: CAP_BPF,
+/// CAP_PERFMON (pointer arithmetic in the verifier) and CAP_NET_ADMIN (cgroup attach);
+/// CAP_SYS_ADMIN stands in for the first two.
+pub fn missing_capabilities() -> Vec<&'static str> {
+    const NET_ADMIN: u32 = 12;
+    const SYS_ADMIN: u32 = 21;
+    const PERFMON: u32 = 38;
+    const BPF: u32 = 39;
+    let Some(effective) = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines().find_map(|l| l.strip_prefix("CapEff:").and_then(|v| u64::from_str_radix(v.trim(), 16).ok()))
+    }) else {
+        return Vec::new();
+    };
+    let has = |bit: u32| effective & (1 << bit) != 0;
+    let mut missing = Vec::new();
+    if !has(BPF) && !has(SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(PERFMON) && !has(SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
+    if !has(NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    missing
 }
 
 /// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` when it is there (real nodes),
@@ -177,6 +205,12 @@ impl Probes {
     /// Loads the programs and attaches them to `options.attach`. Nothing is reported until a
     /// cgroup is [monitored](Self::monitor).
     pub fn load(options: &Options) -> Result<Self, LoadError> {
+        // Without them the kernel answers with EPERM, or with a verifier message about
+        // pointer arithmetic: say what is missing instead.
+        let missing = missing_capabilities();
+        if !missing.is_empty() {
+            return Err(LoadError::NotPermitted(missing));
+        }
         let cgroup = std::fs::File::open(&options.attach)
             .map_err(|source| LoadError::Cgroup { path: options.attach.clone(), source })?;
         let mut bpf = EbpfLoader::new().load(OBJECT).map_err(refused)?;

@@ -343,6 +343,14 @@ fn trace_explains_what_is_wrong() {
     let out = std::process::Command::new(bin).args(["trace", "--cgroup", "/tmp"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a cgroup v2 directory"));
+    // No cgroup v2 mount (a mount namespace without it).
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!("umount -l /sys/fs/cgroup/unified 2>/dev/null; umount -l /sys/fs/cgroup 2>/dev/null; exec {bin} trace -- true"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no cgroup v2 hierarchy is mounted"));
     // Not root: a clear message (setpriv drops to nobody).
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", bin, "trace", "--", "true"])
@@ -403,4 +411,54 @@ async fn a_long_answer_is_cut_at_the_capture_and_the_addresses_that_fit_are_name
     assert_eq!(agent.pipeline.stats().malformed_dns, 0, "a cut answer is read as far as it goes");
     assert_eq!(one(&obs, IpAddr::V4(addresses[0]), 443, Proto::Udp).hosts, ["many.example"]);
     assert!(one(&obs, IpAddr::V4(addresses[99]), 443, Proto::Udp).hosts.is_empty(), "past the capture");
+}
+
+#[test]
+fn the_programs_need_three_named_capabilities_and_say_which_is_missing() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    common::require_root();
+    let mount = runwarden_agent::ebpf::cgroup2_mount().unwrap();
+    let dir = mount.join(format!("runwarden-caps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = env!("CARGO_BIN_EXE_runwarden-agent");
+    // Root's uid, but only CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: what the DaemonSet grants.
+    let mut trace = Command::new("setpriv")
+        .args(["--bounding-set=-all,+bpf,+perfmon,+net_admin", bin, "trace", "--cgroup"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(trace.stdout.take().unwrap());
+    let mut header = String::new();
+    stdout.read_line(&mut header).unwrap();
+    assert!(header.starts_with("TIME"), "the table header once the programs are attached: {header:?}");
+    let out = python(
+        &dir,
+        None,
+        "import os, socket\nprint(os.getpid())\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 9))",
+    );
+    let pid = pid_of(&out);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(Command::new("kill").args(["-INT", &trace.id().to_string()]).status().unwrap().success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = trace.wait().unwrap();
+    let mut stderr = String::new();
+    trace.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    let line = rest.lines().find(|l| l.contains("127.0.0.1:9")).unwrap_or_else(|| panic!("the call: {rest}"));
+    assert!(line.contains(&pid.to_string()) && line.contains("python3") && line.contains("udp"), "{line}");
+
+    // Without CAP_PERFMON: refused, and the message names it.
+    let out = Command::new("setpriv")
+        .args(["--bounding-set=-all,+bpf,+net_admin", bin, "trace", "--cgroup"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&dir);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.trim_end().ends_with("missing: CAP_PERFMON"), "{stderr}");
 }
