@@ -63,12 +63,34 @@ fn records(ids: &[(u64, u64)]) -> Vec<Vec<u8>> {
         length: 0,
         message: dns_message(&format!("svc{d}.pod{p}.example.com"), ip(p, d)),
     };
+    let resolver = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
+    let call = |p: u32, dest: IpAddr, port: u16, proto: Proto, total: u64, at: u64| {
+        let (pod, cgroup) = ids[p as usize];
+        encode_call(&Call {
+            timestamp_ns: at,
+            cgroup_id: cgroup,
+            pod_cgroup_id: pod,
+            total,
+            first: total == 1,
+            pid: 1000 + p,
+            tid: 1000 + p,
+            comm: "node".into(),
+            ip: dest,
+            port,
+            proto,
+            hook: Hook::Connect,
+            verdict: Verdict::Allowed,
+            key: dedupe_key(cgroup, dest, port, proto),
+        })
+    };
     for p in 0..PODS {
+        // The pod's query to its resolver: answers from it name addresses from then on.
+        out.push(call(p, resolver, 53, Proto::Udp, 1, 900_000_000));
         for d in 0..DESTINATIONS {
             out.push(encode_dns(&answer(p, d, 1_000_000_000)));
         }
     }
-    let mut total = 0;
+    let mut total = 1;
     while out.len() < RECORDS {
         let (p, d) = ((rand() % u64::from(PODS)) as u32, (rand() % u64::from(DESTINATIONS)) as u32);
         let at = 2_000_000_000 + out.len() as u64 * 1000;
@@ -78,24 +100,7 @@ fn records(ids: &[(u64, u64)]) -> Vec<Vec<u8>> {
             continue;
         }
         total += 1;
-        let (pod, cgroup) = ids[p as usize];
-        let dest = IpAddr::V4(ip(p, d));
-        out.push(encode_call(&Call {
-            timestamp_ns: at,
-            cgroup_id: cgroup,
-            pod_cgroup_id: pod,
-            total,
-            first: false,
-            pid: 1000 + p,
-            tid: 1000 + p,
-            comm: "node".into(),
-            ip: dest,
-            port: 443,
-            proto: Proto::Tcp,
-            hook: Hook::Connect,
-            verdict: Verdict::Allowed,
-            key: dedupe_key(cgroup, dest, 443, Proto::Tcp),
-        }));
+        out.push(call(p, IpAddr::V4(ip(p, d)), 443, Proto::Tcp, total, at));
     }
     out
 }

@@ -2,8 +2,13 @@
 //! every call from the answers its own pod received, attributes it to a pod through the cgroup
 //! index, and keeps exact call counts per destination although the kernel reports only the first
 //! call of a burst (it counts the rest in its dedupe table, read with [`Pipeline::totals`]).
+//!
+//! Answers name addresses only when they come from a server the same pod sent a query to
+//! (its call to port 53 is always reported before the answer arrives): a process in the pod
+//! cannot name its own destinations by sending itself answers from port 53, not without a
+//! query to a server of its own, which is itself a call that is reported.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -83,6 +88,9 @@ pub struct PipelineStats {
     pub dns_answers: u64,
     /// DNS answers that did not parse (counted, dropped).
     pub malformed_dns: u64,
+    /// DNS answers from a server the pod never queried (counted, not used to name anything: a
+    /// process could otherwise name its own destinations by sending itself answers).
+    pub unsolicited_dns: u64,
     /// Calls waiting for their cgroup to appear in the index.
     pub pending: u64,
     /// Calls dropped because too many were waiting.
@@ -147,6 +155,8 @@ struct Count {
 pub struct Pipeline {
     config: PipelineConfig,
     names: HashMap<u64, DnsCache>,
+    /// (pod, server) pairs the pod sent DNS queries to: answers are taken from these only.
+    resolvers: HashSet<(u64, IpAddr)>,
     counts: HashMap<DedupeKey, Count>,
     index: CgroupIndex,
     pending: VecDeque<(Call, Vec<String>)>,
@@ -159,6 +169,7 @@ impl Pipeline {
         Self {
             config,
             names: HashMap::new(),
+            resolvers: HashSet::new(),
             counts: HashMap::new(),
             index: CgroupIndex::default(),
             pending: VecDeque::new(),
@@ -187,6 +198,9 @@ impl Pipeline {
             }
             Record::Call(call) => {
                 self.stats.calls += 1;
+                if call.port == 53 {
+                    self.resolvers.insert((call.pod_cgroup_id, call.ip));
+                }
                 let hosts = self.hosts(&call);
                 let pod = if self.config.attribute_pods {
                     match self.index.get(call.cgroup_id) {
@@ -206,6 +220,10 @@ impl Pipeline {
 
     fn dns(&mut self, answer: &DnsAnswer) {
         self.stats.dns_answers += 1;
+        if !self.resolvers.contains(&(answer.pod_cgroup_id, answer.server)) {
+            self.stats.unsolicited_dns += 1;
+            return;
+        }
         let whole = answer.length as usize <= answer.message.len();
         let parsed = if whole { dns::parse(&answer.message) } else { dns::parse_prefix(&answer.message) };
         match parsed {
@@ -318,6 +336,7 @@ impl Pipeline {
     /// Forgets a pod's names and counts (it ended).
     pub fn forget_pod(&mut self, pod_cgroup_id: u64) {
         self.names.remove(&pod_cgroup_id);
+        self.resolvers.retain(|(pod, _)| *pod != pod_cgroup_id);
         self.counts.retain(|_, c| c.last.pod_cgroup_id != pod_cgroup_id);
     }
 

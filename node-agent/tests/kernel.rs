@@ -462,3 +462,37 @@ fn the_programs_need_three_named_capabilities_and_say_which_is_missing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.trim_end().ends_with("missing: CAP_PERFMON"), "{stderr}");
 }
+
+#[tokio::test]
+async fn answers_a_pod_sends_itself_name_nothing() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    // The pod binds port 53 itself and sends its other socket an "answer" naming an address
+    // github.com, then calls that address: it must stay unnamed.
+    let forged = common::dns_response(
+        5,
+        "github.com",
+        1,
+        &[("github.com", 300, RecordData::A(Ipv4Addr::new(203, 0, 113, 66)))],
+        true,
+        false,
+    );
+    let bytes: Vec<String> = forged.iter().map(u8::to_string).collect();
+    python(
+        &pod.container,
+        Some(&ns),
+        &format!(
+            "import socket\n\
+             victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); victim.bind(('127.0.0.1', 0))\n\
+             fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); fake.bind(('127.0.0.1', 53))\n\
+             fake.sendto(bytes([{}]), victim.getsockname()); victim.recv(2048)\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('203.0.113.66', 443))\n",
+            bytes.join(",")
+        ),
+    );
+    let obs = agent.drain().await;
+    assert!(one(&obs, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 66)), 443, Proto::Udp).hosts.is_empty());
+    assert_eq!(agent.probes.stats().unwrap().dns_events, 1, "the kernel saw the forged answer");
+    assert_eq!(agent.pipeline.stats().unsolicited_dns, 1, "and the pipeline refused it");
+}

@@ -47,6 +47,14 @@ fn pipeline() -> Pipeline {
     Pipeline::new(PipelineConfig { boot_time: SystemTime::UNIX_EPOCH, ..PipelineConfig::default() })
 }
 
+/// The pod's query to its resolver (10.96.0.10, as in [`answer`]): answers count only after one.
+fn query(p: &mut Pipeline, pod: u64) {
+    let mut q = call(pod, IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 53, 1, true, 0);
+    q.proto = Proto::Udp;
+    q.key = dedupe_key(pod + 1, q.ip, 53, Proto::Udp);
+    p.record(&encode_call(&q));
+}
+
 #[test]
 fn records_round_trip_through_the_kernel_layout() {
     let c = call(7, IpAddr::V4(Ipv4Addr::new(104, 16, 1, 34)), 443, 3, true, 12);
@@ -91,6 +99,13 @@ proptest! {
 fn a_call_is_named_from_its_own_pods_answers_only() {
     let mut p = pipeline();
     let ip = Ipv4Addr::new(104, 16, 1, 34);
+    // Before the pod asked its resolver anything, an answer names nothing.
+    assert_eq!(p.record(&encode_dns(&answer(1, "registry.npmjs.org", ip, 10))), None);
+    assert!(p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 1, true, 10))).unwrap().hosts.is_empty());
+    assert_eq!(p.stats().unsolicited_dns, 1);
+    query(&mut p, 1);
+    // Pod 2 asks its resolver too, but not for this name.
+    query(&mut p, 2);
     assert_eq!(p.record(&encode_dns(&answer(1, "registry.npmjs.org", ip, 10))), None);
     let mine = p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 1, true, 11))).unwrap();
     let theirs = p.record(&encode_call(&call(2, IpAddr::V4(ip), 443, 1, true, 11))).unwrap();
@@ -127,6 +142,7 @@ fn counts_add_the_calls_the_kernel_folded() {
 #[test]
 fn malformed_answers_are_counted() {
     let mut p = pipeline();
+    query(&mut p, 1);
     let mut bad = answer(1, "x.example", Ipv4Addr::LOCALHOST, 1);
     bad.message.truncate(20);
     p.record(&encode_dns(&bad));
