@@ -80,7 +80,7 @@ fn records(ids: &[(u64, u64)]) -> Vec<Vec<u8>> {
             proto,
             hook: Hook::Connect,
             verdict: Verdict::Allowed,
-            key: dedupe_key(cgroup, dest, port, proto),
+            key: dedupe_key(cgroup, pod, dest, port, proto),
         })
     };
     for p in 0..PODS {

@@ -253,8 +253,16 @@ impl Probes {
 
     /// Stops reporting the cgroup `id` (a pod that ended).
     pub fn unmonitor(&mut self, id: u64) -> Result<(), LoadError> {
-        let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
-        let _ = map.remove(&id);
+        {
+            let mut monitored: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
+            let _ = monitored.remove(&id);
+        }
+        // Its dedupe entries go too: the pipeline forgets the pod, and must not find them later.
+        let mut table: BpfHashMap<_, Key, Value> = map(&mut self.bpf, names::DEDUPE)?;
+        let keys: Vec<Key> = table.keys().filter_map(Result::ok).filter(|k| k.0.pod_cgroup_id == id).collect();
+        for k in keys {
+            let _ = table.remove(&k);
+        }
         self.monitored.remove(&id);
         self.write_config()
     }
@@ -280,14 +288,15 @@ impl Probes {
         })
     }
 
-    /// Every (cgroup, destination) in the kernel's dedupe table with its call count, so calls
-    /// folded after the last record are counted too (see [`crate::pipeline::Pipeline::totals`]).
-    pub fn dedupe_totals(&self) -> Result<Vec<(DedupeKey, u64)>, LoadError> {
+    /// Every (cgroup, destination) in the kernel's dedupe table with its call count and the time
+    /// of its last record, for [`crate::pipeline::Pipeline::totals`]: calls folded after the last
+    /// record are counted, and destinations whose record was lost are found.
+    pub fn dedupe_table(&self) -> Result<Vec<(DedupeKey, DedupeValue)>, LoadError> {
         let table: BpfHashMap<_, Key, Value> =
             BpfHashMap::try_from(self.bpf.map(names::DEDUPE).ok_or_else(|| missing(names::DEDUPE))?)
                 .map_err(refused)?;
         // Entries evicted or rewritten during the walk are skipped; the next walk sees them.
-        Ok(table.iter().filter_map(Result::ok).map(|(k, v)| (k.0, v.0.total)).collect())
+        Ok(table.iter().filter_map(Result::ok).map(|(k, v)| (k.0, v.0)).collect())
     }
 
     /// Takes the ring buffer out for a [`Reader`] (once; within a tokio runtime).

@@ -6,8 +6,8 @@ use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runwarden_ebpf_common::{
-    CallEvent, DNS_CAPTURE, DedupeKey, DnsEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG,
-    KIND_CALL, KIND_DNS, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_DENIED,
+    CallEvent, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT,
+    HOOK_SENDMSG, KIND_CALL, KIND_DNS, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 
 /// Transport protocol of a call.
@@ -36,6 +36,19 @@ pub enum Hook {
     Connect,
     /// `sendto()`/`sendmsg()` with an address (unconnected UDP).
     Sendmsg,
+    /// Not known: the call was found in the kernel's dedupe table after its record was lost.
+    Unknown,
+}
+
+impl Hook {
+    /// `connect`, `sendmsg` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Connect => "connect",
+            Hook::Sendmsg => "sendmsg",
+            Hook::Unknown => "unknown",
+        }
+    }
 }
 
 /// What the kernel did with a call.
@@ -177,10 +190,11 @@ pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
             let port = b.u16(offset_of!(CallEvent, port));
             let protocol = b.u8(offset_of!(CallEvent, protocol));
             let cgroup_id = b.u64(offset_of!(CallEvent, cgroup_id));
+            let pod_cgroup_id = b.u64(offset_of!(CallEvent, pod_cgroup_id));
             Ok(Record::Call(Call {
                 timestamp_ns: b.u64(offset_of!(CallEvent, timestamp_ns)),
                 cgroup_id,
-                pod_cgroup_id: b.u64(offset_of!(CallEvent, pod_cgroup_id)),
+                pod_cgroup_id,
                 total: b.u64(offset_of!(CallEvent, total)),
                 first: b.u8(offset_of!(CallEvent, flags)) & FLAG_FIRST != 0,
                 pid: b.u32(offset_of!(CallEvent, pid)),
@@ -203,7 +217,7 @@ pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
                     VERDICT_DENIED => Verdict::Denied,
                     _ => return Err(DecodeError::Field("verdict")),
                 },
-                key: DedupeKey { cgroup_id, addr, port, family, protocol, _pad: [0; 4] },
+                key: DedupeKey { cgroup_id, pod_cgroup_id, addr, port, family, protocol, _pad: [0; 4] },
             }))
         }
         KIND_DNS => {
@@ -246,7 +260,7 @@ pub fn encode_call(call: &Call) -> Vec<u8> {
     let (family, addr) = to_wire(call.ip);
     put(0, &KIND_CALL.to_ne_bytes());
     put(offset_of!(CallEvent, flags), &[if call.first { FLAG_FIRST } else { 0 }]);
-    put(offset_of!(CallEvent, hook), &[if call.hook == Hook::Connect { HOOK_CONNECT } else { HOOK_SENDMSG }]);
+    put(offset_of!(CallEvent, hook), &[if call.hook == Hook::Sendmsg { HOOK_SENDMSG } else { HOOK_CONNECT }]);
     put(
         offset_of!(CallEvent, verdict),
         &[if call.verdict == Verdict::Allowed { VERDICT_ALLOWED } else { VERDICT_DENIED }],
@@ -284,10 +298,35 @@ pub fn encode_dns(answer: &DnsAnswer) -> Vec<u8> {
     out
 }
 
-/// The kernel's dedupe key for a call from `cgroup_id` to `ip:port` over `proto` (IPv4 as an
-/// IPv4 socket reports it).
-pub fn dedupe_key(cgroup_id: u64, ip: IpAddr, port: u16, proto: Proto) -> DedupeKey {
+/// The kernel's dedupe key for a call from `cgroup_id` (below `pod_cgroup_id`) to `ip:port`
+/// over `proto` (IPv4 as an IPv4 socket reports it).
+pub fn dedupe_key(cgroup_id: u64, pod_cgroup_id: u64, ip: IpAddr, port: u16, proto: Proto) -> DedupeKey {
     let (family, addr) = to_wire(ip);
     let protocol = if proto == Proto::Tcp { PROTO_TCP } else { PROTO_UDP };
-    DedupeKey { cgroup_id, addr, port, family, protocol, _pad: [0; 4] }
+    DedupeKey { cgroup_id, pod_cgroup_id, addr, port, family, protocol, _pad: [0; 4] }
+}
+
+/// The call a dedupe-table entry stands for, when its record was lost: no process, no hook
+/// (the table keeps neither), the time of the last record the kernel wrote (or tried to) for it.
+pub fn call_from_table(key: &DedupeKey, value: &DedupeValue) -> Option<Call> {
+    Some(Call {
+        timestamp_ns: value.last_event_ns,
+        cgroup_id: key.cgroup_id,
+        pod_cgroup_id: key.pod_cgroup_id,
+        total: value.total,
+        first: true,
+        pid: 0,
+        tid: 0,
+        comm: String::new(),
+        ip: address(key.family, key.addr).ok()?,
+        port: key.port,
+        proto: match key.protocol {
+            PROTO_TCP => Proto::Tcp,
+            PROTO_UDP => Proto::Udp,
+            _ => return None,
+        },
+        hook: Hook::Unknown,
+        verdict: Verdict::Allowed,
+        key: *key,
+    })
 }

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use runwarden_ebpf_common::DedupeKey;
+use runwarden_ebpf_common::{DedupeKey, DedupeValue};
 
 use crate::cgroups::{CgroupIndex, PodCgroup};
 use crate::dns::{self, DnsCache, TtlBounds};
@@ -77,6 +77,10 @@ pub struct CallCount {
     pub calls: u64,
 }
 
+/// How far behind the newest record read an entry of the kernel's dedupe table must be before
+/// its missing record counts as lost (records from different CPUs may be a little out of order).
+const SETTLE_NS: u64 = 100_000_000;
+
 /// Counters of the pipeline itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PipelineStats {
@@ -91,6 +95,8 @@ pub struct PipelineStats {
     /// DNS answers from a server the pod never queried (counted, not used to name anything: a
     /// process could otherwise name its own destinations by sending itself answers).
     pub unsolicited_dns: u64,
+    /// Destinations whose record was lost, recovered from the kernel's dedupe table.
+    pub recovered: u64,
     /// Calls waiting for their cgroup to appear in the index.
     pub pending: u64,
     /// Calls dropped because too many were waiting.
@@ -160,6 +166,8 @@ pub struct Pipeline {
     counts: HashMap<DedupeKey, Count>,
     index: CgroupIndex,
     pending: VecDeque<(Call, Vec<String>)>,
+    /// Timestamp of the newest record read.
+    newest_record_ns: u64,
     stats: PipelineStats,
 }
 
@@ -173,6 +181,7 @@ impl Pipeline {
             counts: HashMap::new(),
             index: CgroupIndex::default(),
             pending: VecDeque::new(),
+            newest_record_ns: 0,
             stats: PipelineStats::default(),
         }
     }
@@ -191,6 +200,11 @@ impl Pipeline {
 
     /// Handles one decoded record.
     pub fn handle(&mut self, record: Record) -> Option<Observation> {
+        let at = match &record {
+            Record::Call(c) => c.timestamp_ns,
+            Record::Dns(d) => d.timestamp_ns,
+        };
+        self.newest_record_ns = self.newest_record_ns.max(at);
         match record {
             Record::Dns(answer) => {
                 self.dns(&answer);
@@ -289,18 +303,38 @@ impl Pipeline {
         observation
     }
 
-    /// Takes the kernel's dedupe-table counts ([`crate::ebpf::Probes::dedupe_totals`]): calls
-    /// folded since the last record of each destination are added to its count.
-    pub fn totals(&mut self, totals: &[(DedupeKey, u64)]) {
-        for (key, total) in totals {
-            // A key with no record yet: its first record is still in the ring buffer.
-            if let Some(count) = self.counts.get_mut(key)
-                && *total > count.kernel_total
-            {
-                count.calls += total - count.kernel_total;
-                count.kernel_total = *total;
+    /// Takes the kernel's dedupe table ([`crate::ebpf::Probes::dedupe_table`]): calls folded
+    /// since the last record of each destination are added to its count, and a destination
+    /// whose record was lost (the ring buffer was full) is recovered from the table and
+    /// returned as an observation (hook unknown, no process), so no destination goes unseen.
+    ///
+    /// `read_up_to_ns` (CLOCK_BOOTTIME, see [`since_boot`]): every record written before it has
+    /// been read, e.g. the time taken before a drain of the ring buffer that ended empty.
+    pub fn totals(&mut self, table: &[(DedupeKey, DedupeValue)], read_up_to_ns: u64) -> Vec<Observation> {
+        let read_up_to = self.newest_record_ns.max(read_up_to_ns);
+        let mut recovered = Vec::new();
+        for (key, value) in table {
+            if let Some(count) = self.counts.get_mut(key) {
+                if value.total > count.kernel_total {
+                    count.calls += value.total - count.kernel_total;
+                    count.kernel_total = value.total;
+                }
+                continue;
+            }
+            // Records are read in the order they were written: once everything written well
+            // after this entry's last record has been read, that record is not coming (it was
+            // lost, or is parked waiting for its cgroup). Until then it may be on its way.
+            let settled = value.last_event_ns.saturating_add(SETTLE_NS) < read_up_to;
+            let parked = self.pending.iter().any(|(call, _)| call.key == *key);
+            if !settled || parked {
+                continue;
+            }
+            if let Some(call) = events::call_from_table(key, value) {
+                self.stats.recovered += 1;
+                recovered.extend(self.handle(Record::Call(call)));
             }
         }
+        recovered
     }
 
     /// Replaces the cgroup index after a scan, and attributes the calls that were waiting for

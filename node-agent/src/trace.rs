@@ -171,15 +171,38 @@ async fn trace(args: &Args, mount: &Path, cgroup: &Path, out: &mut dyn Write) ->
         }
     };
     // Everything the command did is in the ring buffer by now: read the rest.
+    let mut read_up_to = drain_all(&mut reader, &mut pipeline, out, args.json).await.map_err(io)?;
+    // Destinations whose record did not fit in the ring buffer are still in the kernel's dedupe
+    // table; their entries settle shortly after the last call.
+    let kernel = probes.stats()?;
+    if kernel.lost_calls > 0 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        read_up_to = drain_all(&mut reader, &mut pipeline, out, args.json).await.map_err(io)?;
+    }
+    for o in pipeline.totals(&probes.dedupe_table()?, read_up_to) {
+        print(out, &o, args.json).map_err(io)?;
+    }
+    out.flush().map_err(io)?;
+    summary(&pipeline, &probes.stats()?);
+    Ok(code)
+}
+
+/// Reads and prints every record waiting; returns a time (CLOCK_BOOTTIME) before which every
+/// record written has been read.
+async fn drain_all(
+    reader: &mut crate::ebpf::Reader,
+    pipeline: &mut Pipeline,
+    out: &mut dyn Write,
+    json: bool,
+) -> std::io::Result<u64> {
+    let read_up_to = crate::pipeline::since_boot().as_nanos() as u64;
     let mut lines = Vec::new();
     while reader.drain(|bytes| lines.extend(pipeline.record(bytes))).await > 0 {}
     for o in &lines {
-        print(out, o, args.json).map_err(io)?;
+        print(out, o, json)?;
     }
-    out.flush().map_err(io)?;
-    pipeline.totals(&probes.dedupe_totals()?);
-    summary(&pipeline, &probes.stats()?);
-    Ok(code)
+    out.flush()?;
+    Ok(read_up_to)
 }
 
 /// Polls a future once without blocking.
@@ -229,14 +252,15 @@ fn print(out: &mut dyn Write, o: &Observation, json: bool) -> std::io::Result<()
     if json {
         let line = serde_json::json!({
             "time": rfc3339(o.time),
-            "pid": o.pid,
-            "process": o.process,
+            // A call recovered from the kernel's dedupe table has no process.
+            "pid": (o.pid != 0).then_some(o.pid),
+            "process": (!o.process.is_empty()).then_some(&o.process),
             "ip": o.ip.to_string(),
             "port": o.port,
             "proto": o.proto.as_str(),
             "host": o.hosts.first(),
             "hosts": o.hosts,
-            "hook": match o.hook { crate::events::Hook::Connect => "connect", crate::events::Hook::Sendmsg => "sendmsg" },
+            "hook": o.hook.as_str(),
             "cgroup_id": o.cgroup_id,
         });
         writeln!(out, "{line}")

@@ -230,7 +230,7 @@ async fn burst(window: Duration) -> (usize, u64, u64) {
         ),
     );
     let records = find(&agent.drain().await, IpAddr::V4(h4), port, Proto::Udp).len();
-    agent.totals();
+    agent.totals().await;
     let calls: u64 = agent.pipeline.calls().iter().filter(|c| c.last.port == port).map(|c| c.calls).sum();
     (records, calls, agent.probes.stats().unwrap().calls_folded)
 }
@@ -495,4 +495,29 @@ async fn answers_a_pod_sends_itself_name_nothing() {
     assert!(one(&obs, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 66)), 443, Proto::Udp).hosts.is_empty());
     assert_eq!(agent.probes.stats().unwrap().dns_events, 1, "the kernel saw the forged answer");
     assert_eq!(agent.pipeline.stats().unsolicited_dns, 1, "and the pipeline refused it");
+}
+
+#[tokio::test]
+async fn destinations_whose_records_were_lost_are_recovered_from_the_kernel_table() {
+    // Dedupe on, 60,000 different destinations, nobody reading: a record each does not fit.
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let out = python(
+        &pod.container,
+        None,
+        "import os, socket\nprint(os.getpid())\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor p in range(60000):\n  s.connect(('127.0.0.1', 1024 + p))",
+    );
+    let stats = agent.probes.stats().unwrap();
+    assert!(stats.lost_calls > 0, "{stats:?}");
+    let read = agent.drain().await;
+    assert_eq!(read.len() as u64, stats.call_events);
+    assert!(read.iter().all(|o| o.pid == pid_of(&out)));
+    let recovered = agent.totals().await;
+    assert_eq!(recovered.len() as u64, stats.lost_calls, "every lost destination recovered");
+    assert!(recovered.iter().all(|o| o.hook == Hook::Unknown && o.pod.as_ref().unwrap().pod_uid == pod.uid));
+    let ports: HashSet<u16> = read.iter().chain(&recovered).map(|o| o.port).collect();
+    assert_eq!(ports.len(), 60_000, "no destination unseen");
+    let calls: u64 = agent.pipeline.calls().iter().map(|c| c.calls).sum();
+    assert_eq!(calls, 60_000);
+    assert!(agent.totals().await.is_empty(), "recovered once");
 }

@@ -10,6 +10,7 @@ use runwarden_agent::events::{
     Call, DecodeError, DnsAnswer, Hook, Proto, Record, Verdict, decode, dedupe_key, encode_call, encode_dns,
 };
 use runwarden_agent::pipeline::{Pipeline, PipelineConfig};
+use runwarden_ebpf_common::DedupeValue;
 
 mod common;
 
@@ -28,7 +29,7 @@ fn call(pod: u64, ip: IpAddr, port: u16, total: u64, first: bool, at_secs: u64) 
         proto: Proto::Tcp,
         hook: Hook::Connect,
         verdict: Verdict::Allowed,
-        key: dedupe_key(pod + 1, ip, port, Proto::Tcp),
+        key: dedupe_key(pod + 1, pod, ip, port, Proto::Tcp),
     }
 }
 
@@ -51,7 +52,7 @@ fn pipeline() -> Pipeline {
 fn query(p: &mut Pipeline, pod: u64) {
     let mut q = call(pod, IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 53, 1, true, 0);
     q.proto = Proto::Udp;
-    q.key = dedupe_key(pod + 1, q.ip, 53, Proto::Udp);
+    q.key = dedupe_key(pod + 1, pod, q.ip, 53, Proto::Udp);
     p.record(&encode_call(&q));
 }
 
@@ -117,6 +118,10 @@ fn a_call_is_named_from_its_own_pods_answers_only() {
     assert!(p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 2, false, 71))).unwrap().hosts.is_empty());
 }
 
+fn entry(total: u64, last_event_secs: u64) -> DedupeValue {
+    DedupeValue { last_event_ns: last_event_secs * 1_000_000_000, total }
+}
+
 #[test]
 fn counts_add_the_calls_the_kernel_folded() {
     let mut p = pipeline();
@@ -125,18 +130,41 @@ fn counts_add_the_calls_the_kernel_folded() {
     p.record(&encode_call(&first));
     // The kernel folded 40 more, then reported the 42nd, then folded 8 more.
     p.record(&encode_call(&call(1, ip, 443, 42, false, 7)));
-    p.totals(&[(first.key, 50)]);
+    assert!(p.totals(&[(first.key, entry(50, 7))], 0).is_empty());
     // Reading the table again adds nothing new.
-    p.totals(&[(first.key, 50)]);
+    p.totals(&[(first.key, entry(50, 7))], 0);
     assert_eq!(p.calls()[0].calls, 50);
     // The entry was evicted and started again: the new count adds on.
     p.record(&encode_call(&call(1, ip, 443, 1, true, 20)));
-    p.totals(&[(first.key, 5)]);
+    p.totals(&[(first.key, entry(5, 20))], 0);
     assert_eq!(p.calls()[0].calls, 55);
-    // A key the pipeline has no record of yet waits for its record.
-    let other = dedupe_key(2, ip, 80, Proto::Tcp);
-    p.totals(&[(other, 9)]);
-    assert_eq!(p.calls().len(), 1);
+}
+
+#[test]
+fn a_destination_whose_record_was_lost_is_recovered_from_the_kernel_table() {
+    let mut p = pipeline();
+    query(&mut p, 2);
+    let ip = Ipv4Addr::new(198, 51, 100, 99);
+    p.record(&encode_dns(&answer(2, "exfil.example", ip, 29)));
+    let lost = dedupe_key(3, 2, IpAddr::V4(ip), 443, Proto::Tcp);
+    // Its record may still be in the ring buffer: nothing yet.
+    assert!(p.totals(&[(lost, entry(9, 30))], 30_050_000_000).is_empty());
+    // A record written a second later has been read: the one for `lost` is not coming.
+    p.record(&encode_call(&call(1, IpAddr::V4(Ipv4Addr::LOCALHOST), 80, 1, true, 31)));
+    let recovered = p.totals(&[(lost, entry(9, 30))], 0);
+    assert_eq!(recovered.len(), 1);
+    let o = &recovered[0];
+    assert_eq!((o.ip, o.port, o.proto, o.hook), (IpAddr::V4(ip), 443, Proto::Tcp, Hook::Unknown));
+    assert_eq!((o.cgroup_id, o.pod_cgroup_id, o.pid), (3, 2, 0));
+    assert_eq!(o.hosts, ["exfil.example"], "named from its pod's answers");
+    assert_eq!(p.stats().recovered, 1);
+    // Once: the next read of the table only updates its count.
+    assert!(p.totals(&[(lost, entry(12, 30))], 0).is_empty());
+    // Or: everything written up to a time well after it has been read.
+    let other = dedupe_key(3, 2, IpAddr::V4(ip), 8443, Proto::Tcp);
+    assert_eq!(p.totals(&[(other, entry(1, 31))], 40_000_000_000).len(), 1);
+    let count = p.calls().into_iter().find(|c| c.last.port == 443).unwrap();
+    assert_eq!(count.calls, 12);
 }
 
 #[test]

@@ -115,6 +115,9 @@ pub struct DnsEvent {
 pub struct DedupeKey {
     /// The caller's cgroup v2 id.
     pub cgroup_id: u64,
+    /// Its monitored ancestor (so a destination whose record was lost can still be told to
+    /// its pod from the table).
+    pub pod_cgroup_id: u64,
     /// As in [`CallEvent::addr`].
     pub addr: [u8; 16],
     /// Host order.
@@ -193,7 +196,7 @@ pub mod names {
 
 const _: () = assert!(core::mem::size_of::<CallEvent>() == 88);
 const _: () = assert!(core::mem::size_of::<DnsEvent>() == 56 + DNS_CAPTURE);
-const _: () = assert!(core::mem::size_of::<DedupeKey>() == 32);
+const _: () = assert!(core::mem::size_of::<DedupeKey>() == 40);
 const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(DNS_CAPTURE.is_power_of_two());

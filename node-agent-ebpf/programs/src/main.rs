@@ -108,7 +108,7 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
     };
     // SAFETY: as above.
     let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
-    let key = DedupeKey { cgroup_id, addr, port, family, protocol, _pad: [0; 4] };
+    let key = DedupeKey { cgroup_id, pod_cgroup_id: pod, addr, port, family, protocol, _pad: [0; 4] };
     let mut total = 1;
     let mut flags = FLAG_FIRST;
     if cfg.dedupe_window_ns != 0 {

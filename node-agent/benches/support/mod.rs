@@ -56,12 +56,13 @@ impl AgentThread {
                 let mut last_totals = std::time::Instant::now();
                 loop {
                     let stopping = s.load(Ordering::Relaxed);
+                    let read_up_to = runwarden_agent::pipeline::since_boot().as_nanos() as u64;
                     let n = reader.drain(|bytes| {
                         std::hint::black_box(pipeline.record(bytes));
                     });
                     records += n.await as u64;
                     if last_totals.elapsed() > Duration::from_secs(1) || stopping {
-                        pipeline.totals(&probes.dedupe_totals().unwrap());
+                        pipeline.totals(&probes.dedupe_table().unwrap(), read_up_to);
                         last_totals = std::time::Instant::now();
                     }
                     if stopping {

@@ -355,10 +355,16 @@ impl Agent {
         out
     }
 
-    /// Adds the kernel's folded counts to the pipeline.
-    pub fn totals(&mut self) {
-        let totals = self.probes.dedupe_totals().unwrap();
-        self.pipeline.totals(&totals);
+    /// Adds the kernel's folded counts to the pipeline; returns the destinations recovered
+    /// from the kernel's table because their record was lost.
+    pub async fn totals(&mut self) -> Vec<Observation> {
+        // Entries settle 100 ms after their last call; then read everything written so far.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let read_up_to = runwarden_agent::pipeline::since_boot().as_nanos() as u64;
+        let mut out = self.drain().await;
+        let table = self.probes.dedupe_table().unwrap();
+        out.extend(self.pipeline.totals(&table, read_up_to));
+        out
     }
 }
 
