@@ -30,6 +30,9 @@ lint:
 	cargo fmt --all -- --check
 	cargo fmt --manifest-path node-agent-ebpf/programs/Cargo.toml -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cd node-agent-ebpf/programs && PATH="$(RUNWARDEN_CACHE)/tools/bin:$$PATH" RUSTC_BOOTSTRAP=1 \
+	  cargo clippy --locked --release --target bpfel-unknown-none -Z build-std=core \
+	  --target-dir $(CARGO_TARGET_DIR)/bpf -- -D warnings
 
 generate:
 	cargo run --locked -q -p runwarden-crds --bin runwarden-crdgen

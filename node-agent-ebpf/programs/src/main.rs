@@ -23,7 +23,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::bindings::{__sk_buff, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::generated::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id,
     bpf_skb_cgroup_id, bpf_skb_load_bytes,
@@ -112,12 +112,12 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
     let mut total = 1;
     let mut flags = FLAG_FIRST;
     if cfg.dedupe_window_ns != 0 {
-        let mut entry = DEDUPE.get_ptr_mut(&key);
+        let mut entry = DEDUPE.get_ptr_mut(key);
         if entry.is_none() {
             let fresh = DedupeValue { last_event_ns: now, total: 1 };
-            if DEDUPE.insert(&key, &fresh, BPF_NOEXIST as u64).is_err() {
+            if DEDUPE.insert(key, fresh, BPF_NOEXIST as u64).is_err() {
                 // Another CPU inserted it first: count on its entry.
-                entry = DEDUPE.get_ptr_mut(&key);
+                entry = DEDUPE.get_ptr_mut(key);
             }
         }
         if let Some(value) = entry {
@@ -311,7 +311,7 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
         (*event).kind = KIND_DNS;
         (*event).captured = captured as u32;
         (*event).timestamp_ns = bpf_ktime_get_boot_ns();
-        (*event).cgroup_id = bpf_skb_cgroup_id(skb as *mut __sk_buff);
+        (*event).cgroup_id = bpf_skb_cgroup_id(skb);
         (*event).pod_cgroup_id = pod;
         (*event).length = length as u32;
         (*event).family = family;
