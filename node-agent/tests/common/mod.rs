@@ -295,10 +295,14 @@ impl Agent {
     pub fn start(dedupe_window: Duration) -> Self {
         require_root();
         let mount = ebpf::cgroup2_mount().expect("a cgroup v2 mount");
+        sweep_stale_cgroups(&mount);
         let root = mount.join(format!("runwarden-test-{}-{}", std::process::id(), next()));
         std::fs::create_dir(&root).unwrap();
         let options = Options { mount: mount.clone(), attach: root.clone(), dedupe_window };
-        let mut probes = Probes::load(&options).expect("loading the programs");
+        let mut probes = Probes::load(&options).unwrap_or_else(|e| {
+            remove_tree(&root);
+            panic!("loading the programs: {e}")
+        });
         let reader = probes.reader().unwrap();
         let pipeline = Pipeline::new(PipelineConfig { attribute_pods: true, ..PipelineConfig::default() });
         Self { probes, reader, pipeline, mount, root }
@@ -372,6 +376,22 @@ impl Drop for Agent {
     fn drop(&mut self) {
         remove_tree(&self.root);
     }
+}
+
+/// Removes test cgroup trees left by test processes that no longer run (a crash, a kill).
+fn sweep_stale_cgroups(mount: &Path) {
+    static SWEEP: Once = Once::new();
+    SWEEP.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(mount) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rest = name.strip_prefix("runwarden-test-").or_else(|| name.strip_prefix("runwarden-caps-"));
+            let Some(pid) = rest.and_then(|r| r.split('-').next()) else { continue };
+            if !Path::new("/proc").join(pid).exists() {
+                remove_tree(&e.path());
+            }
+        }
+    });
 }
 
 /// Removes a cgroup tree, deepest first (processes in it have ended by then).
