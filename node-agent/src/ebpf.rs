@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::cgroup_skb::CgroupSkbAttachType;
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSockAddr};
-use aya::{Ebpf, EbpfLoader};
+use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
+use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{Config, DedupeKey, DedupeValue, MAX_LEVEL, MONITOR, names, stats};
 use tokio::io::unix::AsyncFd;
 
@@ -184,6 +184,8 @@ pub struct KernelStats {
     pub dns_events: u64,
     /// DNS answers longer than the capture, written cut.
     pub dns_cut: u64,
+    /// Exec records lost because the ring buffer was full.
+    pub lost_exec: u64,
 }
 
 /// The loaded and attached programs. Dropping it detaches them.
@@ -223,13 +225,20 @@ impl Probes {
         let dns: &mut CgroupSkb = program(&mut bpf, names::PROGRAMS[4])?;
         dns.load().map_err(refused)?;
         dns.attach(cgroup.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(refused)?;
+        let exec_filename_offset = attach_exec(&mut bpf).unwrap_or(0);
         let config = Config {
             dedupe_window_ns: u64::try_from(options.dedupe_window.as_nanos()).unwrap_or(u64::MAX),
+            exec_filename_offset,
             ..Config::default()
         };
         let mut probes = Self { bpf, mount: options.mount.clone(), monitored: HashMap::new(), config };
         probes.write_config()?;
         Ok(probes)
+    }
+
+    /// Whether executable paths are reported (the kernel has BTF and took the exec program).
+    pub fn exec_paths(&self) -> bool {
+        self.config.exec_filename_offset != 0
     }
 
     /// Reports calls and DNS answers of every process in the cgroup `dir` and below it.
@@ -285,6 +294,7 @@ impl Probes {
             calls_folded: sum(stats::CALLS_FOLDED),
             dns_events: sum(stats::DNS_EVENTS),
             dns_cut: sum(stats::DNS_CUT),
+            lost_exec: sum(stats::LOST_EXEC),
         })
     }
 
@@ -309,6 +319,19 @@ impl Probes {
             .map_err(|e| LoadError::Unsupported(format!("polling the ring buffer: {}", std::io::Error::from(e))))?;
         Ok(Reader { fd })
     }
+}
+
+/// Loads and attaches the `sched_process_exec` program; the offset of `linux_binprm.filename`
+/// in this kernel, or `None` (no BTF, or the kernel refused it): calls are then reported
+/// without executable paths.
+fn attach_exec(bpf: &mut Ebpf) -> Option<u32> {
+    let raw = std::fs::read("/sys/kernel/btf/vmlinux").ok()?;
+    let offset = crate::btf::member_offset(&raw, "linux_binprm", "filename").filter(|o| *o != 0)?;
+    let btf = Btf::from_sys_fs().ok()?;
+    let program: &mut BtfTracePoint = bpf.program_mut(names::EXEC)?.try_into().ok()?;
+    program.load(names::EXEC, &btf).ok()?;
+    program.attach().ok()?;
+    Some(offset)
 }
 
 fn missing(name: &str) -> LoadError {

@@ -6,8 +6,9 @@ use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runwarden_ebpf_common::{
-    CallEvent, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT,
-    HOOK_SENDMSG, KIND_CALL, KIND_DNS, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_DENIED,
+    CallEvent, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, EXEC_PATH, ExecEvent, FAMILY_IPV4, FAMILY_IPV6,
+    FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_EXEC, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED,
+    VERDICT_DENIED,
 };
 
 /// Transport protocol of a call.
@@ -111,6 +112,21 @@ pub struct DnsAnswer {
     pub message: Vec<u8>,
 }
 
+/// A program a monitored process executed, decoded from an [`ExecEvent`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exec {
+    /// Nanoseconds since boot.
+    pub timestamp_ns: u64,
+    /// Process id.
+    pub pid: u32,
+    /// The process's cgroup id.
+    pub cgroup_id: u64,
+    /// The monitored (pod-level) ancestor.
+    pub pod_cgroup_id: u64,
+    /// The path it was executed by (as given to `execve`, so possibly relative).
+    pub path: String,
+}
+
 /// A decoded record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -118,6 +134,8 @@ pub enum Record {
     Call(Call),
     /// A DNS answer.
     Dns(DnsAnswer),
+    /// A program executed.
+    Exec(Exec),
 }
 
 /// Why a record could not be decoded.
@@ -237,8 +255,34 @@ pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
                 message: record[start..start + captured].to_vec(),
             }))
         }
+        KIND_EXEC => {
+            need(size_of::<ExecEvent>())?;
+            let path = b.array::<EXEC_PATH>(offset_of!(ExecEvent, path));
+            let len = path.iter().position(|&c| c == 0).unwrap_or(EXEC_PATH);
+            Ok(Record::Exec(Exec {
+                timestamp_ns: b.u64(offset_of!(ExecEvent, timestamp_ns)),
+                pid: b.u32(offset_of!(ExecEvent, pid)),
+                cgroup_id: b.u64(offset_of!(ExecEvent, cgroup_id)),
+                pod_cgroup_id: b.u64(offset_of!(ExecEvent, pod_cgroup_id)),
+                path: String::from_utf8_lossy(&path[..len]).into_owned(),
+            }))
+        }
         other => Err(DecodeError::Kind(other)),
     }
+}
+
+/// Encodes an exec record as the kernel would: for tests and benchmarks of the pipeline.
+pub fn encode_exec(exec: &Exec) -> Vec<u8> {
+    let mut out = vec![0u8; size_of::<ExecEvent>()];
+    let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
+    put(0, &KIND_EXEC.to_ne_bytes());
+    put(offset_of!(ExecEvent, pid), &exec.pid.to_ne_bytes());
+    put(offset_of!(ExecEvent, timestamp_ns), &exec.timestamp_ns.to_ne_bytes());
+    put(offset_of!(ExecEvent, cgroup_id), &exec.cgroup_id.to_ne_bytes());
+    put(offset_of!(ExecEvent, pod_cgroup_id), &exec.pod_cgroup_id.to_ne_bytes());
+    let path = exec.path.as_bytes();
+    put(offset_of!(ExecEvent, path), &path[..path.len().min(EXEC_PATH - 1)]);
+    out
 }
 
 /// An address as the kernel writes it: family and 16 bytes, IPv4 in the first 4.

@@ -1,5 +1,6 @@
 //! runwarden's node agent:
 //!
+//! - [`btf`]: reads a struct member's offset from the kernel's BTF (for the exec program).
 //! - [`ebpf`]: loads the kernel programs, attaches them to a cgroup tree, marks cgroups as
 //!   monitored, reads the ring buffer and the kernel's counters.
 //! - [`events`]: decodes the kernel's records (safe on truncated or garbage bytes).
@@ -11,6 +12,7 @@
 //! - [`pipeline`]: records → named, attributed observations with exact call counts.
 //! - [`trace`]: `runwarden-agent trace`, every outbound call of one command, no Kubernetes.
 
+pub mod btf;
 pub mod cgroups;
 pub mod dns;
 pub mod ebpf;

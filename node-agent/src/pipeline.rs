@@ -26,8 +26,11 @@ pub struct Observation {
     pub time: SystemTime,
     /// Process id.
     pub pid: u32,
-    /// Process (thread) name.
+    /// Process (thread) name (`comm`: the process can set it).
     pub process: String,
+    /// The program the process executed (its path as given to `execve`), when the exec was
+    /// seen: processes started before monitoring began have none.
+    pub executable: Option<String>,
     /// The caller's cgroup id.
     pub cgroup_id: u64,
     /// The monitored (pod-level) cgroup id.
@@ -59,6 +62,9 @@ impl Observation {
         if self.process != newer.process {
             self.process.clone_from(&newer.process);
         }
+        if self.executable != newer.executable {
+            self.executable.clone_from(&newer.executable);
+        }
         if self.hosts != newer.hosts {
             self.hosts.clone_from(&newer.hosts);
         }
@@ -76,6 +82,9 @@ pub struct CallCount {
     /// Calls counted, those the kernel folded into its dedupe table included.
     pub calls: u64,
 }
+
+/// Processes whose executable is remembered.
+const MAX_EXECUTABLES: usize = 65_536;
 
 /// How far behind the newest record read an entry of the kernel's dedupe table must be before
 /// its missing record counts as lost (records from different CPUs may be a little out of order).
@@ -163,6 +172,8 @@ pub struct Pipeline {
     names: HashMap<u64, DnsCache>,
     /// (pod, server) pairs the pod sent DNS queries to: answers are taken from these only.
     resolvers: HashSet<(u64, IpAddr)>,
+    /// pid → the program it executed last.
+    executables: HashMap<u32, Arc<str>>,
     counts: HashMap<DedupeKey, Count>,
     index: CgroupIndex,
     pending: VecDeque<(Call, Vec<String>)>,
@@ -178,6 +189,7 @@ impl Pipeline {
             config,
             names: HashMap::new(),
             resolvers: HashSet::new(),
+            executables: HashMap::new(),
             counts: HashMap::new(),
             index: CgroupIndex::default(),
             pending: VecDeque::new(),
@@ -203,11 +215,22 @@ impl Pipeline {
         let at = match &record {
             Record::Call(c) => c.timestamp_ns,
             Record::Dns(d) => d.timestamp_ns,
+            Record::Exec(e) => e.timestamp_ns,
         };
         self.newest_record_ns = self.newest_record_ns.max(at);
         match record {
             Record::Dns(answer) => {
                 self.dns(&answer);
+                None
+            }
+            Record::Exec(exec) => {
+                if self.executables.len() >= MAX_EXECUTABLES && !self.executables.contains_key(&exec.pid) {
+                    // Bounded: forget an arbitrary one (processes that ended leave theirs).
+                    if let Some(pid) = self.executables.keys().next().copied() {
+                        self.executables.remove(&pid);
+                    }
+                }
+                self.executables.insert(exec.pid, Arc::from(exec.path.as_str()));
                 None
             }
             Record::Call(call) => {
@@ -273,6 +296,7 @@ impl Pipeline {
             time: self.config.boot_time + Duration::from_nanos(call.timestamp_ns),
             pid: call.pid,
             process: call.comm,
+            executable: self.executables.get(&call.pid).map(|e| e.to_string()),
             cgroup_id: call.cgroup_id,
             pod_cgroup_id: call.pod_cgroup_id,
             pod,

@@ -41,8 +41,9 @@ Prints every outbound call (TCP and UDP, IPv4 and IPv6) of COMMAND and its child
 processes in the cgroup v2 tree PATH until interrupted, with the host name each address was
 answered for. Needs root (or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN) and a cgroup v2 mount.
 
-  --json                one JSON object per call on stdout: time, pid, process, ip, port,
-                        proto, host (null when no DNS answer named the address), hosts, hook
+  --json                one JSON object per call on stdout: time, pid, process, executable,
+                        ip, port, proto, host (null when no DNS answer named the address),
+                        hosts, hook
   --dedupe-window SECS  repeated calls to one destination within SECS are counted, not printed
                         (default 1; 0 prints every call); the summary on stderr has exact counts
   --cgroup PATH         trace an existing cgroup (absolute, or relative to the cgroup v2 mount)
@@ -255,6 +256,7 @@ fn print(out: &mut dyn Write, o: &Observation, json: bool) -> std::io::Result<()
             // A call recovered from the kernel's dedupe table has no process.
             "pid": (o.pid != 0).then_some(o.pid),
             "process": (!o.process.is_empty()).then_some(&o.process),
+            "executable": o.executable,
             "ip": o.ip.to_string(),
             "port": o.port,
             "proto": o.proto.as_str(),

@@ -73,6 +73,8 @@ u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.sendto(b"s6", ("{h6}", 
         assert_eq!(o.hook, hook, "{o:#?}");
         assert_eq!(o.pid, pid);
         assert_eq!(o.process, "python3");
+        let exe = o.executable.as_deref().expect("the exec was seen");
+        assert!(exe.starts_with('/') && exe.contains("python"), "{exe}");
         let attributed = o.pod.as_ref().expect("attributed to the pod");
         assert_eq!(attributed.pod_uid, pod.uid);
         assert_eq!(attributed.container_id.as_deref(), Some(pod.container_id.as_str()));
@@ -324,6 +326,7 @@ fn trace_prints_json_for_a_command_that_calls_three_destinations() {
         assert_eq!(call["host"], host);
         assert_eq!(call["pid"], pid);
         assert_eq!(call["process"], "python3");
+        assert!(call["executable"].as_str().unwrap().contains("python"), "{call}");
         let time = call["time"].as_str().unwrap();
         assert!(time.len() == 24 && time.ends_with('Z') && time.starts_with("20"), "RFC 3339 time: {time}");
     }

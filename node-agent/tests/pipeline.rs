@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 use proptest::prelude::*;
 use runwarden_agent::dns::RecordData;
 use runwarden_agent::events::{
-    Call, DecodeError, DnsAnswer, Hook, Proto, Record, Verdict, decode, dedupe_key, encode_call, encode_dns,
+    Call, DecodeError, DnsAnswer, Exec, Hook, Proto, Record, Verdict, decode, dedupe_key, encode_call, encode_dns,
+    encode_exec,
 };
 use runwarden_agent::pipeline::{Pipeline, PipelineConfig};
 use runwarden_ebpf_common::DedupeValue;
@@ -65,6 +66,19 @@ fn records_round_trip_through_the_kernel_layout() {
     let mut a = answer(7, "registry.npmjs.org", Ipv4Addr::new(104, 16, 1, 34), 5);
     a.length = a.message.len() as u32;
     assert_eq!(decode(&encode_dns(&a)), Ok(Record::Dns(a)));
+}
+
+#[test]
+fn a_call_names_the_program_its_process_executed() {
+    let exec = Exec { timestamp_ns: 1, pid: 4242, cgroup_id: 8, pod_cgroup_id: 7, path: "/usr/bin/node".into() };
+    assert_eq!(decode(&encode_exec(&exec)), Ok(Record::Exec(exec.clone())));
+    let mut p = pipeline();
+    let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    assert_eq!(p.record(&encode_call(&call(7, ip, 80, 1, true, 1))).unwrap().executable, None, "exec not seen yet");
+    p.record(&encode_exec(&exec));
+    let o = p.record(&encode_call(&call(7, ip, 81, 1, true, 2))).unwrap();
+    assert_eq!(o.executable.as_deref(), Some("/usr/bin/node"));
+    assert_eq!(o.process, "npm install", "comm is kept as the process set it");
 }
 
 #[test]

@@ -14,6 +14,8 @@ pub type Kind = u32;
 pub const KIND_CALL: Kind = 1;
 /// A [`DnsEvent`].
 pub const KIND_DNS: Kind = 2;
+/// An [`ExecEvent`].
+pub const KIND_EXEC: Kind = 3;
 
 /// `family`: IPv4 (`AF_INET`).
 pub const FAMILY_IPV4: u8 = 2;
@@ -109,6 +111,27 @@ pub struct DnsEvent {
     pub payload: [u8; DNS_CAPTURE],
 }
 
+/// Bytes of executable path kept (NUL-terminated, cut beyond).
+pub const EXEC_PATH: usize = 256;
+
+/// A process in a monitored cgroup executed a program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    /// [`KIND_EXEC`].
+    pub kind: Kind,
+    /// Process id (thread group id) after the exec.
+    pub pid: u32,
+    /// `bpf_ktime_get_boot_ns()`.
+    pub timestamp_ns: u64,
+    /// The process's cgroup id.
+    pub cgroup_id: u64,
+    /// The monitored ancestor.
+    pub pod_cgroup_id: u64,
+    /// The path the program was executed by (`linux_binprm.filename`), NUL-terminated.
+    pub path: [u8; EXEC_PATH],
+}
+
 /// Key of the kernel's dedupe table: one cgroup, one destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -147,8 +170,9 @@ pub struct Config {
     /// Bit `n` set: some monitored cgroup sits at level `n` of the cgroup tree (the root is
     /// level 0), so the programs look up the caller's ancestor at that level.
     pub monitored_levels: u32,
-    /// Explicit padding (zero).
-    pub _pad: u32,
+    /// Byte offset of `filename` in this kernel's `struct linux_binprm` (from its BTF); 0 turns
+    /// the executable paths off.
+    pub exec_filename_offset: u32,
     /// Repeated calls from one cgroup to one destination within this window after an event
     /// are counted, not reported. 0 turns the dedupe off: every call is an event.
     pub dedupe_window_ns: u64,
@@ -174,6 +198,8 @@ pub mod stats {
     pub const DNS_EVENTS: u32 = 4;
     /// DNS answers longer than the capture, written cut.
     pub const DNS_CUT: u32 = 5;
+    /// Exec records lost because the ring buffer was full.
+    pub const LOST_EXEC: u32 = 6;
     /// Number of entries.
     pub const COUNT: u32 = 8;
 }
@@ -192,11 +218,14 @@ pub mod names {
     pub const DEDUPE: &str = "DEDUPE";
     /// The programs, one per hook.
     pub const PROGRAMS: [&str; 5] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "dns_ingress"];
+    /// The `tp_btf/sched_process_exec` program (executable paths).
+    pub const EXEC: &str = "sched_process_exec";
 }
 
 const _: () = assert!(core::mem::size_of::<CallEvent>() == 88);
 const _: () = assert!(core::mem::size_of::<DnsEvent>() == 56 + DNS_CAPTURE);
 const _: () = assert!(core::mem::size_of::<DedupeKey>() == 40);
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + EXEC_PATH);
 const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(DNS_CAPTURE.is_power_of_two());

@@ -29,12 +29,14 @@ use aya_ebpf::helpers::generated::{
     bpf_skb_cgroup_id, bpf_skb_load_bytes,
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
-use aya_ebpf::macros::{cgroup_skb, cgroup_sock_addr, map};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
+use aya_ebpf::macros::{btf_tracepoint, cgroup_skb, cgroup_sock_addr, map};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
-use aya_ebpf::programs::{SkBuffContext, SockAddrContext};
+use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
 use runwarden_ebpf_common::{
-    CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST,
-    HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, MAX_LEVEL, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, stats,
+    CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ExecEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST,
+    HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_EXEC, MAX_LEVEL, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED,
+    stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -329,6 +331,48 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
     if length > DNS_CAPTURE {
         count(stats::DNS_CUT);
     }
+    Some(())
+}
+
+/// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`: the
+/// path a monitored process executed, so calls can name the program and not only its `comm`
+/// (which any process can set).
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    on_exec(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_exec(ctx: &BtfTracePointContext) -> Option<()> {
+    let cfg = config();
+    if cfg.monitored_levels == 0 || cfg.exec_filename_offset == 0 {
+        return None;
+    }
+    // SAFETY: helpers without pointer arguments.
+    let pod = monitored_ancestor(cfg.monitored_levels, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })?;
+    let bprm: *const u8 = ctx.arg(2);
+    // SAFETY: a kernel pointer read through the helper, which checks it; the offset comes from
+    // this kernel's BTF.
+    let filename: *const u8 =
+        unsafe { bpf_probe_read_kernel(bprm.add(cfg.exec_filename_offset as usize) as *const *const u8) }.ok()?;
+    let Some(mut slot) = EVENTS.reserve::<ExecEvent>(0) else {
+        count(stats::LOST_EXEC);
+        return None;
+    };
+    let event = slot.as_mut_ptr();
+    // SAFETY: the reserved record, written field by field before submit.
+    unsafe {
+        (*event).kind = KIND_EXEC;
+        (*event).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        (*event).timestamp_ns = bpf_ktime_get_boot_ns();
+        (*event).cgroup_id = bpf_get_current_cgroup_id();
+        (*event).pod_cgroup_id = pod;
+        if bpf_probe_read_kernel_str_bytes(filename, &mut (*event).path).is_err() {
+            (*event).path[0] = 0;
+        }
+    }
+    slot.submit(wake_flags());
     Some(())
 }
 
