@@ -138,6 +138,12 @@ async fn trace(args: &Args, mount: &Path, cgroup: &Path, out: &mut dyn Write) ->
     let mut probes = Probes::load(&options)?;
     probes.monitor(cgroup)?;
     let mut reader = probes.reader()?;
+    if args.cgroup.is_some() {
+        eprintln!("runwarden-agent: tracing {} until interrupted", cgroup.display());
+    }
+    if !probes.exec_paths() {
+        eprintln!("runwarden-agent: no executable paths (the kernel has no BTF, or refused the exec program)");
+    }
     let mut pipeline = Pipeline::new(PipelineConfig::default());
     let io = |e: std::io::Error| TraceError::Io(format!("writing output: {e}"));
     if !args.json {

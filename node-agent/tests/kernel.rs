@@ -427,16 +427,16 @@ fn the_programs_need_three_named_capabilities_and_say_which_is_missing() {
     let bin = env!("CARGO_BIN_EXE_runwarden-agent");
     // Root's uid, but only CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: what the DaemonSet grants.
     let mut trace = Command::new("setpriv")
-        .args(["--bounding-set=-all,+bpf,+perfmon,+net_admin", bin, "trace", "--cgroup"])
+        .args(["--bounding-set=-all,+bpf,+perfmon,+net_admin", bin, "trace", "--json", "--cgroup"])
         .arg(&dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(trace.stdout.take().unwrap());
-    let mut header = String::new();
-    stdout.read_line(&mut header).unwrap();
-    assert!(header.starts_with("TIME"), "the table header once the programs are attached: {header:?}");
+    let mut stderr = BufReader::new(trace.stderr.take().unwrap());
+    let mut ready = String::new();
+    stderr.read_line(&mut ready).unwrap();
+    assert!(ready.contains("tracing") && ready.contains("until interrupted"), "attached: {ready:?}");
     let out = python(
         &dir,
         None,
@@ -445,14 +445,20 @@ fn the_programs_need_three_named_capabilities_and_say_which_is_missing() {
     let pid = pid_of(&out);
     std::thread::sleep(Duration::from_millis(100));
     assert!(Command::new("kill").args(["-INT", &trace.id().to_string()]).status().unwrap().success());
+    let mut stdout = String::new();
+    trace.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
     let mut rest = String::new();
-    stdout.read_to_string(&mut rest).unwrap();
-    let status = trace.wait().unwrap();
-    let mut stderr = String::new();
-    trace.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    assert!(status.success(), "{stderr}");
-    let line = rest.lines().find(|l| l.contains("127.0.0.1:9")).unwrap_or_else(|| panic!("the call: {rest}"));
-    assert!(line.contains(&pid.to_string()) && line.contains("python3") && line.contains("udp"), "{line}");
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(trace.wait().unwrap().success(), "{rest}");
+    assert!(!rest.contains("no executable paths"), "{rest}");
+    let call: serde_json::Value = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|c| c["port"] == 9)
+        .unwrap_or_else(|| panic!("the call: {stdout}"));
+    assert_eq!(call["pid"], pid);
+    assert_eq!(call["proto"], "udp");
+    assert!(call["executable"].as_str().unwrap().contains("python"), "the exec program too: {call}");
 
     // Without CAP_PERFMON: refused, and the message names it.
     let out = Command::new("setpriv")
