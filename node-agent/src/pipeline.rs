@@ -173,7 +173,7 @@ pub struct Pipeline {
     /// (pod, server) pairs the pod sent DNS queries to: answers are taken from these only.
     resolvers: HashSet<(u64, IpAddr)>,
     /// pid → the program it executed last.
-    executables: HashMap<u32, Arc<str>>,
+    executables: HashMap<u32, String>,
     counts: HashMap<DedupeKey, Count>,
     index: CgroupIndex,
     pending: VecDeque<(Call, Vec<String>)>,
@@ -230,7 +230,7 @@ impl Pipeline {
                         self.executables.remove(&pid);
                     }
                 }
-                self.executables.insert(exec.pid, Arc::from(exec.path.as_str()));
+                self.executables.insert(exec.pid, exec.path);
                 None
             }
             Record::Call(call) => {
@@ -296,7 +296,7 @@ impl Pipeline {
             time: self.config.boot_time + Duration::from_nanos(call.timestamp_ns),
             pid: call.pid,
             process: call.comm,
-            executable: self.executables.get(&call.pid).map(|e| e.to_string()),
+            executable: self.executables.get(&call.pid).cloned(),
             cgroup_id: call.cgroup_id,
             pod_cgroup_id: call.pod_cgroup_id,
             pod,
@@ -336,6 +336,7 @@ impl Pipeline {
     /// been read, e.g. the time taken before a drain of the ring buffer that ended empty.
     pub fn totals(&mut self, table: &[(DedupeKey, DedupeValue)], read_up_to_ns: u64) -> Vec<Observation> {
         let read_up_to = self.newest_record_ns.max(read_up_to_ns);
+        let parked: HashSet<DedupeKey> = self.pending.iter().map(|(call, _)| call.key).collect();
         let mut recovered = Vec::new();
         for (key, value) in table {
             if let Some(count) = self.counts.get_mut(key) {
@@ -349,8 +350,7 @@ impl Pipeline {
             // after this entry's last record has been read, that record is not coming (it was
             // lost, or is parked waiting for its cgroup). Until then it may be on its way.
             let settled = value.last_event_ns.saturating_add(SETTLE_NS) < read_up_to;
-            let parked = self.pending.iter().any(|(call, _)| call.key == *key);
-            if !settled || parked {
+            if !settled || parked.contains(key) {
                 continue;
             }
             if let Some(call) = events::call_from_table(key, value) {

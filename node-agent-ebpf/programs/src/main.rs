@@ -87,6 +87,13 @@ fn monitored_ancestor(levels: u32, ancestor: impl Fn(i32) -> u64) -> Option<u64>
     None
 }
 
+/// The monitored ancestor of the current task's cgroup (none when nothing is monitored).
+#[inline(always)]
+fn current_pod(cfg: &Config) -> Option<u64> {
+    // SAFETY: a helper without pointer arguments.
+    monitored_ancestor(cfg.monitored_levels, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })
+}
+
 #[inline(always)]
 fn wake_flags() -> u64 {
     if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_AT_BYTES {
@@ -100,12 +107,7 @@ fn wake_flags() -> u64 {
 #[inline(always)]
 fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
     let cfg = config();
-    if cfg.monitored_levels == 0 {
-        return;
-    }
-    // SAFETY: helpers without pointer arguments.
-    let Some(pod) = monitored_ancestor(cfg.monitored_levels, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })
-    else {
+    let Some(pod) = current_pod(&cfg) else {
         return;
     };
     // SAFETY: as above.
@@ -349,8 +351,7 @@ fn on_exec(ctx: &BtfTracePointContext) -> Option<()> {
     if cfg.monitored_levels == 0 || cfg.exec_filename_offset == 0 {
         return None;
     }
-    // SAFETY: helpers without pointer arguments.
-    let pod = monitored_ancestor(cfg.monitored_levels, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })?;
+    let pod = current_pod(&cfg)?;
     let bprm: *const u8 = ctx.arg(2);
     // SAFETY: a kernel pointer read through the helper, which checks it; the offset comes from
     // this kernel's BTF.
