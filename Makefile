@@ -2,7 +2,7 @@
 #
 #   make setup               install what is needed (idempotent)
 #   make test                setup, then lint and every test (unit, property, control plane)
-#   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml) from the Rust code
+#   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml, node-agent/rbac.yaml) from the Rust code
 #   make bench               benchmarks: detector, operator at scale, agent pipeline, connect() overhead, connect storm
 #                            (figures printed, nothing asserted; the agent's need root)
 #   make replay              the detector on the public replay corpus, scored by its score.py
@@ -37,6 +37,7 @@ lint:
 generate:
 	cargo run --locked -q -p runwarden-crds --bin runwarden-crdgen
 	cargo run --locked -q -p runwarden-operator -- --print-rbac runwarden-system > operator/rbac.yaml
+	cargo run --locked -q -p runwarden-agent -- --print-rbac runwarden-system > node-agent/rbac.yaml
 
 dev-control-plane: setup
 	cargo run --locked -q -p runwarden-tests --bin runwarden-control-plane

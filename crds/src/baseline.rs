@@ -30,6 +30,8 @@ pub const MAX_TRIGGER_KINDS: usize = 16;
 pub const MAX_ANOMALIES_PER_RUN: usize = 8;
 /// Most reasons given per anomaly.
 pub const MAX_REASONS: usize = 4;
+/// Longest run id kept (GitHub's run ids are far shorter).
+pub const MAX_RUN_ID: usize = 32;
 
 /// Which job this baseline is for (immutable), how runwarden treats its calls, and the
 /// endpoints a person approved.
@@ -298,7 +300,7 @@ pub struct LearnedEndpoint {
 
     /// GitHub workflow run id of the first run that called it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = MAX_RUN_ID))]
     pub first_seen_run: Option<String>,
 
     /// When it was first called.
@@ -307,7 +309,7 @@ pub struct LearnedEndpoint {
 
     /// GitHub workflow run id of the last run that called it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = MAX_RUN_ID))]
     pub last_seen_run: Option<String>,
 
     /// When it was last called.
@@ -356,7 +358,7 @@ pub enum EndpointState {
 #[serde(rename_all = "camelCase")]
 pub struct RunRecord {
     /// GitHub workflow run id.
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(length(min = 1, max = MAX_RUN_ID))]
     pub run_id: String,
 
     /// The runner (pod) that ran the job: the combinations of a matrix job share a run id and

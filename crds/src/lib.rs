@@ -7,7 +7,9 @@
 pub mod baseline;
 pub mod endpoint;
 pub mod generate;
+pub mod identity;
 pub mod policy;
+pub mod rbac;
 mod schema;
 
 pub use baseline::{

@@ -5,7 +5,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use crate::endpoint::{Condition, EndpointRule, MAX_CONDITIONS, Severity};
+use crate::identity;
 
 /// Most allowed endpoints in one policy.
 pub const MAX_ALLOWED_ENDPOINTS: usize = 256;
@@ -95,6 +98,52 @@ pub struct RunnerSelector {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 255)))]
     pub workflows: Vec<String>,
+}
+
+impl RunnerSelector {
+    /// Whether the selector selects the runner pod with this metadata: its scale-set label and
+    /// the job annotations the operator writes ([`crate::identity::annotations`]).
+    pub fn selects(&self, pod: &ObjectMeta) -> bool {
+        let any = |globs: &[String], value: Option<&String>| {
+            globs.is_empty() || value.is_some_and(|v| globs.iter().any(|g| glob_match(g, v)))
+        };
+        let (labels, annotations) = (pod.labels.as_ref(), pod.annotations.as_ref());
+        any(&self.scale_sets, labels.and_then(|l| l.get(identity::SCALE_SET_LABEL)))
+            && any(&self.repositories, annotations.and_then(|a| a.get(identity::annotations::REPOSITORY)))
+            && any(&self.workflows, annotations.and_then(|a| a.get(identity::annotations::WORKFLOW)))
+    }
+}
+
+/// The policy that applies to a runner pod: of the policies in the pod's namespace that select
+/// it, the oldest (by creation time, then name). Later ones report `Overlapping`.
+pub fn applicable<'a>(
+    policies: impl IntoIterator<Item = &'a EgressPolicy>,
+    pod: &ObjectMeta,
+) -> Option<&'a EgressPolicy> {
+    policies
+        .into_iter()
+        .filter(|p| p.metadata.namespace == pod.namespace && p.spec.selector.selects(pod))
+        .min_by_key(|p| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.metadata.name.clone()))
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(glob: &str, value: &str) -> bool {
+    let parts: Vec<&str> = glob.split('*').collect();
+    if parts.len() == 1 {
+        return glob == value;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !value.starts_with(first) || !value[first.len()..].ends_with(last) || value.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &value[first.len()..value.len() - last.len()];
+    for middle in &parts[1..parts.len() - 1] {
+        match rest.find(middle) {
+            Some(i) => rest = &rest[i + middle.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// What happens to a call that is not allowed.
@@ -273,4 +322,45 @@ pub struct EgressPolicyStatus {
     #[schemars(length(max = MAX_CONDITIONS))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_shell_stars() {
+        assert!(glob_match("acme/*", "acme/web"));
+        assert!(!glob_match("acme/*", "other/web"));
+        assert!(glob_match(".github/workflows/release-*.yml", ".github/workflows/release-npm.yml"));
+        assert!(glob_match("*-runners-*", "arc-runners-big"));
+        assert!(!glob_match("a*b*c", "acb"));
+        assert!(glob_match("exact", "exact"));
+    }
+
+    fn policy(name: &str, created: &str, scale_sets: &[&str]) -> EgressPolicy {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "runwarden.dev/v1alpha1", "kind": "EgressPolicy",
+            "metadata": {"name": name, "namespace": "arc", "creationTimestamp": created},
+            "spec": {"selector": {"scaleSets": scale_sets}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_oldest_selecting_policy_of_the_pods_namespace_applies() {
+        let pod: ObjectMeta = serde_json::from_value(serde_json::json!({
+            "name": "r", "namespace": "arc", "labels": {"actions.github.com/scale-set-name": "big"},
+            "annotations": {"runwarden.dev/repository": "acme/web"}
+        }))
+        .unwrap();
+        let policies = [
+            policy("newer", "2026-02-01T00:00:00Z", &[]),
+            policy("older-other-set", "2026-01-01T00:00:00Z", &["small"]),
+            policy("older", "2026-01-15T00:00:00Z", &["big"]),
+        ];
+        assert_eq!(applicable(&policies, &pod).and_then(|p| p.metadata.name.as_deref()), Some("older"));
+        let elsewhere = ObjectMeta { namespace: Some("other".into()), ..pod };
+        assert!(applicable(&policies, &elsewhere).is_none());
+    }
 }

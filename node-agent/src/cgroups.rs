@@ -198,3 +198,99 @@ impl Rescanner {
         Some(CgroupIndex::scan(&self.root))
     }
 }
+
+/// kubelet's cgroups whose children are pods, below a cgroup v2 mount: `kubepods` and its
+/// `burstable` and `besteffort` children (cgroupfs driver), or `kubepods.slice` and its
+/// `kubepods-burstable.slice` and `kubepods-besteffort.slice` (systemd driver), found within
+/// three levels of `root` (kind nests them in `kubelet.slice/kubelet-kubepods.slice`). With
+/// `kubepods` given (a path relative to `root`), only that tree. Empty when kubelet has made
+/// none yet.
+pub fn pod_parents(root: &Path, kubepods: Option<&Path>) -> Vec<PathBuf> {
+    let top = match kubepods {
+        Some(dir) => Some(root.join(dir)).filter(|d| d.is_dir()),
+        None => find_kubepods(root, 3),
+    };
+    let Some(top) = top else { return Vec::new() };
+    let mut parents = vec![top.clone()];
+    if let Ok(entries) = std::fs::read_dir(&top) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let qos = name.strip_suffix(".slice").unwrap_or(&name);
+            if (qos.ends_with("burstable") || qos.ends_with("besteffort")) && entry.path().is_dir() {
+                parents.push(entry.path());
+            }
+        }
+    }
+    parents.sort();
+    parents
+}
+
+fn find_kubepods(dir: &Path, depth: usize) -> Option<PathBuf> {
+    let mut subdirs = Vec::new();
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if name == "kubepods" || name == "kubepods.slice" || name.ends_with("-kubepods.slice") {
+            return Some(entry.path());
+        }
+        subdirs.push(entry.path());
+    }
+    if depth <= 1 {
+        return None;
+    }
+    subdirs.sort();
+    subdirs.into_iter().find_map(|d| find_kubepods(&d, depth - 1))
+}
+
+/// A pod-level cgroup found below one of the [`pod_parents`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodDir {
+    /// The cgroup id (inode of the directory).
+    pub id: u64,
+    /// The pod's UID.
+    pub pod_uid: String,
+    /// The directory.
+    pub path: PathBuf,
+}
+
+/// Every pod-level cgroup directly below `parents`.
+pub fn pod_dirs(root: &Path, parents: &[PathBuf]) -> Vec<PodDir> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    for parent in parents {
+        let Ok(entries) = std::fs::read_dir(parent) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_dir() {
+                continue;
+            }
+            let relative = path.strip_prefix(root).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            if let Some(pod) = parse(&relative).filter(|p| p.container_id.is_none() && !p.nested) {
+                out.push(PodDir { id: meta.ino(), pod_uid: pod.pod_uid, path });
+            }
+        }
+    }
+    out
+}
+
+/// The cgroup v2 mount to use given the agent's `--cgroup-root`: the directory itself when it
+/// is a cgroup v2 mount (pure cgroup v2 nodes), or its `unified` child (hybrid hosts, where
+/// `/sys/fs/cgroup` is a tmpfs of v1 hierarchies and v2 sits at `/sys/fs/cgroup/unified`).
+pub fn cgroup2_root(dir: &Path) -> Option<PathBuf> {
+    [dir.to_path_buf(), dir.join("unified")].into_iter().find(|d| is_cgroup2(d))
+}
+
+fn is_cgroup2(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    #[allow(unsafe_code, reason = "statfs writes the struct it is given")]
+    // SAFETY: a NUL-terminated path and a zeroed statfs on our stack.
+    unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut fs) == 0 && fs.f_type as i64 == CGROUP2_SUPER_MAGIC
+    }
+}

@@ -15,7 +15,9 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::cgroup_skb::CgroupSkbAttachType;
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
-use runwarden_ebpf_common::{Config, DedupeKey, DedupeValue, MAX_LEVEL, MONITOR, names, stats};
+use runwarden_ebpf_common::{
+    Config, DedupeKey, DedupeValue, IGNORE, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, names, stats,
+};
 use tokio::io::unix::AsyncFd;
 
 /// The kernel object, built for this agent.
@@ -244,15 +246,8 @@ impl Probes {
     /// Reports calls and DNS answers of every process in the cgroup `dir` and below it.
     /// Returns the cgroup's id.
     pub fn monitor(&mut self, dir: &Path) -> Result<u64, LoadError> {
-        let cgroup_error = |source| LoadError::Cgroup { path: dir.to_path_buf(), source };
-        let id = std::fs::metadata(dir).map_err(cgroup_error)?.ino();
-        let relative = dir.strip_prefix(&self.mount).map_err(|_| {
-            cgroup_error(io::Error::other(format!("not below the cgroup v2 mount {}", self.mount.display())))
-        })?;
-        let level = relative.components().count() as u32;
-        if level > MAX_LEVEL {
-            return Err(cgroup_error(io::Error::other(format!("deeper than level {MAX_LEVEL}"))));
-        }
+        let id = std::fs::metadata(dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?.ino();
+        let level = self.level_of(dir)?;
         let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
         map.insert(id, MONITOR, 0).map_err(refused)?;
         self.monitored.insert(id, level);
@@ -260,18 +255,70 @@ impl Probes {
         Ok(id)
     }
 
-    /// Stops reporting the cgroup `id` (a pod that ended).
-    pub fn unmonitor(&mut self, id: u64) -> Result<(), LoadError> {
-        {
-            let mut monitored: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
-            let _ = monitored.remove(&id);
+    /// Reports every pod below the cgroups `parents` (kubelet's `kubepods` and QoS cgroups,
+    /// see [`crate::cgroups::pod_parents`]) from its first call, until the pod is
+    /// [ignored](Self::ignore_pod): a pod the agent has not classified yet cannot be missed.
+    pub fn watch_pods(&mut self, parents: &[PathBuf]) -> Result<(), LoadError> {
+        if parents.len() > MAX_POD_PARENTS {
+            return Err(LoadError::Unsupported(format!("more than {MAX_POD_PARENTS} pod parent cgroups")));
         }
-        // Its dedupe entries go too: the pipeline forgets the pod, and must not find them later.
+        let mut ids = [0; MAX_POD_PARENTS];
+        let mut levels = [0; MAX_POD_PARENTS];
+        // Deepest first: a QoS cgroup is itself a child of kubepods.
+        let mut sorted: Vec<(u32, &PathBuf)> = Vec::new();
+        for dir in parents {
+            sorted.push((self.level_of(dir)?, dir));
+        }
+        sorted.sort_by_key(|(level, _)| std::cmp::Reverse(*level));
+        for (i, (level, dir)) in sorted.into_iter().enumerate() {
+            ids[i] = std::fs::metadata(dir).map_err(|source| LoadError::Cgroup { path: dir.clone(), source })?.ino();
+            levels[i] = level;
+        }
+        self.config.pod_parents = ids;
+        self.config.pod_parent_levels = levels;
+        self.write_config()
+    }
+
+    /// Stops reporting the pod cgroup `id` (a pod below the [watched](Self::watch_pods)
+    /// parents that is not a runner) and forgets what the kernel counted for it.
+    pub fn ignore_pod(&mut self, id: u64) -> Result<(), LoadError> {
+        let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
+        map.insert(id, IGNORE, 0).map_err(refused)?;
+        self.forget_dedupe(id)
+    }
+
+    /// Forgets a pod cgroup that is gone: its mark and the kernel's counts.
+    pub fn forget_pod(&mut self, id: u64) -> Result<(), LoadError> {
+        let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
+        let _ = map.remove(&id);
+        self.forget_dedupe(id)
+    }
+
+    fn forget_dedupe(&mut self, id: u64) -> Result<(), LoadError> {
         let mut table: BpfHashMap<_, Key, Value> = map(&mut self.bpf, names::DEDUPE)?;
         let keys: Vec<Key> = table.keys().filter_map(Result::ok).filter(|k| k.0.pod_cgroup_id == id).collect();
         for k in keys {
             let _ = table.remove(&k);
         }
+        Ok(())
+    }
+
+    fn level_of(&self, dir: &Path) -> Result<u32, LoadError> {
+        let cgroup_error = |source| LoadError::Cgroup { path: dir.to_path_buf(), source };
+        let relative = dir.strip_prefix(&self.mount).map_err(|_| {
+            cgroup_error(io::Error::other(format!("not below the cgroup v2 mount {}", self.mount.display())))
+        })?;
+        let level = relative.components().count() as u32;
+        if level >= MAX_LEVEL {
+            return Err(cgroup_error(io::Error::other(format!("deeper than level {MAX_LEVEL}"))));
+        }
+        Ok(level)
+    }
+
+    /// Stops reporting the cgroup `id` (a pod that ended).
+    pub fn unmonitor(&mut self, id: u64) -> Result<(), LoadError> {
+        // Its dedupe entries go too: the pipeline forgets the pod, and must not find them later.
+        self.forget_pod(id)?;
         self.monitored.remove(&id);
         self.write_config()
     }

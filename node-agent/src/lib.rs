@@ -11,11 +11,18 @@
 //!   cgroups nested below a container.
 //! - [`pipeline`]: records → named, attributed observations with exact call counts.
 //! - [`trace`]: `runwarden-agent trace`, every outbound call of one command, no Kubernetes.
+//! - [`agent`]: the cluster mode the DaemonSet runs: [`node`] (pods, cgroups, runs: what each
+//!   call means), [`report`] (Events), [`metrics`] (Prometheus and health), [`rbac`].
 
+pub mod agent;
 pub mod btf;
 pub mod cgroups;
 pub mod dns;
 pub mod ebpf;
 pub mod events;
+pub mod metrics;
+pub mod node;
 pub mod pipeline;
+pub mod rbac;
+pub mod report;
 pub mod trace;

@@ -20,68 +20,37 @@ use crate::ebpf::{self, LoadError, Options, Probes};
 use crate::pipeline::{Observation, Pipeline, PipelineConfig};
 
 /// What to trace and how to print it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+#[command(
+    about = "Print every outbound call (TCP and UDP, IPv4 and IPv6) of COMMAND and its children, or of the \
+             processes in an existing cgroup v2 tree until interrupted, with the host name each address \
+             was answered for. Needs root (or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN) and a cgroup v2 mount.",
+    override_usage = "runwarden-agent trace [--json] [--dedupe-window SECONDS] -- COMMAND [ARGS...]\n       \
+                      runwarden-agent trace [--json] [--dedupe-window SECONDS] --cgroup PATH"
+)]
 pub struct Args {
-    /// One JSON object per line instead of a table.
+    /// One JSON object per call on stdout: time, pid, process, executable, ip, port, proto,
+    /// host (null when no DNS answer named the address), hosts, hook.
+    #[arg(long)]
     pub json: bool,
-    /// Trace this existing cgroup tree (until interrupted) instead of running a command.
+    /// Trace an existing cgroup (absolute, or relative to the cgroup v2 mount) until interrupted.
+    #[arg(long, value_name = "PATH", conflicts_with = "command")]
     pub cgroup: Option<PathBuf>,
-    /// The command and its arguments.
-    pub command: Vec<String>,
-    /// The kernel's dedupe window; zero reports every call.
+    /// Repeated calls to one destination within SECONDS are counted, not printed (0 prints
+    /// every call); the summary on stderr has exact counts.
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = parse_window)]
     pub dedupe_window: Duration,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
-/// Usage text.
-pub const USAGE: &str = "\
-usage: runwarden-agent trace [--json] [--dedupe-window SECONDS] -- COMMAND [ARGS...]
-       runwarden-agent trace [--json] [--dedupe-window SECONDS] --cgroup PATH
-
-Prints every outbound call (TCP and UDP, IPv4 and IPv6) of COMMAND and its children, or of the
-processes in the cgroup v2 tree PATH until interrupted, with the host name each address was
-answered for. Needs root (or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN) and a cgroup v2 mount.
-
-  --json                one JSON object per call on stdout: time, pid, process, executable,
-                        ip, port, proto, host (null when no DNS answer named the address),
-                        hosts, hook
-  --dedupe-window SECS  repeated calls to one destination within SECS are counted, not printed
-                        (default 1; 0 prints every call); the summary on stderr has exact counts
-  --cgroup PATH         trace an existing cgroup (absolute, or relative to the cgroup v2 mount)
-";
-
-/// Parses the arguments after `trace`.
-pub fn parse_args(args: &[String]) -> Result<Args, String> {
-    let mut parsed = Args { json: false, cgroup: None, command: Vec::new(), dedupe_window: Duration::from_secs(1) };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--json" => parsed.json = true,
-            "--cgroup" => parsed.cgroup = Some(it.next().ok_or("--cgroup needs a path")?.into()),
-            "--dedupe-window" => {
-                let v = it.next().ok_or("--dedupe-window needs a number of seconds")?;
-                let secs: f64 = v.parse().map_err(|_| format!("--dedupe-window: `{v}` is not a number of seconds"))?;
-                if !(0.0..=3600.0).contains(&secs) {
-                    return Err("--dedupe-window: between 0 and 3600 seconds".into());
-                }
-                parsed.dedupe_window = Duration::from_secs_f64(secs);
-            }
-            "--" => {
-                parsed.command = it.cloned().collect();
-                break;
-            }
-            "-h" | "--help" => return Err(String::new()),
-            other if other.starts_with('-') => return Err(format!("unknown option {other}")),
-            _ => {
-                parsed.command = std::iter::once(arg.clone()).chain(it.cloned()).collect();
-                break;
-            }
-        }
+fn parse_window(v: &str) -> Result<Duration, String> {
+    let secs: f64 = v.parse().map_err(|_| format!("`{v}` is not a number of seconds"))?;
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err("between 0 and 3600 seconds".into());
     }
-    match (&parsed.cgroup, parsed.command.is_empty()) {
-        (Some(_), false) => Err("give either --cgroup PATH or a command, not both".into()),
-        (None, true) => Err("nothing to trace: give a command after `--`, or --cgroup PATH".into()),
-        _ => Ok(parsed),
-    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Why tracing failed.
@@ -219,7 +188,7 @@ fn futures_poll(fut: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()
     fut.as_mut().poll(&mut cx).is_ready()
 }
 
-async fn interrupted() {
+pub(crate) async fn interrupted() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
         return std::future::pending().await;

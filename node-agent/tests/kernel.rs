@@ -342,7 +342,7 @@ fn trace_explains_what_is_wrong() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to trace"));
     let out =
         std::process::Command::new(bin).args(["trace", "--cgroup", "/nonexistent", "--", "true"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(2), "a cgroup and a command: {}", String::from_utf8_lossy(&out.stderr));
     let out = std::process::Command::new(bin).args(["trace", "--cgroup", "/tmp"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a cgroup v2 directory"));

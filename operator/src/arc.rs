@@ -9,10 +9,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Label ARC puts on runner pods: the scale set's name.
-pub const SCALE_SET_LABEL: &str = "actions.github.com/scale-set-name";
-/// Label ARC's Kubernetes container hooks put on container-mode job pods: the runner pod's name.
-pub const RUNNER_POD_LABEL: &str = "runner-pod";
+pub use runwarden_crds::identity::{RUNNER_POD_LABEL, SCALE_SET_LABEL};
 
 /// One ephemeral runner (one runner pod) of an ARC scale set.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -14,9 +14,9 @@
 //! - [`rbac`]: the permissions the operator uses, as data; [`preflight`] checks them at start.
 
 pub mod arc;
+pub use runwarden_crds::identity;
 pub mod baselines;
 pub mod daemonset;
-pub mod identity;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;

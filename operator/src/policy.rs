@@ -23,12 +23,13 @@ use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
+use runwarden_crds::policy::glob_match;
 use runwarden_crds::{Condition, ConditionStatus, EgressPolicy, RunnerSelector};
 use serde_json::json;
 use tracing::warn;
 
 use crate::arc::SCALE_SET_LABEL;
-use crate::identity::{MONITOR_LABEL, annotations};
+use crate::identity::MONITOR_LABEL;
 use crate::metrics::Metrics;
 use crate::{Error, FIELD_MANAGER, Result, instrumented, record_event};
 
@@ -208,20 +209,10 @@ async fn matched_runners(client: &Client, ns: &str, policy: &EgressPolicy, store
         .collect();
     let count = runners
         .iter()
-        .filter(|pod| selects(&policy.spec.selector, pod))
-        .filter(|pod| !older.iter().any(|o| selects(&o.spec.selector, pod)))
+        .filter(|pod| policy.spec.selector.selects(&pod.metadata))
+        .filter(|pod| !older.iter().any(|o| o.spec.selector.selects(&pod.metadata)))
         .count();
     Ok(count as u32)
-}
-
-/// Whether `selector` selects the runner `pod`.
-pub fn selects(selector: &RunnerSelector, pod: &Pod) -> bool {
-    let any = |globs: &[String], value: Option<&String>| {
-        globs.is_empty() || value.is_some_and(|v| globs.iter().any(|g| glob_match(g, v)))
-    };
-    any(&selector.scale_sets, pod.labels().get(SCALE_SET_LABEL))
-        && any(&selector.repositories, pod.annotations().get(annotations::REPOSITORY))
-        && any(&selector.workflows, pod.annotations().get(annotations::WORKFLOW))
 }
 
 /// Whether two selectors can select the same runner: in every dimension, some pair of globs
@@ -231,26 +222,6 @@ pub fn selectors_overlap(a: &RunnerSelector, b: &RunnerSelector) -> bool {
         x.is_empty() || y.is_empty() || x.iter().any(|g| y.iter().any(|h| globs_intersect(g, h)))
     };
     dim(&a.scale_sets, &b.scale_sets) && dim(&a.repositories, &b.repositories) && dim(&a.workflows, &b.workflows)
-}
-
-/// `*` matches any run of characters; everything else matches itself.
-pub fn glob_match(glob: &str, value: &str) -> bool {
-    let parts: Vec<&str> = glob.split('*').collect();
-    if parts.len() == 1 {
-        return glob == value;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !value.starts_with(first) || !value[first.len()..].ends_with(last) || value.len() < first.len() + last.len() {
-        return false;
-    }
-    let mut rest = &value[first.len()..value.len() - last.len()];
-    for middle in &parts[1..parts.len() - 1] {
-        match rest.find(middle) {
-            Some(i) => rest = &rest[i + middle.len()..],
-            None => return false,
-        }
-    }
-    true
 }
 
 /// Whether some string matches both globs. Exact when either has at most one `*`; with more it
@@ -285,16 +256,6 @@ mod tests {
             repositories: repositories.iter().map(|s| s.to_string()).collect(),
             workflows: vec![],
         }
-    }
-
-    #[test]
-    fn globs_match_like_shell_stars() {
-        assert!(glob_match("acme/*", "acme/web"));
-        assert!(!glob_match("acme/*", "other/web"));
-        assert!(glob_match(".github/workflows/release-*.yml", ".github/workflows/release-npm.yml"));
-        assert!(glob_match("*-runners-*", "arc-runners-big"));
-        assert!(!glob_match("a*b*c", "acb"));
-        assert!(glob_match("exact", "exact"));
     }
 
     #[test]

@@ -1,12 +1,8 @@
 //! Checks at start that the cluster has what the operator needs, so a missing CRD or a
 //! missing permission is one clear log line and an exit code, not a crash loop of API errors.
 
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
-use kube::api::PostParams;
+use kube::Client;
 use kube::core::GroupVersionKind;
-use kube::{Api, Client};
-
-use crate::rbac::{CLUSTER, NAMESPACED, Permission};
 
 /// What is missing.
 #[derive(Debug, thiserror::Error)]
@@ -43,40 +39,6 @@ pub async fn check(client: &Client, namespace: &str) -> Result<(), PreflightErro
             return Err(PreflightError::MissingCrd(kind));
         }
     }
-    let mut missing = Vec::new();
-    let checks = CLUSTER.iter().map(|p| (p, None)).chain(NAMESPACED.iter().map(|p| (p, Some(namespace))));
-    for (p, ns) in checks {
-        for verb in p.verbs {
-            if !allowed(client, p, verb, ns).await? {
-                let group = if p.group.is_empty() { "core" } else { p.group };
-                let scope = ns.map(|n| format!(" in {n}")).unwrap_or_default();
-                missing.push(format!("{verb} {group}/{}{scope}", p.resource));
-            }
-        }
-    }
+    let missing = crate::rbac::RBAC.missing(client, namespace).await?;
     if missing.is_empty() { Ok(()) } else { Err(PreflightError::MissingPermissions(missing)) }
-}
-
-async fn allowed(client: &Client, p: &Permission, verb: &str, namespace: Option<&str>) -> Result<bool, kube::Error> {
-    let (resource, subresource) = match p.resource.split_once('/') {
-        Some((r, s)) => (r, Some(s.to_string())),
-        None => (p.resource, None),
-    };
-    let review = SelfSubjectAccessReview {
-        spec: SelfSubjectAccessReviewSpec {
-            resource_attributes: Some(ResourceAttributes {
-                group: Some(p.group.to_string()),
-                resource: Some(resource.to_string()),
-                subresource,
-                verb: Some(verb.to_string()),
-                namespace: namespace.map(str::to_string),
-                ..ResourceAttributes::default()
-            }),
-            ..SelfSubjectAccessReviewSpec::default()
-        },
-        ..SelfSubjectAccessReview::default()
-    };
-    let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
-    let answer = api.create(&PostParams::default(), &review).await?;
-    Ok(answer.status.is_some_and(|s| s.allowed))
 }

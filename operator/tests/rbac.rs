@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
@@ -94,9 +94,24 @@ async fn the_operator_works_under_exactly_its_rbac() {
     let operator = as_service_account(&system, rbac::NAME).await;
     preflight::check(&operator, &system).await.expect("preflight passes under the shipped RBAC");
 
+    // The operator's Deployment, as the chart installs it: it owns the agent DaemonSet.
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "runwarden-operator"},
+        "spec": {"selector": {"matchLabels": {"app": "op"}},
+                 "template": {"metadata": {"labels": {"app": "op"}}, "spec": {"containers": [{"name": "op", "image": "op"}]}}}
+    }))
+    .unwrap();
+    let deployment = Api::<Deployment>::namespaced(admin.clone(), &system)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
     let config = Config {
         manage_agent: true,
-        agent: runwarden_operator::daemonset::AgentConfig { namespace: system.clone(), ..Default::default() },
+        agent: runwarden_operator::daemonset::AgentConfig {
+            namespace: system.clone(),
+            owner_deployment: Some("runwarden-operator".into()),
+            ..Default::default()
+        },
     };
     let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown = futures::FutureExt::shared(Box::pin(async move {
@@ -139,8 +154,9 @@ async fn the_operator_works_under_exactly_its_rbac() {
         done[1] = baselines.items.iter().any(|b| b.status.as_ref().is_some_and(|s| !s.conditions.is_empty()));
         let p = Api::<EgressPolicy>::namespaced(admin.clone(), &runners).get("audit").await.unwrap();
         done[2] = p.status.is_some_and(|s| s.conditions.iter().any(|c| c.reason == "SecretNotFound"));
-        done[3] =
-            Api::<DaemonSet>::namespaced(admin.clone(), &system).get_opt("runwarden-agent").await.unwrap().is_some();
+        let ds = Api::<DaemonSet>::namespaced(admin.clone(), &system).get_opt("runwarden-agent").await.unwrap();
+        // Owned by the operator's Deployment, so uninstalling the operator removes the agent.
+        done[3] = ds.is_some_and(|ds| ds.owner_references().iter().any(|o| o.uid == deployment.uid().unwrap()));
         let lease = Api::<Lease>::namespaced(admin.clone(), &system).get_opt("runwarden-operator").await.unwrap();
         done[4] = lease.and_then(|l| l.spec?.holder_identity).as_deref() == Some("operator-0");
         let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(admin.clone(), &runners);
@@ -158,7 +174,8 @@ async fn the_operator_works_under_exactly_its_rbac() {
     }
     assert_eq!(
         done, [true; 6],
-        "pod annotated, baseline created and reconciled, policy validated, DaemonSet applied, Lease held, Event recorded"
+        "pod annotated, baseline created and reconciled, policy validated, DaemonSet applied with its owner, Lease held, \
+         Event recorded"
     );
     assert!(!task.is_finished(), "the operator is still running: {:?}", task);
 }

@@ -24,7 +24,7 @@ use runwarden_crds::baseline::{
 };
 use runwarden_crds::{EndpointRule, Protocol};
 use runwarden_detector::model::{self, CHURN_WINDOW, Endpoint, Pattern};
-use runwarden_detector::{Approved, ApprovedRule, Baseline, Config, Mode, Phase, Proto, Severity, State};
+use runwarden_detector::{Approved, ApprovedRule, Baseline, Cluster, Config, Mode, Phase, Proto, Severity, State};
 
 // The model's bounds are the API's: what the detector keeps always fits the status.
 const _: () = assert!(model::MAX_PROCESSES == api::MAX_PROCESSES);
@@ -122,7 +122,8 @@ fn severity(s: Severity) -> runwarden_crds::Severity {
     }
 }
 
-fn model_severity(s: runwarden_crds::Severity) -> Severity {
+/// The detector's severity for the API's.
+pub fn model_severity(s: runwarden_crds::Severity) -> Severity {
     match s {
         runwarden_crds::Severity::Info => Severity::Info,
         runwarden_crds::Severity::Low => Severity::Low,
@@ -132,12 +133,37 @@ fn model_severity(s: runwarden_crds::Severity) -> Severity {
     }
 }
 
+/// A run id as the status stores it: the API keeps at most 32 characters (GitHub's run ids
+/// are numbers far shorter; a runner without ARC may have none and use a longer stand-in).
+fn stored_run_id(id: &str) -> String {
+    id.chars().take(api::MAX_RUN_ID).collect()
+}
+
 fn time(seconds: i64) -> Time {
     Time(Timestamp::from_second(seconds).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
 fn seconds(t: Option<&Time>) -> i64 {
     t.map_or(0, |t| t.0.as_second())
+}
+
+/// What the cluster's baselines know (the detector's [`Cluster`] context): every learned or
+/// approved host and every rotating family of each baseline. A baseline whose status does not
+/// read is skipped.
+pub fn cluster<'a>(baselines: impl IntoIterator<Item = &'a runwarden_crds::WorkflowBaseline>) -> Cluster {
+    let mut cluster = Cluster::default();
+    for b in baselines {
+        let Some(model) = b.status.as_ref().and_then(|s| read(s).ok()) else { continue };
+        for (host, endpoints) in &model.hosts {
+            if endpoints.iter().any(|e| e.state != State::Anomalous) {
+                cluster.add_host(&b.spec.repository, host);
+            }
+        }
+        for p in &model.patterns {
+            cluster.add_shape(&p.shape);
+        }
+    }
+    cluster
 }
 
 /// Writes the model `b` into `status`: phase, counts, endpoints, churn and trigger history.
@@ -183,9 +209,9 @@ fn endpoint_status(target: &str, e: &Endpoint) -> LearnedEndpoint {
         port: e.port,
         protocol: protocol(e.proto),
         runs_seen: e.runs_seen,
-        first_seen_run: Some(e.first_run.clone()),
+        first_seen_run: Some(stored_run_id(&e.first_run)),
         first_seen_time: Some(time(e.first_time)),
-        last_seen_run: Some(e.last_run.clone()),
+        last_seen_run: Some(stored_run_id(&e.last_run)),
         last_seen_time: Some(time(e.last_time)),
         last_seen_run_number: e.last_run_index,
         processes: e.processes.clone(),

@@ -10,7 +10,7 @@ use runwarden_crds::WorkflowBaseline;
 use runwarden_crds::baseline::{Anomaly, MAX_ANOMALIES_PER_RUN, MAX_REASONS, MAX_RECENT_RUNS, RunRecord};
 use runwarden_detector::{Call, Learned, Run, Severity, Verdict};
 
-use crate::{Error, config, read, severity, time, write};
+use crate::{Error, config, read, severity, stored_run_id, time, write};
 
 /// Attempts before a merge gives up on conflicts (each is one read and one write).
 pub const MAX_ATTEMPTS: usize = 32;
@@ -53,10 +53,10 @@ pub async fn merge_run(
     for _ in 0..MAX_ATTEMPTS {
         let mut obj = api.get_status(name).await?;
         let mut status = obj.status.take().unwrap_or_default();
-        let already = status
-            .recent_runs
-            .iter()
-            .any(|r| r.run_id == finished.run.id && r.runner.as_deref() == Some(finished.runner));
+        // Compared as stored: `recentRuns` keeps bounded ids.
+        let (run_id, runner) = (stored_run_id(finished.run.id), stored_runner(finished.runner));
+        let already =
+            status.recent_runs.iter().any(|r| r.run_id == run_id && r.runner.as_deref() == Some(runner.as_str()));
         if already {
             return Ok(None);
         }
@@ -102,8 +102,8 @@ fn record(finished: &FinishedRun<'_>, learned: &Learned, min_severity: Severity)
         })
         .collect();
     RunRecord {
-        run_id: finished.run.id.chars().take(32).collect(),
-        runner: Some(finished.runner.chars().take(63).collect()),
+        run_id: stored_run_id(finished.run.id),
+        runner: Some(stored_runner(finished.runner)),
         time: time(finished.run.time),
         trigger: Some(finished.run.trigger.chars().take(32).collect()),
         calls: finished.total_calls,
@@ -112,6 +112,11 @@ fn record(finished: &FinishedRun<'_>, learned: &Learned, min_severity: Severity)
         anomaly_count,
         anomalies,
     }
+}
+
+/// A runner name as `recentRuns` stores it (at most 63 characters).
+fn stored_runner(runner: &str) -> String {
+    runner.chars().take(63).collect()
 }
 
 fn endpoint_text(c: &Call<'_>) -> String {

@@ -25,17 +25,19 @@ async fn baseline(prefix: &str) -> (Client, Api<WorkflowBaseline>) {
 
 /// Runner `w`'s run `n`: the common host and one of its own.
 async fn merge(api: &Api<WorkflowBaseline>, w: usize, n: usize) -> bool {
+    merge_as(api, w, &format!("{}", 9000 + n), &format!("arc-runner-{w}"), n).await
+}
+
+async fn merge_as(api: &Api<WorkflowBaseline>, w: usize, id: &str, runner: &str, n: usize) -> bool {
     // Letters, not digits: digit-numbered siblings would fold into one rotating-name pattern.
     let own = format!("mirror-{}.example.org", char::from(b'a' + w as u8));
-    let id = format!("{}", 9000 + n);
-    let runner = format!("arc-runner-{w}");
     let calls = [
         (Call { host: Some("github.com"), ip: None, port: 443, proto: Proto::Tcp, process: Some("git") }, None),
         (Call { host: Some(&own), ip: None, port: 443, proto: Proto::Tcp, process: Some("curl") }, None),
     ];
     let finished = FinishedRun {
-        run: Run { id: &id, time: 1_767_225_600 + (n * 60) as i64, trigger: "push" },
-        runner: &runner,
+        run: Run { id, time: 1_767_225_600 + (n * 60) as i64, trigger: "push" },
+        runner,
         calls: &calls,
         total_calls: 7,
     };
@@ -77,4 +79,16 @@ async fn a_run_merged_twice_counts_once() {
     let status = api.get("acme-web-ci-test").await.unwrap().status.unwrap();
     assert_eq!(status.observed_runs, 2);
     assert_eq!(status.recent_runs[0].calls, 7);
+}
+
+#[tokio::test]
+async fn a_run_with_a_long_runner_name_merged_twice_counts_once() {
+    let (_client, api) = baseline("merge-long").await;
+    // ARC names runners `<scale set>-<hash>-runner-<suffix>`: long scale-set names pass 63.
+    let runner = format!("{}-7k2xq-runner-9fz4c", "a".repeat(70));
+    let run_id = "1".repeat(40);
+    assert!(merge_as(&api, 1, &run_id, &runner, 1).await);
+    assert!(!merge_as(&api, 1, &run_id, &runner, 1).await, "a retried merge is a no-op");
+    let status = api.get("acme-web-ci-test").await.unwrap().status.unwrap();
+    assert_eq!(status.observed_runs, 1);
 }

@@ -158,30 +158,11 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` into Unix seconds.
+/// Parses an RFC 3339 time (`2026-01-05T03:25:41Z`) into Unix seconds.
 fn parse_time(s: &str) -> anyhow::Result<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-        || !s.ends_with('Z')
-    {
-        bail!("expected RFC 3339 UTC time like 2026-01-05T03:25:41Z");
-    }
-    let num = |r: std::ops::Range<usize>| -> anyhow::Result<i64> { Ok(s[r].parse::<i64>()?) };
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    // Days from civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Ok(days * 86_400 + hh * 3600 + mm * 60 + ss)
+    let t: jiff::Timestamp =
+        s.parse().with_context(|| "expected an RFC 3339 time like 2026-01-05T03:25:41Z".to_string())?;
+    Ok(t.as_second())
 }
 
 #[cfg(test)]
@@ -190,6 +171,15 @@ mod tests {
     fn times_parse_to_unix_seconds() {
         assert_eq!(super::parse_time("1970-01-01T00:00:00Z").unwrap(), 0);
         assert_eq!(super::parse_time("2026-01-05T03:25:41Z").unwrap(), 1_767_583_541);
+        assert_eq!(super::parse_time("2026-01-05T04:25:41.250+01:00").unwrap(), 1_767_583_541);
         assert!(super::parse_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn non_ascii_times_are_an_error_not_a_panic() {
+        for t in ["2026-01-05T03:25:4\u{e9}Z", "2026-01-05T03:2\u{e9}:41Z", "\u{e9}\u{e9}\u{e9}\u{e9}-01-05T03:25:41Z"]
+        {
+            assert!(super::parse_time(t).is_err(), "{t}");
+        }
     }
 }

@@ -176,13 +176,27 @@ pub struct Config {
     /// Repeated calls from one cgroup to one destination within this window after an event
     /// are counted, not reported. 0 turns the dedupe off: every call is an event.
     pub dedupe_window_ns: u64,
+    /// cgroups whose children are pods (kubelet's `kubepods` and QoS cgroups), deepest first;
+    /// 0 ends the list. A caller below a child of one of them is reported under that child
+    /// unless the child is marked [`IGNORE`]: a pod the agent has not decided about yet is
+    /// reported from its first call (it cannot be missed), and the agent ignores it once it
+    /// knows it is not a runner.
+    pub pod_parents: [u64; MAX_POD_PARENTS],
+    /// The level of each of `pod_parents`.
+    pub pod_parent_levels: [u32; MAX_POD_PARENTS],
 }
+
+/// Most cgroups whose children are pods (`kubepods`, its `burstable` and `besteffort`).
+pub const MAX_POD_PARENTS: usize = 4;
 
 /// Deepest cgroup level the programs look at (the root is 0; kubelet's pod cgroups sit at 2-4).
 pub const MAX_LEVEL: u32 = 31;
 
 /// Value in the `MONITORED` map (key: a cgroup v2 id): report calls of this cgroup's tree.
 pub const MONITOR: u32 = 1;
+/// Value in the `MONITORED` map: a pod (child of one of [`Config::pod_parents`]) whose calls
+/// are not reported.
+pub const IGNORE: u32 = 2;
 
 /// Indexes of the per-CPU `STATS` array.
 pub mod stats {
@@ -208,7 +222,7 @@ pub mod stats {
 pub mod names {
     /// Ring buffer of [`super::CallEvent`] and [`super::DnsEvent`].
     pub const EVENTS: &str = "EVENTS";
-    /// cgroup id → [`super::MONITOR`].
+    /// cgroup id → [`super::MONITOR`] or [`super::IGNORE`].
     pub const MONITORED: &str = "MONITORED";
     /// One [`super::Config`].
     pub const CONFIG: &str = "CONFIG";
@@ -227,5 +241,5 @@ const _: () = assert!(core::mem::size_of::<DnsEvent>() == 56 + DNS_CAPTURE);
 const _: () = assert!(core::mem::size_of::<DedupeKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + EXEC_PATH);
 const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 16 + 12 * MAX_POD_PARENTS);
 const _: () = assert!(DNS_CAPTURE.is_power_of_two());

@@ -8,7 +8,9 @@
 //!
 //! Only callers below a cgroup in `MONITORED` produce anything: the programs look up the
 //! caller's ancestors at the levels `CONFIG.monitored_levels` names, so other workloads cost a
-//! few map lookups. Repeated calls from one cgroup to one destination within the dedupe window
+//! few map lookups. On a node, the pods below kubelet's `kubepods` cgroups (`CONFIG.pod_parents`)
+//! are reported unless marked `IGNORE`: a pod the agent has not classified yet is seen from its
+//! first call. Repeated calls from one cgroup to one destination within the dedupe window
 //! are counted in `DEDUPE`, not reported. Records are submitted without waking the reader (it
 //! polls) unless the ring buffer fills past a threshold; records that do not fit are counted in
 //! `STATS`. Every program lets the call go ahead.
@@ -35,8 +37,8 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
 use runwarden_ebpf_common::{
     CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ExecEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST,
-    HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_EXEC, MAX_LEVEL, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED,
-    stats,
+    HOOK_CONNECT, HOOK_SENDMSG, IGNORE, KIND_CALL, KIND_DNS, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP,
+    PROTO_UDP, VERDICT_ALLOWED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -70,15 +72,48 @@ fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or_default()
 }
 
-/// The monitored ancestor of a cgroup, given a way to read its ancestor id at a level.
+/// The monitored ancestor of a cgroup, given a way to read its ancestor id at a level: a
+/// cgroup marked [`MONITOR`] at one of `cfg.monitored_levels`, or else the pod (child of one of
+/// `cfg.pod_parents`) it belongs to, unless that pod is marked [`IGNORE`].
 #[inline(always)]
-fn monitored_ancestor(levels: u32, ancestor: impl Fn(i32) -> u64) -> Option<u64> {
+fn monitored_ancestor(cfg: &Config, ancestor: impl Fn(i32) -> u64) -> Option<u64> {
+    if let Some(id) = marked_ancestor(cfg.monitored_levels, &ancestor) {
+        return Some(id);
+    }
+    let mut i = 0;
+    while i < MAX_POD_PARENTS {
+        let parent = cfg.pod_parents[i];
+        if parent == 0 {
+            return None;
+        }
+        let level = cfg.pod_parent_levels[i];
+        if level < MAX_LEVEL && ancestor(level as i32) == parent {
+            // Zero when the caller is the parent itself (no pod).
+            let pod = ancestor(level as i32 + 1);
+            if pod == 0 {
+                return None;
+            }
+            return match MONITORED.get_ptr(pod) {
+                // SAFETY: a pointer into the map's element, valid for this program run.
+                Some(mark) if unsafe { *mark } == IGNORE => None,
+                _ => Some(pod),
+            };
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The ancestor marked [`MONITOR`] at one of `levels`.
+#[inline(always)]
+fn marked_ancestor(levels: u32, ancestor: &impl Fn(i32) -> u64) -> Option<u64> {
     let mut level = 0;
     // Stop past the deepest monitored level: pods sit at 2-4, so a few iterations.
     while level <= MAX_LEVEL && levels >> level != 0 {
         if levels & (1 << level) != 0 {
             let id = ancestor(level as i32);
-            if id != 0 && MONITORED.get_ptr(id).is_some() {
+            // SAFETY: a pointer into the map's element, valid for this program run.
+            if id != 0 && MONITORED.get_ptr(id).is_some_and(|mark| unsafe { *mark } == MONITOR) {
                 return Some(id);
             }
         }
@@ -91,7 +126,7 @@ fn monitored_ancestor(levels: u32, ancestor: impl Fn(i32) -> u64) -> Option<u64>
 #[inline(always)]
 fn current_pod(cfg: &Config) -> Option<u64> {
     // SAFETY: a helper without pointer arguments.
-    monitored_ancestor(cfg.monitored_levels, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })
+    monitored_ancestor(cfg, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })
 }
 
 #[inline(always)]
@@ -260,7 +295,7 @@ fn peek<const N: usize>(data: usize, end: usize, offset: usize) -> Option<[u8; N
 #[inline(always)]
 fn on_packet(ctx: &SkBuffContext) -> Option<()> {
     let cfg = config();
-    if cfg.monitored_levels == 0 {
+    if cfg.monitored_levels == 0 && cfg.pod_parents[0] == 0 {
         return None;
     }
     let skb = ctx.skb.skb;
@@ -295,7 +330,7 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
         return None;
     }
     // SAFETY: the skb pointer the kernel passed in.
-    let pod = monitored_ancestor(cfg.monitored_levels, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;
+    let pod = monitored_ancestor(&cfg, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;
     let offset = udp + 8;
     let length = (ctx.len() as usize).checked_sub(offset)?;
     if length == 0 {
@@ -348,7 +383,7 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn on_exec(ctx: &BtfTracePointContext) -> Option<()> {
     let cfg = config();
-    if cfg.monitored_levels == 0 || cfg.exec_filename_offset == 0 {
+    if (cfg.monitored_levels == 0 && cfg.pod_parents[0] == 0) || cfg.exec_filename_offset == 0 {
         return None;
     }
     let pod = current_pod(&cfg)?;

@@ -1,6 +1,7 @@
 //! Which workflow job a runner pod runs: read from ARC's `EphemeralRunner` status (or from a
 //! user's annotations on non-ARC runner pods), normalised into the key a `WorkflowBaseline` is
-//! stored under, and written back to the pods as annotations the node agent reads.
+//! stored under, and written back to the pods as annotations the node agent reads. The operator
+//! writes these annotations and the node agent reads them: this module is their contract.
 //!
 //! Normalisation rules (documented for users in README):
 //! - `repository` is `jobRepositoryName` (`owner/name`), never ARC's scale-set label.
@@ -31,6 +32,10 @@ pub mod annotations {
 
 /// Label users put on runner pods that ARC does not manage, with the identity annotations.
 pub const MONITOR_LABEL: &str = "runwarden.dev/monitor";
+/// Label ARC puts on runner pods: the scale set's name.
+pub const SCALE_SET_LABEL: &str = "actions.github.com/scale-set-name";
+/// Label ARC's Kubernetes container hooks put on container-mode job pods: the runner pod's name.
+pub const RUNNER_POD_LABEL: &str = "runner-pod";
 
 /// The job a runner runs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

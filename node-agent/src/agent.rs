@@ -1,0 +1,672 @@
+//! The agent's cluster mode (what the DaemonSet runs): the kernel programs attached at the
+//! node's cgroup v2 root, every pod below kubelet's `kubepods` cgroups reported from its first
+//! call until it is known not to be a runner, this node's pods watched (metadata only), each
+//! new (run, destination) scored against the job's `WorkflowBaseline` and the cluster's, an
+//! `AnomalousEgress` Event when it reaches the policy's minimum severity, and the run merged
+//! into the baseline when its pod goes.
+//!
+//! Nothing is lost across restarts and API outages: runs in progress and finished runs not yet
+//! merged live in `--state-dir` (`runs/`, `finished/`), rewritten at most every second; a
+//! restarted agent resumes them, and merges are retried until the API server takes them.
+//!
+//! No blind start: the kernel reports any pod below `kubepods` that the agent has not marked
+//! as ignored, so a runner's first process (init containers included) is seen even before the
+//! agent has read the pod from the API; those calls are held until the pod is known.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef as StoreRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use runwarden_crds::identity::{SCALE_SET_LABEL, annotations};
+use runwarden_crds::{EgressPolicy, WorkflowBaseline};
+use runwarden_detector::{Cluster, Severity, Verdict};
+use runwarden_status::merge::{FinishedRun, MergeError, merge_run};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::cgroups;
+use crate::ebpf::{LoadError, Options, Probes};
+use crate::metrics::{Kind, Metrics, ResultLabel, VerdictLabel};
+use crate::node::{Action, Destination, Job, Node, ObjectRef, PodInfo, Run, Scorer};
+use crate::pipeline::{Pipeline, PipelineConfig, since_boot};
+use crate::report::{Report, ReportConfig, Reporter};
+
+/// The flags of the agent's cluster mode (the DaemonSet's container args).
+#[derive(clap::Args, Clone, Debug)]
+pub struct AgentArgs {
+    /// The host's cgroup mount as this container sees it (a hostPath of /sys/fs/cgroup). Its
+    /// cgroup v2 hierarchy is used: the directory itself, or its `unified` child on hybrid hosts.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// kubelet's pod cgroup tree, relative to the cgroup v2 root (`kubepods`,
+    /// `kubepods.slice`); found by looking when not given.
+    #[arg(long, env = "RUNWARDEN_KUBEPODS_CGROUP")]
+    pub kubepods_cgroup: Option<PathBuf>,
+    /// Port of /metrics, /healthz and /readyz (all addresses).
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Directory for runs in progress and runs not yet merged (a hostPath: survives restarts).
+    #[arg(long, default_value = "/var/lib/runwarden")]
+    pub state_dir: PathBuf,
+    /// This node's name (the DaemonSet sets it from spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Repeated calls to one destination within this many seconds are counted in the kernel,
+    /// not reported one by one.
+    #[arg(long, default_value_t = 1.0)]
+    pub dedupe_window: f64,
+    /// New AnomalousEgress Events per second (sustained; bursts of ten times as many).
+    #[arg(long, default_value_t = 10.0)]
+    pub events_per_second: f64,
+    /// Logs as JSON lines.
+    #[arg(long)]
+    pub json_logs: bool,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The programs could not be loaded or attached.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// No cgroup v2 hierarchy at `--cgroup-root`.
+    #[error(
+        "{0}: no cgroup v2 hierarchy here or in its `unified` child; mount the host's /sys/fs/cgroup (hostPath) and pass it as --cgroup-root"
+    )]
+    NoCgroup2(PathBuf),
+    /// The state directory is not usable.
+    #[error("--state-dir {0}: {1}")]
+    StateDir(PathBuf, std::io::Error),
+    /// The metrics port.
+    #[error("--metrics-port {0}: {1}")]
+    Listen(u16, std::io::Error),
+    /// No in-cluster configuration or kubeconfig.
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+    /// Missing permissions.
+    #[error("the agent lacks permissions: {}; apply node-agent/rbac.yaml (or the Helm chart's RBAC)", .0.join(", "))]
+    MissingPermissions(Vec<String>),
+}
+
+impl AgentError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::MissingPermissions(_) => 3,
+            AgentError::Client(_) => 4,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs in progress and finished runs not yet merged, one JSON file each.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    runs: PathBuf,
+    finished: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creates) the state directory.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        let (runs, finished) = (dir.join("runs"), dir.join("finished"));
+        std::fs::create_dir_all(&runs)?;
+        std::fs::create_dir_all(&finished)?;
+        Ok(Self { runs, finished })
+    }
+
+    fn write(dir: &Path, uid: &str, run: &Run) -> std::io::Result<()> {
+        let tmp = dir.join(format!(".{uid}.json.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(run).map_err(std::io::Error::other)?)?;
+        std::fs::rename(tmp, dir.join(format!("{uid}.json")))
+    }
+
+    fn read_all(dir: &Path) -> Vec<Run> {
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Run>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(run) => out.push(run),
+                // Kept for a person to look at; never silently deleted.
+                Err(e) => warn!(file = %path.display(), error = %e, "a state file could not be read; left in place"),
+            }
+        }
+        out
+    }
+
+    /// Runs in progress saved before a restart.
+    pub fn runs(&self) -> Vec<Run> {
+        Self::read_all(&self.runs)
+    }
+
+    /// Finished runs not yet merged.
+    pub fn finished(&self) -> Vec<Run> {
+        Self::read_all(&self.finished)
+    }
+
+    /// Saves a run in progress (or removes it when it ended).
+    pub fn save(&self, uid: &str, run: Option<&Run>) -> std::io::Result<()> {
+        match run {
+            Some(run) => Self::write(&self.runs, uid, run),
+            None => match std::fs::remove_file(self.runs.join(format!("{uid}.json"))) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Keeps a finished run until it is merged (written before its in-progress file goes).
+    pub fn finish(&self, run: &Run) -> std::io::Result<()> {
+        Self::write(&self.finished, &run.pod.uid, run)?;
+        self.save(&run.pod.uid, None)
+    }
+
+    /// Forgets a merged run.
+    pub fn merged(&self, uid: &str) {
+        let _ = std::fs::remove_file(self.finished.join(format!("{uid}.json")));
+    }
+}
+
+/// A baseline's model and the resourceVersion it was read from.
+type ParsedModel = (Option<String>, Arc<runwarden_detector::Baseline>);
+
+/// Scores with the baseline and policy caches.
+struct Caches {
+    baselines: Store<WorkflowBaseline>,
+    policies: Store<EgressPolicy>,
+    cluster: Cluster,
+    cluster_built: Option<Instant>,
+    /// Parsed models by (namespace, name), with the resourceVersion they were read from.
+    models: std::cell::RefCell<HashMap<(String, String), ParsedModel>>,
+}
+
+impl Caches {
+    /// Rebuilds the cluster context at most every five seconds.
+    fn refresh(&mut self) {
+        if self.cluster_built.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+            let all = self.baselines.state();
+            self.cluster = runwarden_status::cluster(all.iter().map(|b| b.as_ref()));
+            self.cluster_built = Some(Instant::now());
+        }
+    }
+}
+
+/// The least severity the policy that applies to the pod reports (`None`: reporting is off).
+fn min_severity(
+    policies: &Store<EgressPolicy>,
+    pod: &ObjectRef,
+    scale_set: Option<&str>,
+    job: &Job,
+) -> Option<Severity> {
+    let meta = ObjectMeta {
+        namespace: Some(pod.namespace.clone()),
+        labels: scale_set.map(|s| [(SCALE_SET_LABEL.to_string(), s.to_string())].into()),
+        annotations: Some(
+            [
+                (annotations::REPOSITORY.to_string(), job.repository.clone()),
+                (annotations::WORKFLOW.to_string(), job.workflow.clone()),
+            ]
+            .into(),
+        ),
+        ..ObjectMeta::default()
+    };
+    let policies = policies.state();
+    match runwarden_crds::policy::applicable(policies.iter().map(|p| p.as_ref()), &meta) {
+        Some(p) if !p.spec.anomaly_detection.enabled => None,
+        Some(p) => Some(runwarden_status::model_severity(p.spec.anomaly_detection.min_severity)),
+        // No policy: anomalies are reported at Medium.
+        None => Some(Severity::Medium),
+    }
+}
+
+impl Scorer for Caches {
+    fn min_severity(&self, pod: &ObjectRef, scale_set: Option<&str>, job: &Job) -> Option<Severity> {
+        min_severity(&self.policies, pod, scale_set, job)
+    }
+
+    fn score(&self, namespace: &str, job: &Job, started: i64, dest: &Destination) -> Option<Verdict> {
+        let found = self.baselines.get(&StoreRef::new(&job.baseline).within(namespace));
+        let spec_default;
+        let (spec, model) = match &found {
+            Some(b) => {
+                let key = (namespace.to_string(), job.baseline.clone());
+                let version = b.metadata.resource_version.clone();
+                let mut models = self.models.borrow_mut();
+                let model = match models.get(&key) {
+                    Some((v, m)) if *v == version => m.clone(),
+                    _ => {
+                        let m = Arc::new(
+                            b.status.as_ref().and_then(|s| runwarden_status::read(s).ok()).unwrap_or_default(),
+                        );
+                        models.insert(key, (version, m.clone()));
+                        m
+                    }
+                };
+                (&b.spec, model)
+            }
+            // The operator creates the baseline when the job is known; until it is there, the
+            // job's baseline is empty (young: scored as such).
+            None => {
+                spec_default = serde_json::from_value(serde_json::json!({
+                    "repository": job.repository, "workflow": job.workflow, "job": job.job
+                }))
+                .ok()?;
+                (&spec_default, Arc::new(runwarden_detector::Baseline::default()))
+            }
+        };
+        let config = runwarden_status::config(spec, Severity::Medium).ok()?;
+        let run = runwarden_detector::Run { id: &job.run_id, time: started, trigger: TRIGGER };
+        let scored = runwarden_detector::Job {
+            repository: &job.repository,
+            baseline: &model,
+            config: &config,
+            cluster: &self.cluster,
+        };
+        scored.score(&run, &dest.call())
+    }
+}
+
+/// Least time between two scans of the pod cgroups.
+const MIN_SCAN_GAP: Duration = Duration::from_millis(20);
+
+/// The trigger of runs: ARC does not say which event started a job, so every run has the same.
+pub const TRIGGER: &str = "unknown";
+
+/// Runs the agent until SIGTERM.
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    let node_name = args.node_name.clone().unwrap_or_default();
+    let metrics = Arc::new(Metrics::default());
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", args.metrics_port))
+        .await
+        .map_err(|e| AgentError::Listen(args.metrics_port, e))?;
+    tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+
+    let mount =
+        cgroups::cgroup2_root(&args.cgroup_root).ok_or_else(|| AgentError::NoCgroup2(args.cgroup_root.clone()))?;
+    let state = StateDir::open(&args.state_dir).map_err(|e| AgentError::StateDir(args.state_dir.clone(), e))?;
+    let client = Client::try_default().await?;
+    let missing = crate::rbac::RBAC.missing(&client, "").await?;
+    if !missing.is_empty() {
+        return Err(AgentError::MissingPermissions(missing));
+    }
+
+    let dedupe_window = Duration::from_secs_f64(args.dedupe_window.clamp(0.0, 3600.0));
+    let mut probes = Probes::load(&Options { mount: mount.clone(), attach: mount.clone(), dedupe_window })?;
+    let mut reader = probes.reader()?;
+    let mut parents = cgroups::pod_parents(&mount, args.kubepods_cgroup.as_deref());
+    if !parents.is_empty() {
+        probes.watch_pods(&parents)?;
+    }
+    info!(cgroup2 = %mount.display(), pod_parents = ?parents, exec_paths = probes.exec_paths(), "programs attached");
+
+    // Caches of baselines and policies (all namespaces), and this node's pods.
+    let (baselines, baseline_writer) = reflector::store();
+    let (policies, policy_writer) = reflector::store();
+    let bl = reflector::reflector(
+        baseline_writer,
+        watcher(Api::<WorkflowBaseline>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pl = reflector::reflector(
+        policy_writer,
+        watcher(Api::<EgressPolicy>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    tokio::spawn(async move {
+        let mut bl = std::pin::pin!(bl);
+        while let Some(r) = bl.next().await {
+            if let Err(e) = r {
+                warn!(error = %e, "watching WorkflowBaselines failed; retrying");
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut pl = std::pin::pin!(pl);
+        while let Some(r) = pl.next().await {
+            if let Err(e) = r {
+                warn!(error = %e, "watching EgressPolicies failed; retrying");
+            }
+        }
+    });
+    let caches_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (b, p, ready) = (baselines.clone(), policies.clone(), caches_ready.clone());
+        tokio::spawn(async move {
+            if b.wait_until_ready().await.is_ok() && p.wait_until_ready().await.is_ok() {
+                ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    let (pod_tx, mut pod_rx) = mpsc::channel(1024);
+    let pods_node = node_name.clone();
+    let pods_client = client.clone();
+    tokio::spawn(async move {
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={pods_node}"));
+        let pods = watcher(Api::<PartialObjectMeta<Pod>>::all(pods_client), config).default_backoff();
+        let mut pods = std::pin::pin!(pods);
+        while let Some(event) = pods.next().await {
+            match event {
+                Ok(e) => {
+                    if pod_tx.send(e).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(error = %e, "watching this node's pods failed; retrying"),
+            }
+        }
+    });
+
+    // Reporter and merger tasks.
+    let (report_tx, mut report_rx) = mpsc::channel::<Report>(10_000);
+    let mut reporter = Reporter::new(
+        client.clone(),
+        &node_name,
+        ReportConfig { per_second: args.events_per_second, burst: args.events_per_second * 10.0 },
+        metrics.clone(),
+    );
+    tokio::spawn(async move {
+        while let Some(r) = report_rx.recv().await {
+            reporter.report(&r).await;
+        }
+    });
+    let (merge_tx, merge_rx) = mpsc::unbounded_channel::<Run>();
+    for run in state.finished() {
+        let _ = merge_tx.send(run);
+    }
+    tokio::spawn(merger(client.clone(), merge_rx, state.clone(), policies.clone(), metrics.clone()));
+
+    let mut node = Node::default();
+    node.restore(state.runs());
+    let mut caches = Caches {
+        baselines: baselines.clone(),
+        policies: policies.clone(),
+        cluster: Cluster::default(),
+        cluster_built: None,
+        models: Default::default(),
+    };
+    let mut pipeline = Pipeline::new(PipelineConfig::default());
+    let mut shutdown = std::pin::pin!(crate::trace::interrupted());
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut last_scan: Option<Instant> = None;
+    let mut pods_synced = false;
+    let mut observations = Vec::new();
+    let mut pod_events = Vec::new();
+    loop {
+        let mut tick = false;
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = reader.drain(|bytes| observations.extend(pipeline.record(bytes))) => {}
+            Some(e) = pod_rx.recv() => pod_events.push(e),
+            _ = housekeeping.tick() => tick = true,
+        }
+        caches.refresh();
+        let mut actions = Vec::new();
+        for e in pod_events.drain(..) {
+            match e {
+                watcher::Event::Apply(m) | watcher::Event::InitApply(m) => {
+                    if let Some(info) = PodInfo::from_meta(&m.metadata) {
+                        actions.extend(node.pod(info, &caches));
+                    }
+                }
+                watcher::Event::Delete(m) => {
+                    if let Some(uid) = m.metadata.uid.as_deref() {
+                        actions.extend(node.pod_deleted(uid));
+                    }
+                }
+                watcher::Event::InitDone => {
+                    pods_synced = true;
+                    actions.extend(node.synced(&caches));
+                    actions.push(Action::Rescan);
+                }
+                watcher::Event::Init => {}
+            }
+        }
+        for o in observations.drain(..) {
+            actions.extend(node.observe(o, &caches));
+        }
+        if tick {
+            // kubelet may make its pod cgroups after the agent started (a fresh node).
+            if parents.is_empty() {
+                parents = cgroups::pod_parents(&mount, args.kubepods_cgroup.as_deref());
+                if !parents.is_empty() {
+                    probes.watch_pods(&parents)?;
+                    info!(pod_parents = ?parents, "kubelet's pod cgroups found");
+                }
+            }
+            if last_scan.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                actions.push(Action::Rescan);
+            }
+        }
+        let mut actions = std::collections::VecDeque::from(actions);
+        let mut rescan = false;
+        loop {
+            let Some(action) = actions.pop_front() else {
+                // A scan attributes what waited for its cgroup: its actions come after.
+                if !std::mem::take(&mut rescan) || last_scan.is_some_and(|t| t.elapsed() < MIN_SCAN_GAP) {
+                    break;
+                }
+                last_scan = Some(Instant::now());
+                let found: HashMap<u64, String> =
+                    cgroups::pod_dirs(&mount, &parents).into_iter().map(|d| (d.id, d.pod_uid)).collect();
+                let (gone, more) = node.cgroups(found, &caches);
+                for id in gone {
+                    let _ = probes.forget_pod(id);
+                    pipeline.forget_pod(id);
+                }
+                actions.extend(more);
+                continue;
+            };
+            match action {
+                Action::Rescan => rescan = true,
+                Action::Ignore(id) => {
+                    if let Err(e) = probes.ignore_pod(id) {
+                        warn!(cgroup = id, error = %e, "could not mark a pod cgroup ignored");
+                    }
+                    pipeline.forget_pod(id);
+                }
+                Action::Report { run, key, seen, repeat } => {
+                    if !repeat && let Some(d) = run.destinations.get(&key) {
+                        log_anomaly(&run, d, &metrics);
+                    }
+                    if report_tx.try_send(Report { run, key, seen, repeat }).is_err() {
+                        metrics.events.get_or_create(&ResultLabel { result: "rate_limited" }).inc();
+                    }
+                }
+                Action::Finished(run) => {
+                    let mut run = *run;
+                    let cgroup_ids = node.cgroups_of(&run.pod.uid);
+                    run.total_calls = exact_calls(&pipeline, &cgroup_ids, &run);
+                    for id in cgroup_ids {
+                        pipeline.forget_pod(id);
+                    }
+                    if let Err(e) = state.finish(&run) {
+                        error!(error = %e, "could not keep a finished run in the state directory; merging from memory");
+                    }
+                    info!(pod = %run.pod.name, namespace = %run.pod.namespace, destinations = run.destinations.len(), "run ended");
+                    let _ = merge_tx.send(run);
+                }
+            }
+        }
+        for (uid, run) in node.take_dirty() {
+            if let Err(e) = state.save(&uid, run.as_ref()) {
+                warn!(pod_uid = %uid, error = %e, "could not save a run in the state directory");
+            }
+        }
+        if tick {
+            // Count exactly what the kernel folded, recover records lost to a full ring buffer.
+            if let Ok(table) = probes.dedupe_table() {
+                let read_up_to = since_boot().as_nanos() as u64;
+                for o in pipeline.totals(&table, read_up_to) {
+                    for a in node.observe(o, &caches) {
+                        if let Action::Ignore(id) = a {
+                            let _ = probes.ignore_pod(id);
+                        }
+                    }
+                }
+            }
+            record_gauges(&metrics, &node, &pipeline, &probes);
+            metrics.set_ready(pods_synced && caches_ready.load(std::sync::atomic::Ordering::Relaxed));
+        }
+    }
+    info!("stopping: saving runs in progress");
+    for run in node.runs() {
+        let _ = state.save(&run.pod.uid, Some(run));
+    }
+    Ok(())
+}
+
+/// The run's calls in all, repeats included: the pipeline's exact counts of its pods' cgroups,
+/// or the calls the run itself counted when the pipeline no longer has them (a restart).
+fn exact_calls(pipeline: &Pipeline, cgroups: &[u64], run: &Run) -> u64 {
+    let counted: u64 =
+        pipeline.calls().iter().filter(|c| cgroups.contains(&c.last.pod_cgroup_id)).map(|c| c.calls).sum();
+    counted.max(run.destinations.values().map(|d| d.calls).sum())
+}
+
+fn log_anomaly(run: &Run, d: &Destination, metrics: &Metrics) {
+    let severity = d.verdict.as_ref().map_or(Severity::Info, |v| v.severity);
+    metrics.anomalies.get_or_create(&crate::metrics::SeverityLabel { severity: severity_name(severity) }).inc();
+    metrics.calls.get_or_create(&VerdictLabel { verdict: "anomalous" }).inc();
+    let job = run.job.as_ref();
+    warn!(
+        reason = crate::report::REASON,
+        namespace = %run.pod.namespace,
+        pod = %run.pod.name,
+        runner = run.runner.as_ref().map(|r| r.name.as_str()),
+        repository = job.map(|j| j.repository.as_str()),
+        workflow = job.map(|j| j.workflow.as_str()),
+        job = job.map(|j| j.job.as_str()),
+        run_id = job.map(|j| j.run_id.as_str()),
+        dest = %d.text(),
+        process = d.processes.first().map(String::as_str),
+        executable = d.executables.first().map(String::as_str),
+        severity = severity_name(severity),
+        reasons = ?d.verdict.as_ref().map(|v| &v.reasons),
+        "anomalous egress"
+    );
+}
+
+/// `info` ... `critical`.
+pub fn severity_name(s: Severity) -> &'static str {
+    match s {
+        Severity::Info => "info",
+        Severity::Low => "low",
+        Severity::Medium => "medium",
+        Severity::High => "high",
+        Severity::Critical => "critical",
+    }
+}
+
+fn record_gauges(metrics: &Metrics, node: &Node, pipeline: &Pipeline, probes: &Probes) {
+    metrics.pods_monitored.set(node.monitored_pods() as i64);
+    metrics.runs_in_progress.set(node.runs().count() as i64);
+    metrics.held.set(node.held() as i64);
+    let stats = pipeline.stats();
+    for (result, n) in [
+        ("parsed", stats.dns_answers - stats.malformed_dns - stats.unsolicited_dns),
+        ("malformed", stats.malformed_dns),
+        ("unsolicited", stats.unsolicited_dns),
+    ] {
+        metrics.dns_answers.get_or_create(&ResultLabel { result }).set(n as i64);
+    }
+    if let Ok(k) = probes.stats() {
+        for (kind, n) in [("call", k.lost_calls), ("dns", k.lost_dns), ("exec", k.lost_exec)] {
+            metrics.kernel_lost.get_or_create(&Kind { kind }).set(n as i64);
+        }
+    }
+    let unattributed = metrics.unattributed.get();
+    if node.unattributed > unattributed {
+        metrics.unattributed.inc_by(node.unattributed - unattributed);
+    }
+}
+
+/// Merges finished runs into their baselines, retrying (every ten seconds) what the API server
+/// did not take: it is unreachable, the baseline does not exist yet, or writers kept conflicting.
+async fn merger(
+    client: Client,
+    mut rx: mpsc::UnboundedReceiver<Run>,
+    state: StateDir,
+    policies: Store<EgressPolicy>,
+    metrics: Arc<Metrics>,
+) {
+    let mut waiting: Vec<Run> = Vec::new();
+    let mut retry = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Some(run) => waiting.push(run),
+                None => return,
+            },
+            _ = retry.tick() => {}
+        }
+        let mut still = Vec::new();
+        for run in waiting.drain(..) {
+            let count = |result| metrics.merges.get_or_create(&ResultLabel { result }).inc();
+            let Some(job) = run.job.clone() else {
+                // Ended before its job was known: reported under the scale set, not merged.
+                metrics.unattributed_runs.inc();
+                warn!(
+                    namespace = %run.pod.namespace, pod = %run.pod.name, scale_set = run.scale_set.as_deref(),
+                    destinations = ?run.destinations.values().map(Destination::text).collect::<Vec<_>>(),
+                    "a runner ended before its job was known: its calls are reported under its scale set and not learned"
+                );
+                state.merged(&run.pod.uid);
+                continue;
+            };
+            // Reporting off: nothing the run saw counts as reported.
+            let min = min_severity(&policies, &run.pod, run.scale_set.as_deref(), &job).unwrap_or(Severity::Critical);
+            let calls: Vec<(runwarden_detector::Call<'_>, Option<Verdict>)> =
+                run.destinations.values().map(|d| (d.call(), d.verdict.clone())).collect();
+            let finished = FinishedRun {
+                run: runwarden_detector::Run { id: &job.run_id, time: run.started, trigger: TRIGGER },
+                runner: &run.pod.name,
+                calls: &calls,
+                total_calls: run.total_calls.min(u64::from(u32::MAX)) as u32,
+            };
+            let api: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &run.pod.namespace);
+            match merge_run(&api, &job.baseline, min, &finished).await {
+                Ok(Some(_)) => {
+                    count("merged");
+                    info!(baseline = %job.baseline, run_id = %job.run_id, "run merged into its baseline");
+                    state.merged(&run.pod.uid);
+                }
+                Ok(None) => {
+                    count("duplicate");
+                    state.merged(&run.pod.uid);
+                }
+                Err(MergeError::Kube(kube::Error::Api(s))) if s.code == 404 => {
+                    count("no_baseline");
+                    still.push(run);
+                }
+                Err(MergeError::TooManyConflicts(_)) => {
+                    count("conflicts_exhausted");
+                    still.push(run);
+                }
+                Err(e) => {
+                    count("failed");
+                    warn!(baseline = %job.baseline, error = %e, "could not merge a run; retrying");
+                    still.push(run);
+                }
+            }
+        }
+        waiting = still;
+        metrics.runs_unmerged.set(waiting.len() as i64);
+    }
+}

@@ -1,0 +1,196 @@
+//! The agent's Prometheus metrics (OpenMetrics text, one registry) and its HTTP endpoint:
+//! `/metrics`, `/healthz` (the process runs), `/readyz` (programs attached and the pod,
+//! baseline and policy caches synced).
+//!
+//! Labels are bounded: verdicts, severities, results, record kinds. Never a pod, run or address.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+/// One bounded label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    /// See the metric's help.
+    pub kind: &'static str,
+}
+
+/// Labels of the calls counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabel {
+    /// `known` (in the baseline), `new` (scored below the policy's minimum), `anomalous`
+    /// (reported), `unscored` (no job identity yet).
+    pub verdict: &'static str,
+}
+
+/// Labels of the anomalies counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SeverityLabel {
+    /// `info` ... `critical`.
+    pub severity: &'static str,
+}
+
+/// Labels of result counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// See the metric's help.
+    pub result: &'static str,
+}
+
+/// Every metric of the agent.
+pub struct Metrics {
+    registry: Registry,
+    /// New (run, destination) pairs, by verdict.
+    pub calls: Family<VerdictLabel, Counter>,
+    /// Anomalies reported, by severity.
+    pub anomalies: Family<SeverityLabel, Counter>,
+    /// Events: `sent`, `series` (a repeat counted), `rate_limited`, `failed`.
+    pub events: Family<ResultLabel, Counter>,
+    /// Run merges into baselines: `merged`, `duplicate`, `no_baseline` (retried), `failed`
+    /// (retried), `conflicts_exhausted` (retried).
+    pub merges: Family<ResultLabel, Counter>,
+    /// Records the kernel could not write (ring buffer full), by kind: `call`, `dns`, `exec`.
+    pub kernel_lost: Family<Kind, Gauge>,
+    /// Calls of pods the agent could not attribute (cgroup of no known pod), dropped after
+    /// [`crate::node::UNKNOWN_POD_GRACE`].
+    pub unattributed: Counter,
+    /// Calls held because their pod's job is not known yet.
+    pub held: Gauge,
+    /// Held calls dropped because a pod held more than its bound.
+    pub held_dropped: Counter,
+    /// Runs that ended before their job was known (reported under the scale set).
+    pub unattributed_runs: Counter,
+    /// DNS answers: `parsed`, `malformed`, `unsolicited` (from a server the pod never asked).
+    pub dns_answers: Family<ResultLabel, Gauge>,
+    /// Runner pods monitored on this node.
+    pub pods_monitored: Gauge,
+    /// Runs in progress.
+    pub runs_in_progress: Gauge,
+    /// Finished runs waiting to be merged (kept in the state directory).
+    pub runs_unmerged: Gauge,
+    /// Seconds from the call in the kernel to its Event accepted by the API server.
+    pub detection_latency: Histogram,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("runwarden_agent");
+        let m = Self {
+            registry: Registry::default(),
+            calls: Family::default(),
+            anomalies: Family::default(),
+            events: Family::default(),
+            merges: Family::default(),
+            kernel_lost: Family::default(),
+            unattributed: Counter::default(),
+            held: Gauge::default(),
+            held_dropped: Counter::default(),
+            unattributed_runs: Counter::default(),
+            dns_answers: Family::default(),
+            pods_monitored: Gauge::default(),
+            runs_in_progress: Gauge::default(),
+            runs_unmerged: Gauge::default(),
+            detection_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            ready: AtomicBool::new(false),
+        };
+        registry.register("calls", "New (run, destination) pairs, by verdict", m.calls.clone());
+        registry.register("anomalies", "Anomalies reported, by severity", m.anomalies.clone());
+        registry.register("events", "AnomalousEgress Events: sent, series, rate_limited, failed", m.events.clone());
+        registry.register("merges", "Finished runs merged into WorkflowBaselines, by result", m.merges.clone());
+        registry.register("kernel_lost_records", "Records the kernel could not write, by kind", m.kernel_lost.clone());
+        registry.register("unattributed_calls", "Calls from cgroups of no known pod", m.unattributed.clone());
+        registry.register("held_calls", "Destinations held until their pod's job is known", m.held.clone());
+        registry.register("held_dropped", "Held destinations dropped past the per-pod bound", m.held_dropped.clone());
+        registry.register(
+            "unattributed_runs",
+            "Runs that ended before their job was known",
+            m.unattributed_runs.clone(),
+        );
+        registry.register("dns_answers", "DNS answers read, by result", m.dns_answers.clone());
+        registry.register("pods_monitored", "Runner pods monitored on this node", m.pods_monitored.clone());
+        registry.register("runs_in_progress", "Runs in progress on this node", m.runs_in_progress.clone());
+        registry.register("runs_unmerged", "Finished runs waiting to be merged", m.runs_unmerged.clone());
+        registry.register(
+            "detection_latency_seconds",
+            "From a call in the kernel to its Event accepted by the API server",
+            m.detection_latency.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Marks the agent ready (`/readyz` answers 200).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the agent is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "accepting a metrics connection failed");
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| answer(req, metrics.clone()));
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+                debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
+async fn answer(
+    req: Request<hyper::body::Incoming>,
+    metrics: Arc<Metrics>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" if metrics.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: programs not attached or caches not synced\n".to_string(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    Ok(response)
+}

@@ -1,0 +1,684 @@
+//! What the agent knows about its node, and what it does with each observation: which pods
+//! are runners, which run a call belongs to, when a destination is new for its run, and what
+//! to report. No I/O: the [`crate::agent`] loop feeds it pods, cgroups and observations and
+//! carries out the [`Action`]s it returns.
+//!
+//! - A pod cgroup the kernel reports is either a known pod's (a runner's: its calls go to the
+//!   run; anyone else's: the kernel is told to ignore it) or not known yet: its calls are held
+//!   (bounded) until the cgroup scan and the pod watch say whose it is, and dropped as
+//!   unattributed after [`UNKNOWN_POD_GRACE`].
+//! - A run is one runner pod's job. Container-mode job pods (label `runner-pod`) add to their
+//!   runner's run. Destinations seen before the job is known are kept unscored and scored when
+//!   the identity arrives.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use runwarden_crds::identity::{JobIdentity, MONITOR_LABEL, RUNNER_POD_LABEL, SCALE_SET_LABEL};
+use runwarden_detector::{Proto, Severity, Verdict};
+use serde::{Deserialize, Serialize};
+
+use crate::events;
+use crate::pipeline::Observation;
+
+/// How long calls of a cgroup whose pod is unknown are held before they are dropped (and the
+/// cgroup ignored). Pods reach the watch before kubelet starts them; this covers a slow watch.
+pub const UNKNOWN_POD_GRACE: Duration = Duration::from_secs(30);
+/// Observations held per unknown cgroup.
+pub const MAX_HELD_PER_CGROUP: usize = 1024;
+/// Distinct destinations kept per run; more are counted, not kept.
+pub const MAX_DESTINATIONS_PER_RUN: usize = 4096;
+/// Processes and executables remembered per destination.
+pub const MAX_PROCESSES: usize = 4;
+
+/// A Kubernetes object a run's Events are about.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+}
+
+/// What a pod is to the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// An ARC runner pod (scale-set label and an `EphemeralRunner` owner).
+    Runner,
+    /// A pod labelled `runwarden.dev/monitor: "true"` (runners without ARC).
+    Labelled,
+    /// A container-mode job pod of the runner pod named here (same namespace).
+    JobPod(String),
+    /// Anything else: not monitored.
+    Other,
+}
+
+/// A pod on this node, from its metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// The pod.
+    pub pod: ObjectRef,
+    /// What it is.
+    pub role: Role,
+    /// ARC's scale set (label).
+    pub scale_set: Option<String>,
+    /// Its `EphemeralRunner` (owner reference).
+    pub runner: Option<ObjectRef>,
+    /// The job, from the annotations the operator writes (or a user's, for `Labelled` pods).
+    pub identity: Option<JobIdentity>,
+}
+
+impl PodInfo {
+    /// Reads a pod's metadata.
+    pub fn from_meta(meta: &ObjectMeta) -> Option<Self> {
+        let pod = ObjectRef { namespace: meta.namespace.clone()?, name: meta.name.clone()?, uid: meta.uid.clone()? };
+        let labels = meta.labels.clone().unwrap_or_default();
+        let runner = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.kind == "EphemeralRunner" && o.api_version.starts_with("actions.github.com/"));
+        let runner =
+            runner.map(|o| ObjectRef { namespace: pod.namespace.clone(), name: o.name.clone(), uid: o.uid.clone() });
+        let scale_set = labels.get(SCALE_SET_LABEL).cloned();
+        let role = if scale_set.is_some() && runner.is_some() {
+            Role::Runner
+        } else if let Some(runner_pod) = labels.get(RUNNER_POD_LABEL) {
+            Role::JobPod(runner_pod.clone())
+        } else if labels.get(MONITOR_LABEL).map(String::as_str) == Some("true") {
+            Role::Labelled
+        } else {
+            Role::Other
+        };
+        let identity = meta.annotations.as_ref().and_then(|a| JobIdentity::from_annotations(a).ok());
+        Some(Self { pod, role, scale_set, runner, identity })
+    }
+
+    /// Whether its calls are monitored.
+    pub fn monitored(&self) -> bool {
+        self.role != Role::Other
+    }
+}
+
+/// The job of a run, as stored with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// `owner/name`.
+    pub repository: String,
+    /// Workflow file path.
+    pub workflow: String,
+    /// Normalised job name.
+    pub job: String,
+    /// Workflow run id (the pod's UID when unknown).
+    pub run_id: String,
+    /// The job's `WorkflowBaseline` (in the pod's namespace).
+    pub baseline: String,
+}
+
+impl Job {
+    fn new(identity: &JobIdentity, pod_uid: &str) -> Self {
+        Self {
+            repository: identity.repository.clone(),
+            workflow: identity.workflow.clone(),
+            job: identity.job.clone(),
+            run_id: identity.run_id.clone().unwrap_or_else(|| pod_uid.to_string()),
+            baseline: identity.baseline_name(),
+        }
+    }
+}
+
+/// One destination of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Destination {
+    /// The name the pod's DNS answers gave the address, if any.
+    pub host: Option<String>,
+    /// The address.
+    pub ip: IpAddr,
+    /// Port.
+    pub port: u16,
+    /// Transport.
+    pub proto: Proto,
+    /// Calls seen (first calls of kernel bursts; exact totals come at run end).
+    pub calls: u64,
+    /// Process names (`comm`) that called it.
+    pub processes: Vec<String>,
+    /// Executables that called it.
+    pub executables: Vec<String>,
+    /// First call, Unix milliseconds.
+    pub first_ms: i64,
+    /// Last call, Unix milliseconds.
+    pub last_ms: i64,
+    /// Whether it was scored (the job was known).
+    pub scored: bool,
+    /// The detector's verdict (`None`: in the baseline).
+    pub verdict: Option<Verdict>,
+    /// Whether it was reported (verdict at or above the policy's minimum).
+    pub reported: bool,
+}
+
+impl Destination {
+    /// The text the detector keys it by: host, or the address.
+    pub fn target(&self) -> String {
+        self.host.clone().unwrap_or_else(|| self.ip.to_string())
+    }
+
+    /// `host:port/PROTO` for people.
+    pub fn text(&self) -> String {
+        let proto = match self.proto {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        };
+        match (self.host.as_deref(), self.ip) {
+            (Some(h), IpAddr::V6(ip)) => format!("{h}:{} ([{ip}])/{proto}", self.port),
+            (Some(h), ip) => format!("{h}:{} ({ip})/{proto}", self.port),
+            (None, IpAddr::V6(ip)) => format!("[{ip}]:{}/{proto}", self.port),
+            (None, ip) => format!("{ip}:{}/{proto}", self.port),
+        }
+    }
+
+    /// The detector's view of it.
+    pub fn call(&self) -> runwarden_detector::Call<'_> {
+        runwarden_detector::Call {
+            host: self.host.as_deref(),
+            ip: Some(self.ip),
+            port: self.port,
+            proto: self.proto,
+            process: self.executables.first().or(self.processes.first()).map(String::as_str),
+        }
+    }
+}
+
+/// One runner pod's run (its state is persisted in the agent's state directory).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// The runner pod.
+    pub pod: ObjectRef,
+    /// Its `EphemeralRunner`.
+    pub runner: Option<ObjectRef>,
+    /// ARC's scale set.
+    pub scale_set: Option<String>,
+    /// The job, once known.
+    pub job: Option<Job>,
+    /// When the first call was seen, Unix seconds.
+    pub started: i64,
+    /// Destinations by `target|port|proto`.
+    pub destinations: BTreeMap<String, Destination>,
+    /// Destinations not kept past [`MAX_DESTINATIONS_PER_RUN`].
+    pub dropped: u64,
+    /// Exact calls in all (from the kernel's counts), set at run end.
+    pub total_calls: u64,
+}
+
+/// How to score: the job's baseline and the policy, provided by the caller's caches.
+pub trait Scorer {
+    /// The least severity the pod's policy reports (`None`: reporting is off for it).
+    fn min_severity(&self, pod: &ObjectRef, meta_scale_set: Option<&str>, job: &Job) -> Option<Severity>;
+    /// The detector's verdict on `dest` for `run` (`None`: normal for the job).
+    fn score(&self, namespace: &str, job: &Job, started: i64, dest: &Destination) -> Option<Verdict>;
+}
+
+/// What the agent must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Stop reporting this pod cgroup in the kernel (not a runner).
+    Ignore(u64),
+    /// Report an anomaly (new) or a repeat of one (`repeat`).
+    Report {
+        /// The run (its pod, runner, job).
+        run: Box<Run>,
+        /// The destination's key in the run.
+        key: String,
+        /// When the call was seen in the kernel.
+        seen: SystemTime,
+        /// Whether this is a repeat of a reported destination.
+        repeat: bool,
+    },
+    /// A run ended: merge it.
+    Finished(Box<Run>),
+    /// Scan the pod cgroups: a cgroup is not known.
+    Rescan,
+}
+
+#[derive(Debug)]
+struct Unknown {
+    since: SystemTime,
+    held: Vec<Observation>,
+}
+
+/// The node's pods, cgroups and runs.
+#[derive(Debug, Default)]
+pub struct Node {
+    /// Pods on this node by UID.
+    pods: HashMap<String, PodInfo>,
+    /// Pod cgroup id → pod UID (from the last scan).
+    cgroups: HashMap<u64, String>,
+    /// Pod cgroups the kernel was told to ignore.
+    ignored: HashMap<u64, String>,
+    /// Cgroups reported but not attributable yet.
+    unknown: HashMap<u64, Unknown>,
+    /// Runs by runner pod UID.
+    runs: HashMap<String, Run>,
+    /// Runs changed since [`Node::take_dirty`].
+    dirty: std::collections::HashSet<String>,
+    /// Whether the pod watch has listed every pod once.
+    pub synced: bool,
+    /// Observations dropped: no pod after the grace, or past the per-cgroup bound.
+    pub unattributed: u64,
+}
+
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn key(host: Option<&str>, ip: IpAddr, port: u16, proto: Proto) -> String {
+    let target = host.map(str::to_string).unwrap_or_else(|| ip.to_string());
+    format!("{target}|{port}|{proto:?}")
+}
+
+impl Node {
+    /// Restores runs kept in the state directory (a restarted agent).
+    pub fn restore(&mut self, runs: Vec<Run>) {
+        for run in runs {
+            self.runs.insert(run.pod.uid.clone(), run);
+        }
+    }
+
+    /// A pod was added or changed.
+    pub fn pod(&mut self, info: PodInfo, scorer: &impl Scorer) -> Vec<Action> {
+        let uid = info.pod.uid.clone();
+        let mut actions = Vec::new();
+        // Its identity may have arrived: fill it in and score what waited for it.
+        if info.monitored()
+            && let Some(run_uid) = self.run_of(&info)
+            && let Some(run) = self.runs.get_mut(&run_uid)
+        {
+            if run.job.is_none()
+                && let Some(identity) = &info.identity
+            {
+                run.job = Some(Job::new(identity, &run.pod.uid));
+                self.dirty.insert(run_uid.clone());
+                let keys: Vec<String> = run.destinations.keys().cloned().collect();
+                for k in keys {
+                    actions.extend(score_destination(run, &k, scorer, SystemTime::now()));
+                }
+            }
+            if run.runner.is_none() && info.runner.is_some() {
+                run.runner.clone_from(&info.runner);
+            }
+        }
+        self.pods.insert(uid.clone(), info);
+        actions.extend(self.attribute_waiting(scorer));
+        actions
+    }
+
+    /// A pod was deleted: its run (if it is a runner) ends.
+    pub fn pod_deleted(&mut self, uid: &str) -> Vec<Action> {
+        self.pods.remove(uid);
+        match self.runs.remove(uid) {
+            Some(run) => {
+                self.dirty.insert(uid.to_string());
+                vec![Action::Finished(Box::new(run))]
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The pod watch listed every pod: runs restored from the state directory whose pod is
+    /// gone ended while the agent was away.
+    pub fn synced(&mut self, scorer: &impl Scorer) -> Vec<Action> {
+        self.synced = true;
+        let gone: Vec<String> = self.runs.keys().filter(|uid| !self.pods.contains_key(*uid)).cloned().collect();
+        let mut actions: Vec<Action> = gone.iter().flat_map(|uid| self.pod_deleted(uid)).collect();
+        actions.extend(self.attribute_waiting(scorer));
+        actions
+    }
+
+    /// The pod cgroups found by a scan (id → pod UID). Cgroups that are gone are returned so
+    /// the kernel can forget them.
+    pub fn cgroups(&mut self, found: HashMap<u64, String>, scorer: &impl Scorer) -> (Vec<u64>, Vec<Action>) {
+        let gone: Vec<u64> = self.ignored.keys().filter(|id| !found.contains_key(id)).copied().collect();
+        for id in &gone {
+            self.ignored.remove(id);
+        }
+        self.cgroups = found;
+        (gone, self.attribute_waiting(scorer))
+    }
+
+    /// Attributes held observations whose cgroup and pod are now known; ignores cgroups of pods
+    /// that are not runners; drops what waited past the grace.
+    fn attribute_waiting(&mut self, scorer: &impl Scorer) -> Vec<Action> {
+        let mut actions = Vec::new();
+        // Known cgroups of pods that are not monitored: ignore them in the kernel.
+        for (id, uid) in &self.cgroups {
+            if !self.ignored.contains_key(id) && self.pods.get(uid).is_some_and(|p| !p.monitored()) {
+                self.ignored.insert(*id, uid.clone());
+                actions.push(Action::Ignore(*id));
+            }
+        }
+        let ids: Vec<u64> = self.unknown.keys().copied().collect();
+        let now = SystemTime::now();
+        for id in ids {
+            let pod = self.cgroups.get(&id).and_then(|uid| self.pods.get(uid)).cloned();
+            match pod {
+                Some(pod) => {
+                    let held = self.unknown.remove(&id).map(|u| u.held).unwrap_or_default();
+                    if pod.monitored() {
+                        for o in held {
+                            actions.extend(self.observe_pod(&pod, o, scorer));
+                        }
+                    }
+                }
+                None => {
+                    let expired = self.unknown.get(&id).is_some_and(|u| {
+                        self.synced && now.duration_since(u.since).unwrap_or_default() > UNKNOWN_POD_GRACE
+                    });
+                    if expired && let Some(u) = self.unknown.remove(&id) {
+                        self.unattributed += u.held.len() as u64;
+                        self.ignored.insert(id, String::new());
+                        actions.push(Action::Ignore(id));
+                    }
+                }
+            }
+        }
+        actions
+    }
+
+    /// One call seen in the kernel.
+    pub fn observe(&mut self, o: Observation, scorer: &impl Scorer) -> Vec<Action> {
+        let pod = self.cgroups.get(&o.pod_cgroup_id).and_then(|uid| self.pods.get(uid)).cloned();
+        match pod {
+            Some(pod) if pod.monitored() => self.observe_pod(&pod, o, scorer),
+            Some(_) => {
+                // Reported before the kernel was told to ignore it.
+                if self.ignored.insert(o.pod_cgroup_id, String::new()).is_none() {
+                    vec![Action::Ignore(o.pod_cgroup_id)]
+                } else {
+                    Vec::new()
+                }
+            }
+            None => {
+                let first = !self.unknown.contains_key(&o.pod_cgroup_id);
+                let unknown = self
+                    .unknown
+                    .entry(o.pod_cgroup_id)
+                    .or_insert_with(|| Unknown { since: SystemTime::now(), held: Vec::new() });
+                if unknown.held.len() < MAX_HELD_PER_CGROUP {
+                    unknown.held.push(o);
+                } else {
+                    self.unattributed += 1;
+                }
+                if first { vec![Action::Rescan] } else { Vec::new() }
+            }
+        }
+    }
+
+    /// The runner pod UID whose run a monitored pod's calls belong to.
+    fn run_of(&self, pod: &PodInfo) -> Option<String> {
+        match &pod.role {
+            Role::JobPod(runner) => Some(
+                self.pods
+                    .values()
+                    .find(|p| p.pod.namespace == pod.pod.namespace && &p.pod.name == runner && p.role == Role::Runner)
+                    .map(|p| p.pod.uid.clone())
+                    .unwrap_or_else(|| pod.pod.uid.clone()),
+            ),
+            Role::Other => None,
+            _ => Some(pod.pod.uid.clone()),
+        }
+    }
+
+    fn observe_pod(&mut self, pod: &PodInfo, o: Observation, scorer: &impl Scorer) -> Vec<Action> {
+        let Some(run_uid) = self.run_of(pod) else { return Vec::new() };
+        let owner =
+            if run_uid == pod.pod.uid { pod.clone() } else { self.pods.get(&run_uid).cloned().unwrap_or(pod.clone()) };
+        let run = self.runs.entry(run_uid.clone()).or_insert_with(|| Run {
+            pod: owner.pod.clone(),
+            runner: owner.runner.clone(),
+            scale_set: owner.scale_set.clone(),
+            job: owner.identity.as_ref().map(|i| Job::new(i, &owner.pod.uid)),
+            started: millis(o.time) / 1000,
+            destinations: BTreeMap::new(),
+            dropped: 0,
+            total_calls: 0,
+        });
+        self.dirty.insert(run_uid);
+        let proto = match o.proto {
+            events::Proto::Tcp => Proto::Tcp,
+            events::Proto::Udp => Proto::Udp,
+        };
+        let host = o.hosts.first().cloned();
+        let k = key(host.as_deref(), o.ip, o.port, proto);
+        let at = millis(o.time);
+        let remember = |list: &mut Vec<String>, v: &str| {
+            if !v.is_empty() && !list.iter().any(|x| x == v) && list.len() < MAX_PROCESSES {
+                list.push(v.to_string());
+            }
+        };
+        let full = run.destinations.len() >= MAX_DESTINATIONS_PER_RUN;
+        match run.destinations.get_mut(&k) {
+            Some(d) => {
+                d.calls += 1;
+                d.last_ms = d.last_ms.max(at);
+                remember(&mut d.processes, &o.process);
+                if let Some(e) = &o.executable {
+                    remember(&mut d.executables, e);
+                }
+                if d.reported {
+                    return vec![Action::Report { run: Box::new(run.clone()), key: k, seen: o.time, repeat: true }];
+                }
+                Vec::new()
+            }
+            None if full => {
+                run.dropped += 1;
+                Vec::new()
+            }
+            None => {
+                let mut d = Destination {
+                    host,
+                    ip: o.ip,
+                    port: o.port,
+                    proto,
+                    calls: 1,
+                    processes: Vec::new(),
+                    executables: Vec::new(),
+                    first_ms: at,
+                    last_ms: at,
+                    scored: false,
+                    verdict: None,
+                    reported: false,
+                };
+                remember(&mut d.processes, &o.process);
+                if let Some(e) = &o.executable {
+                    remember(&mut d.executables, e);
+                }
+                run.destinations.insert(k.clone(), d);
+                score_destination(run, &k, scorer, o.time)
+            }
+        }
+    }
+
+    /// Runs changed since the last call (to persist), and whether each still runs.
+    pub fn take_dirty(&mut self) -> Vec<(String, Option<Run>)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty.into_iter().map(|uid| (uid.clone(), self.runs.get(&uid).cloned())).collect()
+    }
+
+    /// Runs in progress.
+    pub fn runs(&self) -> impl Iterator<Item = &Run> {
+        self.runs.values()
+    }
+
+    /// Monitored pods on the node.
+    pub fn monitored_pods(&self) -> usize {
+        self.pods.values().filter(|p| p.monitored()).count()
+    }
+
+    /// Destinations waiting for their pod's job, and observations waiting for their pod.
+    pub fn held(&self) -> usize {
+        let unscored: usize = self.runs.values().map(|r| r.destinations.values().filter(|d| !d.scored).count()).sum();
+        unscored + self.unknown.values().map(|u| u.held.len()).sum::<usize>()
+    }
+
+    /// Pod cgroups of pods this node's runs belong to (their calls are the runs').
+    pub fn cgroups_of(&self, run_uid: &str) -> Vec<u64> {
+        self.cgroups
+            .iter()
+            .filter(|(_, uid)| {
+                self.pods.get(*uid).is_some_and(|p| self.run_of(p).as_deref() == Some(run_uid))
+                    || uid.as_str() == run_uid
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+/// Scores destination `k` of `run` when its job is known; a report when it is anomalous.
+fn score_destination(run: &mut Run, k: &str, scorer: &impl Scorer, seen: SystemTime) -> Vec<Action> {
+    let Some(job) = run.job.clone() else { return Vec::new() };
+    let Some(d) = run.destinations.get(k) else { return Vec::new() };
+    if d.scored {
+        return Vec::new();
+    }
+    let verdict = scorer.score(&run.pod.namespace, &job, run.started, d);
+    let min = scorer.min_severity(&run.pod, run.scale_set.as_deref(), &job);
+    let reported = matches!((&verdict, min), (Some(v), Some(min)) if v.severity >= min);
+    let d = run.destinations.get_mut(k).expect("looked up above");
+    d.scored = true;
+    d.verdict = verdict;
+    d.reported = reported;
+    if reported {
+        vec![Action::Report { run: Box::new(run.clone()), key: k.to_string(), seen, repeat: false }]
+    } else {
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::events::{Hook, Verdict as KernelVerdict};
+
+    struct Fixed;
+    impl Scorer for Fixed {
+        fn min_severity(&self, _: &ObjectRef, _: Option<&str>, _: &Job) -> Option<Severity> {
+            Some(Severity::Medium)
+        }
+        fn score(&self, _: &str, _: &Job, _: i64, dest: &Destination) -> Option<Verdict> {
+            (dest.host.as_deref() != Some("github.com")).then(|| Verdict {
+                severity: Severity::High,
+                score: 0.8,
+                reasons: vec!["first call to this host".into()],
+            })
+        }
+    }
+
+    fn meta(uid: &str, name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> ObjectMeta {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "namespace": "arc", "uid": uid, "labels": labels, "annotations": annotations,
+            "ownerReferences": [{"apiVersion": "actions.github.com/v1alpha1", "kind": "EphemeralRunner",
+                                 "name": name, "uid": format!("er-{uid}"), "controller": true}]
+        }))
+        .unwrap()
+    }
+
+    fn runner(uid: &str, identity: bool) -> PodInfo {
+        let annotations = if identity {
+            serde_json::json!({"runwarden.dev/repository": "acme/web", "runwarden.dev/workflow": ".github/workflows/ci.yml",
+                               "runwarden.dev/job": "build", "runwarden.dev/run-id": "77"})
+        } else {
+            serde_json::json!({})
+        };
+        PodInfo::from_meta(&meta(uid, "runner-0", serde_json::json!({SCALE_SET_LABEL: "arc"}), annotations)).unwrap()
+    }
+
+    fn call(cgroup: u64, host: &str, port: u16) -> Observation {
+        Observation {
+            time: SystemTime::now(),
+            pid: 1,
+            process: "curl".into(),
+            executable: Some("/usr/bin/curl".into()),
+            cgroup_id: cgroup,
+            pod_cgroup_id: cgroup,
+            pod: None::<Arc<crate::cgroups::PodCgroup>>,
+            ip: "192.0.2.1".parse().unwrap(),
+            port,
+            proto: events::Proto::Tcp,
+            hook: Hook::Connect,
+            verdict: KernelVerdict::Allowed,
+            hosts: vec![host.into()],
+        }
+    }
+
+    #[test]
+    fn pods_are_told_apart_by_labels_and_owner() {
+        assert_eq!(runner("u1", false).role, Role::Runner);
+        let job_pod = PodInfo::from_meta(&meta(
+            "u2",
+            "runner-0-workflow",
+            serde_json::json!({"runner-pod": "runner-0"}),
+            serde_json::json!({}),
+        ))
+        .unwrap();
+        assert_eq!(job_pod.role, Role::JobPod("runner-0".into()));
+        let other =
+            PodInfo::from_meta(&meta("u3", "web", serde_json::json!({"app": "web"}), serde_json::json!({}))).unwrap();
+        assert_eq!(other.role, Role::Other);
+    }
+
+    #[test]
+    fn calls_before_the_job_is_known_are_held_and_scored_when_it_arrives() {
+        let mut node = Node::default();
+        node.pod(runner("u1", false), &Fixed);
+        node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
+        assert!(node.observe(call(10, "evil.example", 443), &Fixed).is_empty(), "no job yet: held");
+        assert_eq!(node.held(), 1);
+        let actions = node.pod(runner("u1", true), &Fixed);
+        assert!(
+            matches!(&actions[..], [Action::Report { repeat: false, run, .. }] if run.job.as_ref().unwrap().run_id == "77"),
+            "{actions:?}"
+        );
+        assert_eq!(node.held(), 0);
+        // Known destinations are not reported; repeats of a reported one are.
+        assert!(node.observe(call(10, "github.com", 443), &Fixed).is_empty());
+        assert!(matches!(
+            &node.observe(call(10, "evil.example", 443), &Fixed)[..],
+            [Action::Report { repeat: true, .. }]
+        ));
+    }
+
+    #[test]
+    fn an_unknown_cgroup_is_held_until_the_scan_and_the_watch_know_it() {
+        let mut node = Node::default();
+        assert_eq!(node.observe(call(11, "evil.example", 443), &Fixed), vec![Action::Rescan]);
+        node.cgroups(HashMap::from([(11, "u1".to_string())]), &Fixed);
+        let actions = node.pod(runner("u1", true), &Fixed);
+        assert!(matches!(&actions[..], [Action::Report { .. }]), "{actions:?}");
+    }
+
+    #[test]
+    fn cgroups_of_other_pods_are_ignored_in_the_kernel() {
+        let mut node = Node::default();
+        let other = PodInfo::from_meta(&meta("u3", "web", serde_json::json!({}), serde_json::json!({}))).unwrap();
+        node.pod(other, &Fixed);
+        let (_, actions) = node.cgroups(HashMap::from([(12, "u3".to_string())]), &Fixed);
+        assert_eq!(actions, vec![Action::Ignore(12)]);
+        let (gone, _) = node.cgroups(HashMap::new(), &Fixed);
+        assert_eq!(gone, vec![12], "a pod cgroup that is gone is forgotten");
+    }
+
+    #[test]
+    fn a_runner_that_goes_ends_its_run() {
+        let mut node = Node::default();
+        node.pod(runner("u1", true), &Fixed);
+        node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
+        node.observe(call(10, "github.com", 443), &Fixed);
+        let actions = node.pod_deleted("u1");
+        assert!(matches!(&actions[..], [Action::Finished(run)] if run.destinations.len() == 1));
+    }
+}

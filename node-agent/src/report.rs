@@ -1,0 +1,258 @@
+//! `AnomalousEgress` Events (`events.k8s.io/v1`) on the runner pod, its `EphemeralRunner`
+//! (which outlives the pod) and the job's `WorkflowBaseline`.
+//!
+//! One Event per (run, destination, object): its name is derived from them, so a restarted
+//! agent finds the Event it created before instead of creating another, and repeats of the
+//! call are counted in the Event's `series` (patched at most every [`SERIES_EVERY`]).
+//!
+//! New Events are rate-limited by a token bucket ([`ReportConfig`]) so a flood of unique
+//! destinations cannot flood the API server: past it the anomaly is still logged, counted
+//! (`runwarden_agent_events{result="rate_limited"}`) and recorded in the run's record.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::{Event, EventSeries};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tracing::warn;
+
+use crate::metrics::{Metrics, ResultLabel};
+use crate::node::{Destination, ObjectRef, Run};
+
+/// Reason of the Events.
+pub const REASON: &str = "AnomalousEgress";
+/// `reportingController` of the Events.
+pub const CONTROLLER: &str = "runwarden.dev/agent";
+/// Least time between two series updates of one Event.
+pub const SERIES_EVERY: Duration = Duration::from_secs(10);
+/// Longest Event note the API accepts.
+const MAX_NOTE: usize = 1024;
+
+/// Limits of the reporter.
+#[derive(Clone, Copy, Debug)]
+pub struct ReportConfig {
+    /// New Events per second, sustained.
+    pub per_second: f64,
+    /// New Events in a burst.
+    pub burst: f64,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self { per_second: 10.0, burst: 100.0 }
+    }
+}
+
+/// One anomaly to report: the run as it was and the destination's key in it.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The run.
+    pub run: Box<Run>,
+    /// The destination's key in `run.destinations`.
+    pub key: String,
+    /// When the call was seen in the kernel.
+    pub seen: SystemTime,
+    /// A repeat of a reported destination.
+    pub repeat: bool,
+}
+
+struct Series {
+    count: i32,
+    last_patch: Instant,
+    name: String,
+}
+
+/// Publishes Events, one task.
+pub struct Reporter {
+    client: Client,
+    node: String,
+    config: ReportConfig,
+    tokens: f64,
+    refilled: Instant,
+    series: HashMap<String, Series>,
+    metrics: Arc<Metrics>,
+}
+
+impl Reporter {
+    /// A reporter for the agent on `node`.
+    pub fn new(client: Client, node: &str, config: ReportConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            node: node.to_string(),
+            config,
+            tokens: config.burst,
+            refilled: Instant::now(),
+            series: HashMap::new(),
+            metrics,
+        }
+    }
+
+    fn take_token(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.refilled).as_secs_f64() * self.config.per_second;
+        self.tokens = (self.tokens + refill).min(self.config.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn count(&self, result: &'static str) {
+        self.metrics.events.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Publishes (or counts a repeat of) one anomaly's Events.
+    pub async fn report(&mut self, report: &Report) {
+        let Some(dest) = report.run.destinations.get(&report.key) else { return };
+        let run = &report.run;
+        let targets = targets(run);
+        if report.repeat {
+            for (regarding, _) in &targets {
+                self.repeat(run, &report.key, regarding).await;
+            }
+            return;
+        }
+        if !self.take_token() {
+            self.count("rate_limited");
+            return;
+        }
+        let note = note(run, dest);
+        let mut first = true;
+        for (regarding, related) in &targets {
+            let name = event_name(run, &report.key, regarding);
+            let event = Event {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: regarding.namespace.clone(),
+                    labels: Some([("app.kubernetes.io/name".to_string(), "runwarden".to_string())].into()),
+                    ..ObjectMeta::default()
+                },
+                event_time: Some(MicroTime(Timestamp::now())),
+                action: Some("Connect".into()),
+                reason: Some(REASON.into()),
+                note: Some(note.clone()),
+                type_: Some("Warning".into()),
+                regarding: Some(regarding.clone()),
+                related: related.clone(),
+                reporting_controller: Some(CONTROLLER.into()),
+                reporting_instance: Some(format!("{CONTROLLER}/{}", self.node)),
+                ..Event::default()
+            };
+            let api: Api<Event> =
+                Api::namespaced(self.client.clone(), regarding.namespace.as_deref().unwrap_or("default"));
+            match api.create(&PostParams::default(), &event).await {
+                Ok(_) => {
+                    self.count("sent");
+                    if first {
+                        let latency = SystemTime::now().duration_since(report.seen).unwrap_or_default();
+                        self.metrics.detection_latency.observe(latency.as_secs_f64());
+                    }
+                }
+                // Created before a restart: repeats go to its series.
+                Err(kube::Error::Api(s)) if s.code == 409 => self.count("sent"),
+                Err(e) => {
+                    self.count("failed");
+                    warn!(event = %name, error = %e, "could not create an AnomalousEgress Event");
+                }
+            }
+            self.series.insert(name.clone(), Series { count: 1, last_patch: Instant::now(), name });
+            first = false;
+        }
+    }
+
+    async fn repeat(&mut self, run: &Run, key: &str, regarding: &ObjectReference) {
+        let name = event_name(run, key, regarding);
+        let entry = self.series.entry(name.clone()).or_insert_with(|| Series {
+            count: 1,
+            last_patch: Instant::now() - SERIES_EVERY,
+            name: name.clone(),
+        });
+        entry.count += 1;
+        if entry.last_patch.elapsed() < SERIES_EVERY {
+            return;
+        }
+        entry.last_patch = Instant::now();
+        let series = EventSeries { count: entry.count, last_observed_time: MicroTime(Timestamp::now()) };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), regarding.namespace.as_deref().unwrap_or("default"));
+        let patch = json!({"series": series});
+        match api.patch(&entry.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => self.count("series"),
+            Err(e) => {
+                self.count("failed");
+                warn!(event = %name, error = %e, "could not count a repeat in an AnomalousEgress Event");
+            }
+        }
+    }
+
+    /// Forgets the series of a run that ended.
+    pub fn forget(&mut self, run: &Run) {
+        let prefix = format!("{}.", run.pod.name);
+        self.series.retain(|name, _| !name.starts_with(&prefix));
+    }
+}
+
+/// The objects a run's Events are about: the pod, its `EphemeralRunner` and the baseline
+/// (each with the pod as the related object).
+fn targets(run: &Run) -> Vec<(ObjectReference, Option<ObjectReference>)> {
+    let reference = |api_version: &str, kind: &str, o: &ObjectRef| ObjectReference {
+        api_version: Some(api_version.into()),
+        kind: Some(kind.into()),
+        namespace: Some(o.namespace.clone()),
+        name: Some(o.name.clone()),
+        uid: (!o.uid.is_empty()).then(|| o.uid.clone()),
+        ..ObjectReference::default()
+    };
+    let pod = reference("v1", "Pod", &run.pod);
+    let mut out = vec![(pod.clone(), None)];
+    if let Some(runner) = &run.runner {
+        out.push((reference("actions.github.com/v1alpha1", "EphemeralRunner", runner), Some(pod.clone())));
+    }
+    if let Some(job) = &run.job {
+        let baseline =
+            ObjectRef { namespace: run.pod.namespace.clone(), name: job.baseline.clone(), uid: String::new() };
+        out.push((reference("runwarden.dev/v1alpha1", "WorkflowBaseline", &baseline), Some(pod)));
+    }
+    out
+}
+
+/// `<object>.<hash of run, destination and object kind>`: stable across restarts.
+fn event_name(run: &Run, key: &str, regarding: &ObjectReference) -> String {
+    let run_id = run.job.as_ref().map_or(run.pod.uid.as_str(), |j| j.run_id.as_str());
+    let text = format!("{}\n{run_id}\n{key}\n{:?}", run.pod.uid, regarding.kind);
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{}.{hash:016x}", regarding.name.as_deref().unwrap_or("runwarden"))
+}
+
+/// What a person reads in `kubectl get events`.
+pub fn note(run: &Run, dest: &Destination) -> String {
+    let severity = dest.verdict.as_ref().map_or("unknown".to_string(), |v| format!("{:?}", v.severity).to_lowercase());
+    let process = match (dest.processes.first(), dest.executables.first()) {
+        (Some(p), Some(e)) => format!("{p} ({e})"),
+        (Some(p), None) => p.clone(),
+        (None, Some(e)) => e.clone(),
+        (None, None) => "unknown process".into(),
+    };
+    let job = run.job.as_ref().map_or("job not known yet".to_string(), |j| {
+        format!("run {} of {} {} job {:?}", j.run_id, j.repository, j.workflow, j.job)
+    });
+    let reasons = dest.verdict.as_ref().map(|v| v.reasons.join("; ")).unwrap_or_default();
+    let mut note = format!("{severity}: {} by {process} in {job}: {reasons}", dest.text());
+    if note.len() > MAX_NOTE {
+        let mut cut = MAX_NOTE - 3;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    note
+}

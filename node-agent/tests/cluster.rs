@@ -1,0 +1,300 @@
+//! The agent's cluster mode as the DaemonSet runs it: the real binary with the args the
+//! operator's DaemonSet gives it, in a mount namespace laid out as its container is (the host's
+//! /sys/fs/cgroup at /host/cgroup, a state directory at /var/lib/runwarden), acting as its own
+//! ServiceAccount under exactly the RBAC it ships, against a real kube-apiserver; runner pods
+//! are Pod objects on the test's node with kubelet-shaped cgroups and real processes (no
+//! kubelet: the end-to-end test on a real node covers that).
+//!
+//! Needs root and the control-plane binaries built by `make setup`; `make test` runs it.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt, ResourceExt};
+use runwarden_agent::ebpf;
+use runwarden_crds::WorkflowBaseline;
+use runwarden_crds::identity::JobIdentity;
+use runwarden_operator::arc::{EphemeralRunner, EphemeralRunnerSpec};
+use runwarden_operator::daemonset::{self, AgentConfig};
+use runwarden_tests::{ControlPlane, cluster};
+use serde_json::json;
+
+const NODE: &str = "agent-test-node";
+
+/// The agent binary, started as the DaemonSet starts it.
+struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl AgentProcess {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The DaemonSet's container args, as the operator renders them.
+fn daemonset_args() -> Vec<String> {
+    let ds = daemonset::desired(&AgentConfig::default());
+    let args = &ds["spec"]["template"]["spec"]["containers"][0]["args"];
+    serde_json::from_value(args.clone()).unwrap()
+}
+
+fn start_agent(kubeconfig: &Path, kubepods: &Path, state: &Path, log: PathBuf) -> AgentProcess {
+    let bin = env!("CARGO_BIN_EXE_runwarden-agent");
+    // What the container sees: the host's /sys/fs/cgroup (hostPath) at /host/cgroup, the
+    // state hostPath at /var/lib/runwarden.
+    let script = "set -e; mkdir -p /host/cgroup /var/lib/runwarden; \
+                  mount --rbind /sys/fs/cgroup /host/cgroup; mount --bind \"$0\" /var/lib/runwarden; exec \"$@\"";
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(state)
+        .arg(bin)
+        .args(daemonset_args())
+        .env("KUBECONFIG", kubeconfig)
+        .env("NODE_NAME", NODE)
+        .env("RUNWARDEN_KUBEPODS_CGROUP", kubepods)
+        .env("RUNWARDEN_LOG", "info")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    AgentProcess { child, log }
+}
+
+fn http_get(path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 9090)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, out))
+}
+
+async fn wait_ready(agent: &mut AgentProcess) {
+    for _ in 0..300 {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            panic!("the agent exited ({status}): {}", agent.log());
+        }
+        if http_get("/readyz").is_some_and(|(c, _)| c == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the agent was not ready within 30s: {}", agent.log());
+}
+
+/// A kubeconfig acting as the agent's ServiceAccount.
+fn agent_kubeconfig(cp: &ControlPlane, ns: &str) -> PathBuf {
+    let text = std::fs::read_to_string(&cp.kubeconfig).unwrap();
+    let path = cp.dir.join(format!("kubeconfig-agent-{ns}"));
+    let user = format!("    as: system:serviceaccount:{ns}:{}\n    token:", runwarden_agent::rbac::NAME);
+    std::fs::write(&path, text.replace("    token:", &user)).unwrap();
+    path
+}
+
+fn apply_yaml(cp: &ControlPlane, yaml: &str) {
+    use std::io::Write;
+    let mut child =
+        cp.kubectl().args(["apply", "-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "kubectl apply");
+}
+
+/// A runner pod of scale set `arc` on the test node, owned by an EphemeralRunner.
+async fn runner_pod(client: &Client, ns: &str, name: &str) -> (Pod, EphemeralRunner) {
+    let runners: Api<EphemeralRunner> = Api::namespaced(client.clone(), ns);
+    let runner = runners
+        .create(&PostParams::default(), &EphemeralRunner::new(name, EphemeralRunnerSpec::default()))
+        .await
+        .unwrap();
+    let mut pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"actions.github.com/scale-set-name": "arc"}},
+        "spec": {"nodeName": NODE, "containers": [{"name": "runner", "image": "runner"}]}
+    }))
+    .unwrap();
+    pod.metadata.owner_references = Some(vec![kube::Resource::controller_owner_ref(&runner, &()).unwrap()]);
+    let pod = Api::<Pod>::namespaced(client.clone(), ns).create(&PostParams::default(), &pod).await.unwrap();
+    (pod, runner)
+}
+
+/// kubelet's cgroups of a BestEffort pod with one container.
+fn pod_cgroup(kubepods: &Path, uid: &str) -> PathBuf {
+    let container = kubepods.join("besteffort").join(format!("pod{uid}")).join("a".repeat(64));
+    std::fs::create_dir_all(&container).unwrap();
+    container
+}
+
+/// Runs python in `cgroup` connecting to 127.0.0.1:`port` as its first instruction.
+fn connect_from(cgroup: &Path, port: u16) {
+    let script = format!(
+        "import socket\ntry:\n  socket.create_connection(('127.0.0.1', {port}), timeout=2).close()\nexcept OSError:\n  pass\n"
+    );
+    common::python(cgroup, None, &script);
+}
+
+async fn events_for(client: &Client, ns: &str, kind: &str, name: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("AnomalousEgress"))
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name))
+        })
+        .collect()
+}
+
+#[test]
+fn the_committed_rbac_is_what_the_code_uses() {
+    let committed = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("rbac.yaml")).unwrap();
+    assert!(
+        committed == runwarden_agent::rbac::RBAC.yaml("runwarden-system"),
+        "node-agent/rbac.yaml is stale; run `make generate`"
+    );
+}
+
+#[tokio::test]
+async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseline() {
+    common::require_root();
+    let cp = ControlPlane::shared();
+    let admin = cp.client().await;
+    cluster::ensure_crds(&admin).await;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(admin.clone());
+    crds.patch(
+        "ephemeralrunners.actions.github.com",
+        &PatchParams::apply("runwarden-tests").force(),
+        &Patch::Apply(EphemeralRunner::crd()),
+    )
+    .await
+    .unwrap();
+    cluster::wait_established(&crds, "ephemeralrunners.actions.github.com").await;
+    let system = cluster::test_namespace(&admin, "runwarden-system").await;
+    let ns = cluster::test_namespace(&admin, "arc-runners").await;
+    apply_yaml(cp, &runwarden_agent::rbac::RBAC.yaml(&system));
+
+    // kubelet's pod cgroups for this test, and a listener the runner calls.
+    let mount = ebpf::cgroup2_mount().unwrap();
+    let relative = PathBuf::from(format!("runwarden-test-{}-cluster", std::process::id()));
+    let kubepods = mount.join(&relative).join("kubepods");
+    std::fs::create_dir_all(kubepods.join("besteffort")).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+
+    let state = tempdir("agent-state");
+    let mut agent =
+        start_agent(&agent_kubeconfig(cp, &system), &relative.join("kubepods"), &state, cp.dir.join("agent.log"));
+    wait_ready(&mut agent).await;
+
+    // A runner pod whose first instruction calls out, before its job is known.
+    let (pod, runner) = runner_pod(&admin, &ns, "runner-a").await;
+    let container = pod_cgroup(&kubepods, &pod.uid().unwrap());
+    connect_from(&container, port);
+    // A pod that is not a runner, calling the same listener: nothing is reported for it.
+    let other: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web"}, "spec": {"nodeName": NODE, "containers": [{"name": "web", "image": "web"}]}
+    }))
+    .unwrap();
+    let other = Api::<Pod>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &other).await.unwrap();
+    connect_from(&pod_cgroup(&kubepods, &other.uid().unwrap()), port);
+
+    // The job arrives (the operator's annotations) and its baseline reports from the first run.
+    let identity = JobIdentity::from_runner(
+        Some("acme/web"),
+        Some("acme/web/.github/workflows/ci.yml@refs/heads/main"),
+        Some("build"),
+        Some(4711),
+    )
+    .unwrap();
+    let baseline: WorkflowBaseline = serde_json::from_value(json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowBaseline",
+        "metadata": {"name": identity.baseline_name()},
+        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "mode": "Monitoring"}
+    }))
+    .unwrap();
+    Api::<WorkflowBaseline>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &baseline).await.unwrap();
+    let annotations = json!({"metadata": {"annotations": identity.annotations()}});
+    Api::<Pod>::namespaced(admin.clone(), &ns)
+        .patch("runner-a", &PatchParams::default(), &Patch::Merge(&annotations))
+        .await
+        .unwrap();
+
+    let dest = format!("127.0.0.1:{port}/TCP");
+    let mut found = (vec![], vec![], vec![]);
+    for _ in 0..100 {
+        found = (
+            events_for(&admin, &ns, "Pod", "runner-a").await,
+            events_for(&admin, &ns, "EphemeralRunner", &runner.name_any()).await,
+            events_for(&admin, &ns, "WorkflowBaseline", &identity.baseline_name()).await,
+        );
+        if !found.0.is_empty() && !found.1.is_empty() && !found.2.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !found.0.is_empty() && !found.1.is_empty() && !found.2.is_empty(),
+        "Events on pod, runner and baseline: {found:?}\n{}",
+        agent.log()
+    );
+    let note = found.0[0].note.clone().unwrap_or_default();
+    assert!(note.contains(&dest), "{note}");
+    assert!(note.contains("python3") && note.contains("run 4711 of acme/web"), "{note}");
+    assert_eq!(found.0.len(), 1, "one Event per (run, destination) on the pod");
+    assert!(events_for(&admin, &ns, "Pod", "web").await.is_empty(), "nothing for a pod that is not a runner");
+
+    // The run ends (the pod object goes, as when kubelet confirms its containers stopped): it
+    // lands in the baseline.
+    Api::<Pod>::namespaced(admin.clone(), &ns)
+        .delete("runner-a", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let baselines = Api::<WorkflowBaseline>::namespaced(admin.clone(), &ns);
+    let mut status = None;
+    for _ in 0..150 {
+        status = baselines.get(&identity.baseline_name()).await.unwrap().status;
+        if status.as_ref().is_some_and(|s| !s.recent_runs.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.unwrap_or_default();
+    assert_eq!(status.observed_runs, 1, "{status:?}\n{}", agent.log());
+    let run = &status.recent_runs[0];
+    assert_eq!(run.run_id, "4711");
+    assert_eq!(run.runner.as_deref(), Some("runner-a"));
+    assert!(run.anomalies.iter().any(|a| a.endpoint == format!("127.0.0.1:{port}/TCP")), "{run:?}");
+
+    let (_, metrics) = http_get("/metrics").unwrap();
+    assert!(metrics.contains("runwarden_agent_events_total{result=\"sent\"} 3"), "{metrics}");
+    assert!(metrics.contains("runwarden_agent_merges_total{result=\"merged\"} 1"), "{metrics}");
+    drop(agent);
+    common::remove_tree(&mount.join(&relative));
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("runwarden-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
