@@ -263,6 +263,22 @@ async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseli
     assert_eq!(found.0.len(), 1, "one Event per (run, destination) on the pod");
     assert!(events_for(&admin, &ns, "Pod", "web").await.is_empty(), "nothing for a pod that is not a runner");
 
+    // The agent is killed in the middle of the run and comes back: the run goes on from its
+    // state directory, and a call made after the restart joins it.
+    drop(agent);
+    let mut agent =
+        start_agent(&agent_kubeconfig(cp, &system), &relative.join("kubepods"), &state, cp.dir.join("agent-2.log"));
+    wait_ready(&mut agent).await;
+    let second = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port2 = second.local_addr().unwrap().port();
+    connect_from(&container, port2);
+    for _ in 0..50 {
+        if events_for(&admin, &ns, "Pod", "runner-a").await.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // The run ends (the pod object goes, as when kubelet confirms its containers stopped): it
     // lands in the baseline.
     Api::<Pod>::namespaced(admin.clone(), &ns)
@@ -283,10 +299,19 @@ async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseli
     let run = &status.recent_runs[0];
     assert_eq!(run.run_id, "4711");
     assert_eq!(run.runner.as_deref(), Some("runner-a"));
-    assert!(run.anomalies.iter().any(|a| a.endpoint == format!("127.0.0.1:{port}/TCP")), "{run:?}");
+    for p in [port, port2] {
+        assert!(
+            run.anomalies.iter().any(|a| a.endpoint == format!("127.0.0.1:{p}/TCP")),
+            "before and after the restart: {run:?}"
+        );
+    }
+    assert_eq!(run.endpoints, 2, "{run:?}");
 
     let (_, metrics) = http_get("/metrics").unwrap();
-    assert!(metrics.contains("runwarden_agent_events_total{result=\"sent\"} 3"), "{metrics}");
+    assert!(
+        metrics.contains("runwarden_agent_events_total{result=\"sent\"} 3"),
+        "the restarted agent's own: {metrics}"
+    );
     assert!(metrics.contains("runwarden_agent_merges_total{result=\"merged\"} 1"), "{metrics}");
     drop(agent);
     common::remove_tree(&mount.join(&relative));
