@@ -228,7 +228,7 @@ fn targets(run: &Run) -> Vec<(ObjectReference, Option<ObjectReference>)> {
 fn event_name(run: &Run, key: &str, regarding: &ObjectReference) -> String {
     let run_id = run.job.as_ref().map_or(run.pod.uid.as_str(), |j| j.run_id.as_str());
     let text = format!("{}\n{run_id}\n{key}\n{:?}", run.pod.uid, regarding.kind);
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = runwarden_crds::identity::fnv1a(text.as_bytes());
     format!("{}.{hash:016x}", regarding.name.as_deref().unwrap_or("runwarden"))
 }
 
