@@ -453,6 +453,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             if last_scan.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                 actions.push(Action::Rescan);
             }
+            // Count exactly what the kernel folded, and recover destinations whose record was
+            // lost to a full ring buffer: they are scored and reported like any other.
+            if let Ok(table) = probes.dedupe_table() {
+                let read_up_to = since_boot().as_nanos() as u64;
+                for o in pipeline.totals(&table, read_up_to) {
+                    actions.extend(node.observe(o, &caches));
+                }
+            }
         }
         let mut actions = std::collections::VecDeque::from(actions);
         let mut rescan = false;
@@ -510,17 +518,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
         }
         if tick {
-            // Count exactly what the kernel folded, recover records lost to a full ring buffer.
-            if let Ok(table) = probes.dedupe_table() {
-                let read_up_to = since_boot().as_nanos() as u64;
-                for o in pipeline.totals(&table, read_up_to) {
-                    for a in node.observe(o, &caches) {
-                        if let Action::Ignore(id) = a {
-                            let _ = probes.ignore_pod(id);
-                        }
-                    }
-                }
-            }
             record_gauges(&metrics, &node, &pipeline, &probes);
             metrics.set_ready(pods_synced && caches_ready.load(std::sync::atomic::Ordering::Relaxed));
         }
