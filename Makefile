@@ -1,7 +1,8 @@
 # One entry point for people, README and CI.
 #
 #   make setup               install what is needed (idempotent)
-#   make test                setup, then lint and every test (unit, property, control plane)
+#   make test                setup, images, then lint and every test (unit, property, control plane, real node)
+#   make images              the agent's and operator's container images (and the test node's) as OCI archives
 #   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml, node-agent/rbac.yaml) from the Rust code
 #   make bench               benchmarks: detector, operator at scale, agent pipeline, connect() overhead, connect storm
 #                            (figures printed, nothing asserted; the agent's need root)
@@ -15,7 +16,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/runwarden/target
 export RUNWARDEN_CACHE ?= $(HOME)/.cache/runwarden
 
-.PHONY: setup test lint generate dev-control-plane bench replay
+.PHONY: setup images test lint generate dev-control-plane bench replay
 
 # The public replay corpus, beside the repository.
 CORPUS ?= ../shared/datasets/egress-replay
@@ -23,7 +24,10 @@ CORPUS ?= ../shared/datasets/egress-replay
 setup:
 	hack/setup.sh
 
-test: setup lint
+images: setup
+	hack/images.sh
+
+test: setup lint images
 	cargo test --workspace --locked
 
 lint:

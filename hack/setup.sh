@@ -3,10 +3,13 @@
 # Safe to run again; CI runs it on every fresh machine.
 set -euo pipefail
 
-# Debian packages. openssl makes the test control plane's service-account key; iproute2 the
-# kernel tests' network namespaces; llvm-22-dev is what bpf-linker is built against (LLVM 22 is
-# rustc 1.95's; bookworm-security has it).
-apt_packages=(openssl ca-certificates iproute2 llvm-22-dev)
+# Debian packages. openssl makes the test control plane's keys and certificates; iproute2 the
+# kernel tests' network namespaces and the test node's bridge; llvm-22-dev is what bpf-linker is
+# built against (LLVM 22 is rustc 1.95's; bookworm-security has it). The test node runs Debian's
+# containerd and runc, the CNI plugins (bridge, host-local, loopback) and iptables (kube-proxy);
+# its pods run busybox-static, its sandboxes a pause built with gcc (`make images`).
+apt_packages=(openssl ca-certificates iproute2 llvm-22-dev containerd runc containernetworking-plugins iptables
+  busybox-static gcc libc6-dev python3)
 missing=()
 # Outputs are captured before matching: with pipefail, `cmd | grep -q` can fail by SIGPIPE.
 for p in "${apt_packages[@]}"; do

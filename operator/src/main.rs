@@ -15,46 +15,30 @@ use runwarden_operator::{Config, Stopped};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
+/// The runwarden operator: policies, baselines, runner attribution and the node agent's DaemonSet.
+#[derive(clap::Parser, Debug)]
+#[command(name = "runwarden-operator", version)]
 struct Flags {
+    /// Print the ServiceAccount and roles it needs in NAMESPACE, as YAML, and exit.
+    #[arg(long, value_name = "NAMESPACE")]
     print_rbac: Option<String>,
+    /// Configuration file (YAML): `manageAgent` and the agent's DaemonSet settings.
+    #[arg(long, value_name = "FILE")]
     config: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: String,
-    leader_elect: bool,
+    /// Run the controllers without a leader Lease (one replica only).
+    #[arg(long)]
+    no_leader_elect: bool,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
     json_logs: bool,
-}
-
-fn flags() -> anyhow::Result<Flags> {
-    let mut f = Flags {
-        print_rbac: None,
-        config: None,
-        metrics_addr: "0.0.0.0:8080".into(),
-        leader_elect: true,
-        json_logs: false,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--json-logs" => f.json_logs = true,
-            "--no-leader-elect" => f.leader_elect = false,
-            "--print-rbac" => f.print_rbac = Some(args.next().context("--print-rbac needs the operator's namespace")?),
-            "--config" => f.config = Some(args.next().context("--config needs a path")?),
-            "--metrics-addr" => f.metrics_addr = args.next().context("--metrics-addr needs an address")?,
-            "-h" | "--help" => {
-                println!(
-                    "usage: runwarden-operator [--config FILE] [--metrics-addr ADDR] [--no-leader-elect] [--json-logs]\n       \
-                     runwarden-operator --print-rbac NAMESPACE   (the ServiceAccount and roles it needs, as YAML)"
-                );
-                std::process::exit(0);
-            }
-            other => anyhow::bail!("unknown argument {other:?}; see --help"),
-        }
-    }
-    Ok(f)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let flags = flags()?;
+    let flags = <Flags as clap::Parser>::parse();
     if let Some(ns) = &flags.print_rbac {
         print!("{}", runwarden_operator::rbac::yaml(ns));
         return Ok(());
@@ -101,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => info!("interrupted: shutting down"),
         }
     }));
-    if !flags.leader_elect {
+    if flags.no_leader_elect {
         runwarden_operator::run(client, config, metrics, shutdown).await;
         return Ok(());
     }

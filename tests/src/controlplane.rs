@@ -55,6 +55,9 @@ pub enum Error {
         /// The end of that log.
         tail: String,
     },
+    /// Setting up the node failed.
+    #[error("{0}")]
+    Setup(String),
     /// `/readyz` did not answer `ok` in time.
     #[error("kube-apiserver not ready after {0:?}; see {1}")]
     NotReady(Duration, String),
@@ -66,7 +69,7 @@ pub enum Error {
 /// Result with the harness error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }
 }
@@ -80,6 +83,10 @@ pub struct Binaries {
     pub kubernetes: String,
     /// Pinned etcd version.
     pub etcd: String,
+    /// The cache root (`$RUNWARDEN_CACHE`, default `~/.cache/runwarden`).
+    pub cache: PathBuf,
+    /// Pinned Actions Runner Controller module version (its CRDs).
+    pub arc: String,
 }
 
 impl Binaries {
@@ -95,14 +102,16 @@ impl Binaries {
         };
         let kubernetes = pin("K8S_VERSION=");
         let etcd = pin("ETCD_VERSION=");
+        let arc = pin("ARC_VERSION=");
         let cache = std::env::var_os("RUNWARDEN_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/runwarden"));
         let dir = cache.join(format!("k8s-{kubernetes}-etcd-{etcd}/bin"));
-        Self { dir, kubernetes, etcd }
+        Self { dir, kubernetes, etcd, cache, arc }
     }
 
-    fn path(&self, name: &str) -> Result<PathBuf> {
+    /// The path of binary `name`, or why it is missing.
+    pub fn path(&self, name: &str) -> Result<PathBuf> {
         let p = self.dir.join(name);
         if p.is_file() { Ok(p) } else { Err(Error::MissingBinary(p)) }
     }
@@ -123,8 +132,8 @@ pub struct ControlPlane {
     pub start_time: Duration,
 }
 
-/// Children to kill and the directory to remove at exit.
-static CLEANUP: Mutex<Option<(Vec<Child>, PathBuf)>> = Mutex::new(None);
+/// Children to kill and the directory to remove at exit (when the harness chose it).
+static CLEANUP: Mutex<Option<(Vec<Child>, PathBuf, bool)>> = Mutex::new(None);
 
 impl ControlPlane {
     /// The control plane shared by every test of this binary, started on first use.
@@ -140,13 +149,18 @@ impl ControlPlane {
 
     /// Starts a control plane that lives until this process exits.
     pub fn start() -> Result<ControlPlane> {
+        Self::start_with(Options::default())
+    }
+
+    /// Starts a control plane with `options` (the real node's differs from the loopback one).
+    pub fn start_with(options: Options) -> Result<ControlPlane> {
         let (tx, rx) = mpsc::channel();
         // The children's parent-death signal fires when the thread that spawned them ends, so
         // they are spawned by a thread that never ends before the process does.
         std::thread::Builder::new()
             .name("control-plane".into())
             .spawn(move || {
-                let _ = tx.send(launch());
+                let _ = tx.send(launch(options));
                 loop {
                     std::thread::park();
                 }
@@ -178,21 +192,59 @@ impl ControlPlane {
     }
 }
 
+/// How to start the control plane; the default serves loopback tests.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Address the apiserver binds and advertises (the `kubernetes` Service's endpoint).
+    pub address: std::net::Ipv4Addr,
+    /// Its port; `None` picks a free one.
+    pub port: Option<u16>,
+    /// `--service-cluster-ip-range`.
+    pub service_cidr: String,
+    /// More lines for the static token file (`token,user,uid,"group1,group2"`).
+    pub tokens: Vec<String>,
+    /// More apiserver flags.
+    pub flags: Vec<String>,
+    /// The data directory; `None`: `<tmp>/runwarden-cp-<pid>`, removed at exit.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            address: std::net::Ipv4Addr::LOCALHOST,
+            port: None,
+            service_cidr: "10.96.0.0/16".into(),
+            tokens: Vec::new(),
+            flags: Vec::new(),
+            dir: None,
+        }
+    }
+}
+
 /// Starts etcd and kube-apiserver and waits for `/readyz`. Runs on the control-plane thread.
-fn launch() -> Result<ControlPlane> {
+fn launch(options: Options) -> Result<ControlPlane> {
     let binaries = Binaries::pinned();
     let etcd = binaries.path("etcd")?;
     let apiserver = binaries.path("kube-apiserver")?;
     sweep_stale_dirs();
 
-    let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let (dir, remove_at_exit) = match &options.dir {
+        Some(dir) => (dir.clone(), false),
+        None => (std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id())), true),
+    };
+    let _ = std::fs::remove_dir_all(dir.join("etcd"));
+    let _ = std::fs::remove_dir_all(dir.join("certs"));
     std::fs::create_dir_all(dir.join("certs")).map_err(io(format!("creating {}", dir.display())))?;
-    install_cleanup(dir.clone());
+    install_cleanup(dir.clone(), remove_at_exit);
 
     let token = format!("runwarden-test-{:x}", random_u64());
-    std::fs::write(dir.join("tokens.csv"), format!("{token},runwarden-test-admin,uid-admin,\"system:masters\"\n"))
-        .map_err(io("writing tokens.csv"))?;
+    let mut tokens = format!("{token},runwarden-test-admin,uid-admin,\"system:masters\"\n");
+    for line in &options.tokens {
+        tokens.push_str(line);
+        tokens.push('\n');
+    }
+    std::fs::write(dir.join("tokens.csv"), tokens).map_err(io("writing tokens.csv"))?;
     let sa_key = dir.join("service-account.key");
     let status = Command::new("openssl")
         .args(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"])
@@ -203,7 +255,9 @@ fn launch() -> Result<ControlPlane> {
         return Err(Error::Io { what: "openssl ecparam".into(), source: std::io::Error::other(status.to_string()) });
     }
 
-    let [etcd_port, peer_port, api_port] = free_ports();
+    let [etcd_port, peer_port, free_api_port] = free_ports();
+    let api_port = options.port.unwrap_or(free_api_port);
+    let address = options.address;
     let started = Instant::now();
     let etcd_url = format!("http://127.0.0.1:{etcd_port}");
     let peer_url = format!("http://127.0.0.1:{peer_port}");
@@ -220,22 +274,25 @@ fn launch() -> Result<ControlPlane> {
         .arg("--log-level=warn");
     spawn(&dir, "etcd", etcd_cmd)?;
 
-    let server = format!("https://127.0.0.1:{api_port}");
+    let server = format!("https://{address}:{api_port}");
     let mut api_cmd = Command::new(apiserver);
     api_cmd
         .arg(format!("--etcd-servers={etcd_url}"))
-        .arg("--bind-address=127.0.0.1")
-        .arg("--advertise-address=127.0.0.1")
+        .arg(format!("--bind-address={address}"))
+        .arg(format!("--advertise-address={address}"))
         .arg(format!("--secure-port={api_port}"))
         .arg(format!("--cert-dir={}", dir.join("certs").display()))
         .arg(format!("--token-auth-file={}", dir.join("tokens.csv").display()))
-        .arg("--authorization-mode=RBAC")
         .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
         .arg(format!("--service-account-key-file={}", sa_key.display()))
         .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
-        .arg("--service-cluster-ip-range=10.96.0.0/16")
+        .arg(format!("--service-cluster-ip-range={}", options.service_cidr))
         .arg("--profiling=false")
-        .arg("--v=1");
+        .arg("--v=1")
+        .args(&options.flags);
+    if !options.flags.iter().any(|f| f.starts_with("--authorization-mode=")) {
+        api_cmd.arg("--authorization-mode=RBAC");
+    }
     spawn(&dir, "kube-apiserver", api_cmd)?;
 
     let kubeconfig = dir.join("kubeconfig");
@@ -311,14 +368,14 @@ fn spawn(dir: &Path, name: &'static str, mut cmd: Command) -> Result<()> {
     cmd.stdin(Stdio::null()).stdout(log).stderr(err);
     die_with_parent(&mut cmd);
     let child = cmd.spawn().map_err(io(format!("starting {name}")))?;
-    if let Some((children, _)) = CLEANUP.lock().unwrap().as_mut() {
+    if let Some((children, _, _)) = CLEANUP.lock().unwrap().as_mut() {
         children.push(child);
     }
     Ok(())
 }
 
 #[allow(unsafe_code)] // prctl in the forked child, before exec: the documented use of pre_exec.
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
     unsafe {
@@ -334,7 +391,7 @@ fn die_with_parent(cmd: &mut Command) {
 /// Reports a child that exited, with the end of its log.
 fn check_children() -> Result<()> {
     let mut guard = CLEANUP.lock().unwrap();
-    let Some((children, dir)) = guard.as_mut() else { return Ok(()) };
+    let Some((children, dir, _)) = guard.as_mut() else { return Ok(()) };
     for (child, name) in children.iter_mut().zip(["etcd", "kube-apiserver"]) {
         if let Ok(Some(status)) = child.try_wait() {
             let log = dir.join(format!("{name}.log"));
@@ -347,17 +404,19 @@ fn check_children() -> Result<()> {
     Ok(())
 }
 
-fn install_cleanup(dir: PathBuf) {
-    *CLEANUP.lock().unwrap() = Some((Vec::new(), dir));
+fn install_cleanup(dir: PathBuf, remove_dir: bool) {
+    *CLEANUP.lock().unwrap() = Some((Vec::new(), dir, remove_dir));
     extern "C" fn at_exit() {
         // A poisoned lock still holds the children: clean up anyway.
         let mut guard = CLEANUP.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((children, dir)) = guard.take() {
+        if let Some((children, dir, remove_dir)) = guard.take() {
             for mut child in children.into_iter().rev() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            let _ = std::fs::remove_dir_all(dir);
+            if remove_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
     #[allow(unsafe_code)] // registering a C exit hook; the hook only kills children and removes files.
@@ -390,7 +449,7 @@ fn free_ports() -> [u16; 3] {
 }
 
 /// A random number from the standard library's randomly seeded hasher (no RNG crate needed).
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     std::collections::hash_map::RandomState::new().build_hasher().finish()
 }

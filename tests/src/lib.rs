@@ -8,5 +8,8 @@
 
 pub mod cluster;
 pub mod controlplane;
+pub mod node;
+pub mod services;
 
 pub use controlplane::ControlPlane;
+pub use node::Node;

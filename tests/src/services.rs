@@ -1,0 +1,104 @@
+//! What runner pods on the test node call: a DNS server and HTTP listeners on the node's bridge
+//! (`node::NODE_IP` and the test addresses), so that no test traffic leaves the machine.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use simple_dns::rdata::{A, RData};
+use simple_dns::{CLASS, Packet, PacketFlag, QTYPE, RCODE, ResourceRecord, TYPE};
+
+/// A DNS server answering A queries for the names it was given (NXDOMAIN for others), on UDP.
+#[derive(Debug, Clone)]
+pub struct Dns {
+    names: Arc<Mutex<HashMap<String, Ipv4Addr>>>,
+    /// Queries answered.
+    pub queries: Arc<AtomicU64>,
+}
+
+impl Dns {
+    /// Serves on `addr` (e.g. the node's address, port 53) from a thread that lives as long as
+    /// the process.
+    pub fn start(addr: SocketAddr) -> std::io::Result<Dns> {
+        let socket = UdpSocket::bind(addr)?;
+        let dns = Dns { names: Arc::default(), queries: Arc::default() };
+        let served = dns.clone();
+        std::thread::Builder::new().name("test-dns".into()).spawn(move || {
+            let mut buf = [0u8; 1500];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
+                if let Some(reply) = served.answer(&buf[..n]) {
+                    let _ = socket.send_to(&reply, from);
+                }
+            }
+        })?;
+        Ok(dns)
+    }
+
+    /// Makes `name` resolve to `ip` (TTL 30 s).
+    pub fn insert(&self, name: &str, ip: Ipv4Addr) {
+        self.names.lock().unwrap().insert(name.trim_end_matches('.').to_ascii_lowercase(), ip);
+    }
+
+    fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
+        let query = Packet::parse(query).ok()?;
+        let mut reply = query.into_reply();
+        reply.set_flags(PacketFlag::AUTHORITATIVE_ANSWER);
+        let names = self.names.lock().unwrap();
+        let mut known = false;
+        for q in reply.questions.clone() {
+            let name = q.qname.to_string().to_ascii_lowercase();
+            if let Some(ip) = names.get(name.trim_end_matches('.')) {
+                known = true;
+                if q.qtype == QTYPE::TYPE(TYPE::A) {
+                    reply.answers.push(ResourceRecord::new(q.qname.clone(), CLASS::IN, 30, RData::A(A::from(*ip))));
+                }
+            }
+        }
+        if !known {
+            *reply.rcode_mut() = RCODE::NameError;
+        }
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        reply.build_bytes_vec().ok()
+    }
+}
+
+/// An HTTP listener that answers every request with `200 ok` and counts connections.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Connections accepted.
+    pub connections: Arc<AtomicU64>,
+}
+
+impl Listener {
+    /// Listens on `addr` from a thread that lives as long as the process.
+    pub fn start(addr: SocketAddr) -> std::io::Result<Listener> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
+        std::thread::Builder::new().name(format!("test-http-{addr}")).spawn(move || {
+            for stream in listener.incoming().flatten() {
+                counted.fetch_add(1, Ordering::Relaxed);
+                std::thread::spawn(move || {
+                    let mut stream = stream;
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut buf = [0u8; 1024];
+                    let _ = stream.read(&mut buf);
+                    let _ = stream.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+                });
+            }
+        })?;
+        Ok(Listener { addr, connections })
+    }
+
+    /// Connections accepted so far.
+    pub fn count(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
