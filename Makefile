@@ -2,6 +2,8 @@
 #
 #   make setup               install what is needed (idempotent)
 #   make test                setup, images, then lint and every test (unit, property, control plane, real node)
+#   make demo                runwarden on a real single-node cluster here, then a short story; stays up
+#   make demo-down           stop the demo cluster and remove what it put on this machine
 #   make images              the agent's and operator's container images (and the test node's) as OCI archives
 #   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml, node-agent/rbac.yaml) from the Rust code
 #   make bench               benchmarks: detector, operator at scale, agent pipeline, connect() overhead, connect storm
@@ -16,7 +18,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/runwarden/target
 export RUNWARDEN_CACHE ?= $(HOME)/.cache/runwarden
 
-.PHONY: setup images test lint generate dev-control-plane bench replay
+.PHONY: setup images demo demo-down test lint generate dev-control-plane bench replay
 
 # The public replay corpus, beside the repository.
 CORPUS ?= ../shared/datasets/egress-replay
@@ -26,6 +28,12 @@ setup:
 
 images: setup
 	hack/images.sh
+
+demo: setup images
+	hack/demo.sh
+
+demo-down:
+	hack/demo.sh down
 
 test: setup lint images
 	cargo test --workspace --locked

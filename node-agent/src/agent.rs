@@ -374,18 +374,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     });
 
     // Reporter and merger tasks.
-    let (report_tx, mut report_rx) = mpsc::channel::<Report>(10_000);
-    let mut reporter = Reporter::new(
+    let (report_tx, report_rx) = mpsc::channel::<Report>(10_000);
+    let reporter = Reporter::new(
         client.clone(),
         &node_name,
         ReportConfig { per_second: args.events_per_second, burst: args.events_per_second * 10.0 },
         metrics.clone(),
     );
-    tokio::spawn(async move {
-        while let Some(r) = report_rx.recv().await {
-            reporter.report(&r).await;
-        }
-    });
+    tokio::spawn(reporter.run(report_rx));
     let (merge_tx, merge_rx) = mpsc::unbounded_channel::<Run>();
     for run in state.finished() {
         let _ = merge_tx.send(run);
@@ -406,6 +402,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut last_scan: Option<Instant> = None;
     let mut pods_synced = false;
+    let mut relisted: Option<std::collections::HashSet<String>> = None;
     let mut observations = Vec::new();
     let mut pod_events = Vec::new();
     loop {
@@ -421,6 +418,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         for e in pod_events.drain(..) {
             match e {
                 watcher::Event::Apply(m) | watcher::Event::InitApply(m) => {
+                    if let (Some(listed), Some(uid)) = (relisted.as_mut(), m.metadata.uid.as_ref()) {
+                        listed.insert(uid.clone());
+                    }
                     if let Some(info) = PodInfo::from_meta(&m.metadata) {
                         actions.extend(node.pod(info, &caches));
                     }
@@ -431,11 +431,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     }
                 }
                 watcher::Event::InitDone => {
+                    // A relist after the watch broke (an API server outage): pods deleted
+                    // meanwhile are not in it, and their runs end now.
+                    if let Some(listed) = relisted.take() {
+                        actions.extend(node.keep_only(&listed));
+                    }
                     pods_synced = true;
                     actions.extend(node.synced(&caches));
                     actions.push(Action::Rescan);
                 }
-                watcher::Event::Init => {}
+                watcher::Event::Init => relisted = Some(std::collections::HashSet::new()),
             }
         }
         for o in observations.drain(..) {

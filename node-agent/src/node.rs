@@ -327,6 +327,13 @@ impl Node {
         }
     }
 
+    /// The pod watch listed `listed` (every pod on the node): pods known before and missing from
+    /// the list were deleted while the watch was down, and are handled as deleted.
+    pub fn keep_only(&mut self, listed: &std::collections::HashSet<String>) -> Vec<Action> {
+        let gone: Vec<String> = self.pods.keys().filter(|uid| !listed.contains(*uid)).cloned().collect();
+        gone.iter().flat_map(|uid| self.pod_deleted(uid)).collect()
+    }
+
     /// The pod watch listed every pod: runs restored from the state directory whose pod is
     /// gone ended while the agent was away.
     pub fn synced(&mut self, scorer: &impl Scorer) -> Vec<Action> {
@@ -680,5 +687,18 @@ mod tests {
         node.observe(call(10, "github.com", 443), &Fixed);
         let actions = node.pod_deleted("u1");
         assert!(matches!(&actions[..], [Action::Finished(run)] if run.destinations.len() == 1));
+    }
+
+    #[test]
+    fn a_runner_deleted_while_the_watch_was_down_ends_its_run_at_the_relist() {
+        let mut node = Node::default();
+        node.pod(runner("u1", true), &Fixed);
+        node.pod(runner("u2", true), &Fixed);
+        node.cgroups(HashMap::from([(10, "u1".to_string()), (11, "u2".to_string())]), &Fixed);
+        node.observe(call(10, "github.com", 443), &Fixed);
+        node.observe(call(11, "github.com", 443), &Fixed);
+        let actions = node.keep_only(&["u2".to_string()].into());
+        assert!(matches!(&actions[..], [Action::Finished(run)] if run.pod.uid == "u1"), "{actions:?}");
+        assert!(node.keep_only(&["u2".to_string()].into()).is_empty(), "u2 is still there");
     }
 }

@@ -8,8 +8,15 @@
 //! New Events are rate-limited by a token bucket ([`ReportConfig`]) so a flood of unique
 //! destinations cannot flood the API server: past it the anomaly is still logged, counted
 //! (`runwarden_agent_events{result="rate_limited"}`) and recorded in the run's record.
+//!
+//! While the API server is unreachable (connection errors, timeouts, 429 and 5xx answers) new
+//! Events wait in a retry queue of [`MAX_RETRY`] reports, retried oldest first with a backoff of
+//! up to [`MAX_BACKOFF`], and are created when it returns (their names make a retry of a
+//! half-created report harmless). Past the bound the oldest is dropped and counted
+//! (`result="dropped"`); the anomaly itself stays in the run's record, which reaches the baseline
+//! when the run is merged. Rejected Events (other 4xx) are counted `failed` and not retried.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,7 +27,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use tracing::warn;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
 
 use crate::metrics::{Metrics, ResultLabel};
 use crate::node::{Destination, ObjectRef, Run};
@@ -33,6 +41,27 @@ pub const CONTROLLER: &str = "runwarden.dev/agent";
 pub const SERIES_EVERY: Duration = Duration::from_secs(10);
 /// Longest Event note the API accepts.
 const MAX_NOTE: usize = 1024;
+/// Reports kept for retry while the API server is unreachable.
+pub const MAX_RETRY: usize = 10_000;
+/// Longest wait between two retries.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Whether an Event was delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Created, found already created, counted, rate-limited or rejected: nothing more to do.
+    Done,
+    /// The API server could not be reached: try again later.
+    Retry,
+}
+
+/// Errors worth a retry: the API server unreachable, overloaded or failing.
+fn retryable(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 429 || s.code >= 500,
+        _ => true,
+    }
+}
 
 /// Limits of the reporter.
 #[derive(Clone, Copy, Debug)]
@@ -110,20 +139,56 @@ impl Reporter {
         self.metrics.events.get_or_create(&ResultLabel { result }).inc();
     }
 
-    /// Publishes (or counts a repeat of) one anomaly's Events.
-    pub async fn report(&mut self, report: &Report) {
-        let Some(dest) = report.run.destinations.get(&report.key) else { return };
+    /// Publishes reports from `rx` until it closes, retrying those the API server could not
+    /// take (see the module's documentation).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Report>) {
+        let mut retry: VecDeque<Report> = VecDeque::new();
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            tokio::select! {
+                r = rx.recv() => {
+                    let Some(r) = r else { return };
+                    // Behind earlier failures: wait for the retry queue, keeping the order.
+                    if !retry.is_empty() || self.report(&r, false).await == Delivery::Retry {
+                        if retry.len() == MAX_RETRY {
+                            retry.pop_front();
+                            self.count("dropped");
+                        }
+                        retry.push_back(r);
+                    }
+                }
+                _ = tokio::time::sleep(backoff), if !retry.is_empty() => {
+                    while let Some(r) = retry.front() {
+                        if self.report(r, true).await == Delivery::Retry {
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            break;
+                        }
+                        retry.pop_front();
+                        backoff = Duration::from_millis(250);
+                        if retry.is_empty() {
+                            info!("the API server takes Events again");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes (or counts a repeat of) one anomaly's Events. `retrying`: a report that already
+    /// passed the rate limit.
+    pub async fn report(&mut self, report: &Report, retrying: bool) -> Delivery {
+        let Some(dest) = report.run.destinations.get(&report.key) else { return Delivery::Done };
         let run = &report.run;
         let targets = targets(run);
         if report.repeat {
             for (regarding, _) in &targets {
                 self.repeat(run, &report.key, regarding).await;
             }
-            return;
+            return Delivery::Done;
         }
-        if !self.take_token() {
+        if !retrying && !self.take_token() {
             self.count("rate_limited");
-            return;
+            return Delivery::Done;
         }
         let note = note(run, dest);
         let mut first = true;
@@ -157,8 +222,15 @@ impl Reporter {
                         self.metrics.detection_latency.observe(latency.as_secs_f64());
                     }
                 }
-                // Created before a restart: repeats go to its series.
+                // Created before a restart or a retry: repeats go to its series.
                 Err(kube::Error::Api(s)) if s.code == 409 => self.count("sent"),
+                Err(e) if retryable(&e) => {
+                    if !retrying {
+                        self.count("retried");
+                        warn!(event = %name, error = %e, "the API server did not take an AnomalousEgress Event; retrying");
+                    }
+                    return Delivery::Retry;
+                }
                 Err(e) => {
                     self.count("failed");
                     warn!(event = %name, error = %e, "could not create an AnomalousEgress Event");
@@ -167,6 +239,7 @@ impl Reporter {
             self.series.insert(name.clone(), Series { count: 1, last_patch: Instant::now(), name });
             first = false;
         }
+        Delivery::Done
     }
 
     async fn repeat(&mut self, run: &Run, key: &str, regarding: &ObjectReference) {

@@ -130,7 +130,14 @@ pub struct ControlPlane {
     pub binaries: Binaries,
     /// How long the start took, from spawning etcd to `/readyz` answering `ok`.
     pub start_time: Duration,
+    /// The apiserver's command line, to start it again after [`ControlPlane::stop_apiserver`].
+    apiserver: Vec<std::ffi::OsString>,
 }
+
+/// Work for the control-plane thread: children it spawns die with that thread, which lives as
+/// long as the process.
+type Task = Box<dyn FnOnce() + Send>;
+static TASKS: Mutex<Option<mpsc::Sender<Task>>> = Mutex::new(None);
 
 /// Children to kill and the directory to remove at exit (when the harness chose it).
 static CLEANUP: Mutex<Option<(Vec<Child>, PathBuf, bool)>> = Mutex::new(None);
@@ -160,13 +167,55 @@ impl ControlPlane {
         std::thread::Builder::new()
             .name("control-plane".into())
             .spawn(move || {
+                let (task_tx, task_rx) = mpsc::channel::<Task>();
+                *TASKS.lock().unwrap() = Some(task_tx);
                 let _ = tx.send(launch(options));
+                for task in task_rx {
+                    task();
+                }
                 loop {
                     std::thread::park();
                 }
             })
             .map_err(io("spawning the control-plane thread"))?;
         rx.recv().expect("the control-plane thread reports once")
+    }
+
+    /// Stops the apiserver (SIGKILL), as an outage: clients get connection errors until
+    /// [`ControlPlane::start_apiserver`].
+    pub fn stop_apiserver(&self) {
+        let mut guard = CLEANUP.lock().unwrap();
+        let (children, _, _) = guard.as_mut().expect("the control plane runs");
+        let _ = children[1].kill();
+        let _ = children[1].wait();
+    }
+
+    /// Starts the apiserver again with the same flags (and data in etcd) and waits until it is
+    /// ready.
+    pub fn start_apiserver(&self) -> Result<()> {
+        let args = self.apiserver.clone();
+        let dir = self.dir.clone();
+        let (tx, rx) = mpsc::channel();
+        let task: Task = Box::new(move || {
+            let mut cmd = Command::new(&args[0]);
+            cmd.args(&args[1..]);
+            let result = spawn_child(&dir, "kube-apiserver", cmd, true).map(|child| {
+                if let Some((children, _, _)) = CLEANUP.lock().unwrap().as_mut() {
+                    children[1] = child;
+                }
+            });
+            let _ = tx.send(result);
+        });
+        TASKS.lock().unwrap().as_ref().expect("the control-plane thread runs").send(task).expect("it takes tasks");
+        rx.recv().expect("the control-plane thread answers")?;
+        let started = Instant::now();
+        let token = std::fs::read_to_string(self.dir.join("tokens.csv"))
+            .map_err(io("reading tokens.csv"))?
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        wait_ready(self, &token, started).map(drop)
     }
 
     /// A client with cluster-admin rights. Make one per test: a client belongs to the tokio
@@ -293,10 +342,12 @@ fn launch(options: Options) -> Result<ControlPlane> {
     if !options.flags.iter().any(|f| f.starts_with("--authorization-mode=")) {
         api_cmd.arg("--authorization-mode=RBAC");
     }
+    let apiserver =
+        std::iter::once(api_cmd.get_program().to_owned()).chain(api_cmd.get_args().map(|a| a.to_owned())).collect();
     spawn(&dir, "kube-apiserver", api_cmd)?;
 
     let kubeconfig = dir.join("kubeconfig");
-    let cp = ControlPlane { server, dir, kubeconfig, binaries, start_time: Duration::ZERO };
+    let cp = ControlPlane { server, dir, kubeconfig, binaries, start_time: Duration::ZERO, apiserver };
     let start_time = wait_ready(&cp, &token, started)?;
     eprintln!(
         "control plane: kube-apiserver {} ready at {} in {:.1}s (data in {})",
@@ -361,17 +412,27 @@ current-context: runwarden-test
 }
 
 /// Spawns a child with its output in `<dir>/<name>.log`, killed when this process dies.
-fn spawn(dir: &Path, name: &'static str, mut cmd: Command) -> Result<()> {
-    let log_path = dir.join(format!("{name}.log"));
-    let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
-    let err = log.try_clone().map_err(io("duplicating a log handle"))?;
-    cmd.stdin(Stdio::null()).stdout(log).stderr(err);
-    die_with_parent(&mut cmd);
-    let child = cmd.spawn().map_err(io(format!("starting {name}")))?;
+fn spawn(dir: &Path, name: &'static str, cmd: Command) -> Result<()> {
+    let child = spawn_child(dir, name, cmd, false)?;
     if let Some((children, _, _)) = CLEANUP.lock().unwrap().as_mut() {
         children.push(child);
     }
     Ok(())
+}
+
+fn spawn_child(dir: &Path, name: &'static str, mut cmd: Command, append: bool) -> Result<Child> {
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::options()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(&log_path)
+        .map_err(io(format!("creating {}", log_path.display())))?;
+    let err = log.try_clone().map_err(io("duplicating a log handle"))?;
+    cmd.stdin(Stdio::null()).stdout(log).stderr(err);
+    die_with_parent(&mut cmd);
+    cmd.spawn().map_err(io(format!("starting {name}")))
 }
 
 #[allow(unsafe_code)] // prctl in the forked child, before exec: the documented use of pre_exec.

@@ -8,7 +8,9 @@
 
 pub mod cluster;
 pub mod controlplane;
+pub mod install;
 pub mod node;
+pub mod runner;
 pub mod services;
 
 pub use controlplane::ControlPlane;

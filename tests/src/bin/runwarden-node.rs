@@ -3,14 +3,17 @@
 //! on this machine (see `runwarden_tests::node`), the runwarden CRDs installed, a kubeconfig
 //! written. Runs until SIGTERM or Ctrl-C, then removes everything it put on the host.
 //!
-//! `runwarden-node [--dir DIR] [--kubeconfig PATH] [--ready-file PATH]`
+//! `runwarden-node [--dir DIR] [--kubeconfig PATH] [--ready-file PATH] [--serve HOST:PORT]...`
 //! (defaults: `~/.cache/runwarden/node`, `DIR/kubeconfig`; the ready file is written once the
-//! node is Ready, for scripts that start it in the background).
+//! node is Ready, for scripts that start it in the background). Each `--serve` gives HOST an
+//! address of its own on the node's bridge, an A record in the DNS server every pod uses, and an
+//! HTTP listener on PORT: what `make demo`'s runners call.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use runwarden_tests::{Node, cluster};
+use runwarden_tests::services::{Dns, Listener};
+use runwarden_tests::{Node, cluster, node};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -18,14 +21,23 @@ async fn main() -> anyhow::Result<()> {
     let mut dir = std::env::var_os("RUNWARDEN_CACHE").map_or(cache, PathBuf::from).join("node");
     let mut kubeconfig = None;
     let mut ready_file = None;
+    let mut serve = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--dir" => dir = args.next().context("--dir needs a path")?.into(),
             "--kubeconfig" => kubeconfig = Some(PathBuf::from(args.next().context("--kubeconfig needs a path")?)),
             "--ready-file" => ready_file = Some(PathBuf::from(args.next().context("--ready-file needs a path")?)),
+            "--serve" => {
+                let spec = args.next().context("--serve needs HOST:PORT")?;
+                let (host, port) = spec.rsplit_once(':').context("--serve needs HOST:PORT")?;
+                let port: u16 = port.parse().with_context(|| format!("--serve {spec}: not a port"))?;
+                serve.push((host.to_string(), port));
+            }
             "-h" | "--help" => {
-                println!("usage: runwarden-node [--dir DIR] [--kubeconfig PATH] [--ready-file PATH]");
+                println!(
+                    "usage: runwarden-node [--dir DIR] [--kubeconfig PATH] [--ready-file PATH] [--serve HOST:PORT]..."
+                );
                 return Ok(());
             }
             other => anyhow::bail!("unknown argument {other:?}; see --help"),
@@ -37,6 +49,16 @@ async fn main() -> anyhow::Result<()> {
     let node = tokio::task::spawn_blocking(move || Node::start(Some(start_dir))).await??;
     let client = node.client().await;
     cluster::ensure_crds(&client).await;
+    let dns = Dns::start((node::NODE_IP, 53).into()).context("serving DNS on the node's address")?;
+    let mut listeners = Vec::new();
+    let addresses = node::TEST_ADDRESSES.collect::<Vec<_>>();
+    anyhow::ensure!(serve.len() <= addresses.len(), "at most {} --serve hosts", addresses.len());
+    for ((host, port), n) in serve.iter().zip(addresses) {
+        let ip = node.add_address(n)?;
+        dns.insert(host, ip);
+        listeners.push(Listener::start((ip, *port).into()).with_context(|| format!("listening on {ip}:{port}"))?);
+        println!("serving {host} at {ip}:{port} (DNS at {}:53)", node::NODE_IP);
+    }
     std::fs::copy(&node.control_plane.kubeconfig, &kubeconfig)
         .with_context(|| format!("writing {}", kubeconfig.display()))?;
     println!(

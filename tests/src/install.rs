@@ -1,0 +1,101 @@
+//! Installing runwarden on the test node as a user would: the images, ARC's and runwarden's
+//! CRDs, the generated RBAC and `deploy/` applied with kubectl; then waiting for the operator
+//! and the agent DaemonSet it deploys.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use kube::{Api, Client};
+
+use crate::{Node, cluster};
+
+/// runwarden's namespace.
+pub const SYSTEM: &str = "runwarden-system";
+
+fn repo() -> PathBuf {
+    cluster::crd_dir().join("..")
+}
+
+/// Runs kubectl against the node, panicking with its stderr when it fails.
+pub fn kubectl(node: &Node, args: &[&str]) -> String {
+    kubectl_stdin(node, args, "")
+}
+
+/// Runs kubectl with `input` on stdin.
+pub fn kubectl_stdin(node: &Node, args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    let mut child = node
+        .kubectl()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running kubectl");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Installs runwarden and waits until it runs. Panics with what went wrong.
+pub async fn runwarden(node: &Node) {
+    for image in ["runwarden-agent.tar", "runwarden-operator.tar"] {
+        node.import_image(&crate::node::image_dir().join(image)).unwrap_or_else(|e| panic!("{e} (run `make images`)"));
+    }
+    let client = node.client().await;
+    cluster::ensure_crds(&client).await;
+    let arc = crate::node::arc_crd_dir();
+    kubectl(node, &["apply", "--server-side", "-f", &arc.display().to_string()]);
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    cluster::wait_established(&crds, "ephemeralrunners.actions.github.com").await;
+    let r = |p: &str| repo().join(p).display().to_string();
+    kubectl(node, &["apply", "-f", &r("deploy/namespace.yaml")]);
+    kubectl(node, &["apply", "-f", &r("operator/rbac.yaml"), "-f", &r("node-agent/rbac.yaml")]);
+    // As shipped, except the agent's state directory: inside the node's, so that it goes
+    // with the node and no test run resumes another's runs.
+    let operator = std::fs::read_to_string(r("deploy/operator.yaml")).unwrap();
+    let state = node.dir.join("agent-state").display().to_string();
+    assert!(operator.contains("stateDir: /var/lib/runwarden"), "deploy/operator.yaml sets the agent's stateDir");
+    let operator = operator.replace("stateDir: /var/lib/runwarden", &format!("stateDir: {state}"));
+    kubectl_stdin(node, &["apply", "-f", "-"], &operator);
+    wait_installed(node, &client).await;
+}
+
+/// Waits until the operator's Deployment is available and its agent DaemonSet has a ready pod on
+/// the node.
+pub async fn wait_installed(node: &Node, client: &Client) {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), SYSTEM);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), SYSTEM);
+    let started = Instant::now();
+    loop {
+        let operator = deployments.get_opt("runwarden-operator").await.unwrap();
+        let agent = daemonsets.get_opt("runwarden-agent").await.unwrap();
+        let operator_ready = operator.and_then(|d| d.status).and_then(|s| s.available_replicas).unwrap_or(0) >= 1;
+        let agent_ready = agent.and_then(|d| d.status).is_some_and(|s| s.number_ready >= 1);
+        if operator_ready && agent_ready {
+            eprintln!("runwarden installed: operator and agent ready in {:.1}s", started.elapsed().as_secs_f64());
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            let pods = kubectl(node, &["get", "pods", "-A", "-o", "wide"]);
+            let describe = node.kubectl().args(["-n", SYSTEM, "describe", "pods"]).output().unwrap();
+            let logs = node
+                .kubectl()
+                .args(["-n", SYSTEM, "logs", "-l", "app.kubernetes.io/name=runwarden", "--tail=30"])
+                .output()
+                .unwrap();
+            panic!(
+                "runwarden not ready after 180s (operator {operator_ready}, agent {agent_ready})\n{pods}\n{}\n{}\n{}\nkubelet:\n{}",
+                String::from_utf8_lossy(&describe.stdout),
+                String::from_utf8_lossy(&logs.stdout),
+                String::from_utf8_lossy(&logs.stderr),
+                node.log_tail("kubelet", 30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

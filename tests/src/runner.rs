@@ -1,0 +1,187 @@
+//! Simulated ARC runners on the test node: real pods with ARC's labels, owned by an
+//! `EphemeralRunner` whose status is filled in as ARC's listener and runner controller would.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use runwarden_crds::WorkflowBaseline;
+use runwarden_crds::identity::SCALE_SET_LABEL;
+use serde_json::json;
+
+use crate::Node;
+use crate::install::{SYSTEM, kubectl};
+use crate::node::NODE_NAME;
+
+/// `http://HOST:PORT/` for the hosts tests serve: port 443 for `*.github.test` and
+/// `*.packages.test` (a job's usual hosts), 8080 for anything else.
+pub fn url(host: &str) -> String {
+    let port = if host.ends_with(".github.test") || host.ends_with(".packages.test") { 443 } else { 8080 };
+    format!("http://{host}:{port}/")
+}
+
+fn ephemeral_runners(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let resource = ApiResource {
+        group: "actions.github.com".into(),
+        version: "v1alpha1".into(),
+        api_version: "actions.github.com/v1alpha1".into(),
+        kind: "EphemeralRunner".into(),
+        plural: "ephemeralrunners".into(),
+    };
+    Api::namespaced_with(client.clone(), ns, &resource)
+}
+
+/// A workflow job (`acme/<repo>` `ci.yml` `build`) whose runners are in a namespace of its own.
+pub struct Job {
+    /// The namespace of its runners and baseline.
+    pub ns: String,
+    /// `acme/<repo>`.
+    pub repo: String,
+}
+
+impl Job {
+    /// Job `acme/<repo>`, with a namespace `arc-<repo>` of its own.
+    pub async fn new(node: &Node, repo: &str) -> Job {
+        let ns = format!("arc-{repo}");
+        kubectl(node, &["create", "namespace", &ns]);
+        // Pods are refused until the controller-manager made the namespace's ServiceAccount.
+        let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(node.client().await, &ns);
+        let started = Instant::now();
+        while accounts.get_opt("default").await.unwrap().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(30), "no default ServiceAccount in {ns} after 30s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Job { ns, repo: format!("acme/{repo}") }
+    }
+
+    /// Starts run `run_id` as ARC does: an EphemeralRunner given the job (its status filled in as
+    /// ARC's listener and runner controller would), and its pod: an init container whose first
+    /// instruction calls `init_host`, then the runner container running `script`.
+    pub async fn start(&self, node: &Node, run_id: i64, init_host: &str, script: &str) -> String {
+        let client = node.client().await;
+        let name = format!("arc-runner-set-{run_id}");
+        let runners = ephemeral_runners(&client, &self.ns);
+        let runner: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "actions.github.com/v1alpha1", "kind": "EphemeralRunner",
+            "metadata": {"name": name, "labels": {SCALE_SET_LABEL: "arc-runner-set"}},
+            "spec": {"githubConfigUrl": "https://github.com/acme", "githubConfigSecret": "github-app", "runnerScaleSetId": 1,
+                     "metadata": {}, "spec": {"containers": [{"name": "runner", "image": "runner"}]}}
+        }))
+        .unwrap();
+        let runner = runners.create(&PostParams::default(), &runner).await.unwrap();
+        let status = json!({"status": {
+            "phase": "Running", "ready": true, "runnerName": name, "jobRequestId": run_id * 10,
+            "jobRepositoryName": self.repo, "jobWorkflowRef": format!("{}/.github/workflows/ci.yml@refs/heads/main", self.repo),
+            "workflowRunId": run_id, "jobDisplayName": "build"
+        }});
+        runners.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+
+        let busybox = "localhost/runwarden/test-busybox:1";
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {SCALE_SET_LABEL: "arc-runner-set", "actions-ephemeral-runner": "True"}},
+            "spec": {
+                "nodeName": NODE_NAME,
+                "restartPolicy": "Never",
+                "automountServiceAccountToken": false,
+                "enableServiceLinks": false,
+                "terminationGracePeriodSeconds": 1,
+                "initContainers": [{"name": "init", "image": busybox, "imagePullPolicy": "Never",
+                                    "command": ["wget", "-q", "-O", "/dev/null", url(init_host)]}],
+                "containers": [{"name": "runner", "image": busybox, "imagePullPolicy": "Never",
+                                "command": ["sh", "-c", script]}]
+            }
+        }))
+        .unwrap();
+        pod.metadata.owner_references = Some(vec![owner_ref(&runner)]);
+        Api::<Pod>::namespaced(client, &self.ns).create(&PostParams::default(), &pod).await.unwrap();
+        name
+    }
+
+    /// Waits for the runner pod's phase `want`.
+    pub async fn wait_phase(&self, node: &Node, name: &str, want: &str) {
+        let pods: Api<Pod> = Api::namespaced(node.client().await, &self.ns);
+        let started = Instant::now();
+        loop {
+            let phase = pods.get(name).await.unwrap().status.and_then(|s| s.phase).unwrap_or_default();
+            if phase == want {
+                return;
+            }
+            assert!(phase != "Failed", "runner pod {name} failed:\n{}", self.logs(node, name));
+            assert!(started.elapsed() < Duration::from_secs(60), "runner pod {name} still {phase} after 60s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The job is done: ARC deletes the runner's pod and the EphemeralRunner.
+    pub async fn finish(&self, node: &Node, name: &str) {
+        let client = node.client().await;
+        Api::<Pod>::namespaced(client.clone(), &self.ns).delete(name, &DeleteParams::default()).await.unwrap();
+        ephemeral_runners(&client, &self.ns).delete(name, &DeleteParams::default()).await.unwrap();
+    }
+
+    /// A whole run whose runner container calls `hosts` in order; returns the runner's name.
+    pub async fn run(&self, node: &Node, run_id: i64, init_host: &str, hosts: &[&str]) -> String {
+        let script: Vec<String> = hosts.iter().map(|h| format!("wget -q -O /dev/null {}", url(h))).collect();
+        let name = self.start(node, run_id, init_host, &script.join(" && ")).await;
+        self.wait_phase(node, &name, "Succeeded").await;
+        self.finish(node, &name).await;
+        name
+    }
+
+    /// The runner pod's logs.
+    pub fn logs(&self, node: &Node, name: &str) -> String {
+        let out = node.kubectl().args(["-n", &self.ns, "logs", name, "--all-containers"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    /// The `AnomalousEgress` Events in the job's namespace.
+    pub async fn anomaly_events(&self, node: &Node) -> Vec<Event> {
+        let events: Api<Event> = Api::namespaced(node.client().await, &self.ns);
+        let list = events.list(&Default::default()).await.unwrap().items;
+        list.into_iter().filter(|e| e.reason.as_deref() == Some("AnomalousEgress")).collect()
+    }
+
+    /// Waits until the job's baseline has recorded run `run_id`; returns the baseline.
+    pub async fn wait_merged(&self, node: &Node, run_id: i64) -> WorkflowBaseline {
+        let baselines: Api<WorkflowBaseline> = Api::namespaced(node.client().await, &self.ns);
+        let started = Instant::now();
+        loop {
+            let found = baselines.list(&Default::default()).await.unwrap().items;
+            let merged = |b: &&WorkflowBaseline| {
+                b.status.as_ref().is_some_and(|s| s.recent_runs.iter().any(|r| r.run_id == run_id.to_string()))
+            };
+            if let Some(b) = found.iter().find(merged) {
+                return b.clone();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "run {run_id} not in any baseline after 90s: {found:?}\n{}",
+                agent_logs(node)
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+fn owner_ref(runner: &DynamicObject) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "actions.github.com/v1alpha1".into(),
+        kind: "EphemeralRunner".into(),
+        name: runner.name_any(),
+        uid: runner.uid().unwrap(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// The end of the agent's log.
+pub fn agent_logs(node: &Node) -> String {
+    let out = node
+        .kubectl()
+        .args(["-n", SYSTEM, "logs", "-l", "app.kubernetes.io/component=agent", "--tail=40"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
