@@ -24,7 +24,7 @@ if [[ "${1:-}" == down ]]; then
   else
     echo "no demo node is running"
   fi
-  rm -rf "$dir" "$ready"
+  rm -rf "$dir" "$ready" "$dir.log"
   exit 0
 fi
 
@@ -38,7 +38,7 @@ say "starting a single-node cluster: etcd, kube-apiserver, controller-manager, s
 cargo build --locked -q -p runwarden-tests --bin runwarden-node
 rm -rf "$dir" "$ready"
 mkdir -p "$dir"
-setsid nohup "$target/debug/runwarden-node" --dir "$dir" --ready-file "$ready" \
+setsid nohup "$target/debug/runwarden-node" --no-crds --dir "$dir" --ready-file "$ready" \
   --serve api.github.test:443 --serve cdn.packages.test:443 --serve new.exfil.test:8080 \
   > "$dir.log" 2>&1 < /dev/null &
 node_pid=$!
@@ -122,9 +122,9 @@ say "kubectl get wfb -n arc-runners"
 kubectl -n arc-runners get wfb
 say "kubectl get events -n arc-runners --field-selector reason=AnomalousEgress"
 kubectl -n arc-runners get events --field-selector reason=AnomalousEgress \
-  -o custom-columns='OBJECT:.regarding.kind,NAME:.regarding.name,NOTE:.note'
+  -o custom-columns='OBJECT:.involvedObject.kind,NAME:.involvedObject.name,MESSAGE:.message'
 say "the baseline's endpoints (kubectl get wfb -o yaml, status.endpoints)"
-kubectl -n arc-runners get wfb -o jsonpath='{range .items[0].status.endpoints[*]}  {.host}:{.port}/{.protocol}{"\t"}{.state}{"\t"}seen in {.runsSeen} runs{"\n"}{end}'
+kubectl -n arc-runners get wfb -o jsonpath='{range .items[0].status.endpoints[*]}  {.host}{.cidr}:{.port}/{.protocol}{"\t"}{.state}{"\t"}seen in {.runsSeen} runs{"\n"}{end}'
 
 say "the cluster stays up"
 echo "  export KUBECONFIG=$KUBECONFIG"

@@ -3,7 +3,7 @@
 //! on this machine (see `runwarden_tests::node`), the runwarden CRDs installed, a kubeconfig
 //! written. Runs until SIGTERM or Ctrl-C, then removes everything it put on the host.
 //!
-//! `runwarden-node [--dir DIR] [--kubeconfig PATH] [--ready-file PATH] [--serve HOST:PORT]...`
+//! `runwarden-node [--no-crds] [--dir DIR] [--kubeconfig PATH] [--ready-file PATH] [--serve HOST:PORT]...`
 //! (defaults: `~/.cache/runwarden/node`, `DIR/kubeconfig`; the ready file is written once the
 //! node is Ready, for scripts that start it in the background). Each `--serve` gives HOST an
 //! address of its own on the node's bridge, an A record in the DNS server every pod uses, and an
@@ -22,9 +22,11 @@ async fn main() -> anyhow::Result<()> {
     let mut kubeconfig = None;
     let mut ready_file = None;
     let mut serve = Vec::new();
+    let mut install_crds = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            "--no-crds" => install_crds = false,
             "--dir" => dir = args.next().context("--dir needs a path")?.into(),
             "--kubeconfig" => kubeconfig = Some(PathBuf::from(args.next().context("--kubeconfig needs a path")?)),
             "--ready-file" => ready_file = Some(PathBuf::from(args.next().context("--ready-file needs a path")?)),
@@ -48,7 +50,9 @@ async fn main() -> anyhow::Result<()> {
     let start_dir = dir.clone();
     let node = tokio::task::spawn_blocking(move || Node::start(Some(start_dir))).await??;
     let client = node.client().await;
-    cluster::ensure_crds(&client).await;
+    if install_crds {
+        cluster::ensure_crds(&client).await;
+    }
     let dns = Dns::start((node::NODE_IP, 53).into()).context("serving DNS on the node's address")?;
     let mut listeners = Vec::new();
     let addresses = node::TEST_ADDRESSES.collect::<Vec<_>>();
@@ -62,11 +66,11 @@ async fn main() -> anyhow::Result<()> {
     std::fs::copy(&node.control_plane.kubeconfig, &kubeconfig)
         .with_context(|| format!("writing {}", kubeconfig.display()))?;
     println!(
-        "node {} Ready (Kubernetes {}) in {:.1}s; CRDs from {} installed",
+        "node {} Ready (Kubernetes {}) in {:.1}s{}",
         runwarden_tests::node::NODE_NAME,
         node.control_plane.binaries.kubernetes,
         node.start_time.as_secs_f64(),
-        cluster::crd_dir().display()
+        if install_crds { format!("; CRDs from {} installed", cluster::crd_dir().display()) } else { String::new() }
     );
     println!("\n  export KUBECONFIG={}", kubeconfig.display());
     println!(
