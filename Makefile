@@ -6,8 +6,8 @@
 #   make demo-down           stop the demo cluster and remove what it put on this machine
 #   make images              the agent's and operator's container images (and the test node's) as OCI archives
 #   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml, node-agent/rbac.yaml) from the Rust code
-#   make bench               benchmarks: detector, operator at scale, agent pipeline, connect() overhead, connect storm
-#                            (figures printed, nothing asserted; the agent's need root)
+#   make bench               benchmarks: detector, operator at scale, agent pipeline, connect() overhead, connect storm,
+#                            detection latency on the real node (figures printed, nothing asserted; the agent's need root)
 #   make replay              the detector on the public replay corpus, scored by its score.py
 #   make dev-control-plane   start etcd + kube-apiserver by hand, CRDs installed, kubeconfig written
 
@@ -54,12 +54,13 @@ generate:
 dev-control-plane: setup
 	cargo run --locked -q -p runwarden-tests --bin runwarden-control-plane
 
-bench: setup
+bench: setup images
 	cargo bench --locked -p runwarden-detector
 	cargo bench --locked -p runwarden-operator --bench scale
 	cargo bench --locked -p runwarden-agent --bench pipeline
 	cargo bench --locked -p runwarden-agent --bench connect
 	cargo bench --locked -p runwarden-agent --bench storm
+	cargo bench --locked -p runwarden-tests --bench latency
 
 replay:
 	cargo build --locked --release -q -p runwarden-detector --bin runwarden-replay

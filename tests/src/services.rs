@@ -73,6 +73,8 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// Connections accepted.
     pub connections: Arc<AtomicU64>,
+    /// When the first connection was accepted.
+    first: Arc<Mutex<Option<std::time::SystemTime>>>,
 }
 
 impl Listener {
@@ -82,8 +84,11 @@ impl Listener {
         let addr = listener.local_addr()?;
         let connections = Arc::new(AtomicU64::new(0));
         let counted = connections.clone();
+        let first = Arc::new(Mutex::new(None));
+        let first_seen = first.clone();
         std::thread::Builder::new().name(format!("test-http-{addr}")).spawn(move || {
             for stream in listener.incoming().flatten() {
+                first_seen.lock().unwrap().get_or_insert_with(std::time::SystemTime::now);
                 counted.fetch_add(1, Ordering::Relaxed);
                 std::thread::spawn(move || {
                     let mut stream = stream;
@@ -94,7 +99,12 @@ impl Listener {
                 });
             }
         })?;
-        Ok(Listener { addr, connections })
+        Ok(Listener { addr, connections, first })
+    }
+
+    /// When the first connection was accepted, if one was.
+    pub fn first_accept(&self) -> Option<std::time::SystemTime> {
+        *self.first.lock().unwrap()
     }
 
     /// Connections accepted so far.
