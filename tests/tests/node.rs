@@ -219,3 +219,108 @@ async fn killing_the_agent_and_stopping_the_api_server_mid_run_loses_nothing() {
         assert!(hosts.iter().any(|h| h == host), "{host} in the baseline: {hosts:?}");
     }
 }
+
+/// The process of this machine whose command line contains `needle`, waiting up to 10 s.
+async fn host_pid(needle: &str) -> u32 {
+    let started = Instant::now();
+    loop {
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if pid != std::process::id() && String::from_utf8_lossy(&cmdline).contains(needle) {
+                return pid;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no process with {needle:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_docker_cgroups_and_container_mode_job_pods_are_the_runners_job() {
+    let world = world().await;
+    let _shared = API_OUTAGE.read().await;
+    let job = Job::new(world.node, "dind").await;
+    let client = world.node.client().await;
+    let mut listeners = Vec::new();
+    for (i, host) in ["nested.dind.test", "jobpod.dind.test"].into_iter().enumerate() {
+        let ip = world.node.add_address(220 + i as u8).unwrap();
+        world.dns.insert(host, ip);
+        listeners.push(Listener::start(SocketAddr::from((ip, 8080))).unwrap());
+    }
+    let name = job.start(world.node, 401, "api.github.test", "sleep 3600").await;
+    job.wait_phase(world.node, &name, "Running").await;
+
+    // Docker in Docker: dockerd in the runner pod runs each container in a cgroup of its own
+    // below the runner container's (`<container>/docker/<id>`). A process of the pod waits for a
+    // file; the test moves it into such a nested cgroup, then lets it call out.
+    kubectl(
+        world.node,
+        &[
+            "-n",
+            &job.ns,
+            "exec",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "(while [ ! -f /tmp/go ]; do sleep 0.1; done; wget -q -O /dev/null http://nested.dind.test:8080/) >/dev/null 2>&1 &",
+        ],
+    );
+    let pid = host_pid("nested.dind.test").await;
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let container =
+        cgroup.lines().find_map(|l| l.strip_prefix("0::")).expect("the process is in the unified hierarchy");
+    let unified = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).join("cgroup.procs").exists())
+        .unwrap();
+    let nested = std::path::PathBuf::from(format!("{unified}{container}/docker/4f1c2a"));
+    std::fs::create_dir_all(&nested).unwrap();
+    std::fs::write(nested.join("cgroup.procs"), pid.to_string()).unwrap();
+    kubectl(world.node, &["-n", &job.ns, "exec", &name, "--", "touch", "/tmp/go"]);
+
+    // Kubernetes container mode: the runner runs the job's steps in a pod of their own, labelled
+    // with the runner pod's name.
+    let job_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("{name}-workflow"), "labels": {"runner-pod": name}},
+        "spec": {"nodeName": NODE_NAME, "restartPolicy": "Never", "automountServiceAccountToken": false,
+                 "containers": [{"name": "job", "image": "localhost/runwarden/test-busybox:1", "imagePullPolicy": "Never",
+                                 "command": ["wget", "-q", "-O", "/dev/null", url("jobpod.dind.test")]}]}
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &job.ns);
+    pods.create(&PostParams::default(), &job_pod).await.unwrap();
+    job.wait_phase(world.node, &format!("{name}-workflow"), "Succeeded").await;
+
+    let started = Instant::now();
+    let mut events = Vec::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        events = job.anomaly_events(world.node).await;
+        let found = |host: &str| events.iter().any(|e| e.note.as_deref().unwrap_or("").contains(host));
+        if found("nested.dind.test") && found("jobpod.dind.test") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for host in ["nested.dind.test", "jobpod.dind.test"] {
+        let on_runner = events
+            .iter()
+            .find(|e| regarding(e) == ("Pod".into(), name.clone()) && e.note.as_deref().unwrap_or("").contains(host));
+        let note = on_runner.and_then(|e| e.note.clone()).unwrap_or_default();
+        assert!(
+            note.contains("run 401 of acme/dind"),
+            "{host}: an Event on the runner pod, for its job: {events:?}\n{}",
+            agent_logs(world.node)
+        );
+    }
+    assert!(listeners.iter().all(|l| l.count() == 1));
+
+    pods.delete(&format!("{name}-workflow"), &DeleteParams::default()).await.unwrap();
+    job.finish(world.node, &name).await;
+    let baseline = job.wait_merged(world.node, 401).await;
+    let hosts: Vec<String> = baseline.status.unwrap().endpoints.iter().filter_map(|e| e.host.clone()).collect();
+    for host in ["api.github.test", "nested.dind.test", "jobpod.dind.test"] {
+        assert!(hosts.iter().any(|h| h == host), "{host} in the runner's run: {hosts:?}");
+    }
+}
