@@ -7,7 +7,8 @@
 #   make images              the agent's and operator's container images (and the test node's) as OCI archives
 #   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml, node-agent/rbac.yaml) from the Rust code
 #   make bench               benchmarks: detector, operator at scale, agent pipeline, connect() overhead, connect storm,
-#                            detection latency on the real node (figures printed, nothing asserted; the agent's need root)
+#                            detection latency and agent memory on the real node (figures printed, nothing asserted;
+#                            the agent's need root)
 #   make replay              the detector on the public replay corpus, scored by its score.py
 #   make dev-control-plane   start etcd + kube-apiserver by hand, CRDs installed, kubeconfig written
 
@@ -61,6 +62,7 @@ bench: setup images
 	cargo bench --locked -p runwarden-agent --bench connect
 	cargo bench --locked -p runwarden-agent --bench storm
 	cargo bench --locked -p runwarden-tests --bench latency
+	cargo bench --locked -p runwarden-tests --bench memory
 
 replay:
 	cargo build --locked --release -q -p runwarden-detector --bin runwarden-replay
