@@ -75,6 +75,35 @@ fn regarding(e: &Event) -> (String, String) {
     (r.kind.unwrap_or_default(), r.name.unwrap_or_default())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_runs_ready_with_named_capabilities_and_belongs_to_the_operators_deployment() {
+    let world = world().await;
+    let _shared = API_OUTAGE.read().await;
+    let client = world.node.client().await;
+    let ds = Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), SYSTEM)
+        .get("runwarden-agent")
+        .await
+        .unwrap();
+    let owner = ds.metadata.owner_references.clone().unwrap_or_default();
+    assert!(
+        owner.iter().any(|o| o.kind == "Deployment" && o.name == "runwarden-operator"),
+        "the operator, under its shipped RBAC, makes its Deployment the DaemonSet's owner (uninstalling it removes the agent): {owner:?}"
+    );
+    // The agent pod is ready and never restarted (not even through the other tests' API outage).
+    let pods = Api::<Pod>::namespaced(client, SYSTEM)
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await
+        .unwrap()
+        .items;
+    let statuses = pods[0].status.clone().unwrap().container_statuses.unwrap_or_default();
+    assert!(statuses[0].ready && statuses[0].restart_count == 0, "{statuses:?}");
+    let spec = ds.spec.unwrap().template.spec.unwrap();
+    let security = spec.containers[0].security_context.clone().unwrap();
+    assert_eq!(security.privileged, Some(false));
+    let added = security.capabilities.unwrap().add.unwrap_or_default();
+    assert_eq!(added, ["BPF", "PERFMON", "NET_ADMIN"], "named capabilities only");
+}
+
 /// Tests run side by side (runner pods of different jobs on one node) except the one that stops
 /// the API server: it runs alone.
 static API_OUTAGE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
