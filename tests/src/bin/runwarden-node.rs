@@ -1,4 +1,4 @@
-//! Starts the single-node test cluster by hand (`make demo` and `make dev-node` use it): the
+//! Starts the single-node test cluster by hand (`make demo` uses it): the
 //! control plane, kube-controller-manager, kube-scheduler, containerd, a kubelet and kube-proxy
 //! on this machine (see `runwarden_tests::node`), the runwarden CRDs installed, a kubeconfig
 //! written. Runs until SIGTERM or Ctrl-C, then removes everything it put on the host.
