@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::cgroups;
-use crate::ebpf::{LoadError, Options, Probes};
+use crate::ebpf::{LoadError, Options, PodBudget, Probes};
 use crate::metrics::{Kind, Metrics, ResultLabel, VerdictLabel};
 use crate::node::{Action, Destination, Job, Node, ObjectRef, PodInfo, Run, Scorer};
 use crate::pipeline::{Pipeline, PipelineConfig, since_boot};
@@ -66,6 +66,13 @@ pub struct AgentArgs {
     /// New AnomalousEgress Events per second (sustained; bursts of ten times as many).
     #[arg(long, default_value_t = 10.0)]
     pub events_per_second: f64,
+    /// Kernel records one pod may write per second (its budget's refill); past its budget a
+    /// pod's records are counted, not written, so it cannot crowd out the others.
+    #[arg(long, default_value_t = PodBudget::default().per_second)]
+    pub pod_records_per_second: u32,
+    /// Kernel records one pod may write in a burst.
+    #[arg(long, default_value_t = PodBudget::default().burst)]
+    pub pod_records_burst: u32,
     /// Logs as JSON lines.
     #[arg(long)]
     pub json_logs: bool,
@@ -306,7 +313,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
 
     let dedupe_window = Duration::from_secs_f64(args.dedupe_window.clamp(0.0, 3600.0));
-    let mut probes = Probes::load(&Options { mount: mount.clone(), attach: mount.clone(), dedupe_window })?;
+    let pod_budget = PodBudget { per_second: args.pod_records_per_second, burst: args.pod_records_burst };
+    let mut probes = Probes::load(&Options { mount: mount.clone(), attach: mount.clone(), dedupe_window, pod_budget })?;
     let mut reader = probes.reader()?;
     let mut parents = cgroups::pod_parents(&mount, args.kubepods_cgroup.as_deref());
     if !parents.is_empty() {
@@ -466,6 +474,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     actions.extend(node.observe(o, &caches));
                 }
             }
+            // Pods past their record budget: their calls were recovered just above; say who.
+            for (cgroup, count) in probes.throttled().unwrap_or_default() {
+                if let Some(pod) = node.throttled(cgroup, count) {
+                    warn!(
+                        pod = %pod.name, namespace = %pod.namespace, records = count,
+                        "a runner pod spent its kernel record budget (a flood of calls or DNS answers); \
+                         its destinations are found from the kernel's dedupe table instead, later"
+                    );
+                }
+            }
         }
         let mut actions = std::collections::VecDeque::from(actions);
         let mut rescan = false;
@@ -589,7 +607,9 @@ fn record_gauges(metrics: &Metrics, node: &Node, pipeline: &Pipeline, probes: &P
         metrics.dns_answers.get_or_create(&ResultLabel { result }).set(n as i64);
     }
     if let Ok(k) = probes.stats() {
-        for (kind, n) in [("call", k.lost_calls), ("dns", k.lost_dns), ("exec", k.lost_exec)] {
+        for (kind, n) in
+            [("call", k.lost_calls), ("dns", k.lost_dns), ("exec", k.lost_exec), ("throttled", k.throttled)]
+        {
             metrics.kernel_lost.get_or_create(&Kind { kind }).set(n as i64);
         }
     }

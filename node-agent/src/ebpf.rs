@@ -16,7 +16,7 @@ use aya::programs::cgroup_skb::CgroupSkbAttachType;
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
-    Config, DedupeKey, DedupeValue, IGNORE, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, names, stats,
+    Budget, Config, DedupeKey, DedupeValue, IGNORE, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, names, stats,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -38,6 +38,12 @@ unsafe impl aya::Pod for Key {}
 struct Value(DedupeValue);
 // SAFETY: as above.
 unsafe impl aya::Pod for Value {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct BudgetValue(Budget);
+// SAFETY: as above.
+unsafe impl aya::Pod for BudgetValue {}
 
 #[repr(transparent)]
 #[derive(Clone, Copy)]
@@ -169,6 +175,33 @@ pub struct Options {
     /// Repeated calls from one cgroup to one destination within this window are counted, not
     /// reported; zero reports every call.
     pub dedupe_window: Duration,
+    /// Each pod's record budget.
+    pub pod_budget: PodBudget,
+}
+
+/// How many records one pod may write into the ring buffer all pods share: a token bucket per
+/// pod in the kernel. Past it the pod's records are counted (per pod, see
+/// [`Probes::throttled`]), not written; its calls stay in the dedupe table, where the agent
+/// finds them, so one pod's flood costs others nothing and itself only delay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodBudget {
+    /// Records per second, sustained.
+    pub per_second: u32,
+    /// Records in a burst.
+    pub burst: u32,
+}
+
+impl PodBudget {
+    /// No budget: every pod may write as much as the ring buffer takes.
+    pub const OFF: PodBudget = PodBudget { per_second: 0, burst: 0 };
+}
+
+impl Default for PodBudget {
+    /// 2,000 records a second, bursts of 4,096: far above a CI job's distinct destinations and
+    /// DNS answers per second (the dedupe folds repeats), and a tenth of the ring buffer.
+    fn default() -> Self {
+        PodBudget { per_second: 2_000, burst: 4_096 }
+    }
 }
 
 /// The kernel's counters, summed over CPUs.
@@ -188,6 +221,8 @@ pub struct KernelStats {
     pub dns_cut: u64,
     /// Exec records lost because the ring buffer was full.
     pub lost_exec: u64,
+    /// Records not written because their pod's budget was spent.
+    pub throttled: u64,
 }
 
 /// The loaded and attached programs. Dropping it detaches them.
@@ -231,6 +266,8 @@ impl Probes {
         let config = Config {
             dedupe_window_ns: u64::try_from(options.dedupe_window.as_nanos()).unwrap_or(u64::MAX),
             exec_filename_offset,
+            budget_per_second: options.pod_budget.per_second,
+            budget_burst: options.pod_budget.burst,
             ..Config::default()
         };
         let mut probes = Self { bpf, mount: options.mount.clone(), monitored: HashMap::new(), config };
@@ -289,8 +326,10 @@ impl Probes {
 
     /// Forgets a pod cgroup that is gone: its mark and the kernel's counts.
     pub fn forget_pod(&mut self, id: u64) -> Result<(), LoadError> {
-        let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
-        let _ = map.remove(&id);
+        let mut monitored: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
+        let _ = monitored.remove(&id);
+        let mut budgets: BpfHashMap<_, u64, BudgetValue> = map(&mut self.bpf, names::BUDGETS)?;
+        let _ = budgets.remove(&id);
         self.forget_dedupe(id)
     }
 
@@ -342,7 +381,21 @@ impl Probes {
             dns_events: sum(stats::DNS_EVENTS),
             dns_cut: sum(stats::DNS_CUT),
             lost_exec: sum(stats::LOST_EXEC),
+            throttled: sum(stats::THROTTLED),
         })
+    }
+
+    /// Pods (cgroup id) whose budget was spent, with how many of their records were not written.
+    pub fn throttled(&self) -> Result<Vec<(u64, u64)>, LoadError> {
+        let budgets: BpfHashMap<_, u64, BudgetValue> =
+            BpfHashMap::try_from(self.bpf.map(names::BUDGETS).ok_or_else(|| missing(names::BUDGETS))?)
+                .map_err(refused)?;
+        Ok(budgets
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, b)| b.0.throttled > 0)
+            .map(|(id, b)| (id, b.0.throttled))
+            .collect())
     }
 
     /// Every (cgroup, destination) in the kernel's dedupe table with its call count and the time

@@ -211,6 +211,10 @@ pub struct Run {
     pub dropped: u64,
     /// Exact calls in all (from the kernel's counts), set at run end.
     pub total_calls: u64,
+    /// The kernel's count of records of this run's pods not written because a pod spent its
+    /// record budget (their destinations are found later in the kernel's dedupe table).
+    #[serde(default)]
+    pub throttled: u64,
 }
 
 /// How to score: the job's baseline and the policy, provided by the caller's caches.
@@ -325,6 +329,22 @@ impl Node {
             }
             None => Vec::new(),
         }
+    }
+
+    /// The kernel counted `count` records of the pod cgroup `cgroup` not written (its budget was
+    /// spent). Returns the run's pod the first time its run is throttled, for a warning.
+    pub fn throttled(&mut self, cgroup: u64, count: u64) -> Option<ObjectRef> {
+        let uid = self.cgroups.get(&cgroup)?;
+        let pod = self.pods.get(uid)?.clone();
+        let run_uid = self.run_of(&pod)?;
+        let run = self.runs.get_mut(&run_uid)?;
+        if count <= run.throttled {
+            return None;
+        }
+        let first = run.throttled == 0;
+        run.throttled = count;
+        self.dirty.insert(run_uid);
+        first.then(|| run.pod.clone())
     }
 
     /// The pod watch listed `listed` (every pod on the node): pods known before and missing from
@@ -451,6 +471,7 @@ impl Node {
             destinations: BTreeMap::new(),
             dropped: 0,
             total_calls: 0,
+            throttled: 0,
         });
         self.dirty.insert(run_uid);
         let proto = match o.proto {
@@ -700,5 +721,17 @@ mod tests {
         let actions = node.keep_only(&["u2".to_string()].into());
         assert!(matches!(&actions[..], [Action::Finished(run)] if run.pod.uid == "u1"), "{actions:?}");
         assert!(node.keep_only(&["u2".to_string()].into()).is_empty(), "u2 is still there");
+    }
+
+    #[test]
+    fn a_throttled_pod_is_named_once_and_its_count_kept_in_the_run() {
+        let mut node = Node::default();
+        node.pod(runner("u1", true), &Fixed);
+        node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
+        node.observe(call(10, "github.com", 443), &Fixed);
+        assert_eq!(node.throttled(10, 5).map(|p| p.uid), Some("u1".to_string()));
+        assert_eq!(node.throttled(10, 9), None, "named once");
+        assert_eq!(node.runs().next().unwrap().throttled, 9);
+        assert_eq!(node.throttled(11, 3), None, "an unknown cgroup");
     }
 }

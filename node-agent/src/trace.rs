@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::ebpf::{self, LoadError, Options, Probes};
+use crate::ebpf::{self, LoadError, Options, PodBudget, Probes};
 use crate::pipeline::{Observation, Pipeline, PipelineConfig};
 
 /// What to trace and how to print it.
@@ -102,8 +102,12 @@ pub async fn run(args: &Args, out: &mut dyn Write) -> Result<i32, TraceError> {
 }
 
 async fn trace(args: &Args, mount: &Path, cgroup: &Path, out: &mut dyn Write) -> Result<i32, TraceError> {
-    let options =
-        Options { mount: mount.to_path_buf(), attach: cgroup.to_path_buf(), dedupe_window: args.dedupe_window };
+    let options = Options {
+        mount: mount.to_path_buf(),
+        attach: cgroup.to_path_buf(),
+        dedupe_window: args.dedupe_window,
+        pod_budget: PodBudget::OFF,
+    };
     let mut probes = Probes::load(&options)?;
     probes.monitor(cgroup)?;
     let mut reader = probes.reader()?;

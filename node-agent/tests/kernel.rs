@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::{Agent, DnsServer, Layout, NetNs, Zone, python};
 use runwarden_agent::dns::RecordData;
+use runwarden_agent::ebpf::PodBudget;
 use runwarden_agent::events::{Hook, Proto};
 use runwarden_agent::pipeline::Observation;
 
@@ -529,4 +530,44 @@ async fn destinations_whose_records_were_lost_are_recovered_from_the_kernel_tabl
     let calls: u64 = agent.pipeline.calls().iter().map(|c| c.calls).sum();
     assert_eq!(calls, 60_000);
     assert!(agent.totals().await.is_empty(), "recovered once");
+}
+
+#[tokio::test]
+async fn one_pods_flood_does_not_take_another_pods_records() {
+    // Nobody reads during the flood: without budgets 60,000 records fill the ring buffer and
+    // what the quiet pod does next is lost (see `records_that_do_not_fit_are_counted_as_lost`).
+    let budget = PodBudget::default();
+    let mut agent = Agent::start_with(WINDOW, budget);
+    let flood = agent.pod(Layout::SystemdBurstable);
+    let quiet = agent.pod(Layout::SystemdBurstable);
+    python(
+        &flood.container,
+        None,
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor p in range(60000):\n  s.connect(('127.0.0.1', 1024 + p))",
+    );
+    python(
+        &quiet.container,
+        None,
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor p in range(100):\n  s.connect(('127.0.0.2', 2000 + p))",
+    );
+    let stats = agent.probes.stats().unwrap();
+    assert_eq!(stats.lost_calls, 0, "the flood did not fill the ring buffer: {stats:?}");
+    assert!(stats.throttled > 0, "{stats:?}");
+    let throttled = agent.probes.throttled().unwrap();
+    assert!(throttled.iter().any(|&(id, n)| id == flood.cgroup_id && n == stats.throttled), "{throttled:?}");
+    assert!(stats.call_events < 60_000 + 100, "the flooding pod wrote at most its budget: {stats:?}");
+
+    let read = agent.drain().await;
+    let of = |obs: &[Observation], pod: &common::Pod| {
+        obs.iter()
+            .filter(|o| o.pod.as_ref().is_some_and(|p| p.pod_uid == pod.uid))
+            .map(|o| o.port)
+            .collect::<HashSet<_>>()
+    };
+    assert_eq!(of(&read, &quiet).len(), 100, "every call of the quiet pod was written");
+    // The flooding pod loses nothing either, only time: its throttled destinations are in the
+    // dedupe table, where the agent finds them.
+    let recovered = agent.totals().await;
+    let flood_ports: HashSet<u16> = of(&read, &flood).union(&of(&recovered, &flood)).copied().collect();
+    assert_eq!(flood_ports.len(), 60_000, "no destination of the flooding pod unseen");
 }

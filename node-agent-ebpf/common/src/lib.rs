@@ -184,6 +184,24 @@ pub struct Config {
     pub pod_parents: [u64; MAX_POD_PARENTS],
     /// The level of each of `pod_parents`.
     pub pod_parent_levels: [u32; MAX_POD_PARENTS],
+    /// Records each pod may write per second, sustained (its budget refills at this rate); 0
+    /// with `budget_burst` 0 turns the budgets off.
+    pub budget_per_second: u32,
+    /// Records a pod may write in a burst. Past its budget a pod's records are not written and
+    /// are counted in its [`Budget`]: one pod cannot fill the ring buffer the others share.
+    pub budget_burst: u32,
+}
+
+/// A pod's record budget (value of `BUDGETS`, key: the pod's cgroup id): a token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// Records it may still write.
+    pub tokens: u64,
+    /// When `tokens` was last refilled (`bpf_ktime_get_boot_ns`).
+    pub refilled_ns: u64,
+    /// Records not written because the budget was spent.
+    pub throttled: u64,
 }
 
 /// Most cgroups whose children are pods (`kubepods`, its `burstable` and `besteffort`).
@@ -214,6 +232,8 @@ pub mod stats {
     pub const DNS_CUT: u32 = 5;
     /// Exec records lost because the ring buffer was full.
     pub const LOST_EXEC: u32 = 6;
+    /// Records not written because their pod's budget was spent.
+    pub const THROTTLED: u32 = 7;
     /// Number of entries.
     pub const COUNT: u32 = 8;
 }
@@ -230,6 +250,8 @@ pub mod names {
     pub const STATS: &str = "STATS";
     /// [`super::DedupeKey`] → [`super::DedupeValue`], LRU.
     pub const DEDUPE: &str = "DEDUPE";
+    /// Pod cgroup id → [`super::Budget`], LRU.
+    pub const BUDGETS: &str = "BUDGETS";
     /// The programs, one per hook.
     pub const PROGRAMS: [&str; 5] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "dns_ingress"];
     /// The `tp_btf/sched_process_exec` program (executable paths).
@@ -241,5 +263,6 @@ const _: () = assert!(core::mem::size_of::<DnsEvent>() == 56 + DNS_CAPTURE);
 const _: () = assert!(core::mem::size_of::<DedupeKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + EXEC_PATH);
 const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);
-const _: () = assert!(core::mem::size_of::<Config>() == 16 + 12 * MAX_POD_PARENTS);
+const _: () = assert!(core::mem::size_of::<Config>() == 24 + 12 * MAX_POD_PARENTS);
+const _: () = assert!(core::mem::size_of::<Budget>() == 24);
 const _: () = assert!(DNS_CAPTURE.is_power_of_two());

@@ -11,8 +11,11 @@
 //! few map lookups. On a node, the pods below kubelet's `kubepods` cgroups (`CONFIG.pod_parents`)
 //! are reported unless marked `IGNORE`: a pod the agent has not classified yet is seen from its
 //! first call. Repeated calls from one cgroup to one destination within the dedupe window
-//! are counted in `DEDUPE`, not reported. Records are submitted without waking the reader (it
-//! polls) unless the ring buffer fills past a threshold; records that do not fit are counted in
+//! are counted in `DEDUPE`, not reported. Each pod has a record budget (`BUDGETS`, a token
+//! bucket refilled at `CONFIG.budget_per_second`): past it the pod's records are counted, not
+//! written, so one pod cannot fill the ring buffer all pods share (its calls stay in `DEDUPE`,
+//! where the agent finds them). Records are submitted without waking the reader (it polls)
+//! unless the ring buffer fills past a threshold; records that do not fit are counted in
 //! `STATS`. Every program lets the call go ahead.
 
 #![no_std]
@@ -36,9 +39,9 @@ use aya_ebpf::macros::{btf_tracepoint, cgroup_skb, cgroup_sock_addr, map};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
 use runwarden_ebpf_common::{
-    CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ExecEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST,
-    HOOK_CONNECT, HOOK_SENDMSG, IGNORE, KIND_CALL, KIND_DNS, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP,
-    PROTO_UDP, VERDICT_ALLOWED, stats,
+    Budget, CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ExecEvent, FAMILY_IPV4, FAMILY_IPV6,
+    FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, IGNORE, KIND_CALL, KIND_DNS, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS,
+    MONITOR, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -57,6 +60,40 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 #[map]
 static DEDUPE: LruHashMap<DedupeKey, DedupeValue> = LruHashMap::with_max_entries(65_536, 0);
+#[map]
+static BUDGETS: LruHashMap<u64, Budget> = LruHashMap::with_max_entries(16_384, 0);
+
+/// Takes one record from `pod`'s budget; false (and counted) when it is spent. CPUs race on the
+/// bucket without locks: the budget is approximate, never unbounded.
+#[inline(always)]
+fn take_budget(cfg: &Config, pod: u64, now: u64) -> bool {
+    if cfg.budget_burst == 0 {
+        return true;
+    }
+    let burst = u64::from(cfg.budget_burst);
+    let Some(budget) = BUDGETS.get_ptr_mut(pod) else {
+        let fresh = Budget { tokens: burst - 1, refilled_ns: now, throttled: 0 };
+        let _ = BUDGETS.insert(pod, fresh, 0);
+        return true;
+    };
+    // SAFETY: `budget` points into the map's element, valid for this program run.
+    unsafe {
+        // At most 10 s of refill at once, so the product cannot overflow.
+        let elapsed = now.wrapping_sub((*budget).refilled_ns).min(10_000_000_000);
+        let refill = elapsed * u64::from(cfg.budget_per_second) / 1_000_000_000;
+        if refill > 0 {
+            (*budget).tokens = ((*budget).tokens + refill).min(burst);
+            (*budget).refilled_ns = now;
+        }
+        if (*budget).tokens == 0 {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*budget).throttled, 1);
+            count(stats::THROTTLED);
+            return false;
+        }
+        (*budget).tokens -= 1;
+    }
+    true
+}
 
 #[inline(always)]
 fn count(index: u32) {
@@ -173,6 +210,9 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
             }
             flags = 0;
         }
+    }
+    if !take_budget(&cfg, pod, now) {
+        return;
     }
     let Some(mut slot) = EVENTS.reserve::<CallEvent>(0) else {
         count(stats::LOST_CALLS);
@@ -339,6 +379,10 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
     // A bound the verifier can see, 1..=DNS_CAPTURE, computed where LLVM cannot fold it away.
     let captured = core::hint::black_box(if length > DNS_CAPTURE { DNS_CAPTURE } else { length });
     let captured = ((captured - 1) & (DNS_CAPTURE - 1)) + 1;
+    // SAFETY: a helper without pointer arguments.
+    if !take_budget(&cfg, pod, unsafe { bpf_ktime_get_boot_ns() }) {
+        return None;
+    }
     let Some(mut slot) = EVENTS.reserve::<DnsEvent>(0) else {
         count(stats::LOST_DNS);
         return None;
@@ -392,6 +436,10 @@ fn on_exec(ctx: &BtfTracePointContext) -> Option<()> {
     // this kernel's BTF.
     let filename: *const u8 =
         unsafe { bpf_probe_read_kernel(bprm.add(cfg.exec_filename_offset as usize) as *const *const u8) }.ok()?;
+    // SAFETY: a helper without pointer arguments.
+    if !take_budget(&cfg, pod, unsafe { bpf_ktime_get_boot_ns() }) {
+        return None;
+    }
     let Some(mut slot) = EVENTS.reserve::<ExecEvent>(0) else {
         count(stats::LOST_EXEC);
         return None;

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use runwarden_agent::ebpf::{self, KernelStats, Options, Probes};
+use runwarden_agent::ebpf::{self, KernelStats, Options, PodBudget, Probes};
 use runwarden_agent::pipeline::{Pipeline, PipelineConfig};
 
 /// What the agent thread saw.
@@ -35,7 +35,7 @@ pub struct AgentThread {
 impl AgentThread {
     pub fn start(attach: &Path, monitored: &[PathBuf], dedupe_window: Duration) -> Self {
         let mount = ebpf::cgroup2_mount().expect("cgroup v2");
-        let options = Options { mount, attach: attach.to_path_buf(), dedupe_window };
+        let options = Options { mount, attach: attach.to_path_buf(), dedupe_window, pod_budget: PodBudget::OFF };
         let monitored = monitored.to_vec();
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(AgentReport::default()));

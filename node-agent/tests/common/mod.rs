@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use runwarden_agent::cgroups::CgroupIndex;
 use runwarden_agent::dns::RecordData;
-use runwarden_agent::ebpf::{self, Options, Probes, Reader};
+use runwarden_agent::ebpf::{self, Options, PodBudget, Probes, Reader};
 use runwarden_agent::pipeline::{Observation, Pipeline, PipelineConfig};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -293,12 +293,18 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dedupe_window: Duration) -> Self {
+        Self::start_with(dedupe_window, PodBudget::OFF)
+    }
+
+    /// With each pod's kernel record budget (the agent's default is on; tests of the ring buffer
+    /// itself turn it off).
+    pub fn start_with(dedupe_window: Duration, pod_budget: PodBudget) -> Self {
         require_root();
         let mount = ebpf::cgroup2_mount().expect("a cgroup v2 mount");
         sweep_stale_cgroups(&mount);
         let root = mount.join(format!("runwarden-test-{}-{}", std::process::id(), next()));
         std::fs::create_dir(&root).unwrap();
-        let options = Options { mount: mount.clone(), attach: root.clone(), dedupe_window };
+        let options = Options { mount: mount.clone(), attach: root.clone(), dedupe_window, pod_budget };
         let mut probes = Probes::load(&options).unwrap_or_else(|e| {
             remove_tree(&root);
             panic!("loading the programs: {e}")
