@@ -394,7 +394,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     for run in state.finished() {
         let _ = merge_tx.send(run);
     }
-    tokio::spawn(merger(client.clone(), merge_rx, state.clone(), policies.clone(), metrics.clone()));
+    tokio::spawn(merger(client.clone(), node_name.clone(), merge_rx, state.clone(), policies.clone(), metrics.clone()));
 
     let mut node = Node::default();
     node.restore(state.runs());
@@ -623,6 +623,7 @@ fn record_gauges(metrics: &Metrics, node: &Node, pipeline: &Pipeline, probes: &P
 /// did not take: it is unreachable, the baseline does not exist yet, or writers kept conflicting.
 async fn merger(
     client: Client,
+    node_name: String,
     mut rx: mpsc::UnboundedReceiver<Run>,
     state: StateDir,
     policies: Store<EgressPolicy>,
@@ -643,6 +644,10 @@ async fn merger(
             let count = |result| metrics.merges.get_or_create(&ResultLabel { result }).inc();
             let Some(job) = run.job.clone() else {
                 // Ended before its job was known: reported under the scale set, not merged.
+                if crate::report::unattributed(&client, &node_name, &run).await == crate::report::Delivery::Retry {
+                    still.push(run);
+                    continue;
+                }
                 metrics.unattributed_runs.inc();
                 warn!(
                     namespace = %run.pod.namespace, pod = %run.pod.name, scale_set = run.scale_set.as_deref(),

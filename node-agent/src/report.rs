@@ -35,6 +35,8 @@ use crate::node::{Destination, ObjectRef, Run};
 
 /// Reason of the Events.
 pub const REASON: &str = "AnomalousEgress";
+/// Reason of the Event for a run that ended before its job was known.
+pub const UNATTRIBUTED: &str = "UnattributedEgress";
 /// `reportingController` of the Events.
 pub const CONTROLLER: &str = "runwarden.dev/agent";
 /// Least time between two series updates of one Event.
@@ -271,6 +273,60 @@ impl Reporter {
         let prefix = format!("{}.", run.pod.name);
         self.series.retain(|name, _| !name.starts_with(&prefix));
     }
+}
+
+/// Reports a run that ended before its job was known, under its runner scale set: one Warning
+/// Event (`UnattributedEgress`) on the pod and on its `EphemeralRunner`, listing what it called
+/// (unscored: there is no baseline to score against). Named from the pod, so a retry does not
+/// duplicate it. `Retry` when the API server could not be reached.
+pub async fn unattributed(client: &Client, node: &str, run: &Run) -> Delivery {
+    let mut destinations: Vec<String> = run.destinations.values().map(Destination::text).collect();
+    destinations.sort();
+    let scale_set = run.scale_set.as_deref().unwrap_or("unknown");
+    let mut note = format!(
+        "runner {} of scale set {scale_set} ended before its job was known; its {} destination(s) were not scored \
+         or learned: {}",
+        run.pod.name,
+        destinations.len(),
+        destinations.join(", ")
+    );
+    if note.len() > MAX_NOTE {
+        let mut cut = MAX_NOTE - 3;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    for (regarding, related) in targets(run) {
+        let name = event_name(run, UNATTRIBUTED, &regarding);
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: regarding.namespace.clone(),
+                labels: Some([("app.kubernetes.io/name".to_string(), "runwarden".to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(Timestamp::now())),
+            action: Some("Connect".into()),
+            reason: Some(UNATTRIBUTED.into()),
+            note: Some(note.clone()),
+            type_: Some("Warning".into()),
+            regarding: Some(regarding.clone()),
+            related,
+            reporting_controller: Some(CONTROLLER.into()),
+            reporting_instance: Some(format!("{CONTROLLER}/{node}")),
+            ..Event::default()
+        };
+        let api: Api<Event> = Api::namespaced(client.clone(), regarding.namespace.as_deref().unwrap_or("default"));
+        match api.create(&PostParams::default(), &event).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) if retryable(&e) => return Delivery::Retry,
+            Err(e) => warn!(event = %name, error = %e, "could not create an UnattributedEgress Event"),
+        }
+    }
+    Delivery::Done
 }
 
 /// The objects a run's Events are about: the pod, its `EphemeralRunner` and the baseline

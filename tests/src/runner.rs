@@ -60,6 +60,19 @@ impl Job {
     /// ARC's listener and runner controller would), and its pod: an init container whose first
     /// instruction calls `init_host`, then the runner container running `script`.
     pub async fn start(&self, node: &Node, run_id: i64, init_host: &str, script: &str) -> String {
+        self.start_with(node, run_id, init_host, script, true).await
+    }
+
+    /// As [`Job::start`]; with `assign_job` false the runner is never given its job (its
+    /// `EphemeralRunner` status stays empty, as when the pod ends before ARC assigns one).
+    pub async fn start_with(
+        &self,
+        node: &Node,
+        run_id: i64,
+        init_host: &str,
+        script: &str,
+        assign_job: bool,
+    ) -> String {
         let client = node.client().await;
         let name = format!("arc-runner-set-{run_id}");
         let runners = ephemeral_runners(&client, &self.ns);
@@ -76,7 +89,9 @@ impl Job {
             "jobRepositoryName": self.repo, "jobWorkflowRef": format!("{}/.github/workflows/ci.yml@refs/heads/main", self.repo),
             "workflowRunId": run_id, "jobDisplayName": "build"
         }});
-        runners.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+        if assign_job {
+            runners.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+        }
 
         let busybox = "localhost/runwarden/test-busybox:1";
         let mut pod: Pod = serde_json::from_value(json!({

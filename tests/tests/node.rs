@@ -249,6 +249,54 @@ async fn killing_the_agent_and_stopping_the_api_server_mid_run_loses_nothing() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_ends_before_its_job_is_known_is_reported_under_its_scale_set() {
+    let world = world().await;
+    let _shared = API_OUTAGE.read().await;
+    let job = Job::new(world.node, "early").await;
+    let name = job
+        .start_with(
+            world.node,
+            501,
+            "api.github.test",
+            &format!("wget -q -O /dev/null {}", url("cdn.packages.test")),
+            false,
+        )
+        .await;
+    job.wait_phase(world.node, &name, "Succeeded").await;
+    job.finish(world.node, &name).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(world.node.client().await, &job.ns);
+    let started = Instant::now();
+    loop {
+        let found: Vec<_> = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("UnattributedEgress"))
+            .collect();
+        if found.len() == 2 {
+            let kinds: Vec<(String, String)> = found.iter().map(regarding).collect();
+            assert!(
+                kinds.contains(&("Pod".into(), name.clone()))
+                    && kinds.contains(&("EphemeralRunner".into(), name.clone()))
+            );
+            let note = found[0].note.clone().unwrap_or_default();
+            assert!(note.contains("scale set arc-runner-set"), "{note}");
+            assert!(note.contains("api.github.test") && note.contains("cdn.packages.test"), "{note}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "UnattributedEgress Events: {found:?}\n{}",
+            agent_logs(world.node)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(job.anomaly_events(world.node).await.is_empty(), "nothing scored without a job");
+}
+
 /// The process of this machine whose command line contains `needle`, waiting up to 10 s.
 async fn host_pid(needle: &str) -> u32 {
     let started = Instant::now();
