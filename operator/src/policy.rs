@@ -7,6 +7,10 @@
 //! - Policies of one namespace whose selectors can select the same runner overlap. For such a
 //!   runner the oldest policy applies (by creation time, then name); a newer overlapping policy
 //!   is `Ready=True` with reason `Overlapping` and a message naming the policy that wins.
+//! - What this version does not do yet is never reported as Ready: a `Block` policy is
+//!   `Ready=False`, reason `NotEnforced` (calls are reported as in `Audit` mode; none is
+//!   refused), and a policy with notifiers `Ready=False`, reason `NotifiersNotSent` (anomalies go
+//!   to Events, logs and metrics only). The policy still applies to anomaly detection.
 //! - `status.matchedRunners` counts the runner pods (ARC's, or labelled
 //!   `runwarden.dev/monitor=true`) the selector covers and for which this policy wins.
 
@@ -24,7 +28,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use runwarden_crds::policy::glob_match;
-use runwarden_crds::{Condition, ConditionStatus, EgressPolicy, RunnerSelector};
+use runwarden_crds::{Condition, ConditionStatus, EgressPolicy, PolicyMode, RunnerSelector};
 use serde_json::json;
 use tracing::warn;
 
@@ -78,6 +82,22 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
 
     let (status, reason, message) = match missing_secret(&ctx.client, &ns, &policy).await? {
         Some(problem) => (ConditionStatus::False, "SecretNotFound", problem),
+        None if policy.spec.mode == PolicyMode::Block => (
+            ConditionStatus::False,
+            "NotEnforced",
+            "mode Block is not enforced by this version of runwarden: calls that are not allowed are reported \
+             as in Audit mode and none is refused"
+                .to_string(),
+        ),
+        None if !policy.spec.anomaly_detection.notifiers.is_empty() => (
+            ConditionStatus::False,
+            "NotifiersNotSent",
+            format!(
+                "{} notifier(s) configured, but this version of runwarden does not send notifications yet: \
+                 anomalies go to Kubernetes Events, logs and metrics only",
+                policy.spec.anomaly_detection.notifiers.len()
+            ),
+        ),
         None => match winner_over(&policy, &ctx.policies) {
             Some(older) => (
                 ConditionStatus::True,
@@ -119,7 +139,7 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
     });
     let api: Api<EgressPolicy> = Api::namespaced(ctx.client.clone(), &ns);
     api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-    publish_invalid(&ctx, &policy, status, previous, message).await;
+    publish_invalid(&ctx, &policy, status, reason, previous, message).await;
     Ok(Action::requeue(recheck(status)))
 }
 
@@ -134,13 +154,15 @@ async fn publish_invalid(
     ctx: &Ctx,
     policy: &EgressPolicy,
     status: ConditionStatus,
+    reason: &str,
     previous: Option<&Condition>,
     message: String,
 ) {
-    let became_invalid =
-        status == ConditionStatus::False && previous.is_none_or(|c| c.status != ConditionStatus::False);
-    if became_invalid {
-        record_event(&ctx.recorder, policy, EventType::Warning, "PolicyInvalid", "Validate", message).await;
+    let changed = previous.is_none_or(|c| c.status != status || c.reason != reason);
+    if status == ConditionStatus::False && changed {
+        // A broken policy is invalid; one asking for what this version does not do says so.
+        let event = if reason == "SecretNotFound" { "PolicyInvalid" } else { reason };
+        record_event(&ctx.recorder, policy, EventType::Warning, event, "Validate", message).await;
     }
 }
 

@@ -78,10 +78,30 @@ async fn a_policy_naming_a_missing_secret_is_not_ready_and_says_which_field() {
     )
     .unwrap();
     Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();
+    // The Secret is there; notifications are not sent by this version, and the condition says so.
+    let (status, message, _) = ready(&client, &ns, "audit", "NotifiersNotSent").await;
+    assert_eq!(status, ConditionStatus::False);
+    assert!(message.contains("1 notifier(s) configured"), "{message}");
+    common::wait_for_event(&client, &ns, "NotifiersNotSent").await;
+
+    // Without notifiers the policy is valid.
+    let api: Api<EgressPolicy> = Api::namespaced(client.clone(), &ns);
+    let patch = json!({"spec": {"anomalyDetection": {"notifiers": []}}});
+    api.patch("audit", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
     let (status, message, _) = ready(&client, &ns, "audit", "Valid").await;
     assert_eq!(status, ConditionStatus::True);
     let presets = runwarden_crds::Preset::GithubActions.endpoints().len();
     assert!(message.contains(&format!("allows {presets} endpoints ({presets} from presets)")), "{message}");
+}
+
+#[tokio::test]
+async fn a_block_policy_is_not_ready_because_nothing_blocks_yet() {
+    let (client, ns, _stop) = setup("policy-block").await;
+    create_policy(&client, &ns, "block", json!({"mode": "Block", "presets": ["github-actions"]})).await;
+    let (status, message, _) = ready(&client, &ns, "block", "NotEnforced").await;
+    assert_eq!(status, ConditionStatus::False, "Ready never claims protection that does not happen");
+    assert!(message.contains("none is refused"), "{message}");
+    common::wait_for_event(&client, &ns, "NotEnforced").await;
 }
 
 #[tokio::test]
