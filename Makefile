@@ -5,7 +5,8 @@
 #   make demo                runwarden on a real single-node cluster here, then a short story; stays up
 #   make demo-down           stop the demo cluster and remove what it put on this machine
 #   make images              the agent's and operator's container images (and the test node's) as OCI archives
-#   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml, node-agent/rbac.yaml) from the Rust code
+#   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml, node-agent/rbac.yaml and their
+#                            copies in charts/runwarden/templates) from the Rust code
 #   make bench               benchmarks: detector, operator at scale, agent pipeline, connect() overhead, connect storm,
 #                            detection latency and agent memory on the real node (figures printed, nothing asserted;
 #                            the agent's need root)
@@ -51,6 +52,8 @@ generate:
 	cargo run --locked -q -p runwarden-crds --bin runwarden-crdgen
 	cargo run --locked -q -p runwarden-operator -- --print-rbac runwarden-system > operator/rbac.yaml
 	cargo run --locked -q -p runwarden-agent -- --print-rbac runwarden-system > node-agent/rbac.yaml
+	cargo run --locked -q -p runwarden-operator -- --print-rbac '{{ .Release.Namespace }}' > charts/runwarden/templates/operator-rbac.yaml
+	cargo run --locked -q -p runwarden-agent -- --print-rbac '{{ .Release.Namespace }}' > charts/runwarden/templates/agent-rbac.yaml
 
 dev-control-plane: setup
 	cargo run --locked -q -p runwarden-tests --bin runwarden-control-plane

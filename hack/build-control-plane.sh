@@ -15,6 +15,10 @@ ETCD_VERSION=v3.6.16
 # its API types). v0.27.6 holds gha-runner-scale-set-controller 0.6.1: the newest version of the
 # module the Go module proxy serves (later releases are tagged gha-runner-scale-set-*, not semver).
 ARC_VERSION=v0.27.6
+# helm, for the chart's tests and `make demo`.
+HELM_VERSION=v4.3.2
+# prometheus-operator's CRDs (ServiceMonitor, PrometheusRule), for the chart's server-side dry run.
+PROMETHEUS_OPERATOR_VERSION=v0.88.0
 
 cache="${RUNWARDEN_CACHE:-$HOME/.cache/runwarden}"
 bin="$cache/k8s-$K8S_VERSION-etcd-$ETCD_VERSION/bin"
@@ -35,13 +39,35 @@ have_command() {
 missing_k8s() { for c in "${k8s_commands[@]}"; do have_command "$c" || echo "$c"; done; }
 have_k8s() { [[ -z "$(missing_k8s)" ]]; }
 
-arc="$cache/arc-$ARC_VERSION/crds"
-if [[ ! -f "$arc/actions.github.com_ephemeralrunners.yaml" ]]; then
-  echo "control plane: fetching ARC $ARC_VERSION's CRDs"
-  arc_module=$(GOFLAGS=-mod=mod go mod download -json "github.com/actions/actions-runner-controller@$ARC_VERSION" |
-    sed -n 's/.*"Dir": "\(.*\)",*/\1/p')
-  mkdir -p "$arc"
-  cp "$arc_module"/config/crd/bases/actions.github.com_*.yaml "$arc/"
+# CRDs as a Go module carries them: fetch_crds MODULE VERSION DIR-IN-MODULE "GLOB..." DEST
+fetch_crds() {
+  if ! compgen -G "$5/*.yaml" >/dev/null; then
+    echo "control plane: fetching CRDs from $1@$2"
+    local module
+    module=$(GOFLAGS=-mod=mod go mod download -json "$1@$2" | sed -n 's/.*"Dir": "\(.*\)",*/\1/p')
+    mkdir -p "$5"
+    local f
+    for f in $4; do cp "$module/$3"/$f "$5/"; done
+    chmod u+w "$5"/*.yaml
+  fi
+}
+fetch_crds github.com/actions/actions-runner-controller "$ARC_VERSION" config/crd/bases 'actions.github.com_*.yaml' \
+  "$cache/arc-$ARC_VERSION/crds"
+fetch_crds github.com/prometheus-operator/prometheus-operator "$PROMETHEUS_OPERATOR_VERSION" example/prometheus-operator-crd \
+  'monitoring.coreos.com_servicemonitors.yaml monitoring.coreos.com_prometheusrules.yaml' "$cache/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/crds"
+
+helm_bin="$cache/tools/helm-$HELM_VERSION/helm"
+if [[ "$(version_of "$helm_bin" version --short)" != "$HELM_VERSION"* ]]; then
+  echo "control plane: building helm $HELM_VERSION (first time only, a few minutes)"
+  helm_work=$(mktemp -d)
+  (
+    cd "$helm_work"
+    export GOFLAGS="-buildvcs=false -mod=mod" CGO_ENABLED=0
+    go mod init runwarden.dev/build-helm >/dev/null 2>&1
+    go get "helm.sh/helm/v4/cmd/helm@$HELM_VERSION" >/dev/null 2>&1
+    go build -trimpath -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION" -o "$helm_bin" helm.sh/helm/v4/cmd/helm
+  )
+  rm -rf "$helm_work"
 fi
 
 if have_etcd && have_k8s; then

@@ -11,7 +11,8 @@ target="${CARGO_TARGET_DIR:-$cache/target}"
 dir="$cache/demo"
 ready="$dir.ready"
 bin="$(ls -d "$cache"/k8s-*/bin | head -1)"
-export KUBECONFIG="$dir/kubeconfig" PATH="$bin:$PATH"
+helm_dir="$(ls -d "$cache"/tools/helm-* | head -1)"
+export KUBECONFIG="$dir/kubeconfig" PATH="$bin:$helm_dir:$PATH"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -48,14 +49,15 @@ until [[ -f "$ready" ]]; do
 done
 grep -E "^(node|serving)" "$dir.log" | sed 's/^/  /'
 
-say "installing runwarden as a user would: images, CRDs (runwarden's and ARC's), RBAC, the operator"
+say "installing runwarden as a user would: the images, ARC's CRDs, then helm install"
 for image in runwarden-agent runwarden-operator; do
   ctr --address "$dir/containerd/containerd.sock" --namespace k8s.io images import "$cache/images/$image.tar" | sed 's/^/  /'
 done
 kubectl apply --server-side -f "$cache"/arc-*/crds/ | sed 's/^/  /'
-kubectl apply -f deploy/namespace.yaml -f crds/ -f operator/rbac.yaml -f node-agent/rbac.yaml | sed 's/^/  /'
-# The agent keeps its state inside the demo's directory, so that `make demo-down` removes it.
-sed "s|stateDir: /var/lib/runwarden|stateDir: $dir/agent-state|" deploy/operator.yaml | kubectl apply -f - | sed 's/^/  /'
+# The local images; the agent keeps its state inside the demo's directory, so that `make
+# demo-down` removes it.
+helm install runwarden charts/runwarden --namespace runwarden-system --create-namespace \
+  -f charts/runwarden/ci/local-values.yaml --set agent.stateDir="$dir/agent-state" | sed 's/^/  /'
 kubectl -n runwarden-system rollout status deployment/runwarden-operator --timeout=120s | sed 's/^/  /'
 until kubectl -n runwarden-system get daemonset/runwarden-agent >/dev/null 2>&1; do sleep 0.5; done
 kubectl -n runwarden-system rollout status daemonset/runwarden-agent --timeout=120s | sed 's/^/  /'
@@ -128,5 +130,5 @@ kubectl -n arc-runners get wfb -o jsonpath='{range .items[0].status.endpoints[*]
 
 say "the cluster stays up"
 echo "  export KUBECONFIG=$KUBECONFIG"
-echo "  export PATH=$bin:\$PATH"
+echo "  export PATH=$bin:$helm_dir:\$PATH"
 echo "  make demo-down   # stops it and removes everything it put on this machine"

@@ -15,6 +15,25 @@ pub fn render() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The CRDs as templates of the Helm chart (`charts/runwarden/templates/crds/`): rendered when
+/// `crds.install` is set, so `helm upgrade` updates them (Helm's own `crds/` directory never
+/// does), and kept at uninstall when `crds.keep` is set (the default: deleting a CRD deletes
+/// every baseline and policy).
+pub fn render_chart() -> Vec<(&'static str, String)> {
+    render()
+        .into_iter()
+        .map(|(name, yaml)| {
+            let body = yaml.strip_prefix(HEADER).unwrap_or(&yaml).replacen(
+                "\nmetadata:\n",
+                "\nmetadata:\n  {{- if .Values.crds.keep }}\n  annotations:\n    helm.sh/resource-policy: keep\n  {{- end }}\n",
+                1,
+            );
+            let header = "# Generated from the Rust types in crds/src by `make generate`. Do not edit.\n";
+            (name, format!("{header}{{{{- if .Values.crds.install }}}}\n{body}{{{{- end }}}}\n"))
+        })
+        .collect()
+}
+
 fn to_yaml<T: serde::Serialize>(value: &T) -> String {
     let body = serde_yaml::to_string(value).expect("a CRD always serializes to YAML");
     format!("{HEADER}{body}")

@@ -33,3 +33,15 @@ fn every_generated_file_is_committed_and_nothing_else() {
     generated.sort();
     assert_eq!(committed, generated, "crds/*.yaml must be exactly the generated CRDs (stale file?)");
 }
+
+#[test]
+fn the_charts_crds_are_the_generated_ones() {
+    let dir = crate_dir().join("../charts/runwarden/templates/crds");
+    for (name, generated) in runwarden_crds::generate::render_chart() {
+        let committed = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "charts/runwarden/templates/crds/{name} differs from what the types generate; run `make generate`"
+        );
+    }
+}

@@ -171,6 +171,11 @@ fn the_committed_rbac_is_what_the_code_uses() {
         committed == runwarden_agent::rbac::RBAC.yaml("runwarden-system"),
         "node-agent/rbac.yaml is stale; run `make generate`"
     );
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/runwarden/templates/agent-rbac.yaml");
+    assert!(
+        std::fs::read_to_string(chart).unwrap() == runwarden_agent::rbac::RBAC.yaml("{{ .Release.Namespace }}"),
+        "charts/runwarden/templates/agent-rbac.yaml is stale; run `make generate`"
+    );
 }
 
 #[tokio::test]

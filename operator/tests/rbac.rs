@@ -67,6 +67,12 @@ fn the_committed_rbac_is_what_the_code_uses() {
     let manifest = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
     let committed = std::fs::read_to_string(std::path::Path::new(&manifest).join("rbac.yaml")).unwrap();
     assert!(committed == rbac::yaml("runwarden-system"), "operator/rbac.yaml is stale; run `make generate`");
+    let chart = std::path::Path::new(&manifest).join("../charts/runwarden/templates/operator-rbac.yaml");
+    let chart = std::fs::read_to_string(chart).unwrap();
+    assert!(
+        chart == rbac::yaml("{{ .Release.Namespace }}"),
+        "charts/runwarden/templates/operator-rbac.yaml is stale; run `make generate`"
+    );
 }
 
 #[tokio::test]

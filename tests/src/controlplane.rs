@@ -87,6 +87,10 @@ pub struct Binaries {
     pub cache: PathBuf,
     /// Pinned Actions Runner Controller module version (its CRDs).
     pub arc: String,
+    /// Pinned prometheus-operator module version (its ServiceMonitor and PrometheusRule CRDs).
+    pub prometheus_operator: String,
+    /// The pinned helm binary.
+    pub helm: PathBuf,
 }
 
 impl Binaries {
@@ -103,11 +107,14 @@ impl Binaries {
         let kubernetes = pin("K8S_VERSION=");
         let etcd = pin("ETCD_VERSION=");
         let arc = pin("ARC_VERSION=");
+        let prometheus_operator = pin("PROMETHEUS_OPERATOR_VERSION=");
+        let helm_version = pin("HELM_VERSION=");
         let cache = std::env::var_os("RUNWARDEN_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/runwarden"));
         let dir = cache.join(format!("k8s-{kubernetes}-etcd-{etcd}/bin"));
-        Self { dir, kubernetes, etcd, cache, arc }
+        let helm = cache.join(format!("tools/helm-{helm_version}/helm"));
+        Self { dir, kubernetes, etcd, cache, arc, prometheus_operator, helm }
     }
 
     /// The path of binary `name`, or why it is missing.
@@ -231,6 +238,13 @@ impl ControlPlane {
         kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
             .map_err(|e| Error::Kubeconfig(e.to_string()))
+    }
+
+    /// A `helm` command of the pinned version, pointed at this control plane.
+    pub fn helm(&self) -> Command {
+        let mut cmd = Command::new(&self.binaries.helm);
+        cmd.env("KUBECONFIG", &self.kubeconfig);
+        cmd
     }
 
     /// A `kubectl` command of the pinned version, pointed at this control plane.

@@ -1,6 +1,6 @@
-//! Installing runwarden on the test node as a user would: the images, ARC's and runwarden's
-//! CRDs, the generated RBAC and `deploy/` applied with kubectl; then waiting for the operator
-//! and the agent DaemonSet it deploys.
+//! Installing runwarden on the test node as a user would: the images, ARC's CRDs with kubectl,
+//! then `helm install` of `charts/runwarden` (CRDs, RBAC, the operator); then waiting for the
+//! operator and the agent DaemonSet it deploys.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -16,6 +16,18 @@ pub const SYSTEM: &str = "runwarden-system";
 
 fn repo() -> PathBuf {
     cluster::crd_dir().join("..")
+}
+
+/// Runs helm against the node, panicking with its output when it fails.
+pub fn helm(node: &Node, args: &[&str]) -> String {
+    let out = node.control_plane.helm().args(args).output().expect("running helm (`make setup` builds it)");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs kubectl against the node, panicking with its stderr when it fails.
@@ -46,22 +58,30 @@ pub async fn runwarden(node: &Node) {
         node.import_image(&crate::node::image_dir().join(image)).unwrap_or_else(|e| panic!("{e} (run `make images`)"));
     }
     let client = node.client().await;
-    cluster::ensure_crds(&client).await;
     let arc = crate::node::arc_crd_dir();
     kubectl(node, &["apply", "--server-side", "-f", &arc.display().to_string()]);
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(client.clone());
     cluster::wait_established(&crds, "ephemeralrunners.actions.github.com").await;
-    let r = |p: &str| repo().join(p).display().to_string();
-    kubectl(node, &["apply", "-f", &r("deploy/namespace.yaml")]);
-    kubectl(node, &["apply", "-f", &r("operator/rbac.yaml"), "-f", &r("node-agent/rbac.yaml")]);
-    // As shipped, except the agent's state directory: inside the node's, so that it goes
-    // with the node and no test run resumes another's runs.
-    let operator = std::fs::read_to_string(r("deploy/operator.yaml")).unwrap();
-    let state = node.dir.join("agent-state").display().to_string();
-    assert!(operator.contains("stateDir: /var/lib/runwarden"), "deploy/operator.yaml sets the agent's stateDir");
-    let operator = operator.replace("stateDir: /var/lib/runwarden", &format!("stateDir: {state}"));
-    kubectl_stdin(node, &["apply", "-f", "-"], &operator);
+    // The chart with the local images; the agent's state directory inside the node's, so that it
+    // goes with the node and no test run resumes another's runs.
+    let chart = repo().join("charts/runwarden");
+    let state = node.dir.join("agent-state");
+    helm(
+        node,
+        &[
+            "install",
+            "runwarden",
+            &chart.display().to_string(),
+            "--namespace",
+            SYSTEM,
+            "--create-namespace",
+            "-f",
+            &chart.join("ci/local-values.yaml").display().to_string(),
+            "--set",
+            &format!("agent.stateDir={}", state.display()),
+        ],
+    );
     wait_installed(node, &client).await;
 }
 

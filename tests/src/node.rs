@@ -192,6 +192,12 @@ pub fn arc_crd_dir() -> PathBuf {
     b.cache.join(format!("arc-{}/crds", b.arc))
 }
 
+/// prometheus-operator's ServiceMonitor and PrometheusRule CRDs (`make setup`).
+pub fn prometheus_operator_crd_dir() -> PathBuf {
+    let b = Binaries::pinned();
+    b.cache.join(format!("prometheus-operator-{}/crds", b.prometheus_operator))
+}
+
 fn take_lock() -> Result<File> {
     let file = File::options().create(true).truncate(false).read(true).write(true).open(LOCK).map_err(io(LOCK))?;
     #[allow(unsafe_code)] // flock on a file we own; no memory is shared.

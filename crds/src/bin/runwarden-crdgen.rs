@@ -1,4 +1,5 @@
-//! Writes `crds/*.yaml` from the Rust types: `runwarden-crdgen [DIR]` (default: the crate dir).
+//! Writes `crds/*.yaml` from the Rust types, and their copies in the Helm chart
+//! (`charts/runwarden/templates/crds/`): `runwarden-crdgen [DIR]` (default: the crate dir).
 
 use std::path::PathBuf;
 
@@ -11,6 +12,13 @@ fn main() -> anyhow::Result<()> {
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     for (name, yaml) in runwarden_crds::generate::render() {
         let path = dir.join(name);
+        std::fs::write(&path, yaml).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    let chart = dir.join("../charts/runwarden/templates/crds");
+    std::fs::create_dir_all(&chart).map_err(|e| anyhow::anyhow!("creating {}: {e}", chart.display()))?;
+    for (name, yaml) in runwarden_crds::generate::render_chart() {
+        let path = chart.join(name);
         std::fs::write(&path, yaml).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
         println!("wrote {}", path.display());
     }

@@ -1,0 +1,123 @@
+//! The Helm chart (`charts/runwarden`): it lints, renders with the default values and with every
+//! option on, every rendered object is accepted by a real kube-apiserver (server-side dry run),
+//! and the values schema refuses a mistyped value. `tests/tests/node.rs` installs it for real.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use runwarden_tests::{ControlPlane, cluster};
+
+fn chart() -> PathBuf {
+    cluster::crd_dir().join("../charts/runwarden")
+}
+
+fn run(mut cmd: Command, input: Option<&str>) -> (bool, String) {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("running");
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(text) = input {
+        stdin.write_all(text.as_bytes()).unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn helm(args: &[&str]) -> (bool, String) {
+    let mut cmd = ControlPlane::shared().helm();
+    cmd.args(args);
+    run(cmd, None)
+}
+
+fn template(values: Option<&str>) -> String {
+    let chart = chart().display().to_string();
+    let mut args = vec!["template", "runwarden", chart.as_str(), "--namespace", "runwarden-system"];
+    let file;
+    if let Some(v) = values {
+        file = chart.clone() + "/ci/" + v;
+        args.extend(["-f", file.as_str()]);
+    }
+    let (ok, out) = helm(&args);
+    assert!(ok, "helm template {values:?}: {out}");
+    out
+}
+
+#[test]
+fn the_chart_lints_with_the_default_values_and_with_everything_on() {
+    let chart = chart().display().to_string();
+    for values in [None, Some("everything-on-values.yaml"), Some("local-values.yaml")] {
+        let mut args = vec!["lint", "--strict", chart.as_str()];
+        let file;
+        if let Some(v) = values {
+            file = format!("{chart}/ci/{v}");
+            args.extend(["-f", file.as_str()]);
+        }
+        let (ok, out) = helm(&args);
+        assert!(ok, "helm lint {values:?}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn every_rendered_object_is_accepted_by_the_api_server() {
+    let cp = ControlPlane::shared();
+    // The optional ServiceMonitor needs prometheus-operator's CRD, as on a cluster that runs it.
+    let monitoring = runwarden_tests::node::prometheus_operator_crd_dir().display().to_string();
+    let (ok, out) = run(
+        {
+            let mut c = cp.kubectl();
+            c.args(["apply", "--server-side", "-f", &monitoring]);
+            c
+        },
+        None,
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = run(
+        {
+            let mut c = cp.kubectl();
+            c.args(["create", "namespace", "runwarden-system"]);
+            c
+        },
+        None,
+    );
+    assert!(ok || out.contains("AlreadyExists"), "{out}");
+    for values in [None, Some("everything-on-values.yaml")] {
+        let rendered = template(values);
+        let kinds = rendered.lines().filter(|l| l.starts_with("kind: ")).count();
+        assert!(kinds >= 14, "{values:?}: {kinds} objects\n{rendered}");
+        let mut cmd = cp.kubectl();
+        cmd.args(["apply", "--server-side", "--dry-run=server", "-f", "-"]);
+        let (ok, out) = run(cmd, Some(&rendered));
+        assert!(ok, "{values:?}: the API server refused what the chart renders:\n{out}");
+        assert_eq!(out.lines().filter(|l| l.contains("(server dry run)")).count(), kinds, "{out}");
+    }
+}
+
+#[test]
+fn every_option_renders_where_it_belongs() {
+    let rendered = template(Some("everything-on-values.yaml"));
+    for expected in [
+        "kind: ServiceMonitor",
+        "kind: PodDisruptionBudget",
+        "replicas: 3",
+        "localhost/runwarden/runwarden-operator@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        r#"image: "localhost/runwarden/runwarden-agent:dev""#,
+        r#"nodeSelector: {"actions.github.com/runner-node":"true"}"#,
+        "stateDir: \"/var/lib/runwarden-test\"",
+    ] {
+        assert!(rendered.contains(expected), "{expected:?} not rendered:\n{rendered}");
+    }
+    assert!(!rendered.contains("helm.sh/resource-policy"), "crds.keep false");
+    let defaults = template(None);
+    assert!(!defaults.contains("kind: ServiceMonitor"), "off by default");
+    assert!(defaults.contains("helm.sh/resource-policy: keep"), "CRDs kept at uninstall by default");
+    assert!(defaults.contains(r#"image: "ghcr.io/runwarden/runwarden-operator:0.1.0""#), "tag defaults to appVersion");
+}
+
+#[test]
+fn the_values_schema_refuses_a_mistyped_value() {
+    let chart = chart().display().to_string();
+    let (ok, out) = helm(&["template", "runwarden", &chart, "--set", "operator.replica=2"]);
+    assert!(!ok && out.contains("replica"), "{out}");
+    let (ok, out) = helm(&["template", "runwarden", &chart, "--set", "agent.image.pullPolicy=Sometimes"]);
+    assert!(!ok && out.contains("pullPolicy"), "{out}");
+}
