@@ -35,6 +35,28 @@ pub fn render_chart() -> Vec<(&'static str, String)> {
 }
 
 fn to_yaml<T: serde::Serialize>(value: &T) -> String {
-    let body = serde_yaml::to_string(value).expect("a CRD always serializes to YAML");
+    let mut value = serde_json::to_value(value).expect("a CRD always serializes");
+    kubernetes_formats(&mut value);
+    let body = serde_yaml::to_string(&value).expect("a CRD always serializes to YAML");
     format!("{HEADER}{body}")
+}
+
+/// schemars names Rust's unsigned integers `uint16`, `uint32`...: formats Kubernetes does not
+/// know, warned about on every apply. The smallest signed format that holds the range is used
+/// instead (the `minimum`/`maximum` schemars writes keep the range).
+fn kubernetes_formats(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::String(format)) = map.get_mut("format") {
+                match format.as_str() {
+                    "uint8" | "uint16" => *format = "int32".into(),
+                    "uint32" | "uint64" | "uint" => *format = "int64".into(),
+                    _ => {}
+                }
+            }
+            map.values_mut().for_each(kubernetes_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(kubernetes_formats),
+        _ => {}
+    }
 }

@@ -88,6 +88,7 @@ async fn every_rendered_object_is_accepted_by_the_api_server() {
         cmd.args(["apply", "--server-side", "--dry-run=server", "-f", "-"]);
         let (ok, out) = run(cmd, Some(&rendered));
         assert!(ok, "{values:?}: the API server refused what the chart renders:\n{out}");
+        assert!(!out.contains("Warning"), "{values:?}: the API server warned about what the chart renders:\n{out}");
         assert_eq!(out.lines().filter(|l| l.contains("(server dry run)")).count(), kinds, "{out}");
     }
 }
