@@ -11,6 +11,7 @@ pub mod identity;
 pub mod policy;
 pub mod rbac;
 mod schema;
+pub mod serve;
 
 pub use baseline::{
     Anomaly, BaselineMode, BaselinePhase, EndpointState, LearnedEndpoint, LearningSpec, RunRecord, TriggerRuns,

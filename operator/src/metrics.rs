@@ -16,9 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use runwarden_crds::WorkflowBaseline;
 use runwarden_crds::baseline::BaselinePhase;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
 
 /// Labels of per-controller series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -173,52 +171,17 @@ impl Metrics {
     }
 }
 
+impl runwarden_crds::serve::Health for Metrics {
+    fn metrics(&self) -> String {
+        self.encode()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.ready.load(Ordering::Relaxed) { Ok(()) } else { Err("preflight checks not passed yet".into()) }
+    }
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let (mut stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "accepting a metrics connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            // Read the request head (bounded); the body, if any, is ignored.
-            while len < buf.len() {
-                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf[len..])).await {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => len += n,
-                }
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, content_type, body) = match (head.split_whitespace().next(), path) {
-                (Some("GET"), "/metrics") => {
-                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode())
-                }
-                (Some("GET"), "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-                (Some("GET"), "/readyz") if metrics.ready.load(Ordering::Relaxed) => {
-                    ("200 OK", "text/plain", "ok\n".to_string())
-                }
-                (Some("GET"), "/readyz") => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
-                (Some("GET"), _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-                _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_string()),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = stream.write_all(response.as_bytes()).await {
-                debug!(%peer, error = %e, "writing a metrics response failed");
-            }
-        });
-    }
+    runwarden_crds::serve::serve(listener, metrics).await
 }
