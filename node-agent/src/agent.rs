@@ -563,7 +563,6 @@ fn exact_calls(pipeline: &Pipeline, cgroups: &[u64], run: &Run) -> u64 {
 fn log_anomaly(run: &Run, d: &Destination, metrics: &Metrics) {
     let severity = d.verdict.as_ref().map_or(Severity::Info, |v| v.severity);
     metrics.anomalies.get_or_create(&crate::metrics::SeverityLabel { severity: severity_name(severity) }).inc();
-    metrics.calls.get_or_create(&VerdictLabel { verdict: "anomalous" }).inc();
     let job = run.job.as_ref();
     warn!(
         reason = crate::report::REASON,
@@ -612,6 +611,10 @@ fn record_gauges(metrics: &Metrics, node: &Node, pipeline: &Pipeline, probes: &P
         {
             metrics.kernel_lost.get_or_create(&Kind { kind }).set(n as i64);
         }
+    }
+    for (verdict, n) in crate::node::VERDICTS.into_iter().zip(node.verdicts) {
+        let counter = metrics.calls.get_or_create(&VerdictLabel { verdict });
+        counter.inc_by(n.saturating_sub(counter.get()));
     }
     let unattributed = metrics.unattributed.get();
     if node.unattributed > unattributed {

@@ -102,9 +102,32 @@ impl Default for Metrics {
             detection_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             ready: AtomicBool::new(false),
         };
+        // Every label value exists from the start at 0, so that increase() sees the first one.
+        for verdict in crate::node::VERDICTS {
+            let _ = m.calls.get_or_create(&VerdictLabel { verdict });
+        }
+        for severity in ["info", "low", "medium", "high", "critical"] {
+            let _ = m.anomalies.get_or_create(&SeverityLabel { severity });
+        }
+        for result in ["sent", "series", "rate_limited", "retried", "dropped", "failed"] {
+            let _ = m.events.get_or_create(&ResultLabel { result });
+        }
+        for result in ["merged", "duplicate", "no_baseline", "conflicts_exhausted", "failed"] {
+            let _ = m.merges.get_or_create(&ResultLabel { result });
+        }
+        for kind in ["call", "dns", "exec", "throttled"] {
+            let _ = m.kernel_lost.get_or_create(&Kind { kind });
+        }
+        for result in ["parsed", "malformed", "unsolicited"] {
+            let _ = m.dns_answers.get_or_create(&ResultLabel { result });
+        }
         registry.register("calls", "New (run, destination) pairs, by verdict", m.calls.clone());
         registry.register("anomalies", "Anomalies reported, by severity", m.anomalies.clone());
-        registry.register("events", "AnomalousEgress Events: sent, series, rate_limited, failed", m.events.clone());
+        registry.register(
+            "events",
+            "AnomalousEgress Events: sent, series, rate_limited, retried, dropped, failed",
+            m.events.clone(),
+        );
         registry.register("merges", "Finished runs merged into WorkflowBaselines, by result", m.merges.clone());
         registry.register("kernel_lost_records", "Records the kernel could not write, by kind", m.kernel_lost.clone());
         registry.register("unattributed_calls", "Calls from cgroups of no known pod", m.unattributed.clone());

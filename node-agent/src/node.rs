@@ -272,7 +272,13 @@ pub struct Node {
     pub synced: bool,
     /// Observations dropped: no pod after the grace, or past the per-cgroup bound.
     pub unattributed: u64,
+    /// New (run, destination) pairs scored, by verdict (see [`VERDICTS`]).
+    pub verdicts: [u64; 3],
 }
+
+/// The verdict classes of [`Node::verdicts`]: normal for the job, anomalous below the policy's
+/// minimum severity (recorded, not reported), anomalous and reported.
+pub const VERDICTS: [&str; 3] = ["normal", "below_threshold", "anomalous"];
 
 fn millis(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -307,7 +313,7 @@ impl Node {
                 self.dirty.insert(run_uid.clone());
                 let keys: Vec<String> = run.destinations.keys().cloned().collect();
                 for k in keys {
-                    actions.extend(score_destination(run, &k, scorer, SystemTime::now()));
+                    actions.extend(score_destination(run, &k, scorer, SystemTime::now(), &mut self.verdicts));
                 }
             }
             if run.runner.is_none() && info.runner.is_some() {
@@ -524,7 +530,7 @@ impl Node {
                     remember(&mut d.executables, e);
                 }
                 run.destinations.insert(k.clone(), d);
-                score_destination(run, &k, scorer, o.time)
+                score_destination(run, &k, scorer, o.time, &mut self.verdicts)
             }
         }
     }
@@ -565,7 +571,13 @@ impl Node {
 }
 
 /// Scores destination `k` of `run` when its job is known; a report when it is anomalous.
-fn score_destination(run: &mut Run, k: &str, scorer: &impl Scorer, seen: SystemTime) -> Vec<Action> {
+fn score_destination(
+    run: &mut Run,
+    k: &str,
+    scorer: &impl Scorer,
+    seen: SystemTime,
+    verdicts: &mut [u64; 3],
+) -> Vec<Action> {
     let Some(job) = run.job.clone() else { return Vec::new() };
     let Some(d) = run.destinations.get(k) else { return Vec::new() };
     if d.scored {
@@ -574,6 +586,11 @@ fn score_destination(run: &mut Run, k: &str, scorer: &impl Scorer, seen: SystemT
     let verdict = scorer.score(&run.pod.namespace, &job, run.started, d);
     let min = scorer.min_severity(&run.pod, run.scale_set.as_deref(), &job);
     let reported = matches!((&verdict, min), (Some(v), Some(min)) if v.severity >= min);
+    verdicts[match (&verdict, reported) {
+        (None, _) => 0,
+        (Some(_), false) => 1,
+        (Some(_), true) => 2,
+    }] += 1;
     let d = run.destinations.get_mut(k).expect("looked up above");
     d.scored = true;
     d.verdict = verdict;

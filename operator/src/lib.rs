@@ -52,6 +52,10 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value [`Error::kind`] returns.
+    pub const KINDS: [&'static str; 6] =
+        ["conflict", "forbidden", "not_found", "api_error", "api_unreachable", "name_collision"];
+
     /// The error's kind, as the `error` label of failure metrics.
     pub fn kind(&self) -> &'static str {
         match self {

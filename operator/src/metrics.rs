@@ -18,6 +18,9 @@ use runwarden_crds::WorkflowBaseline;
 use runwarden_crds::baseline::BaselinePhase;
 use tokio::net::TcpListener;
 
+/// The controllers whose reconciles are counted.
+pub const CONTROLLERS: [&str; 4] = ["baselines", "monitored_pods", "policies", "runners"];
+
 /// Labels of per-controller series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabels {
@@ -93,6 +96,14 @@ impl Default for Metrics {
         let agent_pods = Family::<AgentLabels, Gauge>::default();
         let watched = Family::<KindLabels, Gauge>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
+        // Every controller's series exist from the start at 0, so that rate() and increase() see
+        // the first reconcile and the first error.
+        for controller in CONTROLLERS {
+            let _ = reconciles.get_or_create(&ControllerLabels { controller });
+            for error in crate::Error::KINDS {
+                let _ = errors.get_or_create(&ErrorLabels { controller, error });
+            }
+        }
         registry.register("reconcile_errors", "Reconciles that failed", errors.clone());
         registry.register("reconcile_duration_seconds", "Time spent in a reconcile", durations.clone());
         registry.register("workflow_baselines", "WorkflowBaselines by phase", baselines.clone());

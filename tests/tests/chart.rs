@@ -98,6 +98,11 @@ fn every_option_renders_where_it_belongs() {
     let rendered = template(Some("everything-on-values.yaml"));
     for expected in [
         "kind: ServiceMonitor",
+        "kind: PrometheusRule",
+        "alert: RunwardenAgentNotRunning",
+        "{{ $labels.pod }}",
+        "grafana_dashboard: \"1\"",
+        "\"uid\": \"runwarden\"",
         "kind: PodDisruptionBudget",
         "replicas: 3",
         "localhost/runwarden/runwarden-operator@sha256:0000000000000000000000000000000000000000000000000000000000000000",
@@ -110,6 +115,7 @@ fn every_option_renders_where_it_belongs() {
     assert!(!rendered.contains("helm.sh/resource-policy"), "crds.keep false");
     let defaults = template(None);
     assert!(!defaults.contains("kind: ServiceMonitor"), "off by default");
+    assert!(!defaults.contains("kind: PrometheusRule") && !defaults.contains("runwarden-dashboard"), "off by default");
     assert!(defaults.contains("helm.sh/resource-policy: keep"), "CRDs kept at uninstall by default");
     assert!(defaults.contains(r#"image: "ghcr.io/runwarden/runwarden-operator:0.1.0""#), "tag defaults to appVersion");
 }

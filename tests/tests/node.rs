@@ -104,6 +104,83 @@ async fn the_agent_runs_ready_with_named_capabilities_and_belongs_to_the_operato
     assert_eq!(added, ["BPF", "PERFMON", "NET_ADMIN"], "named capabilities only");
 }
 
+/// `GET http://addr/metrics`, the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The `runwarden_*` series names an expression uses.
+fn series_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("runwarden_") {
+        let name: String =
+            rest[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+        rest = &rest[i + name.len()..];
+        out.push(name);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_series_the_alerts_and_the_dashboard_use_is_exported() {
+    let world = world().await;
+    let _shared = API_OUTAGE.read().await;
+    let pods = Api::<Pod>::namespaced(world.node.client().await, SYSTEM).list(&Default::default()).await.unwrap().items;
+    let mut exported = std::collections::HashSet::new();
+    for pod in &pods {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let port = match labels.get("app.kubernetes.io/component").map(String::as_str) {
+            Some("operator") => 8080,
+            Some("agent") => 9090,
+            _ => continue,
+        };
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("a running pod has an IP");
+        for line in scrape(&format!("{ip}:{port}")).lines() {
+            if let Some(name) = line.strip_prefix("# TYPE ").and_then(|l| l.split_whitespace().next()) {
+                for suffix in ["", "_total", "_bucket", "_sum", "_count", "_created"] {
+                    exported.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    assert!(
+        exported.contains("runwarden_agent_anomalies_total") && exported.contains("runwarden_operator_leader"),
+        "{exported:?}"
+    );
+
+    let chart = runwarden_tests::cluster::crd_dir().join("../charts/runwarden/files");
+    let alerts: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart.join("alerts.yaml")).unwrap()).unwrap();
+    let mut exprs: Vec<String> = Vec::new();
+    for group in alerts["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            exprs.push(rule["expr"].as_str().unwrap().to_string());
+        }
+    }
+    let alert_count = exprs.len();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(chart.join("dashboard.json")).unwrap()).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(alert_count >= 8 && exprs.len() > alert_count + 10, "{exprs:?}");
+    for expr in &exprs {
+        let used = series_in(expr);
+        assert!(!used.is_empty(), "every expression uses a runwarden series: {expr}");
+        for name in used {
+            assert!(exported.contains(&name), "{name} (in {expr}) is not exported by the operator or the agent");
+        }
+    }
+}
+
 /// Tests run side by side (runner pods of different jobs on one node) except the one that stops
 /// the API server: it runs alone.
 static API_OUTAGE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
