@@ -196,24 +196,7 @@ impl Reporter {
         let mut first = true;
         for (regarding, related) in &targets {
             let name = event_name(run, &report.key, regarding);
-            let event = Event {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    namespace: regarding.namespace.clone(),
-                    labels: Some([("app.kubernetes.io/name".to_string(), "runwarden".to_string())].into()),
-                    ..ObjectMeta::default()
-                },
-                event_time: Some(MicroTime(Timestamp::now())),
-                action: Some("Connect".into()),
-                reason: Some(REASON.into()),
-                note: Some(note.clone()),
-                type_: Some("Warning".into()),
-                regarding: Some(regarding.clone()),
-                related: related.clone(),
-                reporting_controller: Some(CONTROLLER.into()),
-                reporting_instance: Some(format!("{CONTROLLER}/{}", self.node)),
-                ..Event::default()
-            };
+            let event = warning(&name, REASON, &note, regarding, related.clone(), &self.node);
             let api: Api<Event> =
                 Api::namespaced(self.client.clone(), regarding.namespace.as_deref().unwrap_or("default"));
             match api.create(&PostParams::default(), &event).await {
@@ -290,34 +273,10 @@ pub async fn unattributed(client: &Client, node: &str, run: &Run) -> Delivery {
         destinations.len(),
         destinations.join(", ")
     );
-    if note.len() > MAX_NOTE {
-        let mut cut = MAX_NOTE - 3;
-        while !note.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        note.truncate(cut);
-        note.push_str("...");
-    }
+    cut_note(&mut note);
     for (regarding, related) in targets(run) {
         let name = event_name(run, UNATTRIBUTED, &regarding);
-        let event = Event {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: regarding.namespace.clone(),
-                labels: Some([("app.kubernetes.io/name".to_string(), "runwarden".to_string())].into()),
-                ..ObjectMeta::default()
-            },
-            event_time: Some(MicroTime(Timestamp::now())),
-            action: Some("Connect".into()),
-            reason: Some(UNATTRIBUTED.into()),
-            note: Some(note.clone()),
-            type_: Some("Warning".into()),
-            regarding: Some(regarding.clone()),
-            related,
-            reporting_controller: Some(CONTROLLER.into()),
-            reporting_instance: Some(format!("{CONTROLLER}/{node}")),
-            ..Event::default()
-        };
+        let event = warning(&name, UNATTRIBUTED, &note, &regarding, related, node);
         let api: Api<Event> = Api::namespaced(client.clone(), regarding.namespace.as_deref().unwrap_or("default"));
         match api.create(&PostParams::default(), &event).await {
             Ok(_) => {}
@@ -327,6 +286,47 @@ pub async fn unattributed(client: &Client, node: &str, run: &Run) -> Delivery {
         }
     }
     Delivery::Done
+}
+
+/// A Warning Event of the agent on `node` about `regarding`.
+fn warning(
+    name: &str,
+    reason: &str,
+    note: &str,
+    regarding: &ObjectReference,
+    related: Option<ObjectReference>,
+    node: &str,
+) -> Event {
+    Event {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: regarding.namespace.clone(),
+            labels: Some([("app.kubernetes.io/name".to_string(), "runwarden".to_string())].into()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(Timestamp::now())),
+        action: Some("Connect".into()),
+        reason: Some(reason.into()),
+        note: Some(note.to_string()),
+        type_: Some("Warning".into()),
+        regarding: Some(regarding.clone()),
+        related,
+        reporting_controller: Some(CONTROLLER.into()),
+        reporting_instance: Some(format!("{CONTROLLER}/{node}")),
+        ..Event::default()
+    }
+}
+
+/// Cuts a note to the longest the API accepts, at a character boundary.
+fn cut_note(note: &mut String) {
+    if note.len() > MAX_NOTE {
+        let mut cut = MAX_NOTE - 3;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
 }
 
 /// The objects a run's Events are about: the pod, its `EphemeralRunner` and the baseline
@@ -375,13 +375,6 @@ pub fn note(run: &Run, dest: &Destination) -> String {
     });
     let reasons = dest.verdict.as_ref().map(|v| v.reasons.join("; ")).unwrap_or_default();
     let mut note = format!("{severity}: {} by {process} in {job}: {reasons}", dest.text());
-    if note.len() > MAX_NOTE {
-        let mut cut = MAX_NOTE - 3;
-        while !note.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        note.truncate(cut);
-        note.push_str("...");
-    }
+    cut_note(&mut note);
     note
 }
