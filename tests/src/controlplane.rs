@@ -463,6 +463,13 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// The last `lines` lines of a log file.
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let last: Vec<&str> = text.lines().rev().take(lines).collect();
+    last.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
 /// Reports a child that exited, with the end of its log.
 fn check_children() -> Result<()> {
     let mut guard = CLEANUP.lock().unwrap();
@@ -470,10 +477,7 @@ fn check_children() -> Result<()> {
     for (child, name) in children.iter_mut().zip(["etcd", "kube-apiserver"]) {
         if let Ok(Some(status)) = child.try_wait() {
             let log = dir.join(format!("{name}.log"));
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(20).collect();
-            let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
-            return Err(Error::Exited { name, status, log: log.display().to_string(), tail });
+            return Err(Error::Exited { name, status, log: log.display().to_string(), tail: tail(&log, 20) });
         }
     }
     Ok(())

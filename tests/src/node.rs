@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node as NodeObject;
 use kube::Api;
 
-use crate::controlplane::{Binaries, ControlPlane, Error, Options, Result, die_with_parent, io, random_u64};
+use crate::controlplane::{Binaries, ControlPlane, Error, Options, Result, die_with_parent, io, random_u64, tail};
 
 /// The node's name.
 pub const NODE_NAME: &str = "runwarden-node";
@@ -142,12 +142,6 @@ impl Node {
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
         tail(&self.dir.join(format!("{name}.log")), lines)
     }
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let last: Vec<&str> = text.lines().rev().take(lines).collect();
-    last.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// Runs a command, failing with its stderr.

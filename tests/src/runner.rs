@@ -18,8 +18,12 @@ use crate::node::NODE_NAME;
 /// `http://HOST:PORT/` for the hosts tests serve: port 443 for `*.github.test` and
 /// `*.packages.test` (a job's usual hosts), 8080 for anything else.
 pub fn url(host: &str) -> String {
-    let port = if host.ends_with(".github.test") || host.ends_with(".packages.test") { 443 } else { 8080 };
-    format!("http://{host}:{port}/")
+    format!("http://{host}:{}/", port(host))
+}
+
+/// The port tests serve `host` on (see [`url`]).
+pub fn port(host: &str) -> u16 {
+    if host.ends_with(".github.test") || host.ends_with(".packages.test") { 443 } else { 8080 }
 }
 
 fn ephemeral_runners(client: &Client, ns: &str) -> Api<DynamicObject> {

@@ -22,10 +22,11 @@ use runwarden_tests::services::{Dns, Listener};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
-/// The hosts runner pods call: the job's usual ones on 443, and one it never called, on a
-/// non-standard port. (A new host on 443 in a baseline younger than the detector's `min_runs`
-/// scores Low, below the default Medium: the detector issue's "young baseline" case.)
-const HOSTS: [(&str, u16); 3] = [("api.github.test", 443), ("cdn.packages.test", 443), ("new.exfil.test", 8080)];
+/// The hosts runner pods call: the job's usual ones (on 443, see `runner::port`), and one it
+/// never called, on a non-standard port. (A new host on 443 in a baseline younger than the
+/// detector's `min_runs` scores Low, below the default Medium: the detector issue's "young
+/// baseline" case.)
+const HOSTS: [&str; 3] = ["api.github.test", "cdn.packages.test", "new.exfil.test"];
 
 /// What the tests share: the node with runwarden installed, the DNS server and the listeners.
 struct World {
@@ -50,7 +51,8 @@ async fn world() -> &'static World {
             let node = tokio::task::spawn_blocking(Node::shared).await.unwrap();
             let dns = Dns::start(SocketAddr::from((NODE_IP, 53))).expect("serving DNS on the node's address");
             let mut hosts = Vec::new();
-            for (i, (name, port)) in HOSTS.into_iter().enumerate() {
+            for (i, name) in HOSTS.into_iter().enumerate() {
+                let port = runwarden_tests::runner::port(name);
                 let ip = node.add_address(200 + i as u8).unwrap();
                 dns.insert(name, ip);
                 hosts.push((name.to_string(), Listener::start(SocketAddr::from((ip, port))).unwrap()));
