@@ -7,9 +7,10 @@ set -euo pipefail
 # kernel tests' network namespaces and the test node's bridge; llvm-22-dev is what bpf-linker is
 # built against (LLVM 22 is rustc 1.95's; bookworm-security has it). The test node runs Debian's
 # containerd and runc, the CNI plugins (bridge, host-local, loopback) and iptables (kube-proxy);
-# its pods run busybox-static, its sandboxes a pause built with gcc (`make images`).
+# its pods run busybox-static, its sandboxes a pause built with gcc (`make images`). bpftool is
+# how the kernel tests (and a user) see which programs a cgroup runs.
 apt_packages=(openssl ca-certificates iproute2 llvm-22-dev containerd runc containernetworking-plugins iptables
-  busybox-static gcc libc6-dev python3)
+  busybox-static gcc libc6-dev python3 bpftool)
 missing=()
 # Outputs are captured before matching: with pipefail, `cmd | grep -q` can fail by SIGPIPE.
 for p in "${apt_packages[@]}"; do

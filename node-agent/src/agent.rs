@@ -314,11 +314,26 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 
     let dedupe_window = Duration::from_secs_f64(args.dedupe_window.clamp(0.0, 3600.0));
     let pod_budget = PodBudget { per_second: args.pod_records_per_second, burst: args.pod_records_burst };
-    let mut probes = Probes::load(&Options { mount: mount.clone(), attach: mount.clone(), dedupe_window, pod_budget })?;
+    // The agent runs in a pod, so kubelet's pod cgroups exist; a wrong --kubepods-cgroup or a
+    // layout not understood is said, and waited out.
+    let parents = loop {
+        let parents = cgroups::pod_parents(&mount, args.kubepods_cgroup.as_deref());
+        if !parents.is_empty() {
+            break parents;
+        }
+        warn!(cgroup2 = %mount.display(), kubepods = ?args.kubepods_cgroup, "no kubelet pod cgroups found (kubepods, kubepods.slice); looking again in 5 s");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    // The call programs go on the top pod parent: processes outside pods run none of them.
+    let kubepods = parents.iter().min_by_key(|p| p.components().count()).cloned().unwrap_or_else(|| mount.clone());
+    let mut probes = Probes::load(&Options { mount: mount.clone(), attach: kubepods, dedupe_window, pod_budget })?;
     let mut reader = probes.reader()?;
-    let mut parents = cgroups::pod_parents(&mount, args.kubepods_cgroup.as_deref());
-    if !parents.is_empty() {
-        probes.watch_pods(&parents)?;
+    probes.watch_pods(&parents)?;
+    // Pods made from now on are armed as their cgroup appears; those already there, now.
+    let mut new_pods = cgroups::PodCgroupWatch::new(&mount, &parents)
+        .map_err(|e| AgentError::Load(LoadError::Cgroup { path: parents[0].clone(), source: e }))?;
+    for dir in cgroups::pod_dirs(&mount, &parents) {
+        arm(&mut probes, &dir.path);
     }
     info!(cgroup2 = %mount.display(), pod_parents = ?parents, exec_paths = probes.exec_paths(), "programs attached");
 
@@ -413,16 +428,26 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut relisted: Option<std::collections::HashSet<String>> = None;
     let mut observations = Vec::new();
     let mut pod_events = Vec::new();
+    let mut pod_events_rescan = false;
     loop {
         let mut tick = false;
         tokio::select! {
             _ = &mut shutdown => break,
             _ = reader.drain(|bytes| observations.extend(pipeline.record(bytes))) => {}
             Some(e) = pod_rx.recv() => pod_events.push(e),
+            created = new_pods.next() => {
+                if let cgroups::PodCgroupEvent::Created(dir) = created {
+                    arm(&mut probes, &dir.path);
+                }
+                pod_events_rescan = true;
+            }
             _ = housekeeping.tick() => tick = true,
         }
         caches.refresh();
         let mut actions = Vec::new();
+        if std::mem::take(&mut pod_events_rescan) {
+            actions.push(Action::Rescan);
+        }
         for e in pod_events.drain(..) {
             match e {
                 watcher::Event::Apply(m) | watcher::Event::InitApply(m) => {
@@ -455,14 +480,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             actions.extend(node.observe(o, &caches));
         }
         if tick {
-            // kubelet may make its pod cgroups after the agent started (a fresh node).
-            if parents.is_empty() {
-                parents = cgroups::pod_parents(&mount, args.kubepods_cgroup.as_deref());
-                if !parents.is_empty() {
-                    probes.watch_pods(&parents)?;
-                    info!(pod_parents = ?parents, "kubelet's pod cgroups found");
-                }
-            }
             if last_scan.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                 actions.push(Action::Rescan);
             }
@@ -494,8 +511,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     break;
                 }
                 last_scan = Some(Instant::now());
-                let found: HashMap<u64, String> =
-                    cgroups::pod_dirs(&mount, &parents).into_iter().map(|d| (d.id, d.pod_uid)).collect();
+                let dirs = cgroups::pod_dirs(&mount, &parents);
+                // A pod whose cgroup appeared unseen (the inotify queue overflowed) is armed
+                // here; pods that are not runners are ignored (and disarmed) just below.
+                for dir in &dirs {
+                    if !probes.armed(dir.id) && !node.ignores(dir.id) {
+                        arm(&mut probes, &dir.path);
+                    }
+                }
+                let found: HashMap<u64, String> = dirs.into_iter().map(|d| (d.id, d.pod_uid)).collect();
                 let (gone, more) = node.cgroups(found, &caches);
                 for id in gone {
                     let _ = probes.forget_pod(id);
@@ -552,6 +576,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Attaches a pod cgroup's DNS answer filter; a pod that is gone already needs none.
+fn arm(probes: &mut Probes, dir: &std::path::Path) {
+    if let Err(e) = probes.arm_pod(dir)
+        && dir.exists()
+    {
+        warn!(cgroup = %dir.display(), error = %e, "could not attach the DNS answer filter to a pod's cgroup: its calls are reported unnamed");
+    }
+}
+
 /// The run's calls in all, repeats included: the pipeline's exact counts of its pods' cgroups,
 /// or the calls the run itself counted when the pipeline no longer has them (a restart).
 fn exact_calls(pipeline: &Pipeline, cgroups: &[u64], run: &Run) -> u64 {
@@ -606,9 +639,13 @@ fn record_gauges(metrics: &Metrics, node: &Node, pipeline: &Pipeline, probes: &P
         metrics.dns_answers.get_or_create(&ResultLabel { result }).set(n as i64);
     }
     if let Ok(k) = probes.stats() {
-        for (kind, n) in
-            [("call", k.lost_calls), ("dns", k.lost_dns), ("exec", k.lost_exec), ("throttled", k.throttled)]
-        {
+        for (kind, n) in [
+            ("call", k.lost_calls),
+            ("dns", k.lost_dns),
+            ("exec", k.lost_exec),
+            ("throttled", k.throttled),
+            ("dns_unarmed", k.dns_unarmed),
+        ] {
             metrics.kernel_lost.get_or_create(&Kind { kind }).set(n as i64);
         }
     }

@@ -294,3 +294,67 @@ fn is_cgroup2(dir: &Path) -> bool {
         libc::statfs(path.as_ptr(), &mut fs) == 0 && fs.f_type as i64 == CGROUP2_SUPER_MAGIC
     }
 }
+
+/// New pod cgroups as kubelet makes them: inotify on the [`pod_parents`], so the agent attaches
+/// a pod's DNS answer filter within a millisecond of its cgroup's `mkdir`, long before kubelet
+/// has set up the pod's network and started its first container.
+pub struct PodCgroupWatch {
+    stream: inotify::EventStream<Vec<u8>>,
+    parents: Vec<(inotify::WatchDescriptor, PathBuf)>,
+    root: PathBuf,
+}
+
+impl std::fmt::Debug for PodCgroupWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodCgroupWatch").field("parents", &self.parents).finish_non_exhaustive()
+    }
+}
+
+/// What a [`PodCgroupWatch`] saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodCgroupEvent {
+    /// A pod cgroup was made.
+    Created(PodDir),
+    /// Events were dropped (the kernel's inotify queue overflowed): scan the parents.
+    Overflow,
+}
+
+impl PodCgroupWatch {
+    /// Watches `parents` (below the cgroup v2 mount `root`) for new children. Within a tokio
+    /// runtime. Start it before scanning for the pods already there, so none falls in between.
+    pub fn new(root: &Path, parents: &[PathBuf]) -> std::io::Result<Self> {
+        use inotify::{Inotify, WatchMask};
+        let inotify = Inotify::init()?;
+        let mut watched = Vec::new();
+        for dir in parents {
+            watched.push((inotify.watches().add(dir, WatchMask::CREATE | WatchMask::ONLYDIR)?, dir.clone()));
+        }
+        let stream = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
+        Ok(Self { stream, parents: watched, root: root.to_path_buf() })
+    }
+
+    /// The next pod cgroup made (directories that are not pods, such as kubelet's QoS cgroups,
+    /// are skipped). Pending forever when the stream fails.
+    pub async fn next(&mut self) -> PodCgroupEvent {
+        use futures::StreamExt;
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            let Some(Ok(event)) = self.stream.next().await else {
+                return std::future::pending().await;
+            };
+            if event.mask.contains(inotify::EventMask::Q_OVERFLOW) {
+                return PodCgroupEvent::Overflow;
+            }
+            let (Some(name), Some((_, parent))) = (&event.name, self.parents.iter().find(|(wd, _)| *wd == event.wd))
+            else {
+                continue;
+            };
+            let path = parent.join(name);
+            let relative = path.strip_prefix(&self.root).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let Some(pod) = parse(&relative).filter(|p| p.container_id.is_none() && !p.nested) else { continue };
+            // Gone already (a pod that failed at once): nothing to attach to.
+            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            return PodCgroupEvent::Created(PodDir { id: meta.ino(), pod_uid: pod.pod_uid, path });
+        }
+    }
+}

@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::cgroup_skb::CgroupSkbAttachType;
+use aya::programs::cgroup_skb::{CgroupSkbAttachType, CgroupSkbLinkId};
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
-    Budget, Config, DedupeKey, DedupeValue, IGNORE, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, names, stats,
+    ARMED, Budget, Config, DedupeKey, DedupeValue, IGNORE, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, names, stats,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -170,7 +170,11 @@ fn unescape(field: &str) -> PathBuf {
 pub struct Options {
     /// The cgroup v2 mount (see [`cgroup2_mount`]).
     pub mount: PathBuf,
-    /// The cgroup the programs are attached to: the mount's root on a node; a subtree in tests.
+    /// The cgroup the call programs (`connect`, `sendmsg`) are attached to, for every process
+    /// below it: kubelet's top pod cgroup (`kubepods`) on a node, so processes outside pods
+    /// run none of them; the traced cgroup for `trace`. The DNS answer filter, which runs for
+    /// every packet received, is attached only to the cgroups [monitored](Probes::monitor) and
+    /// the pods [armed](Probes::arm_pod).
     pub attach: PathBuf,
     /// Repeated calls from one cgroup to one destination within this window are counted, not
     /// reported; zero reports every call.
@@ -223,6 +227,9 @@ pub struct KernelStats {
     pub lost_exec: u64,
     /// Records not written because their pod's budget was spent.
     pub throttled: u64,
+    /// DNS queries of pods whose DNS answer filter was not attached yet (their answers may
+    /// have gone unseen).
+    pub dns_unarmed: u64,
 }
 
 /// The loaded and attached programs. Dropping it detaches them.
@@ -231,6 +238,8 @@ pub struct Probes {
     mount: PathBuf,
     /// Monitored cgroup id → its level in the tree.
     monitored: HashMap<u64, u32>,
+    /// cgroup id → the DNS answer filter's link on it.
+    dns_links: HashMap<u64, CgroupSkbLinkId>,
     config: Config,
 }
 
@@ -261,7 +270,6 @@ impl Probes {
         }
         let dns: &mut CgroupSkb = program(&mut bpf, names::PROGRAMS[4])?;
         dns.load().map_err(refused)?;
-        dns.attach(cgroup.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(refused)?;
         let exec_filename_offset = attach_exec(&mut bpf).unwrap_or(0);
         let config = Config {
             dedupe_window_ns: u64::try_from(options.dedupe_window.as_nanos()).unwrap_or(u64::MAX),
@@ -270,7 +278,8 @@ impl Probes {
             budget_burst: options.pod_budget.burst,
             ..Config::default()
         };
-        let mut probes = Self { bpf, mount: options.mount.clone(), monitored: HashMap::new(), config };
+        let mut probes =
+            Self { bpf, mount: options.mount.clone(), monitored: HashMap::new(), dns_links: HashMap::new(), config };
         probes.write_config()?;
         Ok(probes)
     }
@@ -280,11 +289,12 @@ impl Probes {
         self.config.exec_filename_offset != 0
     }
 
-    /// Reports calls and DNS answers of every process in the cgroup `dir` and below it.
-    /// Returns the cgroup's id.
+    /// Reports calls and DNS answers of every process in the cgroup `dir` and below it (which
+    /// must be below [`Options::attach`]). Returns the cgroup's id.
     pub fn monitor(&mut self, dir: &Path) -> Result<u64, LoadError> {
-        let id = std::fs::metadata(dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?.ino();
+        let id = cgroup_id(dir)?;
         let level = self.level_of(dir)?;
+        self.attach_dns(id, dir)?;
         let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
         map.insert(id, MONITOR, 0).map_err(refused)?;
         self.monitored.insert(id, level);
@@ -316,16 +326,61 @@ impl Probes {
         self.write_config()
     }
 
+    /// Attaches the DNS answer filter to the pod cgroup `dir` (below the
+    /// [watched](Self::watch_pods) parents): its DNS answers are seen from now on, its calls
+    /// are reported anyway until it is [ignored](Self::ignore_pod). The agent arms every pod
+    /// when its cgroup appears, before its first container starts, and keeps it armed while
+    /// it is a runner. Returns the cgroup's id.
+    pub fn arm_pod(&mut self, dir: &Path) -> Result<u64, LoadError> {
+        let id = cgroup_id(dir)?;
+        self.attach_dns(id, dir)?;
+        let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
+        map.insert(id, ARMED, 0).map_err(refused)?;
+        Ok(id)
+    }
+
+    /// Whether the pod cgroup `id` has the DNS answer filter attached.
+    pub fn armed(&self, id: u64) -> bool {
+        self.dns_links.contains_key(&id)
+    }
+
+    fn attach_dns(&mut self, id: u64, dir: &Path) -> Result<(), LoadError> {
+        if self.dns_links.contains_key(&id) {
+            return Ok(());
+        }
+        let cgroup =
+            std::fs::File::open(dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?;
+        let dns: &mut CgroupSkb = program(&mut self.bpf, names::PROGRAMS[4])?;
+        let link =
+            dns.attach(cgroup.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(refused)?;
+        self.dns_links.insert(id, link);
+        Ok(())
+    }
+
+    /// Detaches the DNS answer filter from `id` (a pod that is not a runner, or gone).
+    fn detach_dns(&mut self, id: u64) {
+        if let Some(link) = self.dns_links.remove(&id)
+            && let Ok(dns) = program::<CgroupSkb>(&mut self.bpf, names::PROGRAMS[4])
+        {
+            // The kernel has detached it already when the cgroup is gone.
+            let _ = dns.detach(link);
+        }
+    }
+
     /// Stops reporting the pod cgroup `id` (a pod below the [watched](Self::watch_pods)
-    /// parents that is not a runner) and forgets what the kernel counted for it.
+    /// parents that is not a runner), detaches its DNS answer filter, and forgets what the
+    /// kernel counted for it. Its calls then cost one map lookup, its packets nothing.
     pub fn ignore_pod(&mut self, id: u64) -> Result<(), LoadError> {
         let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
         map.insert(id, IGNORE, 0).map_err(refused)?;
+        self.detach_dns(id);
         self.forget_dedupe(id)
     }
 
-    /// Forgets a pod cgroup that is gone: its mark and the kernel's counts.
+    /// Forgets a pod cgroup that is gone: its mark, its DNS answer filter and the kernel's
+    /// counts.
     pub fn forget_pod(&mut self, id: u64) -> Result<(), LoadError> {
+        self.detach_dns(id);
         let mut monitored: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
         let _ = monitored.remove(&id);
         let mut budgets: BpfHashMap<_, u64, BudgetValue> = map(&mut self.bpf, names::BUDGETS)?;
@@ -382,6 +437,7 @@ impl Probes {
             dns_cut: sum(stats::DNS_CUT),
             lost_exec: sum(stats::LOST_EXEC),
             throttled: sum(stats::THROTTLED),
+            dns_unarmed: sum(stats::DNS_UNARMED),
         })
     }
 
@@ -432,6 +488,11 @@ fn attach_exec(bpf: &mut Ebpf) -> Option<u32> {
     program.load(names::EXEC, &btf).ok()?;
     program.attach().ok()?;
     Some(offset)
+}
+
+/// A cgroup's id: the inode number of its directory.
+fn cgroup_id(dir: &Path) -> Result<u64, LoadError> {
+    Ok(std::fs::metadata(dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?.ino())
 }
 
 fn missing(name: &str) -> LoadError {

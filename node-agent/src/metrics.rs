@@ -115,7 +115,7 @@ impl Default for Metrics {
         for result in ["merged", "duplicate", "no_baseline", "conflicts_exhausted", "failed"] {
             let _ = m.merges.get_or_create(&ResultLabel { result });
         }
-        for kind in ["call", "dns", "exec", "throttled"] {
+        for kind in ["call", "dns", "exec", "throttled", "dns_unarmed"] {
             let _ = m.kernel_lost.get_or_create(&Kind { kind });
         }
         for result in ["parsed", "malformed", "unsolicited"] {

@@ -370,6 +370,11 @@ impl Node {
         actions
     }
 
+    /// Whether the pod cgroup `id` is ignored in the kernel (a pod that is not a runner).
+    pub fn ignores(&self, id: u64) -> bool {
+        self.ignored.contains_key(&id)
+    }
+
     /// The pod cgroups found by a scan (id → pod UID). Cgroups that are gone are returned so
     /// the kernel can forget them.
     pub fn cgroups(&mut self, found: HashMap<u64, String>, scorer: &impl Scorer) -> (Vec<u64>, Vec<Action>) {

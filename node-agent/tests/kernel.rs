@@ -571,3 +571,91 @@ async fn one_pods_flood_does_not_take_another_pods_records() {
     let flood_ports: HashSet<u16> = of(&read, &flood).union(&of(&recovered, &flood)).copied().collect();
     assert_eq!(flood_ports.len(), 60_000, "no destination of the flooding pod unseen");
 }
+
+/// The programs in a cgroup's effective set for `attach_type` (bpftool's names, e.g.
+/// `cgroup_inet_ingress`), as `bpftool cgroup show DIR effective` lists them.
+fn effective(dir: &std::path::Path, attach_type: &str) -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(dir)
+        .arg("effective")
+        .output()
+        .expect("bpftool (make setup installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let programs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    programs
+        .iter()
+        .filter(|p| p["attach_type"] == attach_type)
+        .map(|p| p["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_dns_filter_runs_only_in_armed_pods_and_a_query_before_arming_is_counted() {
+    let mut agent = Agent::start(WINDOW);
+    agent.watch_pods(Layout::CgroupfsBestEffort);
+    let (runner, other, late) = (
+        agent.pod_cgroups(Layout::CgroupfsBestEffort),
+        agent.pod_cgroups(Layout::CgroupfsBestEffort),
+        agent.pod_cgroups(Layout::CgroupfsBestEffort),
+    );
+    agent.probes.arm_pod(&runner.dir).unwrap();
+    agent.probes.arm_pod(&other.dir).unwrap();
+    // Not a runner: ignored, and its DNS filter detached again.
+    agent.probes.ignore_pod(other.cgroup_id).unwrap();
+    agent.rescan();
+
+    // What every packet of a pod runs: the filter in the runner pod (and its containers) only.
+    assert_eq!(effective(&runner.container, "cgroup_inet_ingress"), ["dns_ingress"]);
+    assert!(
+        effective(&other.container, "cgroup_inet_ingress").is_empty(),
+        "a pod not monitored runs nothing per packet"
+    );
+    assert!(effective(&late.container, "cgroup_inet_ingress").is_empty());
+    assert!(effective(&agent.root, "cgroup_inet_ingress").is_empty());
+    // The call programs are inherited from the attach point, so a pod is seen from its first call.
+    assert_eq!(effective(&late.container, "cgroup_inet4_connect"), ["connect4"]);
+
+    let ns = NetNs::new();
+    let dns = DnsServer::start(IpAddr::V4(ns.host_v4));
+    let target = Ipv4Addr::new(198, 51, 100, 21);
+    dns.set("svc.example", Zone::Records(vec![("svc.example".into(), RecordData::A(target))]));
+    let resolve_and_call = |name: &str| {
+        format!(
+            "import os, socket\nprint(os.getpid())\n\
+             ai = socket.getaddrinfo('{name}', 443, socket.AF_INET, socket.SOCK_DGRAM)[0]\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(ai[4])\n"
+        )
+    };
+    let script = &resolve_and_call("svc.example");
+    let (r, o, l) = (
+        python(&runner.container, Some(&ns), script),
+        python(&other.container, Some(&ns), script),
+        python(&late.container, Some(&ns), script),
+    );
+    let obs = agent.drain().await;
+    let call = |out: &std::process::Output| obs.iter().find(|c| c.pid == pid_of(out) && c.port == 443).cloned();
+    assert_eq!(call(&r).expect("the runner's call").hosts, ["svc.example"]);
+    assert!(obs.iter().all(|c| c.pid != pid_of(&o)), "nothing of the ignored pod: {obs:#?}");
+    // A pod not armed yet (its cgroup appeared and the agent has not attached the filter): the
+    // call is seen, its name is not, and the query that could not be read is counted.
+    let unnamed = call(&l).expect("the call of the pod not armed yet");
+    assert!(unnamed.hosts.is_empty(), "{unnamed:#?}");
+    let stats = agent.probes.stats().unwrap();
+    assert!(stats.dns_unarmed >= 1, "{stats:?}");
+
+    // Armed: its answers are read from the next packet on, and nothing more is counted.
+    agent.probes.arm_pod(&late.dir).unwrap();
+    let other_target = Ipv4Addr::new(198, 51, 100, 22);
+    dns.set("svc2.example", Zone::Records(vec![("svc2.example".into(), RecordData::A(other_target))]));
+    let l = python(&late.container, Some(&ns), &resolve_and_call("svc2.example"));
+    let obs = agent.drain().await;
+    let named = obs.iter().find(|c| c.pid == pid_of(&l) && c.port == 443).expect("the call once armed");
+    assert_eq!((named.ip, named.hosts.as_slice()), (IpAddr::V4(other_target), ["svc2.example".to_string()].as_slice()));
+    assert_eq!(agent.probes.stats().unwrap().dns_unarmed, stats.dns_unarmed);
+
+    // Gone: the filter goes with the pod's mark.
+    agent.probes.forget_pod(late.cgroup_id).unwrap();
+    assert!(!agent.probes.armed(late.cgroup_id));
+    assert!(effective(&late.container, "cgroup_inet_ingress").is_empty());
+}

@@ -116,6 +116,53 @@ fn scrape(addr: &str) -> String {
     out
 }
 
+/// The agent's metrics, scraped from its pod.
+async fn agent_metrics(node: &Node) -> String {
+    let agents = Api::<Pod>::namespaced(node.client().await, SYSTEM);
+    let selector = kube::api::ListParams::default().labels("app.kubernetes.io/component=agent");
+    let pod = agents.list(&selector).await.unwrap().items.into_iter().next().expect("an agent pod");
+    let ip = pod.status.and_then(|s| s.pod_ip).expect("a running pod has an IP");
+    tokio::task::spawn_blocking(move || scrape(&format!("{ip}:9090"))).await.unwrap()
+}
+
+/// The value of one series in `metrics`.
+fn series(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not exported"))
+}
+
+/// A pod's cgroup on the test node (cgroupfs driver: `kubepods[/<qos>]/pod<uid>`).
+fn pod_cgroup(uid: &str) -> std::path::PathBuf {
+    let unified = std::path::Path::new("/sys/fs/cgroup/unified");
+    let root =
+        if unified.join("cgroup.controllers").exists() { unified } else { std::path::Path::new("/sys/fs/cgroup") };
+    ["", "burstable", "besteffort"]
+        .iter()
+        .map(|qos| root.join("kubepods").join(qos).join(format!("pod{uid}")))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| panic!("no cgroup for pod {uid}"))
+}
+
+/// The programs every packet a cgroup's sockets receive runs, as `bpftool cgroup show DIR
+/// effective` lists them.
+fn per_packet_programs(dir: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(dir)
+        .arg("effective")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let programs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    programs
+        .iter()
+        .filter(|p| p["attach_type"] == "cgroup_inet_ingress")
+        .map(|p| p["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 /// The `runwarden_*` series names an expression uses.
 fn series_in(expr: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -199,7 +246,7 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
         "metadata": {"name": "web-server"},
         "spec": {"nodeName": NODE_NAME, "restartPolicy": "Never", "automountServiceAccountToken": false,
                  "containers": [{"name": "web", "image": "localhost/runwarden/test-busybox:1", "imagePullPolicy": "Never",
-                                 "command": ["sh", "-c", format!("wget -q -O /dev/null {} && wget -q -O /dev/null {}",
+                                 "command": ["sh", "-c", format!("wget -q -O /dev/null {} && wget -q -O /dev/null {}; sleep 3600",
                                      url("cdn.packages.test"), url("new.exfil.test"))]}]}
     }))
     .unwrap();
@@ -224,6 +271,13 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     assert_eq!(on("EphemeralRunner", &runner), 1, "one on its EphemeralRunner: {events:?}");
     assert_eq!(on("WorkflowBaseline", &baseline.name_any()), 1, "one on the baseline: {events:?}");
     assert_eq!(events.len(), 3, "and nothing else, nothing about the web server: {events:?}");
+    // The web server, not a runner, pays nothing per packet: no program on its cgroup.
+    let web = Api::<Pod>::namespaced(client.clone(), &job.ns).get("web-server").await.unwrap();
+    assert!(per_packet_programs(&pod_cgroup(&web.uid().unwrap())).is_empty());
+    // Each runner pod's first instruction resolves a name (its init container calls
+    // api.github.test): no pod sent a DNS query before its DNS filter was attached.
+    let unarmed = series(&agent_metrics(world.node).await, "runwarden_agent_kernel_lost_records{kind=\"dns_unarmed\"}");
+    assert_eq!(unarmed, 0.0, "DNS queries of pods not armed yet");
     let note = events[0].note.clone().unwrap_or_default();
     assert!(note.contains("new.exfil.test"), "the Event names the new host: {note}");
     assert!(note.contains("wget"), "and the process that called it: {note}");
@@ -280,6 +334,9 @@ async fn killing_the_agent_and_stopping_the_api_server_mid_run_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     eprintln!("agent pod replaced and ready in {:.1}s", killed.elapsed().as_secs_f64());
+    // The runner pod was there before this agent started: it armed it at its start, once.
+    let runner_uid = Api::<Pod>::namespaced(client.clone(), &job.ns).get(&name).await.unwrap().uid().unwrap();
+    assert_eq!(per_packet_programs(&pod_cgroup(&runner_uid)), ["dns_ingress"]);
     exec(&name, &wget("c2.outage.test"));
 
     // The API server goes away for 30 s; the pod calls somewhere new meanwhile.
@@ -326,6 +383,8 @@ async fn killing_the_agent_and_stopping_the_api_server_mid_run_loses_nothing() {
     for host in ["api.github.test", "cdn.packages.test", "c2.outage.test", "late.outage.test"] {
         assert!(hosts.iter().any(|h| h == host), "{host} in the baseline: {hosts:?}");
     }
+    let unarmed = series(&agent_metrics(world.node).await, "runwarden_agent_kernel_lost_records{kind=\"dns_unarmed\"}");
+    assert_eq!(unarmed, 0.0, "DNS queries of pods not armed yet");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

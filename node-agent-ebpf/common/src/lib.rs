@@ -40,6 +40,10 @@ pub const VERDICT_DENIED: u8 = 2;
 /// `flags`: the first call of this cgroup to this destination the kernel's dedupe table has
 /// seen (a new table entry); `total` starts again from 1.
 pub const FLAG_FIRST: u8 = 1;
+/// `flags`: a call to port 53 (a DNS query) from a pod whose DNS answer filter was not
+/// attached yet (not [`ARMED`]): its answer may have gone unseen (counted in
+/// [`stats::DNS_UNARMED`]).
+pub const FLAG_DNS_UNARMED: u8 = 2;
 
 /// One outbound call, or, with the kernel's dedupe on, the first of a burst of calls from one
 /// cgroup to one destination: `total` says how many calls this cgroup has made to it so far.
@@ -215,6 +219,12 @@ pub const MONITOR: u32 = 1;
 /// Value in the `MONITORED` map: a pod (child of one of [`Config::pod_parents`]) whose calls
 /// are not reported.
 pub const IGNORE: u32 = 2;
+/// Value in the `MONITORED` map: a pod (child of one of [`Config::pod_parents`]) whose calls
+/// are reported and whose DNS answer filter (`dns_ingress`, attached to each reported pod's
+/// cgroup, never node-wide) is attached. A pod not marked yet is reported too, but a DNS
+/// answer it receives before it is armed goes unseen: its queries are counted
+/// ([`stats::DNS_UNARMED`]).
+pub const ARMED: u32 = 3;
 
 /// Indexes of the per-CPU `STATS` array.
 pub mod stats {
@@ -234,15 +244,17 @@ pub mod stats {
     pub const LOST_EXEC: u32 = 6;
     /// Records not written because their pod's budget was spent.
     pub const THROTTLED: u32 = 7;
+    /// DNS queries (calls to port 53) of pods whose DNS answer filter was not attached yet.
+    pub const DNS_UNARMED: u32 = 8;
     /// Number of entries.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Names of the maps and programs in the kernel object.
 pub mod names {
     /// Ring buffer of [`super::CallEvent`] and [`super::DnsEvent`].
     pub const EVENTS: &str = "EVENTS";
-    /// cgroup id → [`super::MONITOR`] or [`super::IGNORE`].
+    /// cgroup id → [`super::MONITOR`], [`super::IGNORE`] or [`super::ARMED`].
     pub const MONITORED: &str = "MONITORED";
     /// One [`super::Config`].
     pub const CONFIG: &str = "CONFIG";

@@ -39,9 +39,9 @@ use aya_ebpf::macros::{btf_tracepoint, cgroup_skb, cgroup_sock_addr, map};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
 use runwarden_ebpf_common::{
-    Budget, CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ExecEvent, FAMILY_IPV4, FAMILY_IPV6,
-    FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, IGNORE, KIND_CALL, KIND_DNS, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS,
-    MONITOR, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, stats,
+    ARMED, Budget, CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ExecEvent, FAMILY_IPV4,
+    FAMILY_IPV6, FLAG_DNS_UNARMED, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, IGNORE, KIND_CALL, KIND_DNS, KIND_EXEC,
+    MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -104,19 +104,28 @@ fn count(index: u32) {
     }
 }
 
+/// The settings, in place (a copy would cost every call a few dozen loads and stores).
 #[inline(always)]
-fn config() -> Config {
-    CONFIG.get(0).copied().unwrap_or_default()
+fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
 }
 
-/// The monitored ancestor of a cgroup, given a way to read its ancestor id at a level: a
-/// cgroup marked [`MONITOR`] at one of `cfg.monitored_levels`, or else the pod (child of one of
-/// `cfg.pod_parents`) it belongs to, unless that pod is marked [`IGNORE`].
+/// The monitored ancestor of a cgroup and its mark in `MONITORED` (0: a pod not marked yet),
+/// given a way to read its ancestor id at a level: a cgroup marked [`MONITOR`] at one of
+/// `cfg.monitored_levels`, or else the pod (child of one of `cfg.pod_parents`) it belongs to,
+/// unless that pod is marked [`IGNORE`]. For a pod that is not monitored this is at most three
+/// ancestor reads (an index into the cgroup's ancestors, no walk) and one map lookup.
 #[inline(always)]
-fn monitored_ancestor(cfg: &Config, ancestor: impl Fn(i32) -> u64) -> Option<u64> {
-    if let Some(id) = marked_ancestor(cfg.monitored_levels, &ancestor) {
-        return Some(id);
+fn monitored_ancestor(cfg: &Config, ancestor: impl Fn(i32) -> u64) -> Option<(u64, u32)> {
+    if cfg.monitored_levels != 0
+        && let Some(id) = marked_ancestor(cfg.monitored_levels, &ancestor)
+    {
+        return Some((id, MONITOR));
     }
+    // Ancestors read so far: parents are deepest first and QoS parents share a level, so on a
+    // node the pod level is read once, kubepods' level once.
+    let (mut read_level, mut read_id) = (u32::MAX, 0);
+    let (mut first_level, mut first_id) = (u32::MAX, 0);
     let mut i = 0;
     while i < MAX_POD_PARENTS {
         let parent = cfg.pod_parents[i];
@@ -124,17 +133,25 @@ fn monitored_ancestor(cfg: &Config, ancestor: impl Fn(i32) -> u64) -> Option<u64
             return None;
         }
         let level = cfg.pod_parent_levels[i];
-        if level < MAX_LEVEL && ancestor(level as i32) == parent {
+        if level >= MAX_LEVEL {
+            return None;
+        }
+        if level != read_level {
+            read_level = level;
+            read_id = ancestor(level as i32);
+            if first_level == u32::MAX {
+                (first_level, first_id) = (level, read_id);
+            }
+        }
+        if read_id == parent {
             // Zero when the caller is the parent itself (no pod).
-            let pod = ancestor(level as i32 + 1);
+            let pod = if first_level == level + 1 { first_id } else { ancestor(level as i32 + 1) };
             if pod == 0 {
                 return None;
             }
-            return match MONITORED.get_ptr(pod) {
-                // SAFETY: a pointer into the map's element, valid for this program run.
-                Some(mark) if unsafe { *mark } == IGNORE => None,
-                _ => Some(pod),
-            };
+            // SAFETY: a pointer into the map's element, valid for this program run.
+            let mark = MONITORED.get_ptr(pod).map_or(0, |mark| unsafe { *mark });
+            return if mark == IGNORE { None } else { Some((pod, mark)) };
         }
         i += 1;
     }
@@ -159,9 +176,9 @@ fn marked_ancestor(levels: u32, ancestor: &impl Fn(i32) -> u64) -> Option<u64> {
     None
 }
 
-/// The monitored ancestor of the current task's cgroup (none when nothing is monitored).
+/// The monitored ancestor of the current task's cgroup and its mark (none when not monitored).
 #[inline(always)]
-fn current_pod(cfg: &Config) -> Option<u64> {
+fn current_pod(cfg: &Config) -> Option<(u64, u32)> {
     // SAFETY: a helper without pointer arguments.
     monitored_ancestor(cfg, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })
 }
@@ -178,15 +195,22 @@ fn wake_flags() -> u64 {
 /// Reports one call (after the dedupe). Always lets it go ahead.
 #[inline(always)]
 fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
-    let cfg = config();
-    let Some(pod) = current_pod(&cfg) else {
+    let Some(cfg) = config() else {
         return;
     };
+    let Some((pod, mark)) = current_pod(cfg) else {
+        return;
+    };
+    let mut flags = FLAG_FIRST;
+    // A DNS query of a pod whose answer filter is not attached yet: its answer may go unseen.
+    if port == 53 && mark != ARMED && mark != MONITOR {
+        count(stats::DNS_UNARMED);
+        flags |= FLAG_DNS_UNARMED;
+    }
     // SAFETY: as above.
     let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
     let key = DedupeKey { cgroup_id, pod_cgroup_id: pod, addr, port, family, protocol, _pad: [0; 4] };
     let mut total = 1;
-    let mut flags = FLAG_FIRST;
     if cfg.dedupe_window_ns != 0 {
         let mut entry = DEDUPE.get_ptr_mut(key);
         if entry.is_none() {
@@ -208,10 +232,10 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
                 }
                 (*value).last_event_ns = now;
             }
-            flags = 0;
+            flags &= !FLAG_FIRST;
         }
     }
-    if !take_budget(&cfg, pod, now) {
+    if !take_budget(cfg, pod, now) {
         return;
     }
     let Some(mut slot) = EVENTS.reserve::<CallEvent>(0) else {
@@ -334,10 +358,6 @@ fn peek<const N: usize>(data: usize, end: usize, offset: usize) -> Option<[u8; N
 /// Copies a DNS answer (UDP from port 53) received by a monitored cgroup into the ring buffer.
 #[inline(always)]
 fn on_packet(ctx: &SkBuffContext) -> Option<()> {
-    let cfg = config();
-    if cfg.monitored_levels == 0 && cfg.pod_parents[0] == 0 {
-        return None;
-    }
     let skb = ctx.skb.skb;
     // SAFETY: the context the kernel passed in; the verifier turns these into packet pointers.
     let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
@@ -369,8 +389,9 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
     if u16::from_be_bytes(peek::<2>(data, end, udp)?) != 53 {
         return None;
     }
+    let cfg = config()?;
     // SAFETY: the skb pointer the kernel passed in.
-    let pod = monitored_ancestor(&cfg, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;
+    let (pod, _) = monitored_ancestor(cfg, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;
     let offset = udp + 8;
     let length = (ctx.len() as usize).checked_sub(offset)?;
     if length == 0 {
@@ -380,7 +401,7 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
     let captured = core::hint::black_box(if length > DNS_CAPTURE { DNS_CAPTURE } else { length });
     let captured = ((captured - 1) & (DNS_CAPTURE - 1)) + 1;
     // SAFETY: a helper without pointer arguments.
-    if !take_budget(&cfg, pod, unsafe { bpf_ktime_get_boot_ns() }) {
+    if !take_budget(cfg, pod, unsafe { bpf_ktime_get_boot_ns() }) {
         return None;
     }
     let Some(mut slot) = EVENTS.reserve::<DnsEvent>(0) else {
@@ -426,18 +447,18 @@ pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn on_exec(ctx: &BtfTracePointContext) -> Option<()> {
-    let cfg = config();
+    let cfg = config()?;
     if (cfg.monitored_levels == 0 && cfg.pod_parents[0] == 0) || cfg.exec_filename_offset == 0 {
         return None;
     }
-    let pod = current_pod(&cfg)?;
+    let (pod, _) = current_pod(cfg)?;
     let bprm: *const u8 = ctx.arg(2);
     // SAFETY: a kernel pointer read through the helper, which checks it; the offset comes from
     // this kernel's BTF.
     let filename: *const u8 =
         unsafe { bpf_probe_read_kernel(bprm.add(cfg.exec_filename_offset as usize) as *const *const u8) }.ok()?;
     // SAFETY: a helper without pointer arguments.
-    if !take_budget(&cfg, pod, unsafe { bpf_ktime_get_boot_ns() }) {
+    if !take_budget(cfg, pod, unsafe { bpf_ktime_get_boot_ns() }) {
         return None;
     }
     let Some(mut slot) = EVENTS.reserve::<ExecEvent>(0) else {

@@ -33,10 +33,34 @@ pub struct AgentThread {
 }
 
 impl AgentThread {
+    /// Programs attached at `attach`, the cgroups `monitored` reported (as `trace` does).
     pub fn start(attach: &Path, monitored: &[PathBuf], dedupe_window: Duration) -> Self {
+        let monitored = monitored.to_vec();
+        Self::start_with(attach, dedupe_window, move |probes| {
+            for dir in &monitored {
+                probes.monitor(dir).unwrap();
+            }
+        })
+    }
+
+    /// As the agent on a node: programs for the pods below `kubepods`, the pod cgroups
+    /// `runners` reported (their DNS answer filter attached), `others` ignored (not runners).
+    pub fn node(kubepods: &Path, runners: &[PathBuf], others: &[PathBuf], dedupe_window: Duration) -> Self {
+        let (kubepods, runners, others) = (kubepods.to_path_buf(), runners.to_vec(), others.to_vec());
+        Self::start_with(&kubepods.clone(), dedupe_window, move |probes| {
+            probes.watch_pods(std::slice::from_ref(&kubepods)).unwrap();
+            for dir in &runners {
+                probes.arm_pod(dir).unwrap();
+            }
+            for dir in &others {
+                probes.ignore_pod(std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir).unwrap())).unwrap();
+            }
+        })
+    }
+
+    fn start_with(attach: &Path, dedupe_window: Duration, setup: impl FnOnce(&mut Probes) + Send + 'static) -> Self {
         let mount = ebpf::cgroup2_mount().expect("cgroup v2");
         let options = Options { mount, attach: attach.to_path_buf(), dedupe_window, pod_budget: PodBudget::OFF };
-        let monitored = monitored.to_vec();
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(AgentReport::default()));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -46,9 +70,7 @@ impl AgentThread {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let mut probes = Probes::load(&options).expect("loading the programs (run as root)");
-                for dir in &monitored {
-                    probes.monitor(dir).unwrap();
-                }
+                setup(&mut probes);
                 let mut reader = probes.reader().unwrap();
                 let mut pipeline = Pipeline::new(PipelineConfig::default());
                 let mut records = 0u64;

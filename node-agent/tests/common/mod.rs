@@ -323,6 +323,27 @@ impl Agent {
 
     /// Makes a pod's cgroups in `layout`, monitors the pod level, and rescans the index.
     pub fn pod(&mut self, layout: Layout) -> Pod {
+        let mut pod = self.pod_cgroups(layout);
+        pod.cgroup_id = self.probes.monitor(&pod.dir).unwrap();
+        self.rescan();
+        pod
+    }
+
+    /// As the agent does on a node: the programs report the pods below kubelet's cgroups (of
+    /// `layout`, below the test root), until they are ignored; no pod is armed yet.
+    pub fn watch_pods(&mut self, layout: Layout) {
+        let parents: &[&str] = match layout {
+            Layout::SystemdBurstable | Layout::SystemdGuaranteed => {
+                &["kubepods.slice", "kubepods.slice/kubepods-burstable.slice"]
+            }
+            Layout::CgroupfsBestEffort => &["kubepods", "kubepods/besteffort"],
+        };
+        let parents: Vec<PathBuf> = parents.iter().map(|p| self.cgroup(p)).collect();
+        self.probes.watch_pods(&parents).unwrap();
+    }
+
+    /// Makes a pod's cgroups in `layout`, as kubelet and the runtime do; nothing else.
+    pub fn pod_cgroups(&mut self, layout: Layout) -> Pod {
         let n = next();
         let uid = format!("{:08x}-1111-4222-8333-{:012x}", std::process::id(), n);
         let container_id = format!("{:064x}", (u128::from(std::process::id()) << 32) | u128::from(n));
@@ -342,8 +363,7 @@ impl Agent {
             }
         };
         let (dir, container) = (self.cgroup(&dir), self.cgroup(&container));
-        let cgroup_id = self.probes.monitor(&dir).unwrap();
-        self.rescan();
+        let cgroup_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&dir).unwrap());
         Pod { uid, dir, container_id, container, cgroup_id }
     }
 
