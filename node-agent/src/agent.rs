@@ -1,6 +1,7 @@
-//! The agent's cluster mode (what the DaemonSet runs): the kernel programs attached at the
-//! node's cgroup v2 root, every pod below kubelet's `kubepods` cgroups reported from its first
-//! call until it is known not to be a runner, this node's pods watched (metadata only), each
+//! The agent's cluster mode (what the DaemonSet runs): the call programs attached to kubelet's
+//! top pod cgroup (`kubepods`), every pod below it reported from its first call until it is
+//! known not to be a runner, each pod's DNS answer filter attached as its cgroup appears and
+//! detached once it is known not to be a runner, this node's pods watched (metadata only), each
 //! new (run, destination) scored against the job's `WorkflowBaseline` and the cluster's, an
 //! `AnomalousEgress` Event when it reaches the policy's minimum severity, and the run merged
 //! into the baseline when its pod goes.

@@ -1,4 +1,5 @@
-//! runwarden's kernel programs, attached once to a cgroup v2 tree (the root on a node):
+//! runwarden's kernel programs (on a node: the call programs attached to kubelet's top pod
+//! cgroup, the DNS filter to each pod cgroup that may hold a runner, see the agent's `ebpf`):
 //!
 //! - `connect4`/`connect6`: every `connect()` (TCP, and UDP sockets that connect);
 //! - `sendmsg4`/`sendmsg6`: `sendto()`/`sendmsg()` with an address on unconnected UDP sockets
@@ -7,8 +8,8 @@
 //!   message, so the agent can name destinations from the answers each pod received.
 //!
 //! Only callers below a cgroup in `MONITORED` produce anything: the programs look up the
-//! caller's ancestors at the levels `CONFIG.monitored_levels` names, so other workloads cost a
-//! few map lookups. On a node, the pods below kubelet's `kubepods` cgroups (`CONFIG.pod_parents`)
+//! caller's ancestors at the levels `CONFIG.monitored_levels` names, so other workloads cost at
+//! most three ancestor reads and one map lookup. On a node, the pods below kubelet's `kubepods` cgroups (`CONFIG.pod_parents`)
 //! are reported unless marked `IGNORE`: a pod the agent has not classified yet is seen from its
 //! first call. Repeated calls from one cgroup to one destination within the dedupe window
 //! are counted in `DEDUPE`, not reported. Each pod has a record budget (`BUDGETS`, a token
