@@ -471,7 +471,7 @@ fn install_teardown() {
 }
 
 /// The cgroup v2 hierarchy: `/sys/fs/cgroup` on pure v2 hosts, its `unified` child on hybrid ones.
-fn cgroup2() -> PathBuf {
+pub fn cgroup2() -> PathBuf {
     let unified = Path::new("/sys/fs/cgroup/unified");
     if unified.join("cgroup.controllers").exists() { unified.into() } else { "/sys/fs/cgroup".into() }
 }

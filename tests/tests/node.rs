@@ -135,9 +135,7 @@ fn series(metrics: &str, name: &str) -> f64 {
 
 /// A pod's cgroup on the test node (cgroupfs driver: `kubepods[/<qos>]/pod<uid>`).
 fn pod_cgroup(uid: &str) -> std::path::PathBuf {
-    let unified = std::path::Path::new("/sys/fs/cgroup/unified");
-    let root =
-        if unified.join("cgroup.controllers").exists() { unified } else { std::path::Path::new("/sys/fs/cgroup") };
+    let root = runwarden_tests::node::cgroup2();
     ["", "burstable", "besteffort"]
         .iter()
         .map(|qos| root.join("kubepods").join(qos).join(format!("pod{uid}")))
