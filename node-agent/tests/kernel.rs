@@ -13,6 +13,7 @@ use runwarden_agent::dns::RecordData;
 use runwarden_agent::ebpf::PodBudget;
 use runwarden_agent::events::{Hook, Proto};
 use runwarden_agent::pipeline::Observation;
+use runwarden_tests::node::cgroup_programs as effective;
 
 const WINDOW: Duration = Duration::from_secs(5);
 
@@ -570,24 +571,6 @@ async fn one_pods_flood_does_not_take_another_pods_records() {
     let recovered = agent.totals().await;
     let flood_ports: HashSet<u16> = of(&read, &flood).union(&of(&recovered, &flood)).copied().collect();
     assert_eq!(flood_ports.len(), 60_000, "no destination of the flooding pod unseen");
-}
-
-/// The programs in a cgroup's effective set for `attach_type` (bpftool's names, e.g.
-/// `cgroup_inet_ingress`), as `bpftool cgroup show DIR effective` lists them.
-fn effective(dir: &std::path::Path, attach_type: &str) -> Vec<String> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(dir)
-        .arg("effective")
-        .output()
-        .expect("bpftool (make setup installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let programs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    programs
-        .iter()
-        .filter(|p| p["attach_type"] == attach_type)
-        .map(|p| p["name"].as_str().unwrap_or_default().to_string())
-        .collect()
 }
 
 #[tokio::test]

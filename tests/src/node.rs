@@ -757,3 +757,22 @@ podLogsDir: {d}/kubelet/pod-logs
         ca = pki.join("ca.crt").display(),
     )
 }
+
+/// The programs in a cgroup's effective set for one attach type (bpftool's names, e.g.
+/// `cgroup_inet_ingress` for what every received packet runs), as
+/// `bpftool cgroup show DIR effective` lists them. `make setup` installs bpftool.
+pub fn cgroup_programs(dir: &Path, attach_type: &str) -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(dir)
+        .arg("effective")
+        .output()
+        .expect("bpftool (make setup installs it)");
+    assert!(out.status.success(), "bpftool cgroup show {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    let programs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    programs
+        .iter()
+        .filter(|p| p["attach_type"] == attach_type)
+        .map(|p| p["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}

@@ -143,22 +143,9 @@ fn pod_cgroup(uid: &str) -> std::path::PathBuf {
         .unwrap_or_else(|| panic!("no cgroup for pod {uid}"))
 }
 
-/// The programs every packet a cgroup's sockets receive runs, as `bpftool cgroup show DIR
-/// effective` lists them.
+/// The programs every packet a cgroup's sockets receive runs.
 fn per_packet_programs(dir: &std::path::Path) -> Vec<String> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(dir)
-        .arg("effective")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let programs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    programs
-        .iter()
-        .filter(|p| p["attach_type"] == "cgroup_inet_ingress")
-        .map(|p| p["name"].as_str().unwrap_or_default().to_string())
-        .collect()
+    runwarden_tests::node::cgroup_programs(dir, "cgroup_inet_ingress")
 }
 
 /// The `runwarden_*` series names an expression uses.
