@@ -1,8 +1,9 @@
-//! What the kernel programs cost a pod's network calls, set up as the agent does on a node: the
-//! programs attached for kubelet's pod cgroups (a `kubepods` cgroup of the bench's own), this
-//! process in a pod cgroup below it. The same loops run with no programs, with this pod
-//! monitored (dedupe on, and every call a record), and with the programs attached but this pod
-//! not monitored (every pod on a node that is not a runner), interleaved round by round. Prints
+//! What the kernel programs cost a pod's network calls, set up as the agent does on a node: pod
+//! cgroups below a `kubepods` cgroup of the bench's own, this process in one of them. The same
+//! loops run with no programs, with this pod monitored (dedupe on, and every call a record),
+//! and with the programs loaded for another pod while this one was armed as it appeared and
+//! disarmed once known not to be a runner (every pod on a node that is not a runner),
+//! interleaved round by round. Prints
 //! ns/op (MiB/s for the bulk receive) and the per-round ratio to no programs as
 //! median [min, max]. Run as root: `cargo bench -p runwarden-agent --bench connect`
 //! (`RUNWARDEN_BENCH_ROUNDS` sets the rounds, 40 by default).

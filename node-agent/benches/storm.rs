@@ -1,5 +1,5 @@
 //! A connect storm: two test pods make 25,000 UDP connects a second each (50,000/s in all) for
-//! 10 s, to 1,000 destinations each, while the agent (programs at the cgroup root, reader and
+//! 10 s, to 1,000 destinations each, while the agent (programs on the two pods, reader and
 //! pipeline on a thread of this process) keeps up. Run with the kernel dedupe on and off; prints
 //! records lost, calls counted against calls made, the agent thread's CPU and this process's
 //! RSS. Run as root: `cargo bench -p runwarden-agent --bench storm`.
@@ -42,7 +42,7 @@ fn storm(cgroups: &BenchCgroups, window: Duration) {
         cgroups.child(&format!("pod-a-{}", window.as_millis())),
         cgroups.child(&format!("pod-b-{}", window.as_millis())),
     ];
-    let agent = AgentThread::start(&cgroups.mount, &pods, window);
+    let agent = AgentThread::start(&pods, window);
     let (rss_before, _) = rss_kib(std::process::id());
     let exe = std::env::current_exe().unwrap();
     let started = Instant::now();

@@ -1,7 +1,6 @@
-//! The agent's cluster mode (what the DaemonSet runs): the call programs attached to kubelet's
-//! top pod cgroup (`kubepods`), every pod below it reported from its first call until it is
-//! known not to be a runner, each pod's DNS answer filter attached as its cgroup appears and
-//! detached once it is known not to be a runner, this node's pods watched (metadata only), each
+//! The agent's cluster mode (what the DaemonSet runs): the programs attached to each pod cgroup
+//! as it appears below kubelet's `kubepods` and detached once the pod is known not to be a
+//! runner (other pods run none of them), this node's pods watched (metadata only), each
 //! new (run, destination) scored against the job's `WorkflowBaseline` and the cluster's, an
 //! `AnomalousEgress` Event when it reaches the policy's minimum severity, and the run merged
 //! into the baseline when its pod goes.
@@ -10,9 +9,12 @@
 //! merged live in `--state-dir` (`runs/`, `finished/`), rewritten at most every second; a
 //! restarted agent resumes them, and merges are retried until the API server takes them.
 //!
-//! No blind start: the kernel reports any pod below `kubepods` that the agent has not marked
-//! as ignored, so a runner's first process (init containers included) is seen even before the
-//! agent has read the pod from the API; those calls are held until the pod is known.
+//! No blind start: a pod's cgroup exists before any of its processes (kubelet makes it, then
+//! sets up the sandbox's network, then starts containers), and the agent attaches the programs
+//! on its `mkdir` (inotify), so a runner's first process (init containers included) is seen,
+//! even before the agent has read the pod from the API; those calls are held until the pod is
+//! known. A pod whose cgroup already held a process when the programs were attached (the agent
+//! was slow, or missed the `mkdir`) is counted (`runwarden_agent_pods_armed_late_total`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -325,12 +327,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         warn!(cgroup2 = %mount.display(), kubepods = ?args.kubepods_cgroup, "no kubelet pod cgroups found (kubepods, kubepods.slice); looking again in 5 s");
         tokio::time::sleep(Duration::from_secs(5)).await;
     };
-    // The call programs go on the top pod parent: processes outside pods run none of them.
-    let kubepods = parents.iter().min_by_key(|p| p.components().count()).cloned().unwrap_or_else(|| mount.clone());
-    let mut probes = Probes::load(&Options { mount: mount.clone(), attach: kubepods, dedupe_window, pod_budget })?;
+    let mut probes = Probes::load(&Options { mount: mount.clone(), dedupe_window, pod_budget })?;
     let mut reader = probes.reader()?;
     probes.watch_pods(&parents)?;
-    // Pods made from now on are armed as their cgroup appears; those already there, now.
+    // Pods made from now on are armed as their cgroup appears; those already there (running
+    // unseen before this agent started), now.
     let mut new_pods = cgroups::PodCgroupWatch::new(&mount, &parents)
         .map_err(|e| AgentError::Load(LoadError::Cgroup { path: parents[0].clone(), source: e }))?;
     for dir in cgroups::pod_dirs(&mount, &parents) {
@@ -438,7 +439,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             Some(e) = pod_rx.recv() => pod_events.push(e),
             created = new_pods.next() => {
                 if let cgroups::PodCgroupEvent::Created(dir) = created {
-                    arm(&mut probes, &dir.path);
+                    arm_new(&mut probes, &dir.path, &metrics);
                 }
                 pod_events_rescan = true;
             }
@@ -517,7 +518,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 // here; pods that are not runners are ignored (and disarmed) just below.
                 for dir in &dirs {
                     if !probes.armed(dir.id) && !node.ignores(dir.id) {
-                        arm(&mut probes, &dir.path);
+                        arm_new(&mut probes, &dir.path, &metrics);
                     }
                 }
                 let found: HashMap<u64, String> = dirs.into_iter().map(|d| (d.id, d.pod_uid)).collect();
@@ -532,8 +533,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             match action {
                 Action::Rescan => rescan = true,
                 Action::Ignore(id) => {
-                    if let Err(e) = probes.ignore_pod(id) {
-                        warn!(cgroup = id, error = %e, "could not mark a pod cgroup ignored");
+                    if let Err(e) = probes.forget_pod(id) {
+                        warn!(cgroup = id, error = %e, "could not detach the programs from a pod that is not a runner");
                     }
                     pipeline.forget_pod(id);
                 }
@@ -577,12 +578,26 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Attaches a pod cgroup's DNS answer filter; a pod that is gone already needs none.
-fn arm(probes: &mut Probes, dir: &std::path::Path) {
-    if let Err(e) = probes.arm_pod(dir)
-        && dir.exists()
-    {
-        warn!(cgroup = %dir.display(), error = %e, "could not attach the DNS answer filter to a pod's cgroup: its calls are reported unnamed");
+/// Attaches the programs to a pod cgroup; a pod that is gone already needs none.
+fn arm(probes: &mut Probes, dir: &Path) -> bool {
+    match probes.arm_pod(dir) {
+        Ok(_) => true,
+        Err(e) => {
+            if dir.exists() {
+                error!(cgroup = %dir.display(), error = %e, "could not attach the programs to a pod's cgroup: its calls go unseen");
+            }
+            false
+        }
+    }
+}
+
+/// Arms a pod cgroup made while the agent runs, and says so when a process ran in it first.
+fn arm_new(probes: &mut Probes, dir: &Path, metrics: &Metrics) {
+    // Read after attaching: a process that started in between is counted too (never one
+    // missed, at worst one counted that was seen).
+    if arm(probes, dir) && cgroups::populated(dir) {
+        metrics.pods_armed_late.inc();
+        warn!(cgroup = %dir.display(), "a pod's cgroup held a process before the programs were attached: its first calls may have gone unseen");
     }
 }
 
@@ -640,13 +655,9 @@ fn record_gauges(metrics: &Metrics, node: &Node, pipeline: &Pipeline, probes: &P
         metrics.dns_answers.get_or_create(&ResultLabel { result }).set(n as i64);
     }
     if let Ok(k) = probes.stats() {
-        for (kind, n) in [
-            ("call", k.lost_calls),
-            ("dns", k.lost_dns),
-            ("exec", k.lost_exec),
-            ("throttled", k.throttled),
-            ("dns_unarmed", k.dns_unarmed),
-        ] {
+        for (kind, n) in
+            [("call", k.lost_calls), ("dns", k.lost_dns), ("exec", k.lost_exec), ("throttled", k.throttled)]
+        {
             metrics.kernel_lost.get_or_create(&Kind { kind }).set(n as i64);
         }
     }

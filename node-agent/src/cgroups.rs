@@ -295,9 +295,15 @@ fn is_cgroup2(dir: &Path) -> bool {
     }
 }
 
+/// Whether a process runs in the cgroup `dir` or below it (`populated` in `cgroup.events`);
+/// false when the cgroup is gone.
+pub fn populated(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events")).is_ok_and(|e| e.lines().any(|l| l == "populated 1"))
+}
+
 /// New pod cgroups as kubelet makes them: inotify on the [`pod_parents`], so the agent attaches
-/// a pod's DNS answer filter within a millisecond of its cgroup's `mkdir`, long before kubelet
-/// has set up the pod's network and started its first container.
+/// a pod's programs within a millisecond of its cgroup's `mkdir`, long before kubelet has set up
+/// the pod's network and started its first container.
 pub struct PodCgroupWatch {
     stream: inotify::EventStream<Vec<u8>>,
     parents: Vec<(inotify::WatchDescriptor, PathBuf)>,

@@ -1,6 +1,8 @@
 //! Loads the kernel programs (built by `build.rs` from `node-agent-ebpf/programs`), attaches them
-//! to a cgroup v2 tree, and gives the agent their maps: which cgroups are monitored, the
-//! settings, the counters, the dedupe table and the ring buffer of records.
+//! to the cgroups it is told to watch (each pod that may hold a runner, or the cgroup `trace`
+//! follows; nothing else on the node runs them), and gives the agent their maps: which
+//! cgroups are monitored, the settings, the counters, the dedupe table and the ring buffer of
+//! records.
 
 #![allow(unsafe_code, reason = "aya::Pod marks the shared #[repr(C)] types as plain bytes; epoll on the ring buffer")]
 
@@ -12,11 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::cgroup_skb::{CgroupSkbAttachType, CgroupSkbLinkId};
+use aya::programs::cgroup_skb::{CgroupSkbAttachType, CgroupSkbLink};
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
-    ARMED, Budget, Config, DedupeKey, DedupeValue, IGNORE, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, names, stats,
+    ARMED, Budget, Config, DedupeKey, DedupeValue, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, names, stats,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -170,12 +173,6 @@ fn unescape(field: &str) -> PathBuf {
 pub struct Options {
     /// The cgroup v2 mount (see [`cgroup2_mount`]).
     pub mount: PathBuf,
-    /// The cgroup the call programs (`connect`, `sendmsg`) are attached to, for every process
-    /// below it: kubelet's top pod cgroup (`kubepods`) on a node, so processes outside pods
-    /// run none of them; the traced cgroup for `trace`. The DNS answer filter, which runs for
-    /// every packet received, is attached only to the cgroups [monitored](Probes::monitor) and
-    /// the pods [armed](Probes::arm_pod).
-    pub attach: PathBuf,
     /// Repeated calls from one cgroup to one destination within this window are counted, not
     /// reported; zero reports every call.
     pub dedupe_window: Duration,
@@ -227,9 +224,12 @@ pub struct KernelStats {
     pub lost_exec: u64,
     /// Records not written because their pod's budget was spent.
     pub throttled: u64,
-    /// DNS queries of pods whose DNS answer filter was not attached yet (their answers may
-    /// have gone unseen).
-    pub dns_unarmed: u64,
+}
+
+/// The programs attached to one cgroup; dropping it detaches them.
+struct CgroupLinks {
+    _calls: Vec<CgroupSockAddrLink>,
+    _dns: CgroupSkbLink,
 }
 
 /// The loaded and attached programs. Dropping it detaches them.
@@ -238,8 +238,8 @@ pub struct Probes {
     mount: PathBuf,
     /// Monitored cgroup id → its level in the tree.
     monitored: HashMap<u64, u32>,
-    /// cgroup id → the DNS answer filter's link on it.
-    dns_links: HashMap<u64, CgroupSkbLinkId>,
+    /// cgroup id → the programs attached to it.
+    links: HashMap<u64, CgroupLinks>,
     config: Config,
 }
 
@@ -250,8 +250,8 @@ impl std::fmt::Debug for Probes {
 }
 
 impl Probes {
-    /// Loads the programs and attaches them to `options.attach`. Nothing is reported until a
-    /// cgroup is [monitored](Self::monitor).
+    /// Loads the programs (and the node-wide exec tracepoint). Nothing runs them until a cgroup
+    /// is [monitored](Self::monitor) or a pod [armed](Self::arm_pod).
     pub fn load(options: &Options) -> Result<Self, LoadError> {
         // Without them the kernel answers with EPERM, or with a verifier message about
         // pointer arithmetic: say what is missing instead.
@@ -259,17 +259,11 @@ impl Probes {
         if !missing.is_empty() {
             return Err(LoadError::NotPermitted(missing));
         }
-        let cgroup = std::fs::File::open(&options.attach)
-            .map_err(|source| LoadError::Cgroup { path: options.attach.clone(), source })?;
         let mut bpf = EbpfLoader::new().load(OBJECT).map_err(refused)?;
         for name in &names::PROGRAMS[..4] {
-            let program: &mut CgroupSockAddr = program(&mut bpf, name)?;
-            program.load().map_err(refused)?;
-            // Links always stack on a cgroup; "Single" is how aya asks for a plain link.
-            program.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(refused)?;
+            program::<CgroupSockAddr>(&mut bpf, name)?.load().map_err(refused)?;
         }
-        let dns: &mut CgroupSkb = program(&mut bpf, names::PROGRAMS[4])?;
-        dns.load().map_err(refused)?;
+        program::<CgroupSkb>(&mut bpf, names::PROGRAMS[4])?.load().map_err(refused)?;
         let exec_filename_offset = attach_exec(&mut bpf).unwrap_or(0);
         let config = Config {
             dedupe_window_ns: u64::try_from(options.dedupe_window.as_nanos()).unwrap_or(u64::MAX),
@@ -279,7 +273,7 @@ impl Probes {
             ..Config::default()
         };
         let mut probes =
-            Self { bpf, mount: options.mount.clone(), monitored: HashMap::new(), dns_links: HashMap::new(), config };
+            Self { bpf, mount: options.mount.clone(), monitored: HashMap::new(), links: HashMap::new(), config };
         probes.write_config()?;
         Ok(probes)
     }
@@ -289,12 +283,12 @@ impl Probes {
         self.config.exec_filename_offset != 0
     }
 
-    /// Reports calls and DNS answers of every process in the cgroup `dir` and below it (which
-    /// must be below [`Options::attach`]). Returns the cgroup's id.
+    /// Reports calls and DNS answers of every process in the cgroup `dir` and below it: the
+    /// programs are attached to it. Returns the cgroup's id.
     pub fn monitor(&mut self, dir: &Path) -> Result<u64, LoadError> {
         let id = cgroup_id(dir)?;
         let level = self.level_of(dir)?;
-        self.attach_dns(id, dir)?;
+        self.attach(id, dir)?;
         let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
         map.insert(id, MONITOR, 0).map_err(refused)?;
         self.monitored.insert(id, level);
@@ -302,9 +296,9 @@ impl Probes {
         Ok(id)
     }
 
-    /// Reports every pod below the cgroups `parents` (kubelet's `kubepods` and QoS cgroups,
-    /// see [`crate::cgroups::pod_parents`]) from its first call, until the pod is
-    /// [ignored](Self::ignore_pod): a pod the agent has not classified yet cannot be missed.
+    /// Tells the programs where pods are: the children of `parents` (kubelet's `kubepods` and
+    /// QoS cgroups, see [`crate::cgroups::pod_parents`]). A pod is reported once
+    /// [armed](Self::arm_pod).
     pub fn watch_pods(&mut self, parents: &[PathBuf]) -> Result<(), LoadError> {
         if parents.len() > MAX_POD_PARENTS {
             return Err(LoadError::Unsupported(format!("more than {MAX_POD_PARENTS} pod parent cgroups")));
@@ -326,63 +320,56 @@ impl Probes {
         self.write_config()
     }
 
-    /// Attaches the DNS answer filter to the pod cgroup `dir` (below the
-    /// [watched](Self::watch_pods) parents): its DNS answers are seen from now on, its calls
-    /// are reported anyway until it is [ignored](Self::ignore_pod). The agent arms every pod
-    /// when its cgroup appears, before its first container starts, and keeps it armed while
-    /// it is a runner. Returns the cgroup's id.
+    /// Attaches the programs to the pod cgroup `dir` (below the [watched](Self::watch_pods)
+    /// parents): its calls, DNS answers and executables are reported from now on, in every
+    /// cgroup below it, those made later included. The agent arms every pod when its cgroup
+    /// appears, before its first container starts, and keeps it armed while it may be a
+    /// runner. Returns the cgroup's id.
     pub fn arm_pod(&mut self, dir: &Path) -> Result<u64, LoadError> {
         let id = cgroup_id(dir)?;
-        self.attach_dns(id, dir)?;
+        self.attach(id, dir)?;
         let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
         map.insert(id, ARMED, 0).map_err(refused)?;
         Ok(id)
     }
 
-    /// Whether the pod cgroup `id` has the DNS answer filter attached.
+    /// Whether the pod cgroup `id` has the programs attached.
     pub fn armed(&self, id: u64) -> bool {
-        self.dns_links.contains_key(&id)
+        self.links.contains_key(&id)
     }
 
-    fn attach_dns(&mut self, id: u64, dir: &Path) -> Result<(), LoadError> {
-        if self.dns_links.contains_key(&id) {
+    /// Attaches every program to `dir`: the DNS answer filter first, so no answer to a query
+    /// the call programs see can pass unread.
+    fn attach(&mut self, id: u64, dir: &Path) -> Result<(), LoadError> {
+        if self.links.contains_key(&id) {
             return Ok(());
         }
         let cgroup =
             std::fs::File::open(dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?;
         let dns: &mut CgroupSkb = program(&mut self.bpf, names::PROGRAMS[4])?;
+        // Links always stack on a cgroup; "Single" is how aya asks for a plain link.
         let link =
             dns.attach(cgroup.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(refused)?;
-        self.dns_links.insert(id, link);
+        let dns = dns.take_link(link).map_err(refused)?;
+        let mut calls = Vec::with_capacity(4);
+        for name in &names::PROGRAMS[..4] {
+            let program: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
+            let link = program.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(refused)?;
+            // An error drops what is attached so far: all or nothing.
+            calls.push(program.take_link(link).map_err(refused)?);
+        }
+        self.links.insert(id, CgroupLinks { _calls: calls, _dns: dns });
         Ok(())
     }
 
-    /// Detaches the DNS answer filter from `id` (a pod that is not a runner, or gone).
-    fn detach_dns(&mut self, id: u64) {
-        if let Some(link) = self.dns_links.remove(&id)
-            && let Ok(dns) = program::<CgroupSkb>(&mut self.bpf, names::PROGRAMS[4])
-        {
-            // The kernel has detached it already when the cgroup is gone.
-            let _ = dns.detach(link);
-        }
-    }
-
-    /// Stops reporting the pod cgroup `id` (a pod below the [watched](Self::watch_pods)
-    /// parents that is not a runner), detaches its DNS answer filter, and forgets what the
-    /// kernel counted for it. Its calls then cost one map lookup, its packets nothing.
-    pub fn ignore_pod(&mut self, id: u64) -> Result<(), LoadError> {
-        let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
-        map.insert(id, IGNORE, 0).map_err(refused)?;
-        self.detach_dns(id);
-        self.forget_dedupe(id)
-    }
-
-    /// Forgets a pod cgroup that is gone: its mark, its DNS answer filter and the kernel's
-    /// counts.
+    /// Stops reporting the pod cgroup `id` (gone, or not a runner): drops its mark, detaches its
+    /// programs (the kernel has already when the cgroup is gone) and forgets what the kernel
+    /// counted for it. A pod that stays then runs none of the programs: its calls and packets
+    /// cost nothing.
     pub fn forget_pod(&mut self, id: u64) -> Result<(), LoadError> {
-        self.detach_dns(id);
         let mut monitored: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
         let _ = monitored.remove(&id);
+        self.links.remove(&id);
         let mut budgets: BpfHashMap<_, u64, BudgetValue> = map(&mut self.bpf, names::BUDGETS)?;
         let _ = budgets.remove(&id);
         self.forget_dedupe(id)
@@ -437,7 +424,6 @@ impl Probes {
             dns_cut: sum(stats::DNS_CUT),
             lost_exec: sum(stats::LOST_EXEC),
             throttled: sum(stats::THROTTLED),
-            dns_unarmed: sum(stats::DNS_UNARMED),
         })
     }
 
@@ -461,8 +447,17 @@ impl Probes {
         let table: BpfHashMap<_, Key, Value> =
             BpfHashMap::try_from(self.bpf.map(names::DEDUPE).ok_or_else(|| missing(names::DEDUPE))?)
                 .map_err(refused)?;
+        // The kernel keeps CLOCK_MONOTONIC_COARSE; the records, CLOCK_BOOTTIME (which also
+        // counts time suspended).
+        use crate::pipeline::clock;
+        let boot_minus_monotonic =
+            clock(libc::CLOCK_BOOTTIME).saturating_sub(clock(libc::CLOCK_MONOTONIC)).as_nanos() as u64;
         // Entries evicted or rewritten during the walk are skipped; the next walk sees them.
-        Ok(table.iter().filter_map(Result::ok).map(|(k, v)| (k.0, v.0)).collect())
+        Ok(table
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k.0, DedupeValue { last_event_ns: v.0.last_event_ns + boot_minus_monotonic, ..v.0 }))
+            .collect())
     }
 
     /// Takes the ring buffer out for a [`Reader`] (once; within a tokio runtime).

@@ -72,6 +72,9 @@ pub struct Metrics {
     pub dns_answers: Family<ResultLabel, Gauge>,
     /// Runner pods monitored on this node.
     pub pods_monitored: Gauge,
+    /// Pods made while the agent ran whose cgroup held a process before the programs were
+    /// attached to it: their first calls may have gone unseen.
+    pub pods_armed_late: Counter,
     /// Runs in progress.
     pub runs_in_progress: Gauge,
     /// Finished runs waiting to be merged (kept in the state directory).
@@ -97,6 +100,7 @@ impl Default for Metrics {
             unattributed_runs: Counter::default(),
             dns_answers: Family::default(),
             pods_monitored: Gauge::default(),
+            pods_armed_late: Counter::default(),
             runs_in_progress: Gauge::default(),
             runs_unmerged: Gauge::default(),
             detection_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
@@ -115,7 +119,7 @@ impl Default for Metrics {
         for result in ["merged", "duplicate", "no_baseline", "conflicts_exhausted", "failed"] {
             let _ = m.merges.get_or_create(&ResultLabel { result });
         }
-        for kind in ["call", "dns", "exec", "throttled", "dns_unarmed"] {
+        for kind in ["call", "dns", "exec", "throttled"] {
             let _ = m.kernel_lost.get_or_create(&Kind { kind });
         }
         for result in ["parsed", "malformed", "unsolicited"] {
@@ -140,6 +144,11 @@ impl Default for Metrics {
         );
         registry.register("dns_answers", "DNS answers read, by result", m.dns_answers.clone());
         registry.register("pods_monitored", "Runner pods monitored on this node", m.pods_monitored.clone());
+        registry.register(
+            "pods_armed_late",
+            "Pods whose cgroup held a process before the programs were attached (first calls may be unseen)",
+            m.pods_armed_late.clone(),
+        );
         registry.register("runs_in_progress", "Runs in progress on this node", m.runs_in_progress.clone());
         registry.register("runs_unmerged", "Finished runs waiting to be merged", m.runs_unmerged.clone());
         registry.register(

@@ -370,7 +370,8 @@ impl Node {
         actions
     }
 
-    /// Whether the pod cgroup `id` is ignored in the kernel (a pod that is not a runner).
+    /// Whether the pod cgroup `id` is ignored (a pod that is not a runner: the kernel programs
+    /// are detached from it).
     pub fn ignores(&self, id: u64) -> bool {
         self.ignored.contains_key(&id)
     }

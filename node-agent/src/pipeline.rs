@@ -147,10 +147,15 @@ pub fn boot_time() -> SystemTime {
 
 /// CLOCK_BOOTTIME now.
 pub fn since_boot() -> Duration {
+    clock(libc::CLOCK_BOOTTIME)
+}
+
+/// A clock's time (zero if the clock cannot be read).
+pub(crate) fn clock(id: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     #[allow(unsafe_code, reason = "clock_gettime writes the timespec it is given")]
     // SAFETY: a valid pointer to a timespec on our stack.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
     if rc != 0 {
         return Duration::ZERO;
     }

@@ -13,7 +13,7 @@ use runwarden_agent::dns::RecordData;
 use runwarden_agent::ebpf::PodBudget;
 use runwarden_agent::events::{Hook, Proto};
 use runwarden_agent::pipeline::Observation;
-use runwarden_tests::node::cgroup_programs as effective;
+use runwarden_tests::node::{cgroup_programs as effective, runwarden_programs};
 
 const WINDOW: Duration = Duration::from_secs(5);
 
@@ -206,7 +206,8 @@ async fn processes_outside_monitored_cgroups_produce_nothing() {
     let script = "import socket\nfor p in range(20):\n  socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 9000 + p))";
     python(&unmonitored, None, script);
     python(&service, None, script);
-    // The programs do run for them (they are below the attach point): the filter drops them.
+    // They run none of the programs.
+    assert_eq!(effective(&unmonitored), []);
     assert!(agent.drain().await.is_empty());
     let after = agent.probes.stats().unwrap();
     assert_eq!(after, before, "no record written, nothing counted");
@@ -574,7 +575,7 @@ async fn one_pods_flood_does_not_take_another_pods_records() {
 }
 
 #[tokio::test]
-async fn the_dns_filter_runs_only_in_armed_pods_and_a_query_before_arming_is_counted() {
+async fn the_programs_run_only_in_armed_pods_and_see_an_armed_pod_from_its_first_call() {
     let mut agent = Agent::start(WINDOW);
     agent.watch_pods(Layout::CgroupfsBestEffort);
     let (runner, other, late) = (
@@ -583,21 +584,17 @@ async fn the_dns_filter_runs_only_in_armed_pods_and_a_query_before_arming_is_cou
         agent.pod_cgroups(Layout::CgroupfsBestEffort),
     );
     agent.probes.arm_pod(&runner.dir).unwrap();
+    // Armed as its cgroup appeared, then found not to be a runner: disarmed.
     agent.probes.arm_pod(&other.dir).unwrap();
-    // Not a runner: ignored, and its DNS filter detached again.
-    agent.probes.ignore_pod(other.cgroup_id).unwrap();
+    agent.probes.forget_pod(other.cgroup_id).unwrap();
     agent.rescan();
 
-    // What every packet of a pod runs: the filter in the runner pod (and its containers) only.
-    assert_eq!(effective(&runner.container, "cgroup_inet_ingress"), ["dns_ingress"]);
-    assert!(
-        effective(&other.container, "cgroup_inet_ingress").is_empty(),
-        "a pod not monitored runs nothing per packet"
-    );
-    assert!(effective(&late.container, "cgroup_inet_ingress").is_empty());
-    assert!(effective(&agent.root, "cgroup_inet_ingress").is_empty());
-    // The call programs are inherited from the attach point, so a pod is seen from its first call.
-    assert_eq!(effective(&late.container, "cgroup_inet4_connect"), ["connect4"]);
+    // What a pod's sockets run: all the programs in the runner pod (and its containers), none
+    // in a pod that is not monitored, nor in one not armed yet, nor anywhere else on the node.
+    assert_eq!(effective(&runner.container), runwarden_programs());
+    assert_eq!(effective(&other.container), [], "a pod not monitored runs nothing");
+    assert_eq!(effective(&late.container), []);
+    assert_eq!(effective(&agent.root), []);
 
     let ns = NetNs::new();
     let dns = DnsServer::start(IpAddr::V4(ns.host_v4));
@@ -611,6 +608,7 @@ async fn the_dns_filter_runs_only_in_armed_pods_and_a_query_before_arming_is_cou
         )
     };
     let script = &resolve_and_call("svc.example");
+    let before = agent.probes.stats().unwrap();
     let (r, o, l) = (
         python(&runner.container, Some(&ns), script),
         python(&other.container, Some(&ns), script),
@@ -618,27 +616,31 @@ async fn the_dns_filter_runs_only_in_armed_pods_and_a_query_before_arming_is_cou
     );
     let obs = agent.drain().await;
     let call = |out: &std::process::Output| obs.iter().find(|c| c.pid == pid_of(out) && c.port == 443).cloned();
-    assert_eq!(call(&r).expect("the runner's call").hosts, ["svc.example"]);
-    assert!(obs.iter().all(|c| c.pid != pid_of(&o)), "nothing of the ignored pod: {obs:#?}");
-    // A pod not armed yet (its cgroup appeared and the agent has not attached the filter): the
-    // call is seen, its name is not, and the query that could not be read is counted.
-    let unnamed = call(&l).expect("the call of the pod not armed yet");
-    assert!(unnamed.hosts.is_empty(), "{unnamed:#?}");
-    let stats = agent.probes.stats().unwrap();
-    assert!(stats.dns_unarmed >= 1, "{stats:?}");
+    let seen = call(&r).expect("the runner's call");
+    assert_eq!(seen.hosts, ["svc.example"]);
+    assert!(seen.executable.as_deref().is_some_and(|e| e.contains("python")), "{seen:#?}");
+    assert!(obs.iter().all(|c| c.pid != pid_of(&o) && c.pid != pid_of(&l)), "only the armed pod: {obs:#?}");
+    let after = agent.probes.stats().unwrap();
+    assert_eq!(
+        (after.call_events - before.call_events, after.dns_events - before.dns_events),
+        (obs.len() as u64, 1),
+        "the runner's calls and its one answer, nothing of the other pods"
+    );
 
-    // Armed: its answers are read from the next packet on, and nothing more is counted.
+    // Armed: its first call and answer after that are read, in a container made later too.
     agent.probes.arm_pod(&late.dir).unwrap();
+    let nested = agent.cgroup(&format!("{}/nested", late.container.strip_prefix(&agent.root).unwrap().display()));
+    agent.rescan();
+    assert_eq!(effective(&nested), runwarden_programs());
     let other_target = Ipv4Addr::new(198, 51, 100, 22);
     dns.set("svc2.example", Zone::Records(vec![("svc2.example".into(), RecordData::A(other_target))]));
-    let l = python(&late.container, Some(&ns), &resolve_and_call("svc2.example"));
+    let l = python(&nested, Some(&ns), &resolve_and_call("svc2.example"));
     let obs = agent.drain().await;
     let named = obs.iter().find(|c| c.pid == pid_of(&l) && c.port == 443).expect("the call once armed");
     assert_eq!((named.ip, named.hosts.as_slice()), (IpAddr::V4(other_target), ["svc2.example".to_string()].as_slice()));
-    assert_eq!(agent.probes.stats().unwrap().dns_unarmed, stats.dns_unarmed);
 
-    // Gone: the filter goes with the pod's mark.
+    // Gone: the programs go with the pod's mark.
     agent.probes.forget_pod(late.cgroup_id).unwrap();
     assert!(!agent.probes.armed(late.cgroup_id));
-    assert!(effective(&late.container, "cgroup_inet_ingress").is_empty());
+    assert_eq!(effective(&nested), []);
 }

@@ -758,10 +758,11 @@ podLogsDir: {d}/kubelet/pod-logs
     )
 }
 
-/// The programs in a cgroup's effective set for one attach type (bpftool's names, e.g.
-/// `cgroup_inet_ingress` for what every received packet runs), as
-/// `bpftool cgroup show DIR effective` lists them. `make setup` installs bpftool.
-pub fn cgroup_programs(dir: &Path, attach_type: &str) -> Vec<String> {
+/// The programs in a cgroup's effective set (what its processes' sockets run), as (bpftool's
+/// attach type, program name), e.g. `("cgroup_inet_ingress", "dns_ingress")` for what every
+/// received packet runs, sorted; as `bpftool cgroup show DIR effective` lists them.
+/// `make setup` installs bpftool.
+pub fn cgroup_programs(dir: &Path) -> Vec<(String, String)> {
     let out = std::process::Command::new("bpftool")
         .args(["-j", "cgroup", "show"])
         .arg(dir)
@@ -770,9 +771,22 @@ pub fn cgroup_programs(dir: &Path, attach_type: &str) -> Vec<String> {
         .expect("bpftool (make setup installs it)");
     assert!(out.status.success(), "bpftool cgroup show {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
     let programs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    programs
-        .iter()
-        .filter(|p| p["attach_type"] == attach_type)
-        .map(|p| p["name"].as_str().unwrap_or_default().to_string())
-        .collect()
+    let field = |p: &serde_json::Value, f: &str| p[f].as_str().unwrap_or_default().to_string();
+    let mut out: Vec<(String, String)> = programs.iter().map(|p| (field(p, "attach_type"), field(p, "name"))).collect();
+    out.sort();
+    out
+}
+
+/// What [`cgroup_programs`] lists for a cgroup with all of runwarden's cgroup programs attached.
+pub fn runwarden_programs() -> Vec<(String, String)> {
+    [
+        ("cgroup_inet4_connect", "connect4"),
+        ("cgroup_inet6_connect", "connect6"),
+        ("cgroup_inet_ingress", "dns_ingress"),
+        ("cgroup_udp4_sendmsg", "sendmsg4"),
+        ("cgroup_udp6_sendmsg", "sendmsg6"),
+    ]
+    .into_iter()
+    .map(|(a, n)| (a.to_string(), n.to_string()))
+    .collect()
 }

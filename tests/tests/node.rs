@@ -16,7 +16,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use runwarden_tests::Node;
 use runwarden_tests::install::{SYSTEM, kubectl};
-use runwarden_tests::node::{NODE_IP, NODE_NAME};
+use runwarden_tests::node::{NODE_IP, NODE_NAME, cgroup_programs, runwarden_programs};
 use runwarden_tests::runner::{Job, agent_logs, url};
 use runwarden_tests::services::{Dns, Listener};
 use serde_json::json;
@@ -143,9 +143,10 @@ fn pod_cgroup(uid: &str) -> std::path::PathBuf {
         .unwrap_or_else(|| panic!("no cgroup for pod {uid}"))
 }
 
-/// The programs every packet a cgroup's sockets receive runs.
-fn per_packet_programs(dir: &std::path::Path) -> Vec<String> {
-    runwarden_tests::node::cgroup_programs(dir, "cgroup_inet_ingress")
+/// Pods made while the agent ran whose cgroup held a process before the agent attached its
+/// programs (their first calls may have gone unseen).
+async fn armed_late(node: &Node) -> f64 {
+    series(&agent_metrics(node).await, "runwarden_agent_pods_armed_late_total")
 }
 
 /// The `runwarden_*` series names an expression uses.
@@ -256,13 +257,12 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     assert_eq!(on("EphemeralRunner", &runner), 1, "one on its EphemeralRunner: {events:?}");
     assert_eq!(on("WorkflowBaseline", &baseline.name_any()), 1, "one on the baseline: {events:?}");
     assert_eq!(events.len(), 3, "and nothing else, nothing about the web server: {events:?}");
-    // The web server, not a runner, pays nothing per packet: no program on its cgroup.
+    // The web server, not a runner, pays nothing: none of the programs runs for its sockets.
     let web = Api::<Pod>::namespaced(client.clone(), &job.ns).get("web-server").await.unwrap();
-    assert!(per_packet_programs(&pod_cgroup(&web.uid().unwrap())).is_empty());
+    assert_eq!(cgroup_programs(&pod_cgroup(&web.uid().unwrap())), []);
     // Each runner pod's first instruction resolves a name (its init container calls
-    // api.github.test): no pod sent a DNS query before its DNS filter was attached.
-    let unarmed = series(&agent_metrics(world.node).await, "runwarden_agent_kernel_lost_records{kind=\"dns_unarmed\"}");
-    assert_eq!(unarmed, 0.0, "DNS queries of pods not armed yet");
+    // api.github.test): every pod was armed before a process started in it.
+    assert_eq!(armed_late(world.node).await, 0.0, "pods armed after a process started in them");
     let note = events[0].note.clone().unwrap_or_default();
     assert!(note.contains("new.exfil.test"), "the Event names the new host: {note}");
     assert!(note.contains("wget"), "and the process that called it: {note}");
@@ -321,7 +321,7 @@ async fn killing_the_agent_and_stopping_the_api_server_mid_run_loses_nothing() {
     eprintln!("agent pod replaced and ready in {:.1}s", killed.elapsed().as_secs_f64());
     // The runner pod was there before this agent started: it armed it at its start, once.
     let runner_uid = Api::<Pod>::namespaced(client.clone(), &job.ns).get(&name).await.unwrap().uid().unwrap();
-    assert_eq!(per_packet_programs(&pod_cgroup(&runner_uid)), ["dns_ingress"]);
+    assert_eq!(cgroup_programs(&pod_cgroup(&runner_uid)), runwarden_programs());
     exec(&name, &wget("c2.outage.test"));
 
     // The API server goes away for 30 s; the pod calls somewhere new meanwhile.
@@ -368,8 +368,7 @@ async fn killing_the_agent_and_stopping_the_api_server_mid_run_loses_nothing() {
     for host in ["api.github.test", "cdn.packages.test", "c2.outage.test", "late.outage.test"] {
         assert!(hosts.iter().any(|h| h == host), "{host} in the baseline: {hosts:?}");
     }
-    let unarmed = series(&agent_metrics(world.node).await, "runwarden_agent_kernel_lost_records{kind=\"dns_unarmed\"}");
-    assert_eq!(unarmed, 0.0, "DNS queries of pods not armed yet");
+    assert_eq!(armed_late(world.node).await, 0.0, "pods armed after a process started in them");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

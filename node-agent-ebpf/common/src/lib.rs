@@ -40,11 +40,6 @@ pub const VERDICT_DENIED: u8 = 2;
 /// `flags`: the first call of this cgroup to this destination the kernel's dedupe table has
 /// seen (a new table entry); `total` starts again from 1.
 pub const FLAG_FIRST: u8 = 1;
-/// `flags`: a call to port 53 (a DNS query) from a pod whose DNS answer filter was not
-/// attached yet (not [`ARMED`]): its answer may have gone unseen (counted in
-/// [`stats::DNS_UNARMED`]).
-pub const FLAG_DNS_UNARMED: u8 = 2;
-
 /// One outbound call, or, with the kernel's dedupe on, the first of a burst of calls from one
 /// cgroup to one destination: `total` says how many calls this cgroup has made to it so far.
 #[repr(C)]
@@ -161,7 +156,9 @@ pub struct DedupeKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DedupeValue {
-    /// When the last event for this key was written (`bpf_ktime_get_boot_ns`).
+    /// When the last event for this key was written: `bpf_ktime_get_coarse_ns`
+    /// (CLOCK_MONOTONIC_COARSE) in the kernel's map; the agent's
+    /// `Probes::dedupe_table` hands it out as CLOCK_BOOTTIME, like the records' timestamps.
     pub last_event_ns: u64,
     /// Calls counted, as in [`CallEvent::total`].
     pub total: u64,
@@ -181,10 +178,10 @@ pub struct Config {
     /// are counted, not reported. 0 turns the dedupe off: every call is an event.
     pub dedupe_window_ns: u64,
     /// cgroups whose children are pods (kubelet's `kubepods` and QoS cgroups), deepest first;
-    /// 0 ends the list. A caller below a child of one of them is reported under that child
-    /// unless the child is marked [`IGNORE`]: a pod the agent has not decided about yet is
-    /// reported from its first call (it cannot be missed), and the agent ignores it once it
-    /// knows it is not a runner.
+    /// 0 ends the list. The call and DNS programs run only where the agent attached them (each
+    /// pod cgroup that may hold a runner), so a caller below a child of one of them is
+    /// reported under that child; the exec program runs node-wide and reports only children
+    /// marked [`ARMED`].
     pub pod_parents: [u64; MAX_POD_PARENTS],
     /// The level of each of `pod_parents`.
     pub pod_parent_levels: [u32; MAX_POD_PARENTS],
@@ -216,15 +213,11 @@ pub const MAX_LEVEL: u32 = 31;
 
 /// Value in the `MONITORED` map (key: a cgroup v2 id): report calls of this cgroup's tree.
 pub const MONITOR: u32 = 1;
-/// Value in the `MONITORED` map: a pod (child of one of [`Config::pod_parents`]) whose calls
-/// are not reported.
-pub const IGNORE: u32 = 2;
-/// Value in the `MONITORED` map: a pod (child of one of [`Config::pod_parents`]) whose calls
-/// are reported and whose DNS answer filter (`dns_ingress`, attached to each reported pod's
-/// cgroup, never node-wide) is attached. A pod not marked yet is reported too, but a DNS
-/// answer it receives before it is armed goes unseen: its queries are counted
-/// ([`stats::DNS_UNARMED`]).
-pub const ARMED: u32 = 3;
+/// Value in the `MONITORED` map: a pod (child of one of [`Config::pod_parents`]) with the
+/// programs attached to its cgroup: its calls, DNS answers and executables are reported. Pods
+/// not marked (not runners) run none of the programs but the node-wide exec tracepoint, which
+/// drops them after one map lookup.
+pub const ARMED: u32 = 2;
 
 /// Indexes of the per-CPU `STATS` array.
 pub mod stats {
@@ -244,17 +237,15 @@ pub mod stats {
     pub const LOST_EXEC: u32 = 6;
     /// Records not written because their pod's budget was spent.
     pub const THROTTLED: u32 = 7;
-    /// DNS queries (calls to port 53) of pods whose DNS answer filter was not attached yet.
-    pub const DNS_UNARMED: u32 = 8;
     /// Number of entries.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 8;
 }
 
 /// Names of the maps and programs in the kernel object.
 pub mod names {
     /// Ring buffer of [`super::CallEvent`] and [`super::DnsEvent`].
     pub const EVENTS: &str = "EVENTS";
-    /// cgroup id → [`super::MONITOR`], [`super::IGNORE`] or [`super::ARMED`].
+    /// cgroup id → [`super::MONITOR`] or [`super::ARMED`].
     pub const MONITORED: &str = "MONITORED";
     /// One [`super::Config`].
     pub const CONFIG: &str = "CONFIG";

@@ -1,23 +1,23 @@
-//! runwarden's kernel programs (on a node: the call programs attached to kubelet's top pod
-//! cgroup, the DNS filter to each pod cgroup that may hold a runner, see the agent's `ebpf`):
+//! runwarden's kernel programs (on a node: attached to the cgroup of each pod that may hold a
+//! runner, see the agent's `ebpf`; other pods run none of them):
 //!
 //! - `connect4`/`connect6`: every `connect()` (TCP, and UDP sockets that connect);
 //! - `sendmsg4`/`sendmsg6`: `sendto()`/`sendmsg()` with an address on unconnected UDP sockets
 //!   (DNS, QUIC);
 //! - `dns_ingress` (`cgroup_skb/ingress`): UDP answers from port 53, a bounded copy of the
-//!   message, so the agent can name destinations from the answers each pod received.
+//!   message, so the agent can name destinations from the answers each pod received;
+//! - `sched_process_exec` (node-wide): the executable of each process of a reported pod.
 //!
-//! Only callers below a cgroup in `MONITORED` produce anything: the programs look up the
-//! caller's ancestors at the levels `CONFIG.monitored_levels` names, so other workloads cost at
-//! most three ancestor reads and one map lookup. On a node, the pods below kubelet's `kubepods` cgroups (`CONFIG.pod_parents`)
-//! are reported unless marked `IGNORE`: a pod the agent has not classified yet is seen from its
-//! first call. Repeated calls from one cgroup to one destination within the dedupe window
-//! are counted in `DEDUPE`, not reported. Each pod has a record budget (`BUDGETS`, a token
-//! bucket refilled at `CONFIG.budget_per_second`): past it the pod's records are counted, not
-//! written, so one pod cannot fill the ring buffer all pods share (its calls stay in `DEDUPE`,
-//! where the agent finds them). Records are submitted without waking the reader (it polls)
-//! unless the ring buffer fills past a threshold; records that do not fit are counted in
-//! `STATS`. Every program lets the call go ahead.
+//! The programs find the pod (or, for `trace`, the monitored cgroup) a caller belongs to from its
+//! ancestors at the levels `CONFIG` names: an index into the cgroup's ancestors, no walk, and no
+//! map lookup for a pod (the program runs only where the agent attached it). Repeated calls
+//! from one cgroup to one destination within the dedupe window are counted in `DEDUPE`, not
+//! reported. Each pod has a record budget (`BUDGETS`, a token bucket refilled at
+//! `CONFIG.budget_per_second`): past it the pod's records are counted, not written, so one pod
+//! cannot fill the ring buffer all pods share (its calls stay in `DEDUPE`, where the agent
+//! finds them). Records are submitted without waking the reader (it polls) unless the ring
+//! buffer fills past a threshold; records that do not fit are counted in `STATS`. Every program
+//! lets the call go ahead.
 
 #![no_std]
 #![no_main]
@@ -31,8 +31,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id,
-    bpf_skb_cgroup_id, bpf_skb_load_bytes,
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns,
+    bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes,
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
@@ -41,8 +41,8 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
 use runwarden_ebpf_common::{
     ARMED, Budget, CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ExecEvent, FAMILY_IPV4,
-    FAMILY_IPV6, FLAG_DNS_UNARMED, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, IGNORE, KIND_CALL, KIND_DNS, KIND_EXEC,
-    MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, stats,
+    FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS,
+    MONITOR, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -111,17 +111,24 @@ fn config() -> Option<&'static Config> {
     CONFIG.get(0)
 }
 
-/// The monitored ancestor of a cgroup and its mark in `MONITORED` (0: a pod not marked yet),
-/// given a way to read its ancestor id at a level: a cgroup marked [`MONITOR`] at one of
-/// `cfg.monitored_levels`, or else the pod (child of one of `cfg.pod_parents`) it belongs to,
-/// unless that pod is marked [`IGNORE`]. For a pod that is not monitored this is at most three
-/// ancestor reads (an index into the cgroup's ancestors, no walk) and one map lookup.
+/// Where a cgroup's calls are reported: a pod never needs its mark looked up by the programs the
+/// agent attaches to it (they run only there), the node-wide exec program does.
+#[derive(Clone, Copy, PartialEq)]
+enum Pods {
+    Attached,
+    Marked,
+}
+
+/// The monitored ancestor of a cgroup, given a way to read its ancestor id at a level: a cgroup
+/// marked [`MONITOR`] at one of `cfg.monitored_levels`, or else the pod (child of one of
+/// `cfg.pod_parents`) it belongs to (with [`Pods::Marked`], only if marked [`ARMED`]). At
+/// most three ancestor reads (an index into the cgroup's ancestors, no walk).
 #[inline(always)]
-fn monitored_ancestor(cfg: &Config, ancestor: impl Fn(i32) -> u64) -> Option<(u64, u32)> {
+fn monitored_ancestor(cfg: &Config, pods: Pods, ancestor: impl Fn(i32) -> u64) -> Option<u64> {
     if cfg.monitored_levels != 0
         && let Some(id) = marked_ancestor(cfg.monitored_levels, &ancestor)
     {
-        return Some((id, MONITOR));
+        return Some(id);
     }
     // Ancestors read so far: parents are deepest first and QoS parents share a level, so on a
     // node the pod level is read once, kubepods' level once.
@@ -151,8 +158,10 @@ fn monitored_ancestor(cfg: &Config, ancestor: impl Fn(i32) -> u64) -> Option<(u6
                 return None;
             }
             // SAFETY: a pointer into the map's element, valid for this program run.
-            let mark = MONITORED.get_ptr(pod).map_or(0, |mark| unsafe { *mark });
-            return if mark == IGNORE { None } else { Some((pod, mark)) };
+            if pods == Pods::Marked && MONITORED.get_ptr(pod).is_none_or(|mark| unsafe { *mark } != ARMED) {
+                return None;
+            }
+            return Some(pod);
         }
         i += 1;
     }
@@ -177,11 +186,11 @@ fn marked_ancestor(levels: u32, ancestor: &impl Fn(i32) -> u64) -> Option<u64> {
     None
 }
 
-/// The monitored ancestor of the current task's cgroup and its mark (none when not monitored).
+/// The monitored ancestor of the current task's cgroup (none when not monitored).
 #[inline(always)]
-fn current_pod(cfg: &Config) -> Option<(u64, u32)> {
+fn current_pod(cfg: &Config, pods: Pods) -> Option<u64> {
     // SAFETY: a helper without pointer arguments.
-    monitored_ancestor(cfg, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })
+    monitored_ancestor(cfg, pods, |l| unsafe { bpf_get_current_ancestor_cgroup_id(l) })
 }
 
 #[inline(always)]
@@ -199,20 +208,19 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
     let Some(cfg) = config() else {
         return;
     };
-    let Some((pod, mark)) = current_pod(cfg) else {
+    let Some(pod) = current_pod(cfg, Pods::Attached) else {
         return;
     };
     let mut flags = FLAG_FIRST;
-    // A DNS query of a pod whose answer filter is not attached yet: its answer may go unseen.
-    if port == 53 && mark != ARMED && mark != MONITOR {
-        count(stats::DNS_UNARMED);
-        flags |= FLAG_DNS_UNARMED;
-    }
-    // SAFETY: as above.
-    let (cgroup_id, now) = unsafe { (bpf_get_current_cgroup_id(), bpf_ktime_get_boot_ns()) };
+    // SAFETY: a helper without pointer arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let key = DedupeKey { cgroup_id, pod_cgroup_id: pod, addr, port, family, protocol, _pad: [0; 4] };
     let mut total = 1;
     if cfg.dedupe_window_ns != 0 {
+        // The coarse clock (the last tick's time, no clock read) is plenty for a window of
+        // seconds, and a folded call reads no other.
+        // SAFETY: a helper without pointer arguments.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
         let mut entry = DEDUPE.get_ptr_mut(key);
         if entry.is_none() {
             let fresh = DedupeValue { last_event_ns: now, total: 1 };
@@ -236,6 +244,8 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
             flags &= !FLAG_FIRST;
         }
     }
+    // SAFETY: a helper without pointer arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
     if !take_budget(cfg, pod, now) {
         return;
     }
@@ -281,32 +291,33 @@ fn port(ctx: &SockAddrContext) -> u16 {
     u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16)
 }
 
+/// An address as the records keep it, from its four network-order words. Built from words, not
+/// by copying into a zeroed byte array: LLVM lowers zeroing an unaligned byte array to a
+/// byte-at-a-time `memset` subprogram, which every call paid twice.
+#[inline(always)]
+fn address(words: [u32; 4]) -> [u8; 16] {
+    // SAFETY: same size, and any bytes are a valid [u8; 16]; the words' bytes stay in memory
+    // order, as a byte copy would put them.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
+}
+
 #[inline(always)]
 fn ipv4(ctx: &SockAddrContext) -> [u8; 16] {
-    let mut addr = [0; 16];
     // SAFETY: as above; a connect4/sendmsg4 program may read user_ip4 only.
-    let ip = unsafe { (*ctx.sock_addr).user_ip4 };
-    addr[..4].copy_from_slice(&ip.to_ne_bytes());
-    addr
+    address([unsafe { (*ctx.sock_addr).user_ip4 }, 0, 0, 0])
 }
 
 #[inline(always)]
 fn ipv6(ctx: &SockAddrContext) -> [u8; 16] {
-    let mut addr = [0; 16];
     // SAFETY: as above; user_ip6 is read a 32-bit word at a time, as the verifier requires.
-    let words = unsafe {
+    address(unsafe {
         [
             (*ctx.sock_addr).user_ip6[0],
             (*ctx.sock_addr).user_ip6[1],
             (*ctx.sock_addr).user_ip6[2],
             (*ctx.sock_addr).user_ip6[3],
         ]
-    };
-    addr[0..4].copy_from_slice(&words[0].to_ne_bytes());
-    addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
-    addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
-    addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
-    addr
+    })
 }
 
 /// The verdict, masked: newer LLVM may spill it so the verifier cannot see it is 0 or 1.
@@ -392,7 +403,7 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
     }
     let cfg = config()?;
     // SAFETY: the skb pointer the kernel passed in.
-    let (pod, _) = monitored_ancestor(cfg, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;
+    let pod = monitored_ancestor(cfg, Pods::Attached, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;
     let offset = udp + 8;
     let length = (ctx.len() as usize).checked_sub(offset)?;
     if length == 0 {
@@ -452,7 +463,7 @@ fn on_exec(ctx: &BtfTracePointContext) -> Option<()> {
     if (cfg.monitored_levels == 0 && cfg.pod_parents[0] == 0) || cfg.exec_filename_offset == 0 {
         return None;
     }
-    let (pod, _) = current_pod(cfg)?;
+    let pod = current_pod(cfg, Pods::Marked)?;
     let bprm: *const u8 = ctx.arg(2);
     // SAFETY: a kernel pointer read through the helper, which checks it; the offset comes from
     // this kernel's BTF.

@@ -33,34 +33,35 @@ pub struct AgentThread {
 }
 
 impl AgentThread {
-    /// Programs attached at `attach`, the cgroups `monitored` reported (as `trace` does).
-    pub fn start(attach: &Path, monitored: &[PathBuf], dedupe_window: Duration) -> Self {
+    /// The cgroups `monitored` reported (as `trace` does).
+    pub fn start(monitored: &[PathBuf], dedupe_window: Duration) -> Self {
         let monitored = monitored.to_vec();
-        Self::start_with(attach, dedupe_window, move |probes| {
+        Self::start_with(dedupe_window, move |probes| {
             for dir in &monitored {
                 probes.monitor(dir).unwrap();
             }
         })
     }
 
-    /// As the agent on a node: programs for the pods below `kubepods`, the pod cgroups
-    /// `runners` reported (their DNS answer filter attached), `others` ignored (not runners).
+    /// As the agent on a node: pods below `kubepods`, the pod cgroups `runners` armed
+    /// (reported), `others` armed as they appeared and then disarmed (not runners).
     pub fn node(kubepods: &Path, runners: &[PathBuf], others: &[PathBuf], dedupe_window: Duration) -> Self {
         let (kubepods, runners, others) = (kubepods.to_path_buf(), runners.to_vec(), others.to_vec());
-        Self::start_with(&kubepods.clone(), dedupe_window, move |probes| {
+        Self::start_with(dedupe_window, move |probes| {
             probes.watch_pods(std::slice::from_ref(&kubepods)).unwrap();
             for dir in &runners {
                 probes.arm_pod(dir).unwrap();
             }
             for dir in &others {
-                probes.ignore_pod(std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir).unwrap())).unwrap();
+                let id = probes.arm_pod(dir).unwrap();
+                probes.forget_pod(id).unwrap();
             }
         })
     }
 
-    fn start_with(attach: &Path, dedupe_window: Duration, setup: impl FnOnce(&mut Probes) + Send + 'static) -> Self {
+    fn start_with(dedupe_window: Duration, setup: impl FnOnce(&mut Probes) + Send + 'static) -> Self {
         let mount = ebpf::cgroup2_mount().expect("cgroup v2");
-        let options = Options { mount, attach: attach.to_path_buf(), dedupe_window, pod_budget: PodBudget::OFF };
+        let options = Options { mount, dedupe_window, pod_budget: PodBudget::OFF };
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(AgentReport::default()));
         let (ready_tx, ready_rx) = mpsc::channel();

@@ -304,7 +304,7 @@ impl Agent {
         sweep_stale_cgroups(&mount);
         let root = mount.join(format!("runwarden-test-{}-{}", std::process::id(), next()));
         std::fs::create_dir(&root).unwrap();
-        let options = Options { mount: mount.clone(), attach: root.clone(), dedupe_window, pod_budget };
+        let options = Options { mount: mount.clone(), dedupe_window, pod_budget };
         let mut probes = Probes::load(&options).unwrap_or_else(|e| {
             remove_tree(&root);
             panic!("loading the programs: {e}")
@@ -329,8 +329,8 @@ impl Agent {
         pod
     }
 
-    /// As the agent does on a node: the programs report the pods below kubelet's cgroups (of
-    /// `layout`, below the test root), until they are ignored; no pod is armed yet.
+    /// As the agent does on a node: the programs know where kubelet's pod cgroups are (of
+    /// `layout`, below the test root); no pod is armed yet.
     pub fn watch_pods(&mut self, layout: Layout) {
         let parents: &[&str] = match layout {
             Layout::SystemdBurstable | Layout::SystemdGuaranteed => {
