@@ -1,20 +1,23 @@
 //! What the kernel programs cost a pod's network calls, set up as the agent does on a node: pod
-//! cgroups below a `kubepods` cgroup of the bench's own, this process in one of them. The same
+//! cgroups below a `kubepods` cgroup of the bench's own, this process in one of them, and a
+//! peer process outside any pod (a server the pod calls, as on another machine). The same
 //! loops run with no programs, with this pod monitored (dedupe on, and every call a record),
 //! and with the programs loaded for another pod while this one was armed as it appeared and
 //! disarmed once known not to be a runner (every pod on a node that is not a runner),
-//! interleaved round by round. Prints
-//! ns/op (MiB/s for the bulk receive) and the per-round ratio to no programs as
-//! median [min, max]. Run as root: `cargo bench -p runwarden-agent --bench connect`
-//! (`RUNWARDEN_BENCH_ROUNDS` sets the rounds, 40 by default).
+//! interleaved round by round. Prints ns/op (MiB/s for the bulk receive) and the per-round
+//! ratio to no programs as median [min, max]. Run as root:
+//! `cargo bench -p runwarden-agent --bench connect` (`RUNWARDEN_BENCH_ROUNDS` sets the rounds,
+//! 40 by default).
 
 #![allow(unsafe_code, reason = "SO_LINGER and the listen backlog through libc: std has no setters")]
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{AgentThread, BenchCgroups, pin};
@@ -34,16 +37,60 @@ const SETUPS: [(Setup, &str); 4] = [
     (Setup::Unmonitored, "attached, pod not monitored"),
 ];
 
-/// Where each loop connects: the listener, a port nothing listens on, the bulk-receive sink.
+/// Where each loop connects: the peer's listener and bulk source (outside the pod), a listener
+/// in the pod, a port nothing listens on.
 #[derive(Clone, Copy)]
 struct Ports {
+    peer: u16,
+    source: u16,
     listener: u16,
     closed: u16,
-    sink: u16,
 }
 
-fn tcp_loop(ports: Ports, n: usize) -> Duration {
-    let port = ports.listener;
+/// Set in the peer process (the bench itself, started again outside the pod).
+const PEER: &str = "RUNWARDEN_BENCH_PEER";
+
+/// The peer: accepts and drops connections on one port; on the other sends the MiB a client
+/// asks for (a 4-byte count) and closes. Prints both ports, then serves until killed.
+fn peer() {
+    pin(1);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen() again on a listening socket only raises its backlog (std uses 128; a
+    // full accept queue drops SYNs and stalls a connect for a second).
+    unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    let source = TcpListener::bind("127.0.0.1:0").unwrap();
+    println!("{} {}", listener.local_addr().unwrap().port(), source.local_addr().unwrap().port());
+    std::io::stdout().flush().unwrap();
+    std::thread::spawn(move || {
+        pin(1);
+        let chunk = vec![7u8; BULK_CHUNK];
+        for s in source.incoming() {
+            let mut s = s.unwrap();
+            let mut count = [0u8; 4];
+            s.read_exact(&mut count).unwrap();
+            for _ in 0..u32::from_le_bytes(count) {
+                s.write_all(&chunk).unwrap();
+            }
+        }
+    });
+    for s in listener.incoming() {
+        drop(s);
+    }
+}
+
+/// The peer process, killed when dropped (before its cgroup is removed).
+struct Peer(std::process::Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Connects to `port` and closes with RST, `n` times: so 100,000s of connections leave no
+/// TIME_WAIT behind.
+fn connect_close(port: u16, n: usize) -> Duration {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     let start = Instant::now();
     for _ in 0..n {
@@ -61,6 +108,14 @@ fn tcp_loop(ports: Ports, n: usize) -> Duration {
         }
     }
     start.elapsed()
+}
+
+fn tcp_loop(ports: Ports, n: usize) -> Duration {
+    connect_close(ports.peer, n)
+}
+
+fn tcp_in_pod_loop(ports: Ports, n: usize) -> Duration {
+    connect_close(ports.listener, n)
 }
 
 fn tcp_refused_loop(ports: Ports, n: usize) -> Duration {
@@ -96,20 +151,21 @@ fn udp_socket_loop(ports: Ports, n: usize) -> Duration {
 /// Bytes per bulk transfer, in `BULK_CHUNK` writes.
 const BULK_CHUNK: usize = 1 << 20;
 
-/// `n` MiB sent over one TCP connection into the sink (a thread of this pod that reads until
-/// the end): a bulk receive, every packet through the pod's ingress hook. Timed until the sink
-/// has read the last byte.
+/// `n` MiB from the peer over one TCP connection, read until it closes: a bulk receive into
+/// the pod, every packet through the pod's ingress hook.
 fn bulk_receive_loop(ports: Ports, n: usize) -> Duration {
-    let chunk = vec![7u8; BULK_CHUNK];
+    let mut buf = vec![0u8; BULK_CHUNK];
     let start = Instant::now();
-    let mut s = TcpStream::connect(("127.0.0.1", ports.sink)).unwrap();
-    for _ in 0..n {
-        s.write_all(&chunk).unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", ports.source)).unwrap();
+    s.write_all(&(n as u32).to_le_bytes()).unwrap();
+    let mut read = 0;
+    loop {
+        match s.read(&mut buf).unwrap() {
+            0 => break,
+            k => read += k,
+        }
     }
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    // The sink closes once it has read everything.
-    let mut end = [0u8; 1];
-    assert_eq!(s.read(&mut end).unwrap(), 0);
+    assert_eq!(read, n * BULK_CHUNK);
     start.elapsed()
 }
 
@@ -128,22 +184,38 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    if std::env::var_os(PEER).is_some() {
+        return peer();
+    }
     let rounds: usize = std::env::var("RUNWARDEN_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(40);
     let cgroups = BenchCgroups::new("connect");
     let kubepods = cgroups.child("kubepods");
     let pod = cgroups.child("kubepods/pod0c0ffee0-1111-4222-8333-000000000001");
     let other = cgroups.child("kubepods/pod0c0ffee0-1111-4222-8333-000000000002");
+    let outside = cgroups.child("server");
+    let mut peer = Peer(
+        Command::new("sh")
+            .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+            .arg(&outside)
+            .arg(std::env::current_exe().unwrap())
+            .env(PEER, "1")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(peer.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let peer_ports: Vec<u16> = line.split_whitespace().map(|p| p.parse().unwrap()).collect();
     BenchCgroups::enter(&pod);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    // SAFETY: listen() again on a listening socket only raises its backlog (std uses 128; a
-    // full accept queue drops SYNs and stalls a connect for a second).
+    // SAFETY: as in the peer.
     unsafe { libc::listen(listener.as_raw_fd(), 4096) };
-    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();
     let ports = Ports {
+        peer: peer_ports[0],
+        source: peer_ports[1],
         listener: listener.local_addr().unwrap().port(),
         closed: closed.local_addr().unwrap().port(),
-        sink: sink.local_addr().unwrap().port(),
     };
     drop(closed);
     pin(0);
@@ -153,17 +225,10 @@ fn main() {
             drop(s);
         }
     });
-    std::thread::spawn(move || {
-        pin(1);
-        let mut buf = vec![0u8; BULK_CHUNK];
-        for s in sink.incoming() {
-            let mut s = s.unwrap();
-            while s.read(&mut buf).unwrap() > 0 {}
-        }
-    });
-    let loops: [Loop; 5] = [
+    let loops: [Loop; 6] = [
         // About 0.1 s each, so one slow moment of the machine does not decide a round.
         ("TCP socket+connect+close", tcp_loop, 6_000, false),
+        ("  the same, server in the pod", tcp_in_pod_loop, 6_000, false),
         ("TCP connect refused", tcp_refused_loop, 20_000, false),
         ("UDP connect, one socket", udp_connect_loop, 250_000, false),
         ("UDP socket+connect+close", udp_socket_loop, 30_000, false),
@@ -173,7 +238,7 @@ fn main() {
     tcp_loop(ports, 2_000);
     bulk_receive_loop(ports, 256);
     // ns/op (or s/MiB) of every round, per setup and loop.
-    let mut per_round: [[Vec<f64>; 5]; 4] = Default::default();
+    let mut per_round: [[Vec<f64>; 6]; 4] = Default::default();
     let mut lost = 0;
     for round in 0..rounds {
         // Each round starts with another setup, so none always runs right after another.
@@ -216,4 +281,28 @@ fn main() {
     }
     println!("(a cost is the change in time per op; for the bulk receive, in time per MiB)");
     println!("records lost (ring buffer full): {lost}");
+    profile(&loops, ports, &kubepods, &pod, &other);
+}
+
+/// Where the monitored pod's time goes: each loop once more with the kernel's BPF run-time
+/// statistics on, and each program's runs and mean run time per op (per MiB for the bulk
+/// receive). The statistics cost two clock reads per run, so these runs are not in the table
+/// above. What the kernel spends around a program (dispatch, the socket lock UDP connect
+/// takes for it) is not in them: the table's "not monitored" column shows that.
+fn profile(loops: &[Loop], ports: Ports, kubepods: &Path, pod: &Path, other: &Path) {
+    let Ok(_stats) = aya::sys::enable_stats(aya::sys::Stats::RunTime) else {
+        println!("(no profile: the kernel would not turn its BPF statistics on)");
+        return;
+    };
+    println!("Where the time goes, monitored (dedupe 1 s), from the kernel's BPF statistics:");
+    println!("{:<32} {:<12} {:>9} {:>8} {:>8}", "loop", "program", "runs/op", "ns/run", "ns/op");
+    for (name, f, n, _) in loops {
+        let agent = AgentThread::node(kubepods, &[pod.to_path_buf()], &[other.to_path_buf()], Duration::from_secs(1));
+        f(ports, *n);
+        for (program, runs, time) in agent.stop().programs.into_iter().filter(|(_, runs, _)| *runs > 0) {
+            let per_run = time.as_nanos() as f64 / runs as f64;
+            let per_op = runs as f64 / *n as f64;
+            println!("{name:<32} {program:<12} {per_op:>9.2} {per_run:>8.0} {:>8.0}", per_op * per_run);
+        }
+    }
 }

@@ -427,6 +427,18 @@ impl Probes {
         })
     }
 
+    /// Each program's runs and time in them, as the kernel counts them while its BPF run-time
+    /// statistics are on (`kernel.bpf_stats_enabled`, or an `aya::sys::enable_stats` fd).
+    pub fn program_stats(&self) -> Vec<(String, u64, Duration)> {
+        self.bpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some((name.to_string(), info.run_count(), info.run_time()))
+            })
+            .collect()
+    }
+
     /// Pods (cgroup id) whose budget was spent, with how many of their records were not written.
     pub fn throttled(&self) -> Result<Vec<(u64, u64)>, LoadError> {
         let budgets: BpfHashMap<_, u64, BudgetValue> =

@@ -13,7 +13,7 @@ use runwarden_agent::ebpf::{self, KernelStats, Options, PodBudget, Probes};
 use runwarden_agent::pipeline::{Pipeline, PipelineConfig};
 
 /// What the agent thread saw.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct AgentReport {
     /// Records read from the ring buffer.
     pub records: u64,
@@ -23,6 +23,8 @@ pub struct AgentReport {
     pub kernel: KernelStats,
     /// CPU time of the agent thread.
     pub cpu: Duration,
+    /// Each program's runs and run time (while the kernel's BPF statistics are on).
+    pub programs: Vec<(String, u64, Duration)>,
 }
 
 /// An agent thread: loads the programs at `attach`, monitors `monitored`, drains until stopped.
@@ -93,7 +95,13 @@ impl AgentThread {
                     }
                 }
                 let calls = pipeline.calls().iter().map(|c| c.calls).sum();
-                *r.lock().unwrap() = AgentReport { records, calls, kernel: probes.stats().unwrap(), cpu: thread_cpu() };
+                *r.lock().unwrap() = AgentReport {
+                    records,
+                    calls,
+                    kernel: probes.stats().unwrap(),
+                    cpu: thread_cpu(),
+                    programs: probes.program_stats(),
+                };
             });
         });
         ready_rx.recv().expect("agent thread started");
@@ -118,7 +126,7 @@ impl AgentThread {
     pub fn stop(mut self) -> AgentReport {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.take().unwrap().join().unwrap();
-        *self.report.lock().unwrap()
+        self.report.lock().unwrap().clone()
     }
 }
 
