@@ -43,6 +43,7 @@ const SETUPS: [(Setup, &str); 4] = [
 struct Ports {
     peer: u16,
     source: u16,
+    datagrams: u16,
     listener: u16,
     closed: u16,
 }
@@ -51,7 +52,8 @@ struct Ports {
 const PEER: &str = "RUNWARDEN_BENCH_PEER";
 
 /// The peer: accepts and drops connections on one port; on the other sends the MiB a client
-/// asks for (a 4-byte count) and closes. Prints both ports, then serves until killed.
+/// asks for (a 4-byte count) and closes; reads and drops datagrams on a UDP port. Prints the
+/// three ports, then serves until killed.
 fn peer() {
     pin(1);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -59,7 +61,18 @@ fn peer() {
     // full accept queue drops SYNs and stalls a connect for a second).
     unsafe { libc::listen(listener.as_raw_fd(), 4096) };
     let source = TcpListener::bind("127.0.0.1:0").unwrap();
-    println!("{} {}", listener.local_addr().unwrap().port(), source.local_addr().unwrap().port());
+    let datagrams = UdpSocket::bind("127.0.0.1:0").unwrap();
+    println!(
+        "{} {} {}",
+        listener.local_addr().unwrap().port(),
+        source.local_addr().unwrap().port(),
+        datagrams.local_addr().unwrap().port()
+    );
+    std::thread::spawn(move || {
+        pin(1);
+        let mut buf = [0u8; 64];
+        while datagrams.recv(&mut buf).is_ok() {}
+    });
     std::io::stdout().flush().unwrap();
     std::thread::spawn(move || {
         pin(1);
@@ -134,6 +147,16 @@ fn udp_connect_loop(ports: Ports, n: usize) -> Duration {
     let start = Instant::now();
     for _ in 0..n {
         s.connect(("127.0.0.1", port)).unwrap();
+    }
+    start.elapsed()
+}
+
+fn udp_sendto_loop(ports: Ports, n: usize) -> Duration {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let start = Instant::now();
+    for _ in 0..n {
+        // A full receive buffer drops the datagram; the send still succeeds.
+        s.send_to(&[1; 32], ("127.0.0.1", ports.datagrams)).unwrap();
     }
     start.elapsed()
 }
@@ -214,6 +237,7 @@ fn main() {
     let ports = Ports {
         peer: peer_ports[0],
         source: peer_ports[1],
+        datagrams: peer_ports[2],
         listener: listener.local_addr().unwrap().port(),
         closed: closed.local_addr().unwrap().port(),
     };
@@ -225,12 +249,13 @@ fn main() {
             drop(s);
         }
     });
-    let loops: [Loop; 6] = [
+    let loops: [Loop; 7] = [
         // About 0.1 s each, so one slow moment of the machine does not decide a round.
         ("TCP socket+connect+close", tcp_loop, 6_000, false),
         ("  the same, server in the pod", tcp_in_pod_loop, 6_000, false),
         ("TCP connect refused", tcp_refused_loop, 20_000, false),
         ("UDP connect, one socket", udp_connect_loop, 250_000, false),
+        ("UDP sendto, unconnected", udp_sendto_loop, 100_000, false),
         ("UDP socket+connect+close", udp_socket_loop, 30_000, false),
         ("TCP bulk receive (MiB/s)", bulk_receive_loop, 2_048, true),
     ];
@@ -238,7 +263,7 @@ fn main() {
     tcp_loop(ports, 2_000);
     bulk_receive_loop(ports, 256);
     // ns/op (or s/MiB) of every round, per setup and loop.
-    let mut per_round: [[Vec<f64>; 6]; 4] = Default::default();
+    let mut per_round: [[Vec<f64>; 7]; 4] = Default::default();
     let mut lost = 0;
     for round in 0..rounds {
         // Each round starts with another setup, so none always runs right after another.
