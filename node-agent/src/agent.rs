@@ -482,6 +482,24 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             actions.extend(node.observe(o, &caches));
         }
         if tick {
+            // A privileged process in a pod can detach the pod's programs or delete its mark by
+            // id: noticed within a second, said, and put back.
+            match probes.check_pods() {
+                Ok(tampered) => {
+                    for t in tampered {
+                        for (kind, hit) in [("programs", !t.detached.is_empty()), ("mark", t.unmarked)] {
+                            if hit {
+                                metrics.tampered.get_or_create(&crate::metrics::Kind { kind }).inc();
+                            }
+                        }
+                        error!(
+                            cgroup = %t.dir.display(), detached = ?t.detached, mark_deleted = t.unmarked,
+                            "a pod's kernel monitoring was switched off from outside the agent (a privileged process detached its programs or deleted its mark); attached again: its calls meanwhile may have gone unseen"
+                        );
+                    }
+                }
+                Err(e) => warn!(error = %e, "could not check the pods' programs"),
+            }
             if last_scan.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                 actions.push(Action::Rescan);
             }

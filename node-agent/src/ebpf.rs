@@ -4,7 +4,10 @@
 //! cgroups are monitored, the settings, the counters, the dedupe table and the ring buffer of
 //! records.
 
-#![allow(unsafe_code, reason = "aya::Pod marks the shared #[repr(C)] types as plain bytes; epoll on the ring buffer")]
+#![allow(
+    unsafe_code,
+    reason = "aya::Pod marks the shared #[repr(C)] types as plain bytes; epoll on the ring buffer; BPF_PROG_QUERY"
+)]
 
 use std::collections::HashMap;
 use std::io;
@@ -228,8 +231,27 @@ pub struct KernelStats {
 
 /// The programs attached to one cgroup; dropping it detaches them.
 struct CgroupLinks {
+    dir: PathBuf,
     _calls: Vec<CgroupSockAddrLink>,
     _dns: CgroupSkbLink,
+}
+
+/// The kernel's attach types of [`names::PROGRAMS`], in that order (`enum bpf_attach_type`:
+/// `BPF_CGROUP_INET4_CONNECT`, `..._INET6_CONNECT`, `BPF_CGROUP_UDP4_SENDMSG`,
+/// `..._UDP6_SENDMSG`, `BPF_CGROUP_INET_INGRESS`).
+const ATTACH_TYPES: [u32; 5] = [10, 11, 14, 15, 0];
+
+/// What [`Probes::check_pods`] found wrong with an armed pod's kernel state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tampered {
+    /// The pod's cgroup id.
+    pub id: u64,
+    /// Its cgroup.
+    pub dir: PathBuf,
+    /// The programs no longer attached to it, by name.
+    pub detached: Vec<&'static str>,
+    /// Whether its mark was gone from the monitored set.
+    pub unmarked: bool,
 }
 
 /// The loaded and attached programs. Dropping it detaches them.
@@ -358,8 +380,57 @@ impl Probes {
             // An error drops what is attached so far: all or nothing.
             calls.push(program.take_link(link).map_err(refused)?);
         }
-        self.links.insert(id, CgroupLinks { _calls: calls, _dns: dns });
+        self.links.insert(id, CgroupLinks { dir: dir.to_path_buf(), _calls: calls, _dns: dns });
         Ok(())
+    }
+
+    /// Checks that every armed pod still has each program attached to its cgroup and its mark
+    /// in the monitored set (a privileged process in the pod can detach a link or delete a map
+    /// entry by id), and puts back what is missing. Returns the pods that had lost something;
+    /// pods whose cgroup is gone are skipped (the next scan forgets them).
+    pub fn check_pods(&mut self) -> Result<Vec<Tampered>, LoadError> {
+        let mut ours = Vec::with_capacity(names::PROGRAMS.len());
+        for name in names::PROGRAMS {
+            let info = self.bpf.program(name).ok_or_else(|| missing(name))?.info().map_err(refused)?;
+            ours.push(info.id());
+        }
+        let marks: BpfHashMap<_, u64, u32> =
+            BpfHashMap::try_from(self.bpf.map(names::MONITORED).ok_or_else(|| missing(names::MONITORED))?)
+                .map_err(refused)?;
+        let mut found = Vec::new();
+        for (&id, links) in &self.links {
+            let Ok(cgroup) = std::fs::File::open(&links.dir) else { continue };
+            let mut detached = Vec::new();
+            for ((name, attach_type), prog) in names::PROGRAMS.into_iter().zip(ATTACH_TYPES).zip(&ours) {
+                match attached_programs(&cgroup, attach_type) {
+                    Ok(ids) if !ids.contains(prog) => detached.push(name),
+                    Ok(_) => {}
+                    // Gone meanwhile.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(LoadError::Unsupported(format!("querying a cgroup's programs: {e}"))),
+                }
+            }
+            let expected = if self.monitored.contains_key(&id) { MONITOR } else { ARMED };
+            let unmarked = marks.get(&id, 0).ok() != Some(expected);
+            // A cgroup being removed loses its programs with it: not tampering.
+            if (!detached.is_empty() || unmarked) && links.dir.exists() {
+                found.push(Tampered { id, dir: links.dir.clone(), detached, unmarked });
+            }
+        }
+        for t in &found {
+            // Attach afresh (what is left of the old links goes), and mark again.
+            self.links.remove(&t.id);
+            if let Err(e) = self.attach(t.id, &t.dir) {
+                if t.dir.exists() {
+                    return Err(e);
+                }
+                continue;
+            }
+            let expected = if self.monitored.contains_key(&t.id) { MONITOR } else { ARMED };
+            let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
+            map.insert(t.id, expected, 0).map_err(refused)?;
+        }
+        Ok(found)
     }
 
     /// Stops reporting the pod cgroup `id` (gone, or not a runner): drops its mark, detaches its
@@ -495,6 +566,43 @@ fn attach_exec(bpf: &mut Ebpf) -> Option<u32> {
     program.load(names::EXEC, &btf).ok()?;
     program.attach().ok()?;
     Some(offset)
+}
+
+/// The ids of the programs attached directly to `cgroup` for `attach_type` (`BPF_PROG_QUERY`;
+/// aya 0.14 offers it only for device programs).
+fn attached_programs(cgroup: &std::fs::File, attach_type: u32) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    // The `query` member of `union bpf_attr`, up to `prog_cnt` (the kernel zero-extends the rest).
+    #[repr(C)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let mut ids = [0u32; 64];
+    let mut query = Query {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _pad: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix of the size given; the kernel writes at most `prog_cnt`
+    // ids into `ids`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &raw mut query, std::mem::size_of::<Query>() as libc::c_uint)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ids[..(query.prog_cnt as usize).min(ids.len())].to_vec())
 }
 
 /// A cgroup's id: the inode number of its directory.

@@ -75,6 +75,9 @@ pub struct Metrics {
     /// Pods made while the agent ran whose cgroup held a process before the programs were
     /// attached to it: their first calls may have gone unseen.
     pub pods_armed_late: Counter,
+    /// Armed pods found with a program detached from their cgroup (`programs`) or their mark
+    /// gone from the kernel's monitored set (`mark`), and put back.
+    pub tampered: Family<Kind, Counter>,
     /// Runs in progress.
     pub runs_in_progress: Gauge,
     /// Finished runs waiting to be merged (kept in the state directory).
@@ -101,6 +104,7 @@ impl Default for Metrics {
             dns_answers: Family::default(),
             pods_monitored: Gauge::default(),
             pods_armed_late: Counter::default(),
+            tampered: Family::default(),
             runs_in_progress: Gauge::default(),
             runs_unmerged: Gauge::default(),
             detection_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
@@ -121,6 +125,9 @@ impl Default for Metrics {
         }
         for kind in ["call", "dns", "exec", "throttled"] {
             let _ = m.kernel_lost.get_or_create(&Kind { kind });
+        }
+        for kind in ["programs", "mark"] {
+            let _ = m.tampered.get_or_create(&Kind { kind });
         }
         for result in ["parsed", "malformed", "unsolicited"] {
             let _ = m.dns_answers.get_or_create(&ResultLabel { result });
@@ -144,6 +151,11 @@ impl Default for Metrics {
         );
         registry.register("dns_answers", "DNS answers read, by result", m.dns_answers.clone());
         registry.register("pods_monitored", "Runner pods monitored on this node", m.pods_monitored.clone());
+        registry.register(
+            "tampered",
+            "Armed pods whose programs were detached (programs) or mark deleted (mark) from outside, put back",
+            m.tampered.clone(),
+        );
         registry.register(
             "pods_armed_late",
             "Pods whose cgroup held a process before the programs were attached (first calls may be unseen)",

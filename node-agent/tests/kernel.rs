@@ -644,3 +644,68 @@ async fn the_programs_run_only_in_armed_pods_and_see_an_armed_pod_from_its_first
     assert!(!agent.probes.armed(late.cgroup_id));
     assert_eq!(effective(&nested), []);
 }
+
+/// The ids of the links attached to a cgroup (`bpftool link show`), for detaching one as a
+/// privileged process could.
+fn links_of(dir: &std::path::Path) -> Vec<(u64, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let id = std::fs::metadata(dir).unwrap().ino();
+    let out = std::process::Command::new("bpftool").args(["-j", "link", "show"]).output().unwrap();
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    links
+        .iter()
+        .filter(|l| l["cgroup_id"].as_u64() == Some(id))
+        .map(|l| (l["id"].as_u64().unwrap(), l["attach_type"].as_str().unwrap_or_default().to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn programs_detached_or_a_mark_deleted_from_outside_are_noticed_and_put_back() {
+    let mut agent = Agent::start(WINDOW);
+    agent.watch_pods(Layout::CgroupfsBestEffort);
+    let (pod, quiet) = (agent.pod_cgroups(Layout::CgroupfsBestEffort), agent.pod_cgroups(Layout::CgroupfsBestEffort));
+    agent.probes.arm_pod(&pod.dir).unwrap();
+    agent.probes.arm_pod(&quiet.dir).unwrap();
+    agent.rescan();
+    assert_eq!(agent.probes.check_pods().unwrap(), [], "nothing wrong after arming");
+
+    // What a process with CAP_SYS_ADMIN could do: detach the pod's connect4 link by id.
+    let links = links_of(&pod.dir);
+    assert_eq!(links.len(), 5, "{links:?}");
+    let (connect4, _) = links.iter().find(|(_, t)| t == "cgroup_inet4_connect").unwrap();
+    let out =
+        std::process::Command::new("bpftool").args(["link", "detach", "id", &connect4.to_string()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!effective(&pod.container).iter().any(|(_, name)| name == "connect4"));
+    let script = "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 9901))";
+    python(&pod.container, None, script);
+    assert!(agent.drain().await.is_empty(), "unseen while detached");
+
+    let found = agent.probes.check_pods().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].id, found[0].detached.as_slice(), found[0].unmarked),
+        (pod.cgroup_id, ["connect4"].as_slice(), false)
+    );
+    assert_eq!(effective(&pod.container), runwarden_programs(), "attached again");
+    python(&pod.container, None, script);
+    let obs = agent.drain().await;
+    assert!(obs.iter().any(|o| o.port == 9901), "seen again: {obs:#?}");
+    assert_eq!(agent.probes.check_pods().unwrap(), [], "and nothing wrong any more");
+
+    // Or delete a pod's mark from the monitored set by map id (only this agent's map has it).
+    let maps = std::process::Command::new("bpftool").args(["-j", "map", "show"]).output().unwrap();
+    let maps: Vec<serde_json::Value> = serde_json::from_slice(&maps.stdout).unwrap();
+    let key: Vec<String> = quiet.cgroup_id.to_ne_bytes().iter().map(|b| format!("0x{b:02x}")).collect();
+    let deleted = maps.iter().filter(|m| m["name"] == "MONITORED").any(|m| {
+        let id = m["id"].as_u64().unwrap().to_string();
+        let mut args = vec!["map", "delete", "id", id.as_str(), "key"];
+        args.extend(key.iter().map(String::as_str));
+        std::process::Command::new("bpftool").args(&args).output().unwrap().status.success()
+    });
+    assert!(deleted);
+    let found = agent.probes.check_pods().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].id, found[0].detached.is_empty(), found[0].unmarked), (quiet.cgroup_id, true, true));
+    assert_eq!(agent.probes.check_pods().unwrap(), [], "marked again");
+}

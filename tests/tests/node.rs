@@ -143,6 +143,11 @@ fn pod_cgroup(uid: &str) -> std::path::PathBuf {
         .unwrap_or_else(|| panic!("no cgroup for pod {uid}"))
 }
 
+/// Runs a shell script in a pod's first container.
+fn exec(node: &Node, ns: &str, pod: &str, script: &str) {
+    kubectl(node, &["-n", ns, "exec", pod, "--", "sh", "-c", script]);
+}
+
 /// Pods made while the agent ran whose cgroup held a process before the agent attached its
 /// programs (their first calls may have gone unseen).
 async fn armed_late(node: &Node) -> f64 {
@@ -287,9 +292,7 @@ async fn killing_the_agent_and_stopping_the_api_server_mid_run_loses_nothing() {
         world.dns.insert(host, ip);
         listeners.push(Listener::start(SocketAddr::from((ip, 8080))).unwrap());
     }
-    let exec = |name: &str, script: &str| {
-        kubectl(world.node, &["-n", &job.ns, "exec", name, "--", "sh", "-c", script]);
-    };
+    let exec = |name: &str, script: &str| exec(world.node, &job.ns, name, script);
     let wget = |host: &str| format!("wget -q -O /dev/null {}", url(host));
 
     let name = job.start(world.node, 201, "api.github.test", "sleep 3600").await;
@@ -453,18 +456,11 @@ async fn nested_docker_cgroups_and_container_mode_job_pods_are_the_runners_job()
     // Docker in Docker: dockerd in the runner pod runs each container in a cgroup of its own
     // below the runner container's (`<container>/docker/<id>`). A process of the pod waits for a
     // file; the test moves it into such a nested cgroup, then lets it call out.
-    kubectl(
+    exec(
         world.node,
-        &[
-            "-n",
-            &job.ns,
-            "exec",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "(while [ ! -f /tmp/go ]; do sleep 0.1; done; wget -q -O /dev/null http://nested.dind.test:8080/) >/dev/null 2>&1 &",
-        ],
+        &job.ns,
+        &name,
+        "(while [ ! -f /tmp/go ]; do sleep 0.1; done; wget -q -O /dev/null http://nested.dind.test:8080/) >/dev/null 2>&1 &",
     );
     let pid = host_pid("nested.dind.test").await;
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -521,5 +517,56 @@ async fn nested_docker_cgroups_and_container_mode_job_pods_are_the_runners_job()
     let hosts: Vec<String> = baseline.status.unwrap().endpoints.iter().filter_map(|e| e.host.clone()).collect();
     for host in ["api.github.test", "nested.dind.test", "jobpod.dind.test"] {
         assert!(hosts.iter().any(|h| h == host), "{host} in the runner's run: {hosts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runners_programs_detached_from_outside_are_noticed_and_put_back() {
+    let world = world().await;
+    let _shared = API_OUTAGE.read().await;
+    let job = Job::new(world.node, "tamper").await;
+    let ip = world.node.add_address(230).unwrap();
+    world.dns.insert("after.tamper.test", ip);
+    let listener = Listener::start(SocketAddr::from((ip, 8080))).unwrap();
+    let name = job.start(world.node, 601, "api.github.test", "sleep 3600").await;
+    job.wait_phase(world.node, &name, "Running").await;
+    let uid = Api::<Pod>::namespaced(world.node.client().await, &job.ns).get(&name).await.unwrap().uid().unwrap();
+    let cgroup = pod_cgroup(&uid);
+
+    // What a privileged process (CAP_SYS_ADMIN, as Docker-in-Docker runners have) can do: take
+    // the runner pod's connect4 link by id and detach it. Done from the host here; the kernel
+    // makes no difference.
+    let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cgroup).unwrap());
+    let out = std::process::Command::new("bpftool").args(["-j", "link", "show"]).output().unwrap();
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let link = links
+        .iter()
+        .find(|l| l["cgroup_id"].as_u64() == Some(id) && l["attach_type"] == "cgroup_inet4_connect")
+        .and_then(|l| l["id"].as_u64())
+        .expect("the runner pod's connect4 link");
+    let out = std::process::Command::new("bpftool").args(["link", "detach", "id", &link.to_string()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The agent notices within its next second, says so, and attaches again.
+    let started = Instant::now();
+    let tampered = "runwarden_agent_tampered_total{kind=\"programs\"}";
+    while series(&agent_metrics(world.node).await, tampered) < 1.0 || cgroup_programs(&cgroup) != runwarden_programs() {
+        assert!(started.elapsed() < Duration::from_secs(10), "not put back in 10 s\n{}", agent_logs(world.node));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(agent_logs(world.node).contains("kernel monitoring was switched off"));
+
+    // The runner's calls are seen again.
+    exec(world.node, &job.ns, &name, &format!("wget -q -O /dev/null {}", url("after.tamper.test")));
+    assert!(listener.count() >= 1);
+    let started = Instant::now();
+    while !job
+        .anomaly_events(world.node)
+        .await
+        .iter()
+        .any(|e| e.note.as_deref().unwrap_or("").contains("after.tamper.test"))
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "no Event for the call after re-attaching");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
