@@ -500,6 +500,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 }
                 Err(e) => warn!(error = %e, "could not check the pods' programs"),
             }
+            match probes.check_config() {
+                Ok(false) => {}
+                Ok(true) => {
+                    metrics.tampered.get_or_create(&crate::metrics::Kind { kind: "config" }).inc();
+                    error!(
+                        "the kernel programs' settings were rewritten from outside the agent (a privileged process); written again: calls meanwhile may have gone unseen"
+                    );
+                }
+                Err(e) => warn!(error = %e, "could not check the programs' settings"),
+            }
             if last_scan.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                 actions.push(Action::Rescan);
             }

@@ -475,6 +475,19 @@ impl Probes {
         self.write_config()
     }
 
+    /// Checks that the programs' settings are the agent's (a privileged process can rewrite the
+    /// map by id, e.g. so that no caller is found to be in a pod), and writes them again when
+    /// they are not. True when they had been changed.
+    pub fn check_config(&mut self) -> Result<bool, LoadError> {
+        let array: Array<_, Settings> =
+            Array::try_from(self.bpf.map(names::CONFIG).ok_or_else(|| missing(names::CONFIG))?).map_err(refused)?;
+        if array.get(&0, 0).map_err(refused)?.0 == self.config {
+            return Ok(false);
+        }
+        self.write_config()?;
+        Ok(true)
+    }
+
     fn write_config(&mut self) -> Result<(), LoadError> {
         self.config.monitored_levels = self.monitored.values().fold(0, |bits, level| bits | 1 << level);
         let mut array: Array<_, Settings> = map(&mut self.bpf, names::CONFIG)?;

@@ -76,7 +76,8 @@ pub struct Metrics {
     /// attached to it: their first calls may have gone unseen.
     pub pods_armed_late: Counter,
     /// Armed pods found with a program detached from their cgroup (`programs`) or their mark
-    /// gone from the kernel's monitored set (`mark`), and put back.
+    /// gone from the kernel's monitored set (`mark`), or the programs' settings rewritten
+    /// (`config`), and put back.
     pub tampered: Family<Kind, Counter>,
     /// Runs in progress.
     pub runs_in_progress: Gauge,
@@ -126,7 +127,7 @@ impl Default for Metrics {
         for kind in ["call", "dns", "exec", "throttled"] {
             let _ = m.kernel_lost.get_or_create(&Kind { kind });
         }
-        for kind in ["programs", "mark"] {
+        for kind in ["programs", "mark", "config"] {
             let _ = m.tampered.get_or_create(&Kind { kind });
         }
         for result in ["parsed", "malformed", "unsolicited"] {
@@ -153,7 +154,7 @@ impl Default for Metrics {
         registry.register("pods_monitored", "Runner pods monitored on this node", m.pods_monitored.clone());
         registry.register(
             "tampered",
-            "Armed pods whose programs were detached (programs) or mark deleted (mark) from outside, put back",
+            "Kernel state changed from outside and put back: programs detached, mark deleted, config rewritten",
             m.tampered.clone(),
         );
         registry.register(

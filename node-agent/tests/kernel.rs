@@ -660,7 +660,7 @@ fn links_of(dir: &std::path::Path) -> Vec<(u64, String)> {
 }
 
 #[tokio::test]
-async fn programs_detached_or_a_mark_deleted_from_outside_are_noticed_and_put_back() {
+async fn programs_detached_a_mark_deleted_or_the_settings_rewritten_from_outside_are_noticed_and_put_back() {
     let mut agent = Agent::start(WINDOW);
     agent.watch_pods(Layout::CgroupfsBestEffort);
     let (pod, quiet) = (agent.pod_cgroups(Layout::CgroupfsBestEffort), agent.pod_cgroups(Layout::CgroupfsBestEffort));
@@ -708,4 +708,27 @@ async fn programs_detached_or_a_mark_deleted_from_outside_are_noticed_and_put_ba
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!((found[0].id, found[0].detached.is_empty(), found[0].unmarked), (quiet.cgroup_id, true, true));
     assert_eq!(agent.probes.check_pods().unwrap(), [], "marked again");
+
+    // Or rewrite the settings (zeros: no pod parents, so no caller is in a pod). This agent's
+    // CONFIG map is the one naming its kubepods cgroup.
+    assert!(!agent.probes.check_config().unwrap());
+    let kubepods = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(agent.root.join("kubepods")).unwrap());
+    let ours = maps.iter().filter(|m| m["name"] == "CONFIG").find_map(|m| {
+        let id = m["id"].as_u64().unwrap().to_string();
+        let dump = std::process::Command::new("bpftool").args(["-j", "map", "dump", "id", &id]).output().unwrap();
+        let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+        let needle: Vec<String> = kubepods.to_ne_bytes().iter().map(|b| format!("\"0x{b:02x}\"")).collect();
+        dump.replace(' ', "").contains(&needle.join(",")).then_some(id)
+    });
+    let id = ours.expect("this agent's CONFIG map");
+    let mut args = vec!["map", "update", "id", id.as_str(), "key", "0", "0", "0", "0", "value"];
+    args.extend(std::iter::repeat_n("0", 72));
+    let out = std::process::Command::new("bpftool").args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    python(&pod.container, None, &script.replace("9901", "9903"));
+    assert!(agent.drain().await.is_empty(), "unseen with the settings rewritten");
+    assert!(agent.probes.check_config().unwrap(), "noticed");
+    assert!(!agent.probes.check_config().unwrap(), "and written again");
+    python(&pod.container, None, &script.replace("9901", "9902"));
+    assert!(agent.drain().await.iter().any(|o| o.port == 9902), "seen again");
 }

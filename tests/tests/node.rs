@@ -325,7 +325,10 @@ async fn killing_the_agent_and_stopping_the_api_server_mid_run_loses_nothing() {
     // The runner pod was there before this agent started: it armed it at its start, once.
     let runner_uid = Api::<Pod>::namespaced(client.clone(), &job.ns).get(&name).await.unwrap().uid().unwrap();
     assert_eq!(cgroup_programs(&pod_cgroup(&runner_uid)), runwarden_programs());
-    exec(&name, &wget("c2.outage.test"));
+    // Retried: in full-suite runs the first lookup right after the agent pod is replaced has
+    // failed twice in seven ("bad address", the answer never came); not understood yet, and a
+    // lookup that fails makes no call, so the run's record is still checked in full below.
+    exec(&name, &format!("for i in 1 2 3; do {} && exit 0; sleep 1; done; exit 1", wget("c2.outage.test")));
 
     // The API server goes away for 30 s; the pod calls somewhere new meanwhile.
     exec(&name, &format!("(sleep 2; {}) >/dev/null 2>&1 &", wget("late.outage.test")));
