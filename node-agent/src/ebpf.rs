@@ -262,6 +262,8 @@ pub struct Probes {
     monitored: HashMap<u64, u32>,
     /// cgroup id → the programs attached to it.
     links: HashMap<u64, CgroupLinks>,
+    /// The kernel's ids of [`names::PROGRAMS`], in that order.
+    program_ids: Vec<u32>,
     config: Config,
 }
 
@@ -277,15 +279,19 @@ impl Probes {
     pub fn load(options: &Options) -> Result<Self, LoadError> {
         // Without them the kernel answers with EPERM, or with a verifier message about
         // pointer arithmetic: say what is missing instead.
-        let missing = missing_capabilities();
-        if !missing.is_empty() {
-            return Err(LoadError::NotPermitted(missing));
+        let lacking = missing_capabilities();
+        if !lacking.is_empty() {
+            return Err(LoadError::NotPermitted(lacking));
         }
         let mut bpf = EbpfLoader::new().load(OBJECT).map_err(refused)?;
         for name in &names::PROGRAMS[..4] {
             program::<CgroupSockAddr>(&mut bpf, name)?.load().map_err(refused)?;
         }
         program::<CgroupSkb>(&mut bpf, names::PROGRAMS[4])?.load().map_err(refused)?;
+        let mut program_ids = Vec::with_capacity(names::PROGRAMS.len());
+        for name in names::PROGRAMS {
+            program_ids.push(bpf.program(name).ok_or_else(|| missing(name))?.info().map_err(refused)?.id());
+        }
         let exec_filename_offset = attach_exec(&mut bpf).unwrap_or(0);
         let config = Config {
             dedupe_window_ns: u64::try_from(options.dedupe_window.as_nanos()).unwrap_or(u64::MAX),
@@ -294,8 +300,14 @@ impl Probes {
             budget_burst: options.pod_budget.burst,
             ..Config::default()
         };
-        let mut probes =
-            Self { bpf, mount: options.mount.clone(), monitored: HashMap::new(), links: HashMap::new(), config };
+        let mut probes = Self {
+            bpf,
+            mount: options.mount.clone(),
+            monitored: HashMap::new(),
+            links: HashMap::new(),
+            program_ids,
+            config,
+        };
         probes.write_config()?;
         Ok(probes)
     }
@@ -389,11 +401,6 @@ impl Probes {
     /// entry by id), and puts back what is missing. Returns the pods that had lost something;
     /// pods whose cgroup is gone are skipped (the next scan forgets them).
     pub fn check_pods(&mut self) -> Result<Vec<Tampered>, LoadError> {
-        let mut ours = Vec::with_capacity(names::PROGRAMS.len());
-        for name in names::PROGRAMS {
-            let info = self.bpf.program(name).ok_or_else(|| missing(name))?.info().map_err(refused)?;
-            ours.push(info.id());
-        }
         let marks: BpfHashMap<_, u64, u32> =
             BpfHashMap::try_from(self.bpf.map(names::MONITORED).ok_or_else(|| missing(names::MONITORED))?)
                 .map_err(refused)?;
@@ -401,7 +408,7 @@ impl Probes {
         for (&id, links) in &self.links {
             let Ok(cgroup) = std::fs::File::open(&links.dir) else { continue };
             let mut detached = Vec::new();
-            for ((name, attach_type), prog) in names::PROGRAMS.into_iter().zip(ATTACH_TYPES).zip(&ours) {
+            for ((name, attach_type), prog) in names::PROGRAMS.into_iter().zip(ATTACH_TYPES).zip(&self.program_ids) {
                 match attached_programs(&cgroup, attach_type) {
                     Ok(ids) if !ids.contains(prog) => detached.push(name),
                     Ok(_) => {}
@@ -410,8 +417,7 @@ impl Probes {
                     Err(e) => return Err(LoadError::Unsupported(format!("querying a cgroup's programs: {e}"))),
                 }
             }
-            let expected = if self.monitored.contains_key(&id) { MONITOR } else { ARMED };
-            let unmarked = marks.get(&id, 0).ok() != Some(expected);
+            let unmarked = marks.get(&id, 0).ok() != Some(self.mark_of(id));
             // A cgroup being removed loses its programs with it: not tampering.
             if (!detached.is_empty() || unmarked) && links.dir.exists() {
                 found.push(Tampered { id, dir: links.dir.clone(), detached, unmarked });
@@ -426,9 +432,9 @@ impl Probes {
                 }
                 continue;
             }
-            let expected = if self.monitored.contains_key(&t.id) { MONITOR } else { ARMED };
+            let mark = self.mark_of(t.id);
             let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
-            map.insert(t.id, expected, 0).map_err(refused)?;
+            map.insert(t.id, mark, 0).map_err(refused)?;
         }
         Ok(found)
     }
@@ -473,6 +479,11 @@ impl Probes {
         self.forget_pod(id)?;
         self.monitored.remove(&id);
         self.write_config()
+    }
+
+    /// The mark an attached cgroup has: [`MONITOR`] (`trace`) or [`ARMED`] (a pod).
+    fn mark_of(&self, id: u64) -> u32 {
+        if self.monitored.contains_key(&id) { MONITOR } else { ARMED }
     }
 
     /// Checks that the programs' settings are the agent's (a privileged process can rewrite the
