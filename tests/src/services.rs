@@ -1,7 +1,7 @@
 //! What runner pods on the test node call: a DNS server and HTTP listeners on the node's bridge
 //! (`node::NODE_IP` and the test addresses), so that no test traffic leaves the machine.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,22 +17,38 @@ pub struct Dns {
     names: Arc<Mutex<HashMap<String, Ipv4Addr>>>,
     /// Queries answered.
     pub queries: Arc<AtomicU64>,
+    /// The last [`LOG_LINES`] packets received, one line each, for a failing test to print.
+    log: Arc<Mutex<VecDeque<String>>>,
 }
+
+/// How many received packets [`Dns::recent`] keeps.
+const LOG_LINES: usize = 400;
 
 impl Dns {
     /// Serves on `addr` (e.g. the node's address, port 53) from a thread that lives as long as
     /// the process.
     pub fn start(addr: SocketAddr) -> std::io::Result<Dns> {
         let socket = UdpSocket::bind(addr)?;
-        let dns = Dns { names: Arc::default(), queries: Arc::default() };
+        let dns = Dns { names: Arc::default(), queries: Arc::default(), log: Arc::default() };
         let served = dns.clone();
+        let started = std::time::Instant::now();
         std::thread::Builder::new().name("test-dns".into()).spawn(move || {
             let mut buf = [0u8; 1500];
             loop {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
-                if let Some(reply) = served.answer(&buf[..n]) {
-                    let _ = socket.send_to(&reply, from);
-                }
+                let (n, from) = match socket.recv_from(&mut buf) {
+                    Ok(got) => got,
+                    Err(e) => {
+                        served.note(format!("{:9.3}s receive failed: {e}", started.elapsed().as_secs_f64()));
+                        continue;
+                    }
+                };
+                let (reply, what) = served.answer(&buf[..n]);
+                let sent = match reply.map(|r| socket.send_to(&r, from)) {
+                    Some(Ok(_)) => "answered".to_string(),
+                    Some(Err(e)) => format!("answer not sent: {e}"),
+                    None => "not answered".to_string(),
+                };
+                served.note(format!("{:9.3}s {from} {what}: {sent}", started.elapsed().as_secs_f64()));
             }
         })?;
         Ok(dns)
@@ -43,8 +59,31 @@ impl Dns {
         self.names.lock().unwrap().insert(name.trim_end_matches('.').to_ascii_lowercase(), ip);
     }
 
-    fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
-        let query = Packet::parse(query).ok()?;
+    /// The packets received lately, oldest first, one line each (time since start, sender,
+    /// query id, questions, outcome): what a test prints when a pod's lookup failed.
+    pub fn recent(&self) -> String {
+        let log = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        log.iter().map(|l| format!("{l}\n")).collect()
+    }
+
+    fn note(&self, line: String) {
+        let mut log = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if log.len() == LOG_LINES {
+            log.pop_front();
+        }
+        log.push_back(line);
+    }
+
+    /// The reply to `query`, if it parses, and what it was, for the log.
+    fn answer(&self, query: &[u8]) -> (Option<Vec<u8>>, String) {
+        let query = match Packet::parse(query) {
+            Ok(q) => q,
+            Err(e) => return (None, format!("{} bytes that do not parse ({e})", query.len())),
+        };
+        let mut what = format!("id {}", query.id());
+        for q in &query.questions {
+            what.push_str(&format!(" {:?} {}", q.qtype, q.qname));
+        }
         let mut reply = query.into_reply();
         reply.set_flags(PacketFlag::AUTHORITATIVE_ANSWER);
         let names = self.names.lock().unwrap();
@@ -60,9 +99,13 @@ impl Dns {
         }
         if !known {
             *reply.rcode_mut() = RCODE::NameError;
+            what.push_str(" NXDOMAIN");
         }
         self.queries.fetch_add(1, Ordering::Relaxed);
-        reply.build_bytes_vec().ok()
+        match reply.build_bytes_vec() {
+            Ok(bytes) => (Some(bytes), what),
+            Err(e) => (None, format!("{what}, reply not built ({e})")),
+        }
     }
 }
 

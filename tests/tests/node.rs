@@ -50,6 +50,7 @@ async fn world() -> &'static World {
             assert_eq!(unsafe_geteuid(), 0, "the real-node tests need root (a kubelet, containerd, eBPF)");
             let node = tokio::task::spawn_blocking(Node::shared).await.unwrap();
             let dns = Dns::start(SocketAddr::from((NODE_IP, 53))).expect("serving DNS on the node's address");
+            print_dns_on_failure(dns.clone());
             let mut hosts = Vec::new();
             for (i, name) in HOSTS.into_iter().enumerate() {
                 let port = runwarden_tests::runner::port(name);
@@ -62,6 +63,19 @@ async fn world() -> &'static World {
             World { node, dns, hosts }
         })
         .await
+}
+
+/// A failing test prints the DNS server's recent queries (once): a runner's lookup that fails
+/// shows only as a call that never happened, and its queries say why.
+fn print_dns_on_failure(dns: Dns) {
+    let printed = std::sync::atomic::AtomicBool::new(false);
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        if !printed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("the test DNS server's last queries:\n{}", dns.recent());
+        }
+    }));
 }
 
 fn unsafe_geteuid() -> u32 {
