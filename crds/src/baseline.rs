@@ -96,9 +96,10 @@ pub struct WorkflowBaselineSpec {
     pub learning: LearningSpec,
 
     /// Endpoints a person approved for this job. They never raise an alert, whatever was
-    /// learned. Meant to be managed in Git next to the workflow. At most 100.
+    /// learned. Meant to be managed in Git next to the workflow. At most 100. Defaults to an
+    /// empty list, so that a JSON patch can always append to it (`/spec/approved/-`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_APPROVED))]
+    #[schemars(length(max = MAX_APPROVED), extend("default" = []))]
     pub approved: Vec<EndpointRule>,
 }
 

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod identity;
 pub mod policy;
 pub mod rbac;
+pub mod report;
 mod schema;
 pub mod serve;
 

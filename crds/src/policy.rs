@@ -5,13 +5,15 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use crate::endpoint::{Condition, EndpointRule, MAX_CONDITIONS, Severity};
 use crate::identity;
 
 /// Most allowed endpoints in one policy.
 pub const MAX_ALLOWED_ENDPOINTS: usize = 256;
+/// Most notifiers of one policy.
+pub const MAX_NOTIFIERS: usize = 8;
 
 /// Which runners the policy covers, what they may call, and what happens to other calls.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -126,6 +128,30 @@ pub fn applicable<'a>(
         .min_by_key(|p| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.metadata.name.clone()))
 }
 
+/// The policy that applies to a job's runner in `namespace`, from what identifies it: its scale
+/// set, repository and workflow (what a selector looks at), whether or not the pod still exists.
+pub fn applicable_to_job<'a>(
+    policies: impl IntoIterator<Item = &'a EgressPolicy>,
+    namespace: &str,
+    scale_set: Option<&str>,
+    repository: &str,
+    workflow: &str,
+) -> Option<&'a EgressPolicy> {
+    let meta = ObjectMeta {
+        namespace: Some(namespace.to_string()),
+        labels: scale_set.map(|s| [(identity::SCALE_SET_LABEL.to_string(), s.to_string())].into()),
+        annotations: Some(
+            [
+                (identity::annotations::REPOSITORY.to_string(), repository.to_string()),
+                (identity::annotations::WORKFLOW.to_string(), workflow.to_string()),
+            ]
+            .into(),
+        ),
+        ..ObjectMeta::default()
+    };
+    applicable(policies, &meta)
+}
+
 /// `*` matches any run of characters; everything else matches itself.
 pub fn glob_match(glob: &str, value: &str) -> bool {
     let parts: Vec<&str> = glob.split('*').collect();
@@ -209,7 +235,7 @@ pub struct AnomalyDetection {
 
     /// Where reports go besides Kubernetes Events and metrics. At most 8.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = MAX_NOTIFIERS))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub notifiers: Vec<Notifier>,
 }
@@ -255,6 +281,12 @@ pub struct Notifier {
 pub struct WebhookNotifier {
     /// Secret key (in this namespace) holding the URL; URLs often carry credentials.
     pub url_secret_ref: SecretKeyRef,
+
+    /// Secret key (in this namespace) holding a shared key: each request then carries
+    /// `X-Runwarden-Signature-256: sha256=<hex HMAC-SHA256 of the body>`, so the receiver can
+    /// check that runwarden sent it (the body holds its time, against replays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_ref: Option<SecretKeyRef>,
 }
 
 /// A Slack incoming webhook.
@@ -322,6 +354,43 @@ pub struct EgressPolicyStatus {
     #[schemars(length(max = MAX_CONDITIONS))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+
+    /// What each notifier delivered since the operator started (counts) and its last failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_NOTIFIERS))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub notifiers: Vec<NotifierStatus>,
+}
+
+/// Deliveries of one notifier.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotifierStatus {
+    /// The notifier's name in the spec.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Reports delivered.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub sent: i64,
+    /// Reports given up on after retries, or refused by the receiver.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub failed: i64,
+    /// Reports not sent because the notifier was over its rate.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub rate_limited: i64,
+    /// When a report was last delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sent_time: Option<Time>,
+    /// When a delivery last failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<Time>,
+    /// Why it last failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub last_error: Option<String>,
 }
 
 #[cfg(test)]

@@ -23,12 +23,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef as StoreRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use runwarden_crds::identity::{SCALE_SET_LABEL, annotations};
 use runwarden_crds::{EgressPolicy, WorkflowBaseline};
 use runwarden_detector::{Cluster, Severity, Verdict};
 use runwarden_status::merge::{FinishedRun, MergeError, merge_run};
@@ -223,20 +221,15 @@ fn min_severity(
     scale_set: Option<&str>,
     job: &Job,
 ) -> Option<Severity> {
-    let meta = ObjectMeta {
-        namespace: Some(pod.namespace.clone()),
-        labels: scale_set.map(|s| [(SCALE_SET_LABEL.to_string(), s.to_string())].into()),
-        annotations: Some(
-            [
-                (annotations::REPOSITORY.to_string(), job.repository.clone()),
-                (annotations::WORKFLOW.to_string(), job.workflow.clone()),
-            ]
-            .into(),
-        ),
-        ..ObjectMeta::default()
-    };
     let policies = policies.state();
-    match runwarden_crds::policy::applicable(policies.iter().map(|p| p.as_ref()), &meta) {
+    let applicable = runwarden_crds::policy::applicable_to_job(
+        policies.iter().map(|p| p.as_ref()),
+        &pod.namespace,
+        scale_set,
+        &job.repository,
+        &job.workflow,
+    );
+    match applicable {
         Some(p) if !p.spec.anomaly_detection.enabled => None,
         Some(p) => Some(runwarden_status::model_severity(p.spec.anomaly_detection.min_severity)),
         // No policy: anomalies are reported at Medium.

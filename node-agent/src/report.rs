@@ -30,6 +30,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use runwarden_crds::Protocol;
+use runwarden_crds::report::{self, AnomalyReport};
+use runwarden_detector::Proto;
+
 use crate::metrics::{Metrics, ResultLabel};
 use crate::node::{Destination, ObjectRef, Run};
 
@@ -193,10 +197,17 @@ impl Reporter {
             return Delivery::Done;
         }
         let note = note(run, dest);
+        let structured = anomaly_report(run, dest).and_then(|r| serde_json::to_string(&r).ok());
         let mut first = true;
         for (regarding, related) in &targets {
             let name = event_name(run, &report.key, regarding);
-            let event = warning(&name, REASON, &note, regarding, related.clone(), &self.node);
+            let mut event = warning(&name, REASON, &note, regarding, related.clone(), &self.node);
+            // The notifiers read the report from the Event about the baseline (one per anomaly).
+            if regarding.kind.as_deref() == Some("WorkflowBaseline")
+                && let Some(json) = &structured
+            {
+                event.metadata.annotations = Some([(report::ANNOTATION.to_string(), json.clone())].into());
+            }
             let api: Api<Event> =
                 Api::namespaced(self.client.clone(), regarding.namespace.as_deref().unwrap_or("default"));
             match api.create(&PostParams::default(), &event).await {
@@ -320,13 +331,19 @@ fn warning(
 /// Cuts a note to the longest the API accepts, at a character boundary.
 fn cut_note(note: &mut String) {
     if note.len() > MAX_NOTE {
-        let mut cut = MAX_NOTE - 3;
-        while !note.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        note.truncate(cut);
+        let keep = cut(note, MAX_NOTE - 3).len();
+        note.truncate(keep);
         note.push_str("...");
     }
+}
+
+/// The longest start of `text` of at most `max` bytes that ends at a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut at = max.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    &text[..at]
 }
 
 /// The objects a run's Events are about: the pod, its `EphemeralRunner` and the baseline
@@ -361,7 +378,8 @@ fn event_name(run: &Run, key: &str, regarding: &ObjectReference) -> String {
     format!("{}.{hash:016x}", regarding.name.as_deref().unwrap_or("runwarden"))
 }
 
-/// What a person reads in `kubectl get events`.
+/// What a person reads in `kubectl get events`: what called where, why it is unusual, and how
+/// to approve it (the reasons are cut first when it is too long).
 pub fn note(run: &Run, dest: &Destination) -> String {
     let severity = dest.verdict.as_ref().map_or("unknown".to_string(), |v| format!("{:?}", v.severity).to_lowercase());
     let process = match (dest.processes.first(), dest.executables.first()) {
@@ -373,8 +391,50 @@ pub fn note(run: &Run, dest: &Destination) -> String {
     let job = run.job.as_ref().map_or("job not known yet".to_string(), |j| {
         format!("run {} of {} {} job {:?}", j.run_id, j.repository, j.workflow, j.job)
     });
-    let reasons = dest.verdict.as_ref().map(|v| v.reasons.join("; ")).unwrap_or_default();
-    let mut note = format!("{severity}: {} by {process} in {job}: {reasons}", dest.text());
+    let approve =
+        anomaly_report(run, dest).map(|r| format!(" To approve: {}", r.approve_command())).unwrap_or_default();
+    let mut note = format!("{severity}: {} by {process} in {job}: ", dest.text());
+    let mut reasons = dest.verdict.as_ref().map(|v| v.reasons.join("; ")).unwrap_or_default();
+    reasons.push('.');
+    let room = MAX_NOTE.saturating_sub(note.len() + approve.len());
+    if reasons.len() > room {
+        reasons = cut(&reasons, room.saturating_sub(3)).to_string() + "...";
+    }
+    note.push_str(&reasons);
+    note.push_str(&approve);
     cut_note(&mut note);
     note
+}
+
+/// The report the operator's notifiers send, on the Event about the baseline; `None` before the
+/// job is known or for a destination the detector did not score.
+pub fn anomaly_report(run: &Run, dest: &Destination) -> Option<AnomalyReport> {
+    let job = run.job.as_ref()?;
+    let verdict = dest.verdict.as_ref()?;
+    let first_seen = Timestamp::from_millisecond(dest.first_ms).map(|t| t.to_string()).unwrap_or_default();
+    let report = AnomalyReport {
+        namespace: run.pod.namespace.clone(),
+        repository: job.repository.clone(),
+        workflow: job.workflow.clone(),
+        job: job.job.clone(),
+        run_id: job.run_id.clone(),
+        scale_set: run.scale_set.clone(),
+        pod: run.pod.name.clone(),
+        runner: run.runner.as_ref().map(|r| r.name.clone()),
+        baseline: job.baseline.clone(),
+        host: dest.host.clone(),
+        address: dest.ip.to_string(),
+        port: dest.port,
+        protocol: match dest.proto {
+            Proto::Tcp => Protocol::Tcp,
+            Proto::Udp => Protocol::Udp,
+        },
+        processes: dest.processes.clone(),
+        executables: dest.executables.clone(),
+        severity: format!("{:?}", verdict.severity).to_lowercase(),
+        score: verdict.score,
+        reasons: verdict.reasons.clone(),
+        first_seen,
+    };
+    Some(report.bounded())
 }

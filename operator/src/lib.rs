@@ -10,6 +10,7 @@
 //! - [`lifecycle`]: each `WorkflowBaseline`'s phase, approvals, expiry and conditions.
 //! - [`policy`]: `EgressPolicy` validation beyond the schema, overlaps, matched runners.
 //! - [`leader`]: leader election on a Lease, so one replica of several reconciles.
+//! - [`notify`]: anomaly reports to the policies' webhook and Slack notifiers.
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint.
 //! - [`rbac`]: the permissions the operator uses, as data; [`preflight`] checks them at start.
 
@@ -20,6 +21,7 @@ pub mod daemonset;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod preflight;
 pub mod rbac;
@@ -148,6 +150,7 @@ pub async fn run(
     let monitored = runners::run_monitored_pods(client.clone(), metrics.clone(), shutdown.clone());
     let lifecycle = lifecycle::run(client.clone(), metrics.clone(), shutdown.clone());
     let policies = policy::run(client.clone(), metrics.clone(), shutdown.clone());
+    let notifiers = notify::run(client.clone(), metrics.clone(), shutdown.clone());
     let runners = async {
         if arc_installed(&client).await {
             info!("watching ARC EphemeralRunners");
@@ -159,7 +162,7 @@ pub async fn run(
             );
         }
     };
-    futures::join!(agent, monitored, lifecycle, policies, runners);
+    futures::join!(agent, monitored, lifecycle, policies, notifiers, runners);
 }
 
 /// Why a leader-elected operator stopped.

@@ -58,6 +58,15 @@ pub struct AgentLabels {
     pub state: &'static str,
 }
 
+/// Labels of the notification counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotificationLabels {
+    /// `webhook`, `slack`, `email` ([`crate::notify::TYPES`]).
+    pub r#type: &'static str,
+    /// `sent`, `failed`, `retried`, `rate_limited`, `duplicate`, `unsupported`.
+    pub result: &'static str,
+}
+
 /// Counts the objects of one controller cache.
 type StoreSize = Box<dyn Fn() -> usize + Send + Sync>;
 
@@ -78,6 +87,8 @@ pub struct Metrics {
     pub agent_pods: Family<AgentLabels, Gauge>,
     /// Objects in the controllers' caches, by kind (counted when scraped).
     pub watched: Family<KindLabels, Gauge>,
+    /// Reports given to notifiers, by notifier type and result.
+    pub notifications: Family<NotificationLabels, Counter>,
     baseline_store: Mutex<Option<Store<WorkflowBaseline>>>,
     stores: Mutex<Vec<(&'static str, StoreSize)>>,
     ready: AtomicBool,
@@ -110,6 +121,13 @@ impl Default for Metrics {
         registry.register("leader", "1 while this replica is the leader", leader.clone());
         registry.register("agent_pods", "Node-agent pods by state", agent_pods.clone());
         registry.register("watched_objects", "Objects in the controllers' caches", watched.clone());
+        let notifications = Family::<NotificationLabels, Counter>::default();
+        for r#type in crate::notify::TYPES {
+            for result in crate::notify::RESULTS {
+                let _ = notifications.get_or_create(&NotificationLabels { r#type, result });
+            }
+        }
+        registry.register("notifications", "Anomaly reports given to notifiers, by result", notifications.clone());
         Self {
             registry,
             reconciles,
@@ -119,6 +137,7 @@ impl Default for Metrics {
             leader,
             agent_pods,
             watched,
+            notifications,
             baseline_store: Mutex::new(None),
             stores: Mutex::new(Vec::new()),
             ready: AtomicBool::new(false),

@@ -9,8 +9,9 @@
 //!   is `Ready=True` with reason `Overlapping` and a message naming the policy that wins.
 //! - What this version does not do yet is never reported as Ready: a `Block` policy is
 //!   `Ready=False`, reason `NotEnforced` (calls are reported as in `Audit` mode; none is
-//!   refused), and a policy with notifiers `Ready=False`, reason `NotifiersNotSent` (anomalies go
-//!   to Events, logs and metrics only). The policy still applies to anomaly detection.
+//!   refused), and a policy with email notifiers `Ready=False`, reason `NotifiersNotSent` (this
+//!   version sends to webhook and Slack notifiers only, see [`crate::notify`]). The policy still
+//!   applies to anomaly detection.
 //! - `status.matchedRunners` counts the runner pods (ARC's, or labelled
 //!   `runwarden.dev/monitor=true`) the selector covers and for which this policy wins.
 
@@ -89,13 +90,21 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
              as in Audit mode and none is refused"
                 .to_string(),
         ),
-        None if !policy.spec.anomaly_detection.notifiers.is_empty() => (
+        None if policy.spec.anomaly_detection.notifiers.iter().any(|n| n.email.is_some()) => (
             ConditionStatus::False,
             "NotifiersNotSent",
             format!(
-                "{} notifier(s) configured, but this version of runwarden does not send notifications yet: \
-                 anomalies go to Kubernetes Events, logs and metrics only",
-                policy.spec.anomaly_detection.notifiers.len()
+                "email notifier(s) {} configured, but this version of runwarden sends to webhook and Slack \
+                 notifiers only: nothing is emailed",
+                policy
+                    .spec
+                    .anomaly_detection
+                    .notifiers
+                    .iter()
+                    .filter(|n| n.email.is_some())
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ),
         None => match winner_over(&policy, &ctx.policies) {
@@ -181,23 +190,36 @@ fn allowance(policy: &EgressPolicy) -> String {
 async fn missing_secret(client: &Client, ns: &str, policy: &EgressPolicy) -> Result<Option<String>> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     for (i, n) in policy.spec.anomaly_detection.notifiers.iter().enumerate() {
-        let (field, name, key) = match (&n.webhook, &n.slack, &n.email) {
-            (Some(w), _, _) => ("webhook.urlSecretRef", &w.url_secret_ref.name, Some(&w.url_secret_ref.key)),
-            (_, Some(s), _) => {
-                ("slack.webhookUrlSecretRef", &s.webhook_url_secret_ref.name, Some(&s.webhook_url_secret_ref.key))
+        let mut refs = Vec::new();
+        if let Some(w) = &n.webhook {
+            refs.push(("webhook.urlSecretRef", &w.url_secret_ref.name, Some(&w.url_secret_ref.key)));
+            if let Some(s) = &w.signing_secret_ref {
+                refs.push(("webhook.signingSecretRef", &s.name, Some(&s.key)));
             }
-            (_, _, Some(e)) => ("email.smtpSecretRef", &e.smtp_secret_ref.name, None),
-            _ => continue,
-        };
-        let path = format!("spec.anomalyDetection.notifiers[{i}].{field}");
-        match secrets.get_opt(name).await? {
-            None => return Ok(Some(format!("{path}: Secret {ns}/{name} does not exist; create it or fix the name"))),
-            Some(secret) => {
-                if let Some(key) = key {
-                    let has = secret.data.as_ref().is_some_and(|d| d.contains_key(key))
-                        || secret.string_data.as_ref().is_some_and(|d| d.contains_key(key));
-                    if !has {
-                        return Ok(Some(format!("{path}: Secret {ns}/{name} has no key {key:?}")));
+        }
+        if let Some(s) = &n.slack {
+            refs.push((
+                "slack.webhookUrlSecretRef",
+                &s.webhook_url_secret_ref.name,
+                Some(&s.webhook_url_secret_ref.key),
+            ));
+        }
+        if let Some(e) = &n.email {
+            refs.push(("email.smtpSecretRef", &e.smtp_secret_ref.name, None));
+        }
+        for (field, name, key) in refs {
+            let path = format!("spec.anomalyDetection.notifiers[{i}].{field}");
+            match secrets.get_opt(name).await? {
+                None => {
+                    return Ok(Some(format!("{path}: Secret {ns}/{name} does not exist; create it or fix the name")));
+                }
+                Some(secret) => {
+                    if let Some(key) = key {
+                        let has = secret.data.as_ref().is_some_and(|d| d.contains_key(key))
+                            || secret.string_data.as_ref().is_some_and(|d| d.contains_key(key));
+                        if !has {
+                            return Ok(Some(format!("{path}: Secret {ns}/{name} has no key {key:?}")));
+                        }
                     }
                 }
             }

@@ -59,13 +59,13 @@ pub const CLUSTER: &[Permission] = &[
         group: "",
         resource: "secrets",
         verbs: &["get"],
-        why: "check that notifier Secrets exist (by name only; never listed)",
+        why: "check that notifier Secrets exist and read them when sending (by name only; never listed)",
     },
     Permission {
         group: "events.k8s.io",
         resource: "events",
-        verbs: &["create", "patch"],
-        why: "BaselineSettled, PolicyInvalid",
+        verbs: &["get", "list", "watch", "create", "patch"],
+        why: "BaselineSettled, PolicyInvalid; read the agents' AnomalousEgress Events for the notifiers and mark them sent",
     },
 ];
 

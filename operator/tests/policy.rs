@@ -78,14 +78,30 @@ async fn a_policy_naming_a_missing_secret_is_not_ready_and_says_which_field() {
     )
     .unwrap();
     Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();
-    // The Secret is there; notifications are not sent by this version, and the condition says so.
+    // The Secret is there: the Slack notifier is sent to (see node-agent/tests/notify.rs).
+    let (status, _, _) = ready(&client, &ns, "audit", "Valid").await;
+    assert_eq!(status, ConditionStatus::True);
+
+    // Email is not sent by this version, and the condition says so, naming the notifier.
+    let api: Api<EgressPolicy> = Api::namespaced(client.clone(), &ns);
+    let mail = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("relay".into()), ..Default::default() },
+        string_data: Some([("host".to_string(), "smtp.example".to_string())].into()),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &mail).await.unwrap();
+    let patch = json!({"spec": {"anomalyDetection": {"notifiers": [
+        {"name": "slack", "slack": {"webhookUrlSecretRef": {"name": "runwarden-slack", "key": "url"}}},
+        {"name": "security-team", "email": {"to": ["sec@example.org"], "from": "runwarden@example.org",
+                                            "smtpSecretRef": {"name": "relay"}}}
+    ]}}});
+    api.patch("audit", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
     let (status, message, _) = ready(&client, &ns, "audit", "NotifiersNotSent").await;
     assert_eq!(status, ConditionStatus::False);
-    assert!(message.contains("1 notifier(s) configured"), "{message}");
+    assert!(message.contains("email notifier(s) security-team configured"), "{message}");
     common::wait_for_event(&client, &ns, "NotifiersNotSent").await;
 
     // Without notifiers the policy is valid.
-    let api: Api<EgressPolicy> = Api::namespaced(client.clone(), &ns);
     let patch = json!({"spec": {"anomalyDetection": {"notifiers": []}}});
     api.patch("audit", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
     let (status, message, _) = ready(&client, &ns, "audit", "Valid").await;

@@ -155,3 +155,90 @@ impl Listener {
         self.connections.load(Ordering::Relaxed)
     }
 }
+
+/// A request an [`HttpSink`] received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// Request line, e.g. `POST /hooks/x HTTP/1.1`.
+    pub line: String,
+    /// Headers, names lowercased.
+    pub headers: HashMap<String, String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// An HTTP receiver of webhooks (plain HTTP/1.1 with `Content-Length` bodies): records every
+/// request and answers `200`, or `503` to the first [`HttpSink::fail_next`] requests.
+#[derive(Debug, Clone)]
+pub struct HttpSink {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    failures: Arc<AtomicU64>,
+}
+
+impl HttpSink {
+    /// Listens on `addr` from a thread that lives as long as the process.
+    pub fn start(addr: SocketAddr) -> std::io::Result<HttpSink> {
+        let listener = TcpListener::bind(addr)?;
+        let sink = HttpSink { addr: listener.local_addr()?, received: Arc::default(), failures: Arc::default() };
+        let served = sink.clone();
+        std::thread::Builder::new().name(format!("test-sink-{}", sink.addr)).spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let served = served.clone();
+                std::thread::spawn(move || served.serve(stream));
+            }
+        })?;
+        Ok(sink)
+    }
+
+    /// Answers `503 Service Unavailable` to the next `n` requests (they are still recorded).
+    pub fn fail_next(&self, n: u64) {
+        self.failures.store(n, Ordering::Relaxed);
+    }
+
+    /// What it received so far, oldest first.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    fn serve(&self, mut stream: std::net::TcpStream) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut reader = std::io::BufReader::new(stream.try_clone().expect("cloning a TCP stream"));
+        loop {
+            let mut line = String::new();
+            if std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let mut headers = HashMap::new();
+            loop {
+                let mut header = String::new();
+                if std::io::BufRead::read_line(&mut reader, &mut header).unwrap_or(0) == 0 {
+                    return;
+                }
+                let header = header.trim_end();
+                if header.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = header.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                }
+            }
+            let length = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            self.received.lock().unwrap().push(Received { line: line.trim_end().to_string(), headers, body });
+            let fail = self.failures.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+            let answer: &[u8] = if fail {
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\n\r\nbusy\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+            };
+            if stream.write_all(answer).is_err() {
+                return;
+            }
+        }
+    }
+}
