@@ -26,6 +26,8 @@ for c in agent operator; do
   mkdir -p "$stage/runwarden-$c"
   cp "$target/x86_64-unknown-linux-gnu/release/runwarden-$c" "$stage/runwarden-$c/"
 done
+# The CA certificates the operator's https notifiers trust (Debian's ca-certificates package).
+cp /etc/ssl/certs/ca-certificates.crt "$stage/runwarden-operator/"
 image runwarden-agent node-agent/Containerfile "localhost/runwarden/runwarden-agent:$tag"
 image runwarden-operator operator/Containerfile "localhost/runwarden/runwarden-operator:$tag"
 

@@ -8,9 +8,10 @@ set -euo pipefail
 # built against (LLVM 22 is rustc 1.95's; bookworm-security has it). The test node runs Debian's
 # containerd and runc, the CNI plugins (bridge, host-local, loopback) and iptables (kube-proxy);
 # its pods run busybox-static, its sandboxes a pause built with gcc (`make images`). bpftool is
-# how the kernel tests (and a user) see which programs a cgroup runs.
+# how the kernel tests (and a user) see which programs a cgroup runs. python3-aiosmtpd is the SMTP
+# relay the email notifier is tested against (tests/smtp/relay.py).
 apt_packages=(openssl ca-certificates iproute2 llvm-22-dev containerd runc containernetworking-plugins iptables
-  busybox-static gcc libc6-dev python3 bpftool)
+  busybox-static gcc libc6-dev python3 python3-aiosmtpd bpftool)
 missing=()
 # Outputs are captured before matching: with pipefail, `cmd | grep -q` can fail by SIGPIPE.
 for p in "${apt_packages[@]}"; do

@@ -311,8 +311,11 @@ pub struct EmailNotifier {
     #[x_kube(validation = Rule::new("self.matches('^[^@ ]+@[^@ ]+$')").message("must be an email address"))]
     pub from: String,
 
-    /// Secret (in this namespace) with the relay's `host`, `port`, and optionally `username`
-    /// and `password`.
+    /// Secret (in this namespace) describing the SMTP relay: `host`; optionally `port`
+    /// (default 587), `username` and `password`, `tls` (`starttls`, the default: the relay must
+    /// offer STARTTLS and nothing is sent in clear; `tls`: TLS from the first byte, usually port
+    /// 465; `none`: no encryption, for a relay on a trusted network) and `ca.crt` (PEM CA
+    /// certificates to trust instead of the system's).
     pub smtp_secret_ref: SecretRef,
 }
 

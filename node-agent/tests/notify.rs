@@ -21,7 +21,7 @@ use runwarden_crds::identity::JobIdentity;
 use runwarden_crds::report::NOTIFIED_ANNOTATION;
 use runwarden_detector::{Proto, Severity, Verdict};
 use runwarden_operator::notify;
-use runwarden_tests::services::{HttpSink, Received};
+use runwarden_tests::services::{HttpSink, Received, SmtpRelay};
 use runwarden_tests::{ControlPlane, cluster};
 use serde_json::{Value, json};
 
@@ -117,6 +117,7 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
     cluster::ensure_crds(&client).await;
     let ns = cluster::test_namespace(&client, "notify").await;
     let sink = HttpSink::start(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let relay = SmtpRelay::start("runwarden", "relay-pass");
     let secret = |name: &str, data: Value| -> Secret {
         serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data})).unwrap()
     };
@@ -125,6 +126,17 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
         secret("hooks", json!({"url": format!("http://{}/hook", sink.addr), "key": "s3cret"})),
         secret("slack", json!({"url": format!("http://{}/slack", sink.addr)})),
         secret("broken", json!({"url": "ftp://example.org/"})),
+        secret(
+            "smtp",
+            json!({"host": "localhost", "port": relay.port.to_string(), "username": "runwarden",
+                              "password": "relay-pass", "ca.crt": relay.certificate}),
+        ),
+        // The same relay without its CA: its certificate is not trusted, and nothing is sent.
+        secret(
+            "smtp-untrusted",
+            json!({"host": "localhost", "port": relay.port.to_string(), "username": "runwarden",
+                                        "password": "relay-pass"}),
+        ),
     ] {
         secrets.create(&PostParams::default(), &s).await.unwrap();
     }
@@ -134,7 +146,11 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
             {"name": "siem", "webhook": {"urlSecretRef": {"name": "hooks", "key": "url"},
                                          "signingSecretRef": {"name": "hooks", "key": "key"}}},
             {"name": "team", "slack": {"webhookUrlSecretRef": {"name": "slack", "key": "url"}}},
-            {"name": "broken", "webhook": {"urlSecretRef": {"name": "broken", "key": "url"}}}
+            {"name": "broken", "webhook": {"urlSecretRef": {"name": "broken", "key": "url"}}},
+            {"name": "security", "email": {"to": ["sec@example.org", "oncall@example.org"], "from": "runwarden@example.org",
+                                           "smtpSecretRef": {"name": "smtp"}}},
+            {"name": "untrusted", "email": {"to": ["sec@example.org"], "from": "runwarden@example.org",
+                                            "smtpSecretRef": {"name": "smtp-untrusted"}}}
         ]}}
     }))
     .unwrap();
@@ -171,6 +187,17 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
     assert!(message["text"].as_str().unwrap().contains("paste.example.net:443/TCP"), "{text}");
     assert!(text.contains("`paste.example.net:443/TCP`") && text.contains("`curl`"), "names as code: {text}");
     assert!(text.contains("If it is expected, approve it"), "{text}");
+    // And the relay an email, over STARTTLS (the relay accepts nothing before it) and logged in.
+    let mail = wait_for_mail(&relay, 1).await;
+    assert!(mail[0].contains("X-Envelope-To: sec@example.org,oncall@example.org"), "{}", mail[0]);
+    assert!(mail[0].contains("X-Authenticated: True"), "{}", mail[0]);
+    assert!(
+        mail[0].contains("Subject: [runwarden] MEDIUM: acme/web job build called paste.example.net:443/TCP"),
+        "{}",
+        mail[0]
+    );
+    assert!(mail[0].contains("curl (/usr/bin/curl) in run 1001 of acme/web"), "{}", mail[0]);
+    assert!(mail[0].contains(&format!("kubectl -n {ns} patch workflowbaseline")), "{}", mail[0]);
 
     // The Event about the baseline is marked, so that no restart sends it again.
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
@@ -226,6 +253,9 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
     let broken = status("broken");
     assert_eq!((broken.sent, broken.failed), (0, 2), "{statuses:?}");
     assert!(broken.last_error.unwrap_or_default().contains("must start with https:// or http://"), "{statuses:?}");
+    let untrusted = status("untrusted");
+    assert_eq!((untrusted.sent, untrusted.failed), (0, 2), "{statuses:?}");
+    assert!(untrusted.last_error.unwrap_or_default().contains("certificate"), "{statuses:?}");
     assert!(status("siem").last_sent_time.is_some());
 
     // A forged Event (not the agent's, though it is about the job and holds a well-formed
@@ -268,4 +298,21 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(wait_for(&sink, "/hook", 5).await.len(), 5, "nothing sent twice after the restart, nothing forged sent");
     assert_eq!(count(&restarted, "webhook", "sent"), 1);
+    let mail = wait_for_mail(&relay, 3).await;
+    assert!(mail[1].contains("ip.example.org") && mail[2].contains("drop.example.com"), "{mail:?}");
+    assert_eq!(mail.len(), 3, "one email per new destination: {mail:?}");
+    let statuses = policies.get("audit").await.unwrap().status.map(|s| s.notifiers).unwrap_or_default();
+    assert!(statuses.iter().any(|s| s.name == "security" && s.sent >= 2 && s.failed == 0), "{statuses:?}");
+}
+
+/// Waits until `relay` accepted `n` messages.
+async fn wait_for_mail(relay: &SmtpRelay, n: usize) -> Vec<String> {
+    for _ in 0..300 {
+        let got = relay.messages();
+        if got.len() >= n {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the relay did not accept {n} message(s) in 30 s: {:?}", relay.messages());
 }

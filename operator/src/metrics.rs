@@ -63,7 +63,7 @@ pub struct AgentLabels {
 pub struct NotificationLabels {
     /// `webhook`, `slack`, `email` ([`crate::notify::TYPES`]).
     pub r#type: &'static str,
-    /// `sent`, `failed`, `retried`, `rate_limited`, `duplicate`, `unsupported`.
+    /// `sent`, `failed`, `retried`, `rate_limited`, `duplicate`.
     pub result: &'static str,
 }
 

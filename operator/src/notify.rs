@@ -1,5 +1,5 @@
-//! Notifiers: each anomaly the node agents report goes to the webhook and Slack notifiers of the
-//! `EgressPolicy` that applies to the job, for teams without Alertmanager.
+//! Notifiers: each anomaly the node agents report goes to the webhook, Slack and email notifiers
+//! of the `EgressPolicy` that applies to the job, for teams without Alertmanager.
 //!
 //! - **Source.** The agent's `AnomalousEgress` Event about a job's `WorkflowBaseline` (one per
 //!   run and destination) carries the report as JSON ([`runwarden_crds::report`]). The operator
@@ -21,8 +21,8 @@
 //! - **Format.** Webhook: JSON `{"version": 1, "kind": "AnomalousEgress", "time", "report",
 //!   "approve", "objects"}`, signed when `signingSecretRef` is set (header
 //!   `X-Runwarden-Signature-256: sha256=<hex HMAC-SHA256 of the body>`). Slack: Block Kit, every
-//!   name from the pod shown as code so that it is neither markup nor a link.
-//! - Email is not sent by this version (counted `unsupported`; the policy's `Ready` says so).
+//!   name from the pod shown as code so that it is neither markup nor a link. Email: plain text
+//!   through the SMTP relay of the notifier's Secret ([`Relay`]), STARTTLS required by default.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -77,7 +77,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// Every `type` label of the notification counter.
 pub const TYPES: [&str; 3] = ["webhook", "slack", "email"];
 /// Every `result` label of the notification counter.
-pub const RESULTS: [&str; 6] = ["sent", "failed", "retried", "rate_limited", "duplicate", "unsupported"];
+pub const RESULTS: [&str; 5] = ["sent", "failed", "retried", "rate_limited", "duplicate"];
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -190,7 +190,6 @@ enum Outcome {
     Sent,
     Failed(String),
     RateLimited,
-    Unsupported,
 }
 
 impl Notifying {
@@ -286,10 +285,6 @@ impl Notifying {
 
     async fn deliver(&self, ns: &str, policy: &str, n: &Notifier, report: &AnomalyReport, event: &Event) -> Outcome {
         let kind = kind(n);
-        if n.email.is_some() {
-            self.count(kind, "unsupported");
-            return Outcome::Unsupported;
-        }
         if !self.take_token(ns, policy, &n.name) {
             self.count(kind, "rate_limited");
             warn!(notifier = %n.name, policy, namespace = ns, "notifier over its rate; report not sent");
@@ -319,6 +314,11 @@ impl Notifying {
         event: &Event,
     ) -> Result<(), String> {
         let kind = kind(n);
+        if let Some(e) = &n.email {
+            let relay = Relay::from_secret(&self.secret_data(ns, &e.smtp_secret_ref.name).await?)?;
+            let message = email(report, &e.from, &e.to)?;
+            return self.retried(kind, || relay.send(message.clone())).await;
+        }
         let (url, body, key) = if let Some(w) = &n.webhook {
             let url = self.secret(ns, &w.url_secret_ref.name, &w.url_secret_ref.key).await?;
             let key = match &w.signing_secret_ref {
@@ -339,63 +339,85 @@ impl Notifying {
             Some("http") => false,
             _ => return Err("the URL in the Secret must start with https:// or http://".into()),
         };
-        let mut wait = Duration::from_secs(1);
-        let mut last = String::new();
-        for attempt in 1..=ATTEMPTS {
+        if https && let Err(e) = &self.tls {
+            return Err(e.clone());
+        }
+        let delivery = event.uid().unwrap_or_default();
+        self.retried(kind, || async {
             let mut request = http::Request::post(uri.clone())
                 .header("content-type", "application/json")
                 .header("user-agent", concat!("runwarden-operator/", env!("CARGO_PKG_VERSION")))
                 .header("x-runwarden-event", "anomalous-egress")
-                .header("x-runwarden-delivery", event.uid().unwrap_or_default());
+                .header("x-runwarden-delivery", delivery.as_str());
             if let Some(key) = &key {
                 request = request.header("x-runwarden-signature-256", signature(key.as_bytes(), &body));
             }
-            let request = request.body(Full::new(Bytes::from(body.clone()))).map_err(|e| e.to_string())?;
-            let sent = if https {
-                match &self.tls {
-                    Ok(c) => tokio::time::timeout(TIMEOUT, c.request(request)).await,
-                    Err(e) => return Err(e.clone()),
-                }
-            } else {
-                tokio::time::timeout(TIMEOUT, self.plain.request(request)).await
+            let request =
+                request.body(Full::new(Bytes::from(body.clone()))).map_err(|e| Failure::permanent(e.to_string()))?;
+            let sent = match &self.tls {
+                Ok(c) if https => tokio::time::timeout(TIMEOUT, c.request(request)).await,
+                _ => tokio::time::timeout(TIMEOUT, self.plain.request(request)).await,
             };
             match sent {
-                Ok(Ok(answer)) if answer.status().is_success() => return Ok(()),
+                Ok(Ok(answer)) if answer.status().is_success() => Ok(()),
                 Ok(Ok(answer)) => {
                     let status = answer.status();
                     let text = answer.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                     let text: String = String::from_utf8_lossy(&text).chars().take(200).collect();
-                    last = format!("the receiver answered {status}: {}", text.trim());
-                    if status.as_u16() != 429 && !status.is_server_error() {
-                        return Err(last);
-                    }
+                    let message = format!("the receiver answered {status}: {}", text.trim());
+                    let transient = status.as_u16() == 429 || status.is_server_error();
+                    Err(Failure { message, transient })
                 }
-                Ok(Err(e)) => last = format!("could not reach the receiver: {}", chain(&e)),
-                Err(_) => last = format!("the receiver did not answer within {} s", TIMEOUT.as_secs()),
+                Ok(Err(e)) => Err(Failure::transient(format!("could not reach the receiver: {}", chain(&e)))),
+                Err(_) => {
+                    Err(Failure::transient(format!("the receiver did not answer within {} s", TIMEOUT.as_secs())))
+                }
             }
-            if attempt < ATTEMPTS {
-                self.count(kind, "retried");
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-            }
-        }
-        Err(format!("{last} (tried {ATTEMPTS} times)"))
+        })
+        .await
     }
 
-    /// The value of `key` in Secret `name` (read when sending, so a rotated Secret applies at once).
-    async fn secret(&self, ns: &str, name: &str, key: &str) -> Result<String, String> {
+    /// Runs `attempt` until it succeeds, fails for good, or [`ATTEMPTS`] were made, waiting 1, 2,
+    /// 4... seconds between them.
+    async fn retried<F, Fut>(&self, kind: &'static str, mut attempt: F) -> Result<(), String>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), Failure>>,
+    {
+        let mut wait = Duration::from_secs(1);
+        for n in 1..=ATTEMPTS {
+            match attempt().await {
+                Ok(()) => return Ok(()),
+                Err(f) if !f.transient => return Err(f.message),
+                Err(f) if n == ATTEMPTS => return Err(format!("{} (tried {ATTEMPTS} times)", f.message)),
+                Err(_) => {
+                    self.count(kind, "retried");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Every key of Secret `name`, as text.
+    async fn secret_data(&self, ns: &str, name: &str) -> Result<BTreeMap<String, String>, String> {
         let secret = Api::<Secret>::namespaced(self.client.clone(), ns)
             .get_opt(name)
             .await
             .map_err(|e| format!("reading Secret {ns}/{name}: {e}"))?
             .ok_or_else(|| format!("Secret {ns}/{name} does not exist"))?;
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|b| b.0.clone())
-            .ok_or_else(|| format!("Secret {ns}/{name} has no key {key:?}"))?;
-        String::from_utf8(bytes).map_err(|_| format!("key {key:?} of Secret {ns}/{name} is not text"))
+        let mut out = BTreeMap::new();
+        for (k, v) in secret.data.unwrap_or_default() {
+            let text = String::from_utf8(v.0).map_err(|_| format!("key {k:?} of Secret {ns}/{name} is not text"))?;
+            out.insert(k, text);
+        }
+        Ok(out)
+    }
+
+    /// The value of `key` in Secret `name` (read when sending, so a rotated Secret applies at once).
+    async fn secret(&self, ns: &str, name: &str, key: &str) -> Result<String, String> {
+        self.secret_data(ns, name).await?.remove(key).ok_or_else(|| format!("Secret {ns}/{name} has no key {key:?}"))
     }
 
     fn take_token(&self, ns: &str, policy: &str, notifier: &str) -> bool {
@@ -436,11 +458,6 @@ impl Notifying {
                 status.last_error = Some(e.chars().take(1000).collect());
             }
             Outcome::RateLimited => status.rate_limited += 1,
-            Outcome::Unsupported => {
-                status.failed += 1;
-                status.last_failure_time = now;
-                status.last_error = Some("email notifiers are not sent by this version of runwarden".into());
-            }
         }
         *dirty = true;
     }
@@ -496,6 +513,19 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// Whether an error comes from data the TLS stack rejected (a certificate it does not trust, a
+/// name that does not match): an `io::Error` of kind `InvalidData` among its causes.
+fn rejected_by_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// `sha256=<hex HMAC-SHA256 of body with key>`.
@@ -591,4 +621,132 @@ pub fn slack_body(report: &AnomalyReport) -> Value {
                 escaped(&report.pod), escaped(report.runner.as_deref().unwrap_or("-")), escaped(&report.baseline), escaped(&report.namespace))}]},
         ],
     })
+}
+
+/// Why one delivery attempt failed, and whether another may succeed.
+struct Failure {
+    message: String,
+    transient: bool,
+}
+
+impl Failure {
+    fn transient(message: String) -> Self {
+        Self { message, transient: true }
+    }
+
+    fn permanent(message: String) -> Self {
+        Self { message, transient: false }
+    }
+}
+
+/// How to reach an SMTP relay, from the keys of an email notifier's Secret: `host`, `port`
+/// (default 587), `username` and `password` (both or neither), `tls` (`starttls`, the default:
+/// the relay must offer STARTTLS, nothing is sent in clear; `tls`: TLS from the first byte,
+/// usually port 465; `none`: no encryption, for a relay on the same trusted network), and
+/// `ca.crt` (PEM: CA certificates to trust instead of the system's, for a relay with a private
+/// CA).
+pub struct Relay {
+    transport: lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
+}
+
+impl Relay {
+    /// The relay the Secret's keys describe, or what is wrong with them.
+    pub fn from_secret(keys: &BTreeMap<String, String>) -> Result<Relay, String> {
+        use lettre::transport::smtp::authentication::Credentials;
+        use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
+        let host = keys.get("host").map(|h| h.trim().to_string()).filter(|h| !h.is_empty());
+        let host = host.ok_or("the SMTP Secret has no key \"host\"")?;
+        let port = match keys.get("port") {
+            Some(p) => p.trim().parse::<u16>().map_err(|_| format!("the SMTP Secret's port {p:?} is not a port"))?,
+            None => 587,
+        };
+        let parameters = || -> Result<TlsParameters, String> {
+            let mut builder = TlsParameters::builder(host.clone());
+            if let Some(pem) = keys.get("ca.crt") {
+                let ca = Certificate::from_pem(pem.as_bytes())
+                    .map_err(|e| format!("the SMTP Secret's ca.crt is not PEM certificates: {e}"))?;
+                builder = builder.certificate_store(CertificateStore::None).add_root_certificate(ca);
+            }
+            builder.build_rustls().map_err(|e| format!("TLS settings for {host}: {e}"))
+        };
+        let tls = match keys.get("tls").map(|t| t.trim()).unwrap_or("starttls") {
+            "starttls" => Tls::Required(parameters()?),
+            "tls" => Tls::Wrapper(parameters()?),
+            "none" => Tls::None,
+            other => return Err(format!("the SMTP Secret's tls {other:?} is not starttls, tls or none")),
+        };
+        let mut builder = lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous(host.as_str())
+            .port(port)
+            .tls(tls)
+            .timeout(Some(TIMEOUT));
+        match (keys.get("username"), keys.get("password")) {
+            (Some(u), Some(p)) => builder = builder.credentials(Credentials::new(u.trim().into(), p.trim().into())),
+            (None, None) => {}
+            _ => {
+                return Err("the SMTP Secret has a username without a password, or a password without a username".into());
+            }
+        }
+        Ok(Relay { transport: builder.build() })
+    }
+
+    async fn send(&self, message: lettre::Message) -> Result<(), Failure> {
+        use lettre::AsyncTransport;
+        match self.transport.send(message).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let message = format!("the SMTP relay: {}", chain(&e));
+                // A refused certificate (the TLS stack's InvalidData) does not fix itself within
+                // seconds; nor does a 5xx answer.
+                if e.is_permanent() || e.is_tls() || rejected_by_tls(&e) {
+                    Err(Failure::permanent(message))
+                } else {
+                    Err(Failure::transient(message))
+                }
+            }
+        }
+    }
+}
+
+/// The email: a subject that says what and where, a plain-text body that says why and how to
+/// approve. Names from the pod go in the body as they are (plain text) and lose any line break.
+pub fn email(report: &AnomalyReport, from: &str, to: &[String]) -> Result<lettre::Message, String> {
+    let one_line = |s: &str| s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>();
+    let mut builder = lettre::Message::builder()
+        .from(from.parse().map_err(|e| format!("from {from:?}: {e}"))?)
+        .subject(one_line(&format!(
+            "[runwarden] {}: {} job {} called {}",
+            report.severity.to_uppercase(),
+            report.repository,
+            report.job,
+            report.destination()
+        )));
+    for address in to {
+        builder = builder.to(address.parse().map_err(|e| format!("to {address:?}: {e}"))?);
+    }
+    let process = report.processes.first().map_or("an unknown process".to_string(), |p| one_line(p));
+    let executable = report.executables.first().map(|e| format!(" ({})", one_line(e))).unwrap_or_default();
+    let reasons: Vec<String> = report.reasons.iter().map(|r| format!("  - {}", one_line(r))).collect();
+    let body = format!(
+        "{process}{executable} in run {} of {} ({}, job {}) called {} ({}) for the first time in this job.\n\n\
+         Severity: {} (score {:.2})\n\nWhy it is unusual:\n{}\n\n\
+         If it is expected, approve it:\n\n  {}\n\nor add it under spec.approved of WorkflowBaseline {} in Git:\n\n{}\n\n\
+         Pod {}, EphemeralRunner {}, namespace {}; first call {}.\n",
+        one_line(&report.run_id),
+        one_line(&report.repository),
+        one_line(&report.workflow),
+        one_line(&report.job),
+        one_line(&report.destination()),
+        one_line(&report.address),
+        report.severity,
+        report.score,
+        if reasons.is_empty() { "  - not in the job's baseline".to_string() } else { reasons.join("\n") },
+        report.approve_command(),
+        report.baseline,
+        report.approve_manifest().lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"),
+        report.pod,
+        report.runner.as_deref().unwrap_or("-"),
+        report.namespace,
+        report.first_seen,
+    );
+    builder.body(body).map_err(|e| format!("building the email: {e}"))
 }

@@ -9,9 +9,7 @@
 //!   is `Ready=True` with reason `Overlapping` and a message naming the policy that wins.
 //! - What this version does not do yet is never reported as Ready: a `Block` policy is
 //!   `Ready=False`, reason `NotEnforced` (calls are reported as in `Audit` mode; none is
-//!   refused), and a policy with email notifiers `Ready=False`, reason `NotifiersNotSent` (this
-//!   version sends to webhook and Slack notifiers only, see [`crate::notify`]). The policy still
-//!   applies to anomaly detection.
+//!   refused). The policy still applies to anomaly detection.
 //! - `status.matchedRunners` counts the runner pods (ARC's, or labelled
 //!   `runwarden.dev/monitor=true`) the selector covers and for which this policy wins.
 
@@ -89,23 +87,6 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
             "mode Block is not enforced by this version of runwarden: calls that are not allowed are reported \
              as in Audit mode and none is refused"
                 .to_string(),
-        ),
-        None if policy.spec.anomaly_detection.notifiers.iter().any(|n| n.email.is_some()) => (
-            ConditionStatus::False,
-            "NotifiersNotSent",
-            format!(
-                "email notifier(s) {} configured, but this version of runwarden sends to webhook and Slack \
-                 notifiers only: nothing is emailed",
-                policy
-                    .spec
-                    .anomaly_detection
-                    .notifiers
-                    .iter()
-                    .filter(|n| n.email.is_some())
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
         ),
         None => match winner_over(&policy, &ctx.policies) {
             Some(older) => (
@@ -192,20 +173,20 @@ async fn missing_secret(client: &Client, ns: &str, policy: &EgressPolicy) -> Res
     for (i, n) in policy.spec.anomaly_detection.notifiers.iter().enumerate() {
         let mut refs = Vec::new();
         if let Some(w) = &n.webhook {
-            refs.push(("webhook.urlSecretRef", &w.url_secret_ref.name, Some(&w.url_secret_ref.key)));
+            refs.push(("webhook.urlSecretRef", &w.url_secret_ref.name, Some(w.url_secret_ref.key.as_str())));
             if let Some(s) = &w.signing_secret_ref {
-                refs.push(("webhook.signingSecretRef", &s.name, Some(&s.key)));
+                refs.push(("webhook.signingSecretRef", &s.name, Some(s.key.as_str())));
             }
         }
         if let Some(s) = &n.slack {
             refs.push((
                 "slack.webhookUrlSecretRef",
                 &s.webhook_url_secret_ref.name,
-                Some(&s.webhook_url_secret_ref.key),
+                Some(s.webhook_url_secret_ref.key.as_str()),
             ));
         }
         if let Some(e) = &n.email {
-            refs.push(("email.smtpSecretRef", &e.smtp_secret_ref.name, None));
+            refs.push(("email.smtpSecretRef", &e.smtp_secret_ref.name, Some("host")));
         }
         for (field, name, key) in refs {
             let path = format!("spec.anomalyDetection.notifiers[{i}].{field}");

@@ -82,24 +82,31 @@ async fn a_policy_naming_a_missing_secret_is_not_ready_and_says_which_field() {
     let (status, _, _) = ready(&client, &ns, "audit", "Valid").await;
     assert_eq!(status, ConditionStatus::True);
 
-    // Email is not sent by this version, and the condition says so, naming the notifier.
+    // An email notifier's Secret must name the relay's host.
     let api: Api<EgressPolicy> = Api::namespaced(client.clone(), &ns);
     let mail = Secret {
         metadata: kube::api::ObjectMeta { name: Some("relay".into()), ..Default::default() },
-        string_data: Some([("host".to_string(), "smtp.example".to_string())].into()),
+        string_data: Some([("port".to_string(), "587".to_string())].into()),
         ..Default::default()
     };
-    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &mail).await.unwrap();
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    secrets.create(&PostParams::default(), &mail).await.unwrap();
     let patch = json!({"spec": {"anomalyDetection": {"notifiers": [
         {"name": "slack", "slack": {"webhookUrlSecretRef": {"name": "runwarden-slack", "key": "url"}}},
         {"name": "security-team", "email": {"to": ["sec@example.org"], "from": "runwarden@example.org",
                                             "smtpSecretRef": {"name": "relay"}}}
     ]}}});
     api.patch("audit", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
-    let (status, message, _) = ready(&client, &ns, "audit", "NotifiersNotSent").await;
+    let (status, message, _) = ready(&client, &ns, "audit", "SecretNotFound").await;
     assert_eq!(status, ConditionStatus::False);
-    assert!(message.contains("email notifier(s) security-team configured"), "{message}");
-    common::wait_for_event(&client, &ns, "NotifiersNotSent").await;
+    assert!(
+        message.contains("notifiers[1].email.smtpSecretRef: Secret") && message.contains("no key \"host\""),
+        "{message}"
+    );
+    let host = json!({"stringData": {"host": "smtp.example.org"}});
+    secrets.patch("relay", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&host)).await.unwrap();
+    let (status, _, _) = ready(&client, &ns, "audit", "Valid").await;
+    assert_eq!(status, ConditionStatus::True);
 
     // Without notifiers the policy is valid.
     let patch = json!({"spec": {"anomalyDetection": {"notifiers": []}}});

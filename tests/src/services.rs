@@ -242,3 +242,119 @@ impl HttpSink {
         }
     }
 }
+
+/// An SMTP relay with STARTTLS and AUTH required (`tests/smtp/relay.py` on Debian's aiosmtpd),
+/// on 127.0.0.1, with a certificate of its own for `localhost`. Stops when dropped.
+#[derive(Debug)]
+pub struct SmtpRelay {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// The PEM certificate of the CA that signed its certificate (what a client trusts).
+    pub certificate: String,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl SmtpRelay {
+    /// Starts it, accepting `user` with `password`; panics with the reason when it cannot.
+    pub fn start(user: &str, password: &str) -> SmtpRelay {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("runwarden-smtp-{}-{}", std::process::id(), unique()));
+        let out = dir.join("mail");
+        std::fs::create_dir_all(&out).unwrap();
+        // A CA of its own and the relay's certificate for localhost, signed by it.
+        let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+        let (cert, key, csr) = (dir.join("relay.crt"), dir.join("relay.key"), dir.join("relay.csr"));
+        let ext = dir.join("relay.ext");
+        std::fs::write(&ext, "basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:localhost\n").unwrap();
+        let openssl = |args: &[&std::ffi::OsStr]| {
+            let made = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("running openssl (make setup installs it)");
+            assert!(made.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&made.stderr));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"].map(std::ffi::OsStr::new);
+        let os = |s: &'static str| std::ffi::OsStr::new(s);
+        openssl(
+            &[&[os("req"), os("-x509")], &ec[..], &[os("-days"), os("1"), os("-subj"), os("/CN=runwarden test CA")]]
+                .concat()
+                .into_iter()
+                .chain([os("-keyout"), ca_key.as_os_str(), os("-out"), ca.as_os_str()])
+                .collect::<Vec<_>>(),
+        );
+        openssl(
+            &[&[os("req")], &ec[..], &[os("-subj"), os("/CN=localhost")]]
+                .concat()
+                .into_iter()
+                .chain([os("-keyout"), key.as_os_str(), os("-out"), csr.as_os_str()])
+                .collect::<Vec<_>>(),
+        );
+        openssl(&[
+            os("x509"),
+            os("-req"),
+            os("-days"),
+            os("1"),
+            os("-in"),
+            csr.as_os_str(),
+            os("-CA"),
+            ca.as_os_str(),
+            os("-CAkey"),
+            ca_key.as_os_str(),
+            os("-CAcreateserial"),
+            os("-extfile"),
+            ext.as_os_str(),
+            os("-out"),
+            cert.as_os_str(),
+        ]);
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/smtp/relay.py");
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(&cert)
+            .arg(&key)
+            .args([user, password])
+            .arg(&out)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("running /usr/bin/python3 (make setup installs python3-aiosmtpd)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "tests/smtp/relay.py did not start (is python3-aiosmtpd installed?)");
+        let certificate = std::fs::read_to_string(&ca).unwrap();
+        SmtpRelay { port, certificate, dir, child }
+    }
+
+    /// The messages it accepted, oldest first, as a person reads them: `X-Envelope-From`,
+    /// `X-Envelope-To`, `X-Authenticated`, then `From`, `To` and `Subject` decoded, a blank line
+    /// and the decoded text.
+    pub fn messages(&self) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(self.dir.join("mail"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter_map(|n| n.strip_suffix(".txt").and_then(|n| n.parse::<u32>().ok()))
+            .collect();
+        names.sort_unstable();
+        names
+            .into_iter()
+            .map(|n| std::fs::read_to_string(self.dir.join("mail").join(format!("{n}.txt"))).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for SmtpRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A number no other call in this process returns.
+fn unique() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

@@ -15,10 +15,10 @@ use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use runwarden_tests::Node;
-use runwarden_tests::install::{SYSTEM, kubectl};
+use runwarden_tests::install::{SYSTEM, kubectl, kubectl_stdin};
 use runwarden_tests::node::{NODE_IP, NODE_NAME, cgroup_programs, runwarden_programs};
 use runwarden_tests::runner::{Job, agent_logs, url};
-use runwarden_tests::services::{Dns, Listener};
+use runwarden_tests::services::{Dns, HttpSink, Listener};
 use serde_json::json;
 use tokio::sync::OnceCell;
 
@@ -267,6 +267,19 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     let quiet = job.anomaly_events(world.node).await;
     assert!(quiet.is_empty(), "runs calling the learned hosts raise nothing: {quiet:?}");
 
+    // The security team wants a webhook: a policy for the job with a notifier, applied as a
+    // user would; the receiver listens on the node's address.
+    let sink = HttpSink::start(SocketAddr::from((NODE_IP, 9311))).unwrap();
+    let manifest = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "siem-hook"},
+         "stringData": {"url": format!("http://{NODE_IP}:9311/hook")}},
+        {"apiVersion": "runwarden.dev/v1alpha1", "kind": "EgressPolicy", "metadata": {"name": "audit"},
+         "spec": {"selector": {"repositories": ["acme/web"]}, "anomalyDetection": {"notifiers": [
+             {"name": "siem", "webhook": {"urlSecretRef": {"name": "siem-hook", "key": "url"}}}]}}}
+    ]})
+    .to_string();
+    kubectl_stdin(world.node, &["-n", &job.ns, "apply", "-f", "-"], &manifest);
+
     // Run 6 calls a host the job never called.
     let runner = job.run(world.node, 106, "api.github.test", &["cdn.packages.test", "new.exfil.test"]).await;
     let baseline = job.wait_merged(world.node, 106).await;
@@ -285,6 +298,18 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     let note = events[0].note.clone().unwrap_or_default();
     assert!(note.contains("new.exfil.test"), "the Event names the new host: {note}");
     assert!(note.contains("wget"), "and the process that called it: {note}");
+
+    // The operator sent the report to the webhook, with how to approve the host.
+    let started = Instant::now();
+    while sink.received().is_empty() && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let received = sink.received();
+    assert_eq!(received.len(), 1, "one report for the one new host: {received:?}");
+    let body: serde_json::Value = serde_json::from_slice(&received[0].body).unwrap();
+    assert_eq!(body["report"]["host"], "new.exfil.test", "{body}");
+    assert_eq!(body["report"]["runId"], "106", "{body}");
+    assert!(body["approve"]["command"].as_str().unwrap().contains("patch workflowbaseline"), "{body}");
 
     let status = baseline.status.unwrap();
     assert_eq!(status.observed_runs, 6, "{status:?}");
