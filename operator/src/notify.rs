@@ -683,7 +683,9 @@ impl Relay {
             (Some(u), Some(p)) => builder = builder.credentials(Credentials::new(u.trim().into(), p.trim().into())),
             (None, None) => {}
             _ => {
-                return Err("the SMTP Secret has a username without a password, or a password without a username".into());
+                return Err(
+                    "the SMTP Secret has a username without a password, or a password without a username".into()
+                );
             }
         }
         Ok(Relay { transport: builder.build() })
