@@ -52,8 +52,8 @@ generate:
 	cargo run --locked -q -p runwarden-crds --bin runwarden-crdgen
 	cargo run --locked -q -p runwarden-operator -- --print-rbac runwarden-system > operator/rbac.yaml
 	cargo run --locked -q -p runwarden-agent -- --print-rbac runwarden-system > node-agent/rbac.yaml
-	cargo run --locked -q -p runwarden-operator -- --print-rbac '{{ .Release.Namespace }}' > charts/runwarden/templates/operator-rbac.yaml
-	cargo run --locked -q -p runwarden-agent -- --print-rbac '{{ .Release.Namespace }}' > charts/runwarden/templates/agent-rbac.yaml
+	cargo run --locked -q -p runwarden-operator -- --print-rbac-chart > charts/runwarden/templates/operator-rbac.yaml
+	cargo run --locked -q -p runwarden-agent -- --print-rbac-chart > charts/runwarden/templates/agent-rbac.yaml
 
 dev-control-plane: setup
 	cargo run --locked -q -p runwarden-tests --bin runwarden-control-plane

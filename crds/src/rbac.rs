@@ -33,6 +33,10 @@ pub struct Rbac {
     pub cluster: &'static [Permission],
     /// Permissions in the component's own namespace.
     pub namespaced: &'static [Permission],
+    /// Permissions in the namespaces that hold runners (their pods, baselines, policies,
+    /// notifier Secrets, Events): a Role in each when they are listed (`runnerNamespaces`),
+    /// cluster-wide when they are not.
+    pub runner: &'static [Permission],
 }
 
 fn rules(perms: &[Permission]) -> Vec<Value> {
@@ -41,40 +45,64 @@ fn rules(perms: &[Permission]) -> Vec<Value> {
 
 impl Rbac {
     /// ServiceAccount, ClusterRole and ClusterRoleBinding, and Role and RoleBinding when there
-    /// are namespaced permissions, for the component in `namespace`.
+    /// are namespaced permissions, for the component in `namespace`; the runner permissions
+    /// cluster-wide.
     pub fn manifests(&self, namespace: &str) -> Vec<Value> {
+        self.manifests_for(namespace, &[])
+    }
+
+    /// As [`Self::manifests`], with the runner permissions granted only in `runner_namespaces`
+    /// (a Role and RoleBinding in each) when it is not empty.
+    pub fn manifests_for(&self, namespace: &str, runner_namespaces: &[String]) -> Vec<Value> {
         let name = self.name;
         let labels = json!({"app.kubernetes.io/name": "runwarden", "app.kubernetes.io/component": self.component});
         let subject = json!([{"kind": "ServiceAccount", "name": name, "namespace": namespace}]);
+        let mut cluster = rules(self.cluster);
+        if runner_namespaces.is_empty() {
+            cluster.extend(rules(self.runner));
+        }
+        let role = |ns: &str, perms: &[Permission]| {
+            [
+                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                       "metadata": {"name": name, "namespace": ns, "labels": labels}, "rules": rules(perms)}),
+                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                       "metadata": {"name": name, "namespace": ns, "labels": labels},
+                       "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                       "subjects": subject}),
+            ]
+        };
         let mut out = vec![
             json!({"apiVersion": "v1", "kind": "ServiceAccount",
                    "metadata": {"name": name, "namespace": namespace, "labels": labels}}),
             json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-                   "metadata": {"name": name, "labels": labels}, "rules": rules(self.cluster)}),
+                   "metadata": {"name": name, "labels": labels}, "rules": cluster}),
             json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                    "metadata": {"name": name, "labels": labels},
                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
                    "subjects": subject}),
         ];
         if !self.namespaced.is_empty() {
-            out.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                   "metadata": {"name": name, "namespace": namespace, "labels": labels}, "rules": rules(self.namespaced)}));
-            out.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                   "metadata": {"name": name, "namespace": namespace, "labels": labels},
-                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-                   "subjects": subject}));
+            out.extend(role(namespace, self.namespaced));
+        }
+        for ns in runner_namespaces {
+            out.extend(role(ns, self.runner));
+        }
+        out
+    }
+
+    fn header(&self) -> String {
+        let mut out =
+            format!("# Generated from {} by `make generate`. Do not edit.\n# Why each permission:\n", self.source);
+        for p in self.cluster.iter().chain(self.namespaced).chain(self.runner) {
+            let group = if p.group.is_empty() { "core" } else { p.group };
+            out.push_str(&format!("#   {group} {} [{}]: {}\n", p.resource, p.verbs.join(", "), p.why));
         }
         out
     }
 
     /// The manifests as one YAML document stream, with each permission's reason as a comment.
     pub fn yaml(&self, namespace: &str) -> String {
-        let mut out =
-            format!("# Generated from {} by `make generate`. Do not edit.\n# Why each permission:\n", self.source);
-        for p in self.cluster.iter().chain(self.namespaced) {
-            let group = if p.group.is_empty() { "core" } else { p.group };
-            out.push_str(&format!("#   {group} {} [{}]: {}\n", p.resource, p.verbs.join(", "), p.why));
-        }
+        let mut out = self.header();
         for m in self.manifests(namespace) {
             out.push_str("---\n");
             out.push_str(&serde_yaml::to_string(&m).expect("manifests serialize"));
@@ -82,11 +110,58 @@ impl Rbac {
         out
     }
 
+    /// The Helm chart's template of the manifests: in the release's namespace, with the runner
+    /// permissions in a Role in each of `.Values.runnerNamespaces` when it is set (and in the
+    /// ClusterRole when it is not).
+    pub fn chart_yaml(&self) -> String {
+        const NS: &str = "{{ .Release.Namespace }}";
+        const MARK: &str = "runwarden-runner-namespace";
+        let mut out = self.header();
+        out.push_str("# Runner permissions: cluster-wide, or only in .Values.runnerNamespaces when set.\n");
+        // Render with one runner namespace named MARK, then turn what is about it into template.
+        for m in self.manifests_for(NS, &[MARK.to_string()]) {
+            let text = serde_yaml::to_string(&m).expect("manifests serialize");
+            if m["metadata"]["namespace"] == MARK {
+                out.push_str("{{- range .Values.runnerNamespaces }}\n---\n");
+                out.push_str(&text.replace(MARK, "{{ . }}").replace(NS, "{{ $.Release.Namespace }}"));
+                out.push_str("{{- end }}\n");
+                continue;
+            }
+            out.push_str("---\n");
+            out.push_str(&text);
+            if m["kind"] == "ClusterRole" && !self.runner.is_empty() {
+                out.push_str("{{- if not .Values.runnerNamespaces }}\n");
+                let runner = serde_yaml::to_string(&rules(self.runner)).expect("rules serialize");
+                out.push_str(&runner);
+                out.push_str("{{- end }}\n");
+            }
+        }
+        out
+    }
+
     /// The permissions `client` lacks, as `verb group/resource[ in namespace]`, asked of the API
-    /// server with SelfSubjectAccessReviews (`namespace` is the component's own).
-    pub async fn missing(&self, client: &Client, namespace: &str) -> Result<Vec<String>, kube::Error> {
+    /// server with SelfSubjectAccessReviews (`namespace` is the component's own; the runner
+    /// permissions are checked in each of `runner_namespaces`, or cluster-wide when empty).
+    pub async fn missing(
+        &self,
+        client: &Client,
+        namespace: &str,
+        runner_namespaces: &[String],
+    ) -> Result<Vec<String>, kube::Error> {
         let mut missing = Vec::new();
-        let checks = self.cluster.iter().map(|p| (p, None)).chain(self.namespaced.iter().map(|p| (p, Some(namespace))));
+        let mut checks: Vec<(&Permission, Option<&str>)> = self
+            .cluster
+            .iter()
+            .map(|p| (p, None))
+            .chain(self.namespaced.iter().map(|p| (p, Some(namespace))))
+            .collect();
+        if runner_namespaces.is_empty() {
+            checks.extend(self.runner.iter().map(|p| (p, None)));
+        } else {
+            for ns in runner_namespaces {
+                checks.extend(self.runner.iter().map(|p| (p, Some(ns.as_str()))));
+            }
+        }
         for (p, ns) in checks {
             for verb in p.verbs {
                 if !allowed(client, p, verb, ns).await? {

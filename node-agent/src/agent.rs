@@ -36,7 +36,7 @@ use tracing::{error, info, warn};
 use crate::cgroups;
 use crate::ebpf::{LoadError, Options, PodBudget, Probes};
 use crate::metrics::{Kind, Metrics, ResultLabel, VerdictLabel};
-use crate::node::{Action, Destination, Job, Node, ObjectRef, PodInfo, Run, Scorer};
+use crate::node::{Action, Destination, Job, Node, ObjectRef, PodInfo, Role, Run, Scorer};
 use crate::pipeline::{Pipeline, PipelineConfig, since_boot};
 use crate::report::{Report, ReportConfig, Reporter};
 
@@ -77,6 +77,10 @@ pub struct AgentArgs {
     /// Logs as JSON lines.
     #[arg(long)]
     pub json_logs: bool,
+    /// The namespaces that hold runners, when the agent's write permissions are granted only
+    /// there (comma-separated; empty: cluster-wide). Checked at start.
+    #[arg(long, value_delimiter = ',', env = "RUNWARDEN_RUNNER_NAMESPACES")]
+    pub runner_namespaces: Vec<String>,
 }
 
 /// Why the agent stopped.
@@ -303,7 +307,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cgroups::cgroup2_root(&args.cgroup_root).ok_or_else(|| AgentError::NoCgroup2(args.cgroup_root.clone()))?;
     let state = StateDir::open(&args.state_dir).map_err(|e| AgentError::StateDir(args.state_dir.clone(), e))?;
     let client = Client::try_default().await?;
-    let missing = crate::rbac::RBAC.missing(&client, "").await?;
+    let missing = crate::rbac::RBAC.missing(&client, "", &args.runner_namespaces).await?;
     if !missing.is_empty() {
         return Err(AgentError::MissingPermissions(missing));
     }
@@ -449,7 +453,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     if let (Some(listed), Some(uid)) = (relisted.as_mut(), m.metadata.uid.as_ref()) {
                         listed.insert(uid.clone());
                     }
-                    if let Some(info) = PodInfo::from_meta(&m.metadata) {
+                    if let Some(mut info) = PodInfo::from_meta(&m.metadata) {
+                        // Runners outside the runner namespaces the agent's RBAC is narrowed to
+                        // are not its to report (it could not write their Events or baselines).
+                        if !args.runner_namespaces.is_empty() && !args.runner_namespaces.contains(&info.pod.namespace) {
+                            info.role = Role::Other;
+                        }
                         actions.extend(node.pod(info, &caches));
                     }
                 }

@@ -16,6 +16,9 @@ struct Cli {
     /// Print the agent's ServiceAccount and RBAC for NAMESPACE as YAML and exit.
     #[arg(long, value_name = "NAMESPACE")]
     print_rbac: Option<String>,
+    /// Print the Helm chart's template of the agent's RBAC and exit.
+    #[arg(long, hide = true)]
+    print_rbac_chart: bool,
     #[command(flatten)]
     agent: agent::AgentArgs,
 }
@@ -38,6 +41,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(ns) = &cli.print_rbac {
         print!("{}", runwarden_agent::rbac::RBAC.yaml(ns));
+        return ExitCode::SUCCESS;
+    }
+    if cli.print_rbac_chart {
+        print!("{}", runwarden_agent::rbac::RBAC.chart_yaml());
         return ExitCode::SUCCESS;
     }
     match cli.command {

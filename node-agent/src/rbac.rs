@@ -10,7 +10,8 @@ use runwarden_crds::rbac::{Permission, Rbac};
 /// The agent's ServiceAccount (the DaemonSet's `serviceAccountName`).
 pub const NAME: &str = "runwarden-agent";
 
-/// The agent's RBAC: cluster-wide (runner pods and baselines live in any namespace).
+/// The agent's RBAC: reads cluster-wide (runner pods and baselines live in any namespace),
+/// writes in the runner namespaces (cluster-wide unless they are listed).
 pub const RBAC: Rbac = Rbac {
     name: NAME,
     component: "agent",
@@ -30,15 +31,18 @@ pub const RBAC: Rbac = Rbac {
         },
         Permission {
             group: "runwarden.dev",
-            resource: "workflowbaselines/status",
-            verbs: &["get", "update"],
-            why: "merge finished runs (conflict-aware)",
-        },
-        Permission {
-            group: "runwarden.dev",
             resource: "egresspolicies",
             verbs: &["list", "watch"],
             why: "the minimum severity each runner's policy reports",
+        },
+    ],
+    namespaced: &[],
+    runner: &[
+        Permission {
+            group: "runwarden.dev",
+            resource: "workflowbaselines/status",
+            verbs: &["get", "update"],
+            why: "merge finished runs (conflict-aware)",
         },
         Permission {
             group: "events.k8s.io",
@@ -47,5 +51,4 @@ pub const RBAC: Rbac = Rbac {
             why: "AnomalousEgress on the pod, its EphemeralRunner and the baseline; repeats in the series",
         },
     ],
-    namespaced: &[],
 };

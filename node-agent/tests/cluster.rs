@@ -47,14 +47,16 @@ impl AgentProcess {
     }
 }
 
-/// The DaemonSet's container args, as the operator renders them.
-fn daemonset_args() -> Vec<String> {
-    let ds = daemonset::desired(&AgentConfig::default());
+/// The DaemonSet's container args, as the operator renders them with its write permissions
+/// limited to `runner_namespaces`.
+fn daemonset_args(runner_namespaces: &[String]) -> Vec<String> {
+    let ds =
+        daemonset::desired(&AgentConfig { runner_namespaces: runner_namespaces.to_vec(), ..AgentConfig::default() });
     let args = &ds["spec"]["template"]["spec"]["containers"][0]["args"];
     serde_json::from_value(args.clone()).unwrap()
 }
 
-fn start_agent(kubeconfig: &Path, kubepods: &Path, state: &Path, log: PathBuf) -> AgentProcess {
+fn start_agent(kubeconfig: &Path, kubepods: &Path, state: &Path, log: PathBuf, runner_ns: &str) -> AgentProcess {
     let bin = env!("CARGO_BIN_EXE_runwarden-agent");
     // What the container sees: the host's /sys/fs/cgroup (hostPath) at /host/cgroup, the
     // state hostPath at /var/lib/runwarden.
@@ -64,7 +66,7 @@ fn start_agent(kubeconfig: &Path, kubepods: &Path, state: &Path, log: PathBuf) -
         .args(["--mount", "--propagation", "private", "sh", "-c", script])
         .arg(state)
         .arg(bin)
-        .args(daemonset_args())
+        .args(daemonset_args(&[runner_ns.to_string()]))
         .env("KUBECONFIG", kubeconfig)
         .env("NODE_NAME", NODE)
         .env("RUNWARDEN_KUBEPODS_CGROUP", kubepods)
@@ -173,7 +175,7 @@ fn the_committed_rbac_is_what_the_code_uses() {
     );
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/runwarden/templates/agent-rbac.yaml");
     assert!(
-        std::fs::read_to_string(chart).unwrap() == runwarden_agent::rbac::RBAC.yaml("{{ .Release.Namespace }}"),
+        std::fs::read_to_string(chart).unwrap() == runwarden_agent::rbac::RBAC.chart_yaml(),
         "charts/runwarden/templates/agent-rbac.yaml is stale; run `make generate`"
     );
 }
@@ -196,7 +198,13 @@ async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseli
     cluster::wait_established(&crds, "ephemeralrunners.actions.github.com").await;
     let system = cluster::test_namespace(&admin, "runwarden-system").await;
     let ns = cluster::test_namespace(&admin, "arc-runners").await;
-    apply_yaml(cp, &runwarden_agent::rbac::RBAC.yaml(&system));
+    // The agent's RBAC with its writes granted only in the runner namespace, as the chart
+    // renders it with `runnerNamespaces` set; the DaemonSet's args say so too.
+    let rbac = runwarden_agent::rbac::RBAC.manifests_for(&system, std::slice::from_ref(&ns));
+    let stream: String = rbac.iter().map(|m| format!("---\n{}", serde_yaml::to_string(m).unwrap())).collect();
+    let cluster_role = rbac.iter().find(|m| m["kind"] == "ClusterRole").unwrap();
+    assert!(!cluster_role["rules"].to_string().contains("events"), "no write is cluster-wide: {cluster_role}");
+    apply_yaml(cp, &stream);
 
     // kubelet's pod cgroups for this test, and a listener the runner calls.
     let mount = ebpf::cgroup2_mount().unwrap();
@@ -208,7 +216,7 @@ async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseli
 
     let state = tempdir("agent-state");
     let mut agent =
-        start_agent(&agent_kubeconfig(cp, &system), &relative.join("kubepods"), &state, cp.dir.join("agent.log"));
+        start_agent(&agent_kubeconfig(cp, &system), &relative.join("kubepods"), &state, cp.dir.join("agent.log"), &ns);
     wait_ready(&mut agent).await;
 
     // A runner pod whose first instruction calls out, before its job is known.
@@ -271,8 +279,13 @@ async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseli
     // The agent is killed in the middle of the run and comes back: the run goes on from its
     // state directory, and a call made after the restart joins it.
     drop(agent);
-    let mut agent =
-        start_agent(&agent_kubeconfig(cp, &system), &relative.join("kubepods"), &state, cp.dir.join("agent-2.log"));
+    let mut agent = start_agent(
+        &agent_kubeconfig(cp, &system),
+        &relative.join("kubepods"),
+        &state,
+        cp.dir.join("agent-2.log"),
+        &ns,
+    );
     wait_ready(&mut agent).await;
     let second = TcpListener::bind("127.0.0.1:0").unwrap();
     let port2 = second.local_addr().unwrap().port();

@@ -87,7 +87,7 @@ fn start_notifiers(
     metrics: Arc<runwarden_operator::metrics::Metrics>,
 ) -> tokio::sync::oneshot::Sender<()> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(notify::run(client.clone(), metrics, async move {
+    tokio::spawn(notify::run(client.clone(), metrics, Default::default(), async move {
         let _ = stopped.await;
     }));
     stop

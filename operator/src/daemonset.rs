@@ -65,6 +65,9 @@ pub struct AgentConfig {
     pub owner_deployment: Option<String>,
     /// The owner reference itself (resolved from `ownerDeployment` at start when absent).
     pub owner: Option<OwnerReference>,
+    /// The runner namespaces the agent's write permissions are limited to (the operator's
+    /// `runnerNamespaces`; empty: cluster-wide).
+    pub runner_namespaces: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -83,8 +86,22 @@ impl Default for AgentConfig {
             priority_class_name: None,
             owner_deployment: None,
             owner: None,
+            runner_namespaces: Vec::new(),
         }
     }
+}
+
+/// The agent's command line.
+fn args(config: &AgentConfig) -> Vec<String> {
+    let mut args = vec![
+        format!("--cgroup-root={CGROUP_MOUNT}"),
+        format!("--metrics-port={}", config.metrics_port),
+        format!("--state-dir={STATE_MOUNT}"),
+    ];
+    if !config.runner_namespaces.is_empty() {
+        args.push(format!("--runner-namespaces={}", config.runner_namespaces.join(",")));
+    }
+    args
 }
 
 /// The DaemonSet the operator wants, as the server-side-apply body.
@@ -111,11 +128,7 @@ pub fn desired(config: &AgentConfig) -> Value {
             "name": "agent",
             "image": config.image,
             "imagePullPolicy": config.image_pull_policy,
-            "args": [
-                format!("--cgroup-root={CGROUP_MOUNT}"),
-                format!("--metrics-port={port}"),
-                format!("--state-dir={STATE_MOUNT}"),
-            ],
+            "args": args(config),
             "env": [
                 {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                 {"name": "RUNWARDEN_LOG", "value": config.log_level},

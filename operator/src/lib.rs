@@ -93,6 +93,24 @@ pub(crate) async fn record_event<K: kube::Resource<DynamicType = ()>>(
     }
 }
 
+/// The namespaces the operator handles: every one, or only the runner namespaces its RBAC is
+/// narrowed to (`runnerNamespaces`). Objects elsewhere are left alone: the operator could not
+/// write them, and retrying would only log forbidden errors.
+#[derive(Clone, Debug, Default)]
+pub struct Scope(Arc<Vec<String>>);
+
+impl Scope {
+    /// Every namespace when `runner_namespaces` is empty, else only those.
+    pub fn new(runner_namespaces: Vec<String>) -> Self {
+        Self(Arc::new(runner_namespaces))
+    }
+
+    /// Whether objects in `namespace` are the operator's to handle.
+    pub fn handles(&self, namespace: Option<&str>) -> bool {
+        self.0.is_empty() || namespace.is_some_and(|ns| self.0.iter().any(|n| n == ns))
+    }
+}
+
 /// Reconciles run at once per controller. Unbounded, a start with thousands of objects holds
 /// thousands of requests in flight and the memory they need stays with the process.
 pub const RECONCILE_CONCURRENCY: u16 = 8;
@@ -133,6 +151,10 @@ pub struct Config {
     pub manage_agent: bool,
     /// How the node agent is deployed.
     pub agent: daemonset::AgentConfig,
+    /// The namespaces that hold runners, when the operator's and the agent's write permissions
+    /// (and Secret reads) are granted only there; empty: cluster-wide. Runners, baselines and
+    /// policies elsewhere are then not handled.
+    pub runner_namespaces: Vec<String>,
 }
 
 /// Runs every controller until `shutdown` resolves.
@@ -147,14 +169,15 @@ pub async fn run(
             daemonset::run(client.clone(), config.agent.clone(), metrics.clone(), shutdown.clone()).await;
         }
     };
-    let monitored = runners::run_monitored_pods(client.clone(), metrics.clone(), shutdown.clone());
-    let lifecycle = lifecycle::run(client.clone(), metrics.clone(), shutdown.clone());
-    let policies = policy::run(client.clone(), metrics.clone(), shutdown.clone());
-    let notifiers = notify::run(client.clone(), metrics.clone(), shutdown.clone());
+    let scope = Scope::new(config.runner_namespaces.clone());
+    let monitored = runners::run_monitored_pods(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
+    let lifecycle = lifecycle::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
+    let policies = policy::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
+    let notifiers = notify::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
     let runners = async {
         if arc_installed(&client).await {
             info!("watching ARC EphemeralRunners");
-            runners::run_ephemeral_runners(client.clone(), metrics.clone(), shutdown.clone()).await;
+            runners::run_ephemeral_runners(client.clone(), metrics.clone(), scope.clone(), shutdown.clone()).await;
         } else {
             warn!(
                 "Actions Runner Controller is not installed (no actions.github.com/v1alpha1 EphemeralRunner); \

@@ -21,7 +21,7 @@ use runwarden_detector::Severity;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::{Error, FIELD_MANAGER, Result, instrumented, record_event};
+use crate::{Error, FIELD_MANAGER, Result, Scope, instrumented, record_event};
 
 /// How often a baseline is looked at without any change, for expiry by time.
 const REFRESH_EVERY: Duration = Duration::from_secs(3600);
@@ -30,10 +30,16 @@ struct Ctx {
     client: Client,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    scope: Scope,
 }
 
 /// Runs the `WorkflowBaseline` controller until `shutdown` completes.
-pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    scope: Scope,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let api: Api<WorkflowBaseline> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
     let controller = Controller::new(api, watcher::Config::default());
@@ -42,9 +48,14 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Ou
         .with_config(crate::controller_config())
         .graceful_shutdown_on(shutdown)
         .run(
-            |b, ctx| async move { instrumented(&ctx.metrics.clone(), "baselines", reconcile(b, ctx)).await },
+            |b, ctx| async move {
+                if !ctx.scope.handles(b.namespace().as_deref()) {
+                    return Ok(Action::await_change());
+                }
+                instrumented(&ctx.metrics.clone(), "baselines", reconcile(b, ctx)).await
+            },
             error_policy,
-            Arc::new(Ctx { client, recorder, metrics }),
+            Arc::new(Ctx { client, recorder, metrics, scope }),
         )
         .for_each(|_| async {})
         .await;

@@ -22,6 +22,9 @@ struct Flags {
     /// Print the ServiceAccount and roles it needs in NAMESPACE, as YAML, and exit.
     #[arg(long, value_name = "NAMESPACE")]
     print_rbac: Option<String>,
+    /// Print the Helm chart's template of its RBAC and exit.
+    #[arg(long, hide = true)]
+    print_rbac_chart: bool,
     /// Configuration file (YAML): `manageAgent` and the agent's DaemonSet settings.
     #[arg(long, value_name = "FILE")]
     config: Option<String>,
@@ -43,6 +46,10 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", runwarden_operator::rbac::yaml(ns));
         return Ok(());
     }
+    if flags.print_rbac_chart {
+        print!("{}", runwarden_operator::rbac::RBAC.chart_yaml());
+        return Ok(());
+    }
     let filter = EnvFilter::try_from_env("RUNWARDEN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
     if flags.json_logs {
@@ -60,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| config.agent.namespace.clone());
     config.agent.namespace = namespace.clone();
+    config.agent.runner_namespaces = config.runner_namespaces.clone();
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()))
         .unwrap_or_else(|_| format!("runwarden-operator-{}", std::process::id()));
@@ -71,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(metrics::serve(listener, metrics.clone()));
 
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-    if let Err(e) = runwarden_operator::preflight::check(&client, &namespace).await {
+    if let Err(e) = runwarden_operator::preflight::check(&client, &namespace, &config.runner_namespaces).await {
         error!("{e}");
         std::process::exit(e.exit_code());
     }

@@ -49,6 +49,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
+use crate::Scope;
 use crate::metrics::Metrics;
 
 /// Field manager of `status.notifiers` (the policy controller owns the rest of the status).
@@ -104,8 +105,13 @@ struct State {
     status: HashMap<(String, String), (BTreeMap<String, NotifierStatus>, bool)>,
 }
 
-/// Runs the notifiers until `shutdown` resolves.
-pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send + 'static) {
+/// Runs the notifiers until `shutdown` resolves, for Events in the namespaces of `scope`.
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    scope: Scope,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let (policies, writer) = reflector::store();
     let policy_watch = watcher(Api::<EgressPolicy>::all(client.clone()), watcher::Config::default())
         .default_backoff()
@@ -136,7 +142,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Ou
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
                 let event = match event {
-                    Ok(e) => e,
+                    Ok(e) if scope.handles(e.namespace().as_deref()) => e,
+                    Ok(_) => continue,
                     Err(e) => {
                         warn!(error = %e, "watching AnomalousEgress Events failed; retrying");
                         continue;

@@ -34,17 +34,23 @@ use tracing::warn;
 use crate::arc::SCALE_SET_LABEL;
 use crate::identity::MONITOR_LABEL;
 use crate::metrics::Metrics;
-use crate::{Error, FIELD_MANAGER, Result, instrumented, record_event};
+use crate::{Error, FIELD_MANAGER, Result, Scope, instrumented, record_event};
 
 struct Ctx {
     client: Client,
     policies: Store<EgressPolicy>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    scope: Scope,
 }
 
 /// Runs the `EgressPolicy` controller until `shutdown` completes.
-pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    scope: Scope,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let policies: Api<EgressPolicy> = Api::all(client.clone());
     let controller = Controller::new(policies, watcher::Config::default());
     let store = controller.store();
@@ -66,9 +72,14 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, shutdown: impl Future<Ou
         .with_config(crate::controller_config())
         .graceful_shutdown_on(shutdown)
         .run(
-            |p, ctx| async move { instrumented(&ctx.metrics.clone(), "policies", reconcile(p, ctx)).await },
+            |p, ctx| async move {
+                if !ctx.scope.handles(p.namespace().as_deref()) {
+                    return Ok(Action::await_change());
+                }
+                instrumented(&ctx.metrics.clone(), "policies", reconcile(p, ctx)).await
+            },
             error_policy,
-            Arc::new(Ctx { client, policies: store, recorder, metrics }),
+            Arc::new(Ctx { client, policies: store, recorder, metrics, scope }),
         )
         .for_each(|_| async {})
         .await;

@@ -31,14 +31,15 @@ impl PreflightError {
     }
 }
 
-/// Checks the CRDs and every permission in [`crate::rbac`] (`namespace` is the operator's own).
-pub async fn check(client: &Client, namespace: &str) -> Result<(), PreflightError> {
+/// Checks the CRDs and every permission in [`crate::rbac`] (`namespace` is the operator's own;
+/// the runner permissions are checked in each of `runner_namespaces`, or cluster-wide).
+pub async fn check(client: &Client, namespace: &str, runner_namespaces: &[String]) -> Result<(), PreflightError> {
     for kind in ["WorkflowBaseline", "EgressPolicy"] {
         let gvk = GroupVersionKind::gvk(runwarden_crds::GROUP, "v1alpha1", kind);
         if kube::discovery::pinned_kind(client, &gvk).await.is_err() {
             return Err(PreflightError::MissingCrd(kind));
         }
     }
-    let missing = crate::rbac::RBAC.missing(client, namespace).await?;
+    let missing = crate::rbac::RBAC.missing(client, namespace, runner_namespaces).await?;
     if missing.is_empty() { Ok(()) } else { Err(PreflightError::MissingPermissions(missing)) }
 }

@@ -15,33 +15,22 @@ pub const RBAC: Rbac = Rbac {
     source: "operator/src/rbac.rs",
     cluster: CLUSTER,
     namespaced: NAMESPACED,
+    runner: RUNNER,
 };
 
-/// Cluster-wide permissions (runners, pods and baselines live in any namespace).
+/// Cluster-wide permissions: reads (runners, pods and baselines live in any namespace).
 pub const CLUSTER: &[Permission] = &[
     Permission {
         group: "runwarden.dev",
         resource: "workflowbaselines",
-        verbs: &["get", "list", "watch", "create"],
-        why: "create one baseline per job; watch all for their lifecycle",
-    },
-    Permission {
-        group: "runwarden.dev",
-        resource: "workflowbaselines/status",
-        verbs: &["get", "update"],
-        why: "conflict-aware status writes",
+        verbs: &["get", "list", "watch"],
+        why: "watch all baselines for their lifecycle",
     },
     Permission {
         group: "runwarden.dev",
         resource: "egresspolicies",
         verbs: &["get", "list", "watch"],
         why: "validate policies",
-    },
-    Permission {
-        group: "runwarden.dev",
-        resource: "egresspolicies/status",
-        verbs: &["patch"],
-        why: "report Ready and matched runners",
     },
     Permission {
         group: "actions.github.com",
@@ -52,9 +41,39 @@ pub const CLUSTER: &[Permission] = &[
     Permission {
         group: "",
         resource: "pods",
-        verbs: &["get", "list", "watch", "patch"],
-        why: "annotate runner pods with their job; count matched runners",
+        verbs: &["get", "list", "watch"],
+        why: "find runner pods; count matched runners",
     },
+    Permission {
+        group: "events.k8s.io",
+        resource: "events",
+        verbs: &["list", "watch"],
+        why: "read the agents' AnomalousEgress Events for the notifiers",
+    },
+];
+
+/// Permissions in the namespaces that hold runners (cluster-wide unless they are listed): what
+/// the operator writes there, and the notifier Secrets it reads.
+pub const RUNNER: &[Permission] = &[
+    Permission {
+        group: "runwarden.dev",
+        resource: "workflowbaselines",
+        verbs: &["create"],
+        why: "create one baseline per job",
+    },
+    Permission {
+        group: "runwarden.dev",
+        resource: "workflowbaselines/status",
+        verbs: &["get", "update"],
+        why: "conflict-aware status writes",
+    },
+    Permission {
+        group: "runwarden.dev",
+        resource: "egresspolicies/status",
+        verbs: &["patch"],
+        why: "report Ready, matched runners and the notifiers' deliveries",
+    },
+    Permission { group: "", resource: "pods", verbs: &["patch"], why: "annotate runner pods with their job" },
     Permission {
         group: "",
         resource: "secrets",
@@ -64,8 +83,8 @@ pub const CLUSTER: &[Permission] = &[
     Permission {
         group: "events.k8s.io",
         resource: "events",
-        verbs: &["get", "list", "watch", "create", "patch"],
-        why: "BaselineSettled, PolicyInvalid; read the agents' AnomalousEgress Events for the notifiers and mark them sent",
+        verbs: &["create", "patch"],
+        why: "BaselineSettled, PolicyInvalid; mark AnomalousEgress Events notified",
     },
 ];
 
@@ -92,9 +111,14 @@ pub const NAMESPACED: &[Permission] = &[
 ];
 
 /// ServiceAccount, ClusterRole, ClusterRoleBinding, Role and RoleBinding for an operator in
-/// `namespace`.
+/// `namespace`, with the runner permissions cluster-wide.
 pub fn manifests(namespace: &str) -> Vec<Value> {
     RBAC.manifests(namespace)
+}
+
+/// As [`manifests`], with the runner permissions only in `runner_namespaces` (when not empty).
+pub fn manifests_for(namespace: &str, runner_namespaces: &[String]) -> Vec<Value> {
+    RBAC.manifests_for(namespace, runner_namespaces)
 }
 
 /// The manifests as one YAML document stream, with each permission's reason as a comment.

@@ -20,19 +20,20 @@ use tracing::{debug, info, warn};
 use crate::arc::{EphemeralRunner, RUNNER_POD_LABEL, SCALE_SET_LABEL};
 use crate::identity::{IdentityError, JobIdentity, MONITOR_LABEL};
 use crate::metrics::Metrics;
-use crate::{Error, FIELD_MANAGER, Result, baselines, instrumented};
+use crate::{Error, FIELD_MANAGER, Result, Scope, baselines, instrumented};
 
 /// Shared by the reconcilers.
 struct Ctx {
     client: Client,
     metrics: Arc<Metrics>,
     recorder: Recorder,
+    scope: Scope,
 }
 
 impl Ctx {
-    fn new(client: Client, metrics: Arc<Metrics>) -> Arc<Self> {
+    fn new(client: Client, metrics: Arc<Metrics>, scope: Scope) -> Arc<Self> {
         let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
-        Arc::new(Self { client, metrics, recorder })
+        Arc::new(Self { client, metrics, recorder, scope })
     }
 }
 
@@ -40,6 +41,7 @@ impl Ctx {
 pub async fn run_ephemeral_runners(
     client: Client,
     metrics: Arc<Metrics>,
+    scope: Scope,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let runners: Api<EphemeralRunner> = Api::all(client.clone());
@@ -59,9 +61,14 @@ pub async fn run_ephemeral_runners(
         .with_config(crate::controller_config())
         .graceful_shutdown_on(shutdown)
         .run(
-            |r, ctx| async move { instrumented(&ctx.metrics.clone(), "runners", reconcile_runner(r, ctx)).await },
+            |r, ctx| async move {
+                if !ctx.scope.handles(r.namespace().as_deref()) {
+                    return Ok(Action::await_change());
+                }
+                instrumented(&ctx.metrics.clone(), "runners", reconcile_runner(r, ctx)).await
+            },
             error_policy,
-            Ctx::new(client, metrics),
+            Ctx::new(client, metrics, scope),
         )
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -75,6 +82,7 @@ pub async fn run_ephemeral_runners(
 pub async fn run_monitored_pods(
     client: Client,
     metrics: Arc<Metrics>,
+    scope: Scope,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let pods: Api<Pod> = Api::all(client.clone());
@@ -83,10 +91,13 @@ pub async fn run_monitored_pods(
         .graceful_shutdown_on(shutdown)
         .run(
             |p, ctx| async move {
+                if !ctx.scope.handles(p.namespace().as_deref()) {
+                    return Ok(Action::await_change());
+                }
                 instrumented(&ctx.metrics.clone(), "monitored_pods", reconcile_monitored_pod(p, ctx)).await
             },
             error_policy,
-            Ctx::new(client, metrics),
+            Ctx::new(client, metrics, scope),
         )
         .for_each(|res| async move {
             if let Err(e) = res {

@@ -70,13 +70,13 @@ fn the_committed_rbac_is_what_the_code_uses() {
     let chart = std::path::Path::new(&manifest).join("../charts/runwarden/templates/operator-rbac.yaml");
     let chart = std::fs::read_to_string(chart).unwrap();
     assert!(
-        chart == rbac::yaml("{{ .Release.Namespace }}"),
+        chart == rbac::RBAC.chart_yaml(),
         "charts/runwarden/templates/operator-rbac.yaml is stale; run `make generate`"
     );
 }
 
 #[tokio::test]
-async fn the_operator_works_under_exactly_its_rbac() {
+async fn the_operator_works_under_exactly_its_rbac_cluster_wide_or_narrowed_to_runner_namespaces() {
     let admin = ControlPlane::shared().client().await;
     cluster::ensure_crds(&admin).await;
     common::install_arc_crd(&admin).await;
@@ -85,7 +85,7 @@ async fn the_operator_works_under_exactly_its_rbac() {
 
     // Without the RBAC: preflight names what is missing.
     let nobody = as_service_account(&system, "nobody").await;
-    match preflight::check(&nobody, &system).await {
+    match preflight::check(&nobody, &system, &[]).await {
         Err(PreflightError::MissingPermissions(missing)) => {
             assert!(missing.iter().any(|m| m == "create runwarden.dev/workflowbaselines"), "{missing:?}");
             assert!(
@@ -95,11 +95,40 @@ async fn the_operator_works_under_exactly_its_rbac() {
         }
         other => panic!("expected missing permissions, got {other:?}"),
     }
+    // The shipped RBAC (operator/rbac.yaml): everything cluster-wide.
+    does_its_work(&admin, &system, &runners, &[]).await;
 
-    apply_all(&admin, rbac::manifests(&system)).await;
+    // The chart's RBAC with runnerNamespaces set: writes and Secret reads only there.
+    let system = cluster::test_namespace(&admin, "runwarden-system").await;
+    let runners = cluster::test_namespace(&admin, "arc-runners").await;
+    let elsewhere = cluster::test_namespace(&admin, "other-team").await;
+    let narrowed = [runners.clone()];
+    let objects = rbac::manifests_for(&system, &narrowed);
+    apply_all(&admin, objects).await;
     let operator = as_service_account(&system, rbac::NAME).await;
-    preflight::check(&operator, &system).await.expect("preflight passes under the shipped RBAC");
+    match preflight::check(&operator, &system, std::slice::from_ref(&elsewhere)).await {
+        Err(PreflightError::MissingPermissions(missing)) => {
+            assert!(missing.iter().any(|m| m == &format!("get core/secrets in {elsewhere}")), "{missing:?}");
+        }
+        other => panic!("a namespace the RBAC does not name fails preflight, got {other:?}"),
+    }
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(operator.clone(), &elsewhere);
+    match secrets.get_opt("anything").await {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => panic!("the operator reads no Secret outside the runner namespaces, got {other:?}"),
+    }
+    does_its_work(&admin, &system, &runners, &narrowed).await;
+}
 
+/// Applies the operator's RBAC for an operator in `system` (runner permissions in
+/// `runner_namespaces`, or cluster-wide), runs it as its ServiceAccount, and checks that every
+/// controller did its work on a runner in `runners`; then stops it.
+async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_namespaces: &[String]) {
+    let admin = admin.clone();
+    let (system, runners) = (system.to_string(), runners.to_string());
+    apply_all(&admin, rbac::manifests_for(&system, runner_namespaces)).await;
+    let operator = as_service_account(&system, rbac::NAME).await;
+    preflight::check(&operator, &system, runner_namespaces).await.expect("preflight passes under the shipped RBAC");
     // The operator's Deployment, as the chart installs it: it owns the agent DaemonSet.
     let deployment: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "runwarden-operator"},
@@ -116,10 +145,12 @@ async fn the_operator_works_under_exactly_its_rbac() {
         agent: runwarden_operator::daemonset::AgentConfig {
             namespace: system.clone(),
             owner_deployment: Some("runwarden-operator".into()),
+            runner_namespaces: runner_namespaces.to_vec(),
             ..Default::default()
         },
+        runner_namespaces: runner_namespaces.to_vec(),
     };
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown = futures::FutureExt::shared(Box::pin(async move {
         let _ = stopped.await;
     }));
@@ -184,4 +215,7 @@ async fn the_operator_works_under_exactly_its_rbac() {
          Event recorded"
     );
     assert!(!task.is_finished(), "the operator is still running: {:?}", task);
+    drop(stop);
+    let stopped = tokio::time::timeout(Duration::from_secs(30), task).await;
+    assert!(stopped.is_ok(), "the operator stops when asked");
 }

@@ -318,6 +318,8 @@ impl SmtpRelay {
             .arg(&out)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
+            // Its session errors (a client that refuses its certificate, on purpose) go to a log.
+            .stderr(std::fs::File::create(dir.join("relay.log")).unwrap())
             .spawn()
             .expect("running /usr/bin/python3 (make setup installs python3-aiosmtpd)");
         let mut line = String::new();

@@ -71,15 +71,18 @@ async fn every_rendered_object_is_accepted_by_the_api_server() {
         None,
     );
     assert!(ok, "{out}");
-    let (ok, out) = run(
-        {
-            let mut c = cp.kubectl();
-            c.args(["create", "namespace", "runwarden-system"]);
-            c
-        },
-        None,
-    );
-    assert!(ok || out.contains("AlreadyExists"), "{out}");
+    // The release's namespace, and the runner namespaces of the everything-on values.
+    for ns in ["runwarden-system", "arc-runners", "arc-big"] {
+        let (ok, out) = run(
+            {
+                let mut c = cp.kubectl();
+                c.args(["create", "namespace", ns]);
+                c
+            },
+            None,
+        );
+        assert!(ok || out.contains("AlreadyExists"), "{out}");
+    }
     for values in [None, Some("everything-on-values.yaml")] {
         let rendered = template(values);
         let kinds = rendered.lines().filter(|l| l.starts_with("kind: ")).count();
@@ -109,15 +112,33 @@ fn every_option_renders_where_it_belongs() {
         r#"image: "localhost/runwarden/runwarden-agent:dev""#,
         r#"nodeSelector: {"actions.github.com/runner-node":"true"}"#,
         "stateDir: \"/var/lib/runwarden-test\"",
+        r#"runnerNamespaces: ["arc-runners","arc-big"]"#,
     ] {
         assert!(rendered.contains(expected), "{expected:?} not rendered:\n{rendered}");
     }
     assert!(!rendered.contains("helm.sh/resource-policy"), "crds.keep false");
+    // With runner namespaces, Secrets are read and pods patched only there.
+    let objects: Vec<serde_yaml::Value> =
+        rendered.split("\n---").filter_map(|d| serde_yaml::from_str(d).ok()).collect();
+    let rules = |kind: &str, ns: Option<&str>| -> String {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == kind && o["metadata"]["name"] == "runwarden-operator")
+            .filter(|o| ns.is_none_or(|n| o["metadata"]["namespace"] == n))
+            .map(|o| serde_yaml::to_string(&o["rules"]).unwrap())
+            .collect()
+    };
+    assert!(!rules("ClusterRole", None).contains("secrets"), "{}", rules("ClusterRole", None));
+    for ns in ["arc-runners", "arc-big"] {
+        let role = rules("Role", Some(ns));
+        assert!(role.contains("secrets") && role.contains("patch"), "{ns}: {role}");
+    }
     let defaults = template(None);
     assert!(!defaults.contains("kind: ServiceMonitor"), "off by default");
     assert!(!defaults.contains("kind: PrometheusRule") && !defaults.contains("runwarden-dashboard"), "off by default");
     assert!(defaults.contains("helm.sh/resource-policy: keep"), "CRDs kept at uninstall by default");
     assert!(defaults.contains(r#"image: "ghcr.io/runwarden/runwarden-operator:0.1.0""#), "tag defaults to appVersion");
+    assert!(defaults.contains("- secrets"), "without runner namespaces the ClusterRole reads notifier Secrets");
 }
 
 #[test]
