@@ -54,6 +54,7 @@ generate:
 	cargo run --locked -q -p runwarden-agent -- --print-rbac runwarden-system > node-agent/rbac.yaml
 	cargo run --locked -q -p runwarden-operator -- --print-rbac-chart > charts/runwarden/templates/operator-rbac.yaml
 	cargo run --locked -q -p runwarden-agent -- --print-rbac-chart > charts/runwarden/templates/agent-rbac.yaml
+	cargo run --locked -q -p runwarden-tests --bin runwarden-docs
 
 dev-control-plane: setup
 	cargo run --locked -q -p runwarden-tests --bin runwarden-control-plane

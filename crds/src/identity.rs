@@ -3,7 +3,7 @@
 //! stored under, and written back to the pods as annotations the node agent reads. The operator
 //! writes these annotations and the node agent reads them: this module is their contract.
 //!
-//! Normalisation rules (documented for users in README):
+//! Normalisation rules (documented for users in docs/architecture.md):
 //! - `repository` is `jobRepositoryName` (`owner/name`), never ARC's scale-set label.
 //! - `workflow` is the path of `jobWorkflowRef` without `@ref`. When the workflow file lives in
 //!   the job's own repository the `owner/name/` prefix is dropped (`.github/workflows/ci.yml`);

@@ -149,3 +149,36 @@ fn the_values_schema_refuses_a_mistyped_value() {
     let (ok, out) = helm(&["template", "runwarden", &chart, "--set", "agent.image.pullPolicy=Sometimes"]);
     assert!(!ok && out.contains("pullPolicy"), "{out}");
 }
+
+#[test]
+fn every_alert_is_documented_with_what_to_do_and_links_there() {
+    let committed = std::fs::read_to_string(runwarden_tests::docs::root().join("docs/operations.md")).unwrap();
+    let expected = runwarden_tests::docs::operations().unwrap();
+    assert!(committed == expected, "docs/operations.md's alerts are stale; run `make generate`");
+    let alerts: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart().join("files/alerts.yaml")).unwrap()).unwrap();
+    for group in alerts["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let name = rule["alert"].as_str().unwrap();
+            assert!(committed.contains(&format!("### {name}\n")), "{name} has a section in docs/operations.md");
+            let url = rule["annotations"]["runbook_url"].as_str().unwrap_or_default();
+            assert_eq!(
+                url,
+                format!("https://github.com/runwarden/runwarden/blob/main/docs/operations.md#{}", name.to_lowercase()),
+                "{name}'s runbook_url is its section"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_documented_evidence_table_is_the_detectors() {
+    let root = runwarden_tests::docs::root();
+    let source = std::fs::read_to_string(root.join("detector/src/score.rs")).unwrap();
+    let doc = std::fs::read_to_string(root.join("docs/detector.md")).unwrap();
+    let rows: Vec<&str> = source.lines().filter_map(|l| l.strip_prefix("//! |")).collect();
+    assert!(rows.len() > 10, "the table in detector/src/score.rs: {rows:?}");
+    for row in rows {
+        assert!(doc.contains(&format!("|{row}")), "docs/detector.md lacks the evidence row |{row}");
+    }
+}
