@@ -145,6 +145,14 @@ pub struct LearningSpec {
     #[serde(default = "default_expire_days")]
     #[schemars(range(min = 1, max = 3650))]
     pub expire_after_days: u32,
+
+    /// Runs a destination that no job of the cluster knew must be called in before it is
+    /// learned; until then it is `Unconfirmed` and every call to it is shown (at least `Low`),
+    /// so an attack in a young baseline is not learned on first sight. 1 learns at once.
+    /// Between 1 and 100; default 3.
+    #[serde(default = "default_confirm_runs")]
+    #[schemars(range(min = 1, max = 100))]
+    pub confirm_runs: u32,
 }
 
 fn default_min_runs() -> u32 {
@@ -159,6 +167,9 @@ fn default_expire_runs() -> u32 {
 fn default_expire_days() -> u32 {
     90
 }
+fn default_confirm_runs() -> u32 {
+    3
+}
 
 impl Default for LearningSpec {
     fn default() -> Self {
@@ -167,6 +178,7 @@ impl Default for LearningSpec {
             settle_after_quiet_runs: default_quiet_runs(),
             expire_after_runs: default_expire_runs(),
             expire_after_days: default_expire_days(),
+            confirm_runs: default_confirm_runs(),
         }
     }
 }
@@ -352,6 +364,10 @@ pub enum EndpointState {
     Approved,
     /// Reported as anomalous and not approved: reported again whenever it is called.
     Anomalous,
+    /// New to this job and to every job of the cluster, below the anomaly threshold (first seen
+    /// while the baseline was young, typically): shown when called, and learned only once it
+    /// recurs in enough runs.
+    Unconfirmed,
 }
 
 /// Summary of one finished run.

@@ -90,7 +90,23 @@ pub enum State {
     Approved,
     /// Reported, not approved: reported again every time it is called.
     Anomalous,
+    /// New to this job and to every job of the cluster, below the anomaly threshold (typically
+    /// first seen while the baseline was young): recorded, not normal, until it recurs in
+    /// [`Config::confirm_runs`] runs. Learning never absorbs what it never confirmed.
+    Unconfirmed,
 }
+
+impl State {
+    /// Whether calls to an endpoint in this state are normal for the job (and count as known
+    /// to the cluster).
+    pub fn is_normal(self) -> bool {
+        matches!(self, State::Learned | State::Approved)
+    }
+}
+
+/// The severity from which a new call is recorded as anomalous (reported again until approved)
+/// rather than learned. Fixed, so that the model does not depend on the reporting threshold.
+pub const ANOMALY: Severity = Severity::Medium;
 
 /// A destination a person approved (`spec.approved`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,8 +177,10 @@ pub struct Config {
     pub expire_after_runs: u32,
     /// ... and for this many days.
     pub expire_after_days: u32,
-    /// Least severity that is reported; a call reported is recorded as anomalous, not learned.
+    /// Least severity that is reported (output only: what is learned does not depend on it).
     pub min_severity: Severity,
+    /// Runs an [`State::Unconfirmed`] endpoint must be called in before it is learned.
+    pub confirm_runs: u32,
     /// Most endpoints kept; past it the least useful learned ones are evicted.
     pub max_endpoints: usize,
     /// Endpoints a person approved.
@@ -178,11 +196,20 @@ impl Default for Config {
             expire_after_runs: 200,
             expire_after_days: 90,
             min_severity: Severity::Medium,
+            confirm_runs: DEFAULT_CONFIRM_RUNS,
             max_endpoints: 500,
             approved: Vec::new(),
         }
     }
 }
+
+/// Default of [`Config::confirm_runs`]. On the public replay corpus a benign endpoint that no
+/// other job calls recurs in most of its job's runs, while an attack episode lasts one to three
+/// consecutive runs: three runs confirm the first and not (the typical) second.
+pub const DEFAULT_CONFIRM_RUNS: u32 = 3;
+
+/// An endpoint's host (or address text), port and protocol; for a family, its shape.
+type EndpointKey = (String, u16, Proto);
 
 /// Most processes and triggers remembered per endpoint.
 pub const MAX_PROCESSES: usize = 4;
@@ -320,14 +347,17 @@ impl Baseline {
     }
 
     /// Learns from a finished run: `calls` with the verdicts they got while it ran (`None` for
-    /// calls that were normal). A call reported at or above `config.min_severity` is recorded as
-    /// anomalous, everything else new is learned (except in `Frozen` mode).
+    /// calls that were normal). A new call scored at or above [`ANOMALY`] is recorded as
+    /// anomalous; one that no job of the cluster knew is recorded as unconfirmed until it recurs
+    /// in `config.confirm_runs` runs; everything else new is learned (nothing in `Frozen` mode).
+    /// The reporting threshold (`config.min_severity`) plays no part.
     pub fn learn(&mut self, config: &Config, run: &Run<'_>, calls: &[(Call<'_>, Option<Verdict>)]) -> Learned {
         let mut out = Learned::default();
         self.runs = self.runs.saturating_add(1);
         *self.triggers.entry(run.trigger.to_string()).or_default() += 1;
         let index = self.runs;
         let mut touched_patterns: Vec<usize> = Vec::new();
+        let mut confirmed: Vec<EndpointKey> = Vec::new();
 
         for (call, verdict) in calls {
             let Some(target) = call.target() else { continue };
@@ -352,6 +382,14 @@ impl Baseline {
                 } else if e.state == State::Approved {
                     // The approval was withdrawn; the endpoint was in use and accepted meanwhile.
                     e.state = State::Learned;
+                } else if e.state == State::Unconfirmed {
+                    if verdict.as_ref().is_some_and(|v| v.severity >= ANOMALY) || config.mode == Mode::Frozen {
+                        e.state = State::Anomalous;
+                    } else if e.runs_seen >= config.confirm_runs {
+                        e.state = State::Learned;
+                        e.severity = None;
+                        confirmed.push((target.to_string(), call.port, call.proto));
+                    }
                 }
                 continue;
             }
@@ -368,11 +406,12 @@ impl Baseline {
                 }
                 continue;
             }
-            let reported = verdict.as_ref().is_some_and(|v| v.severity >= config.min_severity);
             let state = if config.approved.iter().any(|r| r.matches(call)) {
                 State::Approved
-            } else if reported || config.mode == Mode::Frozen {
+            } else if verdict.as_ref().is_some_and(|v| v.severity >= ANOMALY) || config.mode == Mode::Frozen {
                 State::Anomalous
+            } else if verdict.as_ref().is_some_and(|v| v.unfamiliar) && config.confirm_runs > 1 {
+                State::Unconfirmed
             } else {
                 State::Learned
             };
@@ -390,16 +429,27 @@ impl Baseline {
                 last_run_index: index,
                 processes: call.process.map(|p| vec![p.to_string()]).unwrap_or_default(),
                 triggers: vec![run.trigger.to_string()],
-                severity: verdict.as_ref().filter(|_| state == State::Anomalous).map(|v| v.severity),
+                severity: verdict.as_ref().filter(|_| !state.is_normal()).map(|v| v.severity),
             };
             self.hosts.entry(key.clone()).or_default().push(e);
-            if state != State::Anomalous {
+            if state == State::Unconfirmed {
                 out.new_endpoints += 1;
-                if is_new_host || self.hosts[&key].iter().filter(|e| e.state != State::Anomalous).count() == 1 {
+            } else if state.is_normal() {
+                out.new_endpoints += 1;
+                if is_new_host || self.hosts[&key].iter().filter(|e| e.state.is_normal()).count() == 1 {
                     out.new_hosts.push(key.clone());
                 }
                 self.fold_family(&key, call.port, call.proto, &mut out);
             }
+        }
+        confirmed.extend(self.confirm_families(config));
+        // Endpoints confirmed by this run are learned now: known to the cluster, and members of
+        // their rotating family.
+        for (key, port, proto) in confirmed {
+            if self.hosts.get(&key).is_some_and(|l| l.iter().filter(|e| e.state.is_normal()).count() == 1) {
+                out.new_hosts.push(key.clone());
+            }
+            self.fold_family(&key, port, proto, &mut out);
         }
 
         self.recent_new.push_back(out.new_endpoints);
@@ -409,6 +459,46 @@ impl Baseline {
         self.expire(config, run.time, &mut out);
         self.evict(config, &mut out);
         out
+    }
+
+    /// A family recurs as a family: unconfirmed members of one shape (rotating names, one
+    /// address block) are confirmed together once the family was called in enough distinct runs
+    /// (counted from the members' first and last runs, so never more than there were). Returns
+    /// the endpoints it learned.
+    fn confirm_families(&mut self, config: &Config) -> Vec<EndpointKey> {
+        #[derive(Default)]
+        struct Family<'a> {
+            runs: std::collections::BTreeSet<&'a str>,
+            members: Vec<String>,
+        }
+        let mut families: BTreeMap<EndpointKey, Family<'_>> = BTreeMap::new();
+        for (h, list) in &self.hosts {
+            for e in list.iter().filter(|e| e.state == State::Unconfirmed) {
+                if let Some((shape, _)) = host::family(h) {
+                    let family = families.entry((shape, e.port, e.proto)).or_default();
+                    family.runs.insert(&e.first_run);
+                    family.runs.insert(&e.last_run);
+                    family.members.push(h.clone());
+                }
+            }
+        }
+        let ready: Vec<EndpointKey> = families
+            .into_iter()
+            .filter(|(_, f)| f.members.len() > 1 && f.runs.len() >= config.confirm_runs as usize)
+            .flat_map(|((_, port, proto), f)| f.members.into_iter().map(move |h| (h, port, proto)))
+            .collect();
+        let mut learned = Vec::new();
+        for (h, port, proto) in ready {
+            let found = self.hosts.get_mut(&h).and_then(|l| {
+                l.iter_mut().find(|e| e.port == port && e.proto == proto && e.state == State::Unconfirmed)
+            });
+            if let Some(e) = found {
+                e.state = State::Learned;
+                e.severity = None;
+                learned.push((h, port, proto));
+            }
+        }
+        learned
     }
 
     /// Folds the learned members of `target`'s family ([`host::family`]) into a pattern once
@@ -463,8 +553,8 @@ impl Baseline {
                 let call = Call { host, ip, port: e.port, proto: e.proto, process: None };
                 let approved = config.approved.iter().any(|r| r.matches(&call));
                 match (e.state, approved) {
-                    (State::Learned | State::Anomalous, true) => {
-                        if e.state == State::Anomalous {
+                    (State::Learned | State::Anomalous | State::Unconfirmed, true) => {
+                        if !e.state.is_normal() {
                             out.new_hosts.push(target.clone());
                         }
                         e.state = State::Approved;
@@ -497,8 +587,9 @@ impl Baseline {
         self.patterns.retain(|p| !stale(p.last_run_index, p.last_time));
     }
 
-    /// Keeps at most `max_endpoints`: evicts learned endpoints seen in the fewest runs, the
-    /// least recently called first. Anomalous endpoints stay: they are what a person must see.
+    /// Keeps at most `max_endpoints`: evicts learned and unconfirmed endpoints seen in the fewest
+    /// runs, the least recently called first (an evicted unconfirmed endpoint is simply new
+    /// again). Anomalous endpoints stay: they are what a person must see.
     fn evict(&mut self, config: &Config, out: &mut Learned) {
         let excess = self.endpoint_count().saturating_sub(config.max_endpoints);
         if excess == 0 {
@@ -509,7 +600,7 @@ impl Baseline {
             .iter()
             .flat_map(|(h, list)| {
                 list.iter()
-                    .filter(|e| e.state == State::Learned)
+                    .filter(|e| matches!(e.state, State::Learned | State::Unconfirmed))
                     .map(|e| (e.runs_seen, e.last_run_index, h.clone(), e.port, e.proto))
             })
             .collect();

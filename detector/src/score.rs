@@ -1,6 +1,7 @@
 //! Scoring a call against its job's baseline and the cluster.
 //!
-//! A call that is learned, approved or of a learned rotating family is normal (`None`). Any other
+//! A call that is learned, approved or of a learned rotating family is normal (`None`); one that
+//! is unconfirmed (new to every job of the cluster, not yet recurred in enough runs) is not. Any other
 //! call gets points for and against suspicion, each with a reason a person can read; the sum
 //! maps to a score in [0, 1] by a logistic curve, and the score to a severity. More suspicious
 //! evidence never lowers the severity:
@@ -19,6 +20,8 @@
 //! | a subdomain of a domain this job calls / of a domain other jobs call | -1 / -0.5 |
 //! | the run's trigger is one this job has rarely run under | -1 |
 //! | the baseline is young (fewer than `minRuns` runs) / churning | -2 / up to -1.5 |
+//! | unconfirmed: called in earlier runs of this job, not yet in `confirmRuns` runs | -1 a run, up to -2 |
+//! | no job of the cluster knows it (nor its domain or family) | at least `low`, whatever the discounts |
 
 use std::net::IpAddr;
 
@@ -86,6 +89,10 @@ pub struct Verdict {
     pub score: f64,
     /// Why, one short sentence each, strongest first.
     pub reasons: Vec<String>,
+    /// No job of the cluster knows the destination, its domain or its family: if it is not an
+    /// anomaly, the baseline records it as unconfirmed instead of learning it.
+    #[serde(default)]
+    pub unfamiliar: bool,
 }
 
 /// Points at which the score is 0.5 (the boundary of `Medium`).
@@ -130,7 +137,7 @@ impl Job<'_> {
         let known_here = b.hosts.get(target.as_ref());
         let endpoint = known_here.and_then(|l| l.iter().find(|e| e.port == call.port && e.proto == call.proto));
         if let Some(e) = endpoint
-            && e.state != State::Anomalous
+            && e.state.is_normal()
         {
             return None;
         }
@@ -145,11 +152,12 @@ impl Job<'_> {
                 severity: Severity::Info,
                 score: 0.0,
                 reasons: vec!["baseline is in Learning mode".into()],
+                unfamiliar: false,
             });
         }
 
         let mut ev = Evidence { points: 0.0, reasons: Vec::new(), familiar: false };
-        let host_known = known_here.is_some_and(|l| l.iter().any(|e| e.state != State::Anomalous));
+        let host_known = known_here.is_some_and(|l| l.iter().any(|e| e.state.is_normal()));
         match (call.host, call.ip) {
             (_, Some(ip)) if host::is_metadata_address(ip) => {
                 ev.add(6.0, format!("{ip} is a cloud metadata address (credential theft)"));
@@ -161,8 +169,18 @@ impl Job<'_> {
             (Some(h), _) => ev.add(NEW_HOST, format!("first call to {h} by this job")),
             (None, None) => return None,
         }
-        if let Some(e) = endpoint {
-            ev.add(0.0, format!("reported first in run {} and not approved", e.first_run));
+        match endpoint {
+            // Recurrence is what confirms an endpoint: each earlier run that called it lowers
+            // suspicion a little (the floor for what no job knows stays Low).
+            Some(e) if e.state == State::Unconfirmed => ev.add(
+                -f64::from(e.runs_seen.min(2)),
+                format!(
+                    "called in {} earlier run(s) of this job since run {}, not yet confirmed ({} runs needed)",
+                    e.runs_seen, e.first_run, self.config.confirm_runs
+                ),
+            ),
+            Some(e) => ev.add(0.0, format!("reported first in run {} and not approved", e.first_run)),
+            None => {}
         }
         if !host::is_standard_port(call.port) {
             ev.add(1.5, format!("non-standard port {}", call.port));
@@ -195,6 +213,14 @@ impl Job<'_> {
 
         let mut score = 1.0 / (1.0 + (-(ev.points - MIDPOINT)).exp());
         let mut severity = Severity::from_score(score);
+        // Something no job of the cluster knows is never just information, however young the
+        // baseline: it is recorded and shown (and not learned until it recurs).
+        let unfamiliar = !ev.familiar;
+        if unfamiliar && severity < Severity::Low {
+            ev.reasons.push((0.0, "no job in this cluster knows it: at least low".into()));
+            severity = Severity::Low;
+            score = score.max(Severity::Low.lowest_score());
+        }
         // A frozen baseline reports everything new.
         if self.config.mode == Mode::Frozen && severity < self.config.min_severity {
             ev.reasons.push((0.0, "the baseline is frozen: anything new is reported".into()));
@@ -211,7 +237,7 @@ impl Job<'_> {
         // Strongest reasons first: what raised suspicion most, then what lowered it most.
         ev.reasons.sort_by(|a, b| b.0.abs().total_cmp(&a.0.abs()));
         let reasons = ev.reasons.into_iter().map(|(_, r)| r).collect();
-        Some(Verdict { severity, score, reasons })
+        Some(Verdict { severity, score, reasons, unfamiliar })
     }
 
     fn host_evidence(&self, h: &str, host_known: bool, ev: &mut Evidence) {
@@ -239,7 +265,7 @@ impl Job<'_> {
             let sibling = || {
                 b.hosts.iter().find(|(k, list)| {
                     k.as_str() != h
-                        && list.iter().any(|e| e.state != State::Anomalous)
+                        && list.iter().any(|e| e.state.is_normal())
                         && host::rotating_shape(k).as_deref() == Some(shape.as_str())
                 })
             };
@@ -253,7 +279,12 @@ impl Job<'_> {
         }
 
         let domain = host::registrable_domain(h);
-        let job_uses_domain = domain != h && b.hosts.keys().any(|k| k != h && host::registrable_domain(k) == domain);
+        // Only what the job learned or a person approved vouches for a domain: an unconfirmed or
+        // anomalous host must not make its own subdomains familiar.
+        let job_uses_domain = domain != h
+            && b.hosts.iter().any(|(k, list)| {
+                k != h && host::registrable_domain(k) == domain && list.iter().any(|e| e.state.is_normal())
+            });
         if job_uses_domain {
             ev.familiar = true;
             ev.add(-1.0, format!("under {domain}, which this job already calls"));
@@ -276,8 +307,13 @@ impl Job<'_> {
 
     /// A domain this job, or many jobs, call and that `domain` imitates.
     fn imitated(&self, domain: &str) -> Option<String> {
-        let mine =
-            self.baseline.hosts.keys().filter(|k| k.parse::<IpAddr>().is_err()).map(|k| host::registrable_domain(k));
+        // What the job learned or a person approved (not what is itself unconfirmed or anomalous).
+        let mine = self
+            .baseline
+            .hosts
+            .iter()
+            .filter(|(k, list)| k.parse::<IpAddr>().is_err() && list.iter().any(|e| e.state.is_normal()))
+            .map(|(k, _)| host::registrable_domain(k));
         let popular = self.cluster.popular_domains(5);
         // Members of one rotating family (`sa3`, `sa17`) resemble each other by design.
         let family = host::rotating_shape(domain);

@@ -148,8 +148,9 @@ fn two_siblings_under_a_shared_suffix_are_not_yet_a_pattern() {
         observe(&mut b, &config, &cluster, &run(n as u32), &[call(&host, 443)]);
     }
     assert!(b.patterns.is_empty());
-    // Under an owner's domain two siblings suffice.
-    for (n, node) in [4, 21].into_iter().enumerate() {
+    // Under an owner's domain two siblings suffice, once the family recurred in enough runs (no
+    // job of this empty cluster knows ubuntu.com, so its hosts must be confirmed first).
+    for (n, node) in [4, 21, 4].into_iter().enumerate() {
         let host = format!("node{node}.archive.ubuntu.com");
         observe(&mut b, &config, &cluster, &run(2 + n as u32), &[call(&host, 80)]);
     }
@@ -326,4 +327,82 @@ proptest! {
         let back: Baseline = serde_json::from_str(&json).unwrap();
         prop_assert_eq!(back, b);
     }
+}
+
+#[test]
+fn an_attack_in_a_young_baseline_is_shown_and_not_learned_and_its_return_is_reported() {
+    let config = Config::default();
+    let cluster = Cluster::default();
+    let mut b = grown(&config, 2);
+    let exfil = call("collector.exfil-example.net", 443);
+    let calls: Vec<Call<'_>> = USUAL.iter().map(|h| call(h, 443)).chain([exfil]).collect();
+    let verdicts = observe(&mut b, &config, &cluster, &run(2), &calls);
+    let v = verdicts[5].clone().expect("scored");
+    assert!(v.severity >= Severity::Low, "never just information, however young the baseline: {v:?}");
+    assert!(v.unfamiliar, "{v:?}");
+    let e = b.endpoint("collector.exfil-example.net", 443, Proto::Tcp).unwrap();
+    assert_eq!(e.state, State::Unconfirmed, "recorded, not learned on first sight");
+
+    // The baseline grows up without it; when it comes back it is not normal: it is reported.
+    for n in 3..25 {
+        observe(&mut b, &config, &cluster, &run(n), &USUAL.map(|h| call(h, 443)));
+    }
+    let back = score(&b, &config, &cluster, &exfil).expect("not normal");
+    assert!(back.severity >= Severity::Low, "{back:?}");
+    assert!(back.reasons.iter().any(|r| r.contains("not yet confirmed")), "{back:?}");
+}
+
+#[test]
+fn an_endpoint_that_recurs_in_enough_runs_is_confirmed_and_learned() {
+    let config = Config::default();
+    let cluster = Cluster::default();
+    let mut b = grown(&config, 2);
+    let mirror = call("mirror.example-cdn.org", 443);
+    for n in 2..2 + config.confirm_runs {
+        let calls: Vec<Call<'_>> = USUAL.iter().map(|h| call(h, 443)).chain([mirror]).collect();
+        observe(&mut b, &config, &cluster, &run(n), &calls);
+    }
+    assert_eq!(b.endpoint("mirror.example-cdn.org", 443, Proto::Tcp).unwrap().state, State::Learned);
+    assert!(score(&b, &config, &cluster, &mirror).is_none(), "normal once confirmed");
+}
+
+#[test]
+fn what_is_learned_does_not_depend_on_the_reporting_threshold() {
+    let history = |min_severity: Severity| {
+        let config = Config { min_severity, ..Config::default() };
+        let cluster = Cluster::default();
+        let mut b = Baseline::default();
+        for n in 0..30 {
+            let mut calls: Vec<Call<'_>> = USUAL.iter().map(|h| call(h, 443)).collect();
+            match n {
+                1 => calls.push(call("young.exfil-example.net", 443)),
+                12 => calls.push(bare("203.0.113.9", 4444)),
+                15 => calls.push(call("new-dependency.example.org", 443)),
+                20 => calls.push(call("young.exfil-example.net", 443)),
+                _ => {}
+            }
+            observe(&mut b, &config, &cluster, &run(n), &calls);
+        }
+        b
+    };
+    let medium = history(Severity::Medium);
+    for other in [Severity::Info, Severity::Low, Severity::High, Severity::Critical] {
+        assert_eq!(history(other), medium, "the model at min severity {other:?} differs from Medium's");
+    }
+    assert_eq!(medium.endpoint("203.0.113.9", 4444, Proto::Tcp).unwrap().state, State::Anomalous);
+}
+
+#[test]
+fn an_unconfirmed_host_vouches_for_nothing() {
+    let config = Config::default();
+    let cluster = Cluster::default();
+    let mut b = grown(&config, 2);
+    observe(&mut b, &config, &cluster, &run(2), &[call("drop.exfil-example.net", 443)]);
+    let mut grown_up = b.clone();
+    for n in 3..25 {
+        observe(&mut grown_up, &config, &cluster, &run(n), &USUAL.map(|h| call(h, 443)));
+    }
+    let v = score(&grown_up, &config, &cluster, &call("second.exfil-example.net", 443)).unwrap();
+    assert!(!v.reasons.iter().any(|r| r.contains("which this job already calls")), "{v:?}");
+    assert!(v.severity >= Severity::Medium, "{v:?}");
 }

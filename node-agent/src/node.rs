@@ -625,6 +625,7 @@ mod tests {
                 severity: Severity::High,
                 score: 0.8,
                 reasons: vec!["first call to this host".into()],
+                unfamiliar: true,
             })
         }
     }

@@ -51,6 +51,7 @@ fn run(ns: &str, run_id: &str, host: &str, port: u16) -> (Box<Run>, String) {
             severity: Severity::Medium,
             score: 0.6,
             reasons: vec!["first call to a domain no job in the cluster calls".into()],
+            unfamiliar: true,
         }),
         reported: true,
     };

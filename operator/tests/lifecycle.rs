@@ -81,7 +81,8 @@ async fn the_operator_keeps_phase_conditions_and_approvals_true() {
 
     // A reported call stays anomalous until a person approves it in the spec.
     let paste = Call { host: Some("paste.example"), ip: None, port: 443, proto: Proto::Tcp, process: Some("curl") };
-    let verdict = Verdict { severity: Severity::Medium, score: 0.62, reasons: vec!["first call".into()] };
+    let verdict =
+        Verdict { severity: Severity::Medium, score: 0.62, reasons: vec!["first call".into()], unfamiliar: true };
     merge(&api, 4, Some((paste, Some(verdict)))).await;
     let s = api.get(NAME).await.unwrap().status.unwrap();
     let state = |s: &WorkflowBaselineStatus| {

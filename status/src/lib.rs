@@ -72,6 +72,7 @@ pub fn config(spec: &WorkflowBaselineSpec, min_severity: Severity) -> Result<Con
         expire_after_runs: spec.learning.expire_after_runs,
         expire_after_days: spec.learning.expire_after_days,
         min_severity,
+        confirm_runs: spec.learning.confirm_runs,
         max_endpoints: api::MAX_ENDPOINTS,
         approved,
     })
@@ -155,7 +156,7 @@ pub fn cluster<'a>(baselines: impl IntoIterator<Item = &'a runwarden_crds::Workf
     for b in baselines {
         let Some(model) = b.status.as_ref().and_then(|s| read(s).ok()) else { continue };
         for (host, endpoints) in &model.hosts {
-            if endpoints.iter().any(|e| e.state != State::Anomalous) {
+            if endpoints.iter().any(|e| e.state.is_normal()) {
                 cluster.add_host(&b.spec.repository, host);
             }
         }
@@ -220,6 +221,7 @@ fn endpoint_status(target: &str, e: &Endpoint) -> LearnedEndpoint {
             State::Learned => EndpointState::Learned,
             State::Approved => EndpointState::Approved,
             State::Anomalous => EndpointState::Anomalous,
+            State::Unconfirmed => EndpointState::Unconfirmed,
         },
         severity: e.severity.map(severity),
     }
@@ -300,6 +302,7 @@ fn endpoint(e: &LearnedEndpoint) -> Endpoint {
             EndpointState::Learned => State::Learned,
             EndpointState::Approved => State::Approved,
             EndpointState::Anomalous => State::Anomalous,
+            EndpointState::Unconfirmed => State::Unconfirmed,
         },
         runs_seen: e.runs_seen,
         first_run: e.first_seen_run.clone().unwrap_or_default(),

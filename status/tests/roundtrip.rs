@@ -81,6 +81,11 @@ fn the_spec_becomes_the_detector_config() {
     assert_eq!(config.mode, Mode::Frozen);
     assert_eq!(config.min_runs, 7);
     assert_eq!(config.min_severity, Severity::High);
+    assert_eq!(
+        config.confirm_runs,
+        runwarden_detector::model::DEFAULT_CONFIRM_RUNS,
+        "the CRD's default confirmRuns is the detector's"
+    );
     assert_eq!(config.approved[0].target, Approved::Host("*.docker.io".into()));
     assert_eq!(config.approved[1].target, Approved::Cidr("2001:db8::".parse().unwrap(), 32));
     assert_eq!(config.approved[1].proto, Some(Proto::Udp));
