@@ -19,6 +19,9 @@ struct Cli {
     /// Print the Helm chart's template of the agent's RBAC and exit.
     #[arg(long, hide = true)]
     print_rbac_chart: bool,
+    /// Print a completion script for SHELL and exit.
+    #[arg(long, value_name = "SHELL")]
+    completions: Option<clap_complete::Shell>,
     #[command(flatten)]
     agent: agent::AgentArgs,
 }
@@ -39,6 +42,10 @@ fn runtime(threads: bool) -> Result<tokio::runtime::Runtime, std::io::Error> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(shell) = cli.completions {
+        clap_complete::generate(shell, &mut Cli::command(), "runwarden-agent", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     if let Some(ns) = &cli.print_rbac {
         print!("{}", runwarden_agent::rbac::RBAC.yaml(ns));
         return ExitCode::SUCCESS;

@@ -25,6 +25,9 @@ struct Flags {
     /// Print the Helm chart's template of its RBAC and exit.
     #[arg(long, hide = true)]
     print_rbac_chart: bool,
+    /// Print a completion script for SHELL and exit.
+    #[arg(long, value_name = "SHELL")]
+    completions: Option<clap_complete::Shell>,
     /// Configuration file (YAML): `manageAgent` and the agent's DaemonSet settings.
     #[arg(long, value_name = "FILE")]
     config: Option<String>,
@@ -42,6 +45,11 @@ struct Flags {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = <Flags as clap::Parser>::parse();
+    if let Some(shell) = flags.completions {
+        let mut command = <Flags as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "runwarden-operator", &mut std::io::stdout());
+        return Ok(());
+    }
     if let Some(ns) = &flags.print_rbac {
         print!("{}", runwarden_operator::rbac::yaml(ns));
         return Ok(());

@@ -64,3 +64,14 @@ async fn missing_crds_and_missing_permissions_are_clear_exits() {
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert_eq!(log.matches("Actions Runner Controller is not installed").count(), 1, "{log}");
 }
+
+#[test]
+fn it_prints_shell_completions_that_know_its_flags() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_runwarden-operator")).args(["--completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains("metrics-addr") && script.contains("no-leader-elect"), "{shell}: {script}");
+    }
+}

@@ -57,39 +57,36 @@ struct Alert<'a> {
     reasons: &'a [String],
 }
 
+/// Replays a recorded history of runs through the detector and writes one JSON line per call
+/// reported at or above the minimum severity.
+#[derive(clap::Parser, Debug)]
+#[command(name = "runwarden-replay", version)]
 struct Args {
+    /// Runs, one JSON object per line, in time order (default: standard input).
+    #[arg(long, short, value_name = "FILE")]
     input: Option<String>,
+    /// Where the alerts go (default: standard output).
+    #[arg(long, short, value_name = "FILE")]
     output: Option<String>,
+    /// Least severity written: info, low, medium, high or critical.
+    #[arg(long, default_value = "medium", value_parser = severity)]
     min_severity: Severity,
+    /// Print a completion script for SHELL and exit.
+    #[arg(long, value_name = "SHELL")]
+    completions: Option<clap_complete::Shell>,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut args = Args { input: None, output: None, min_severity: Severity::Medium };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
-        match a.as_str() {
-            "--input" | "-i" => args.input = Some(value("--input")?),
-            "--output" | "-o" => args.output = Some(value("--output")?),
-            "--min-severity" => {
-                let v = value("--min-severity")?;
-                args.min_severity = Severity::parse(&v)
-                    .with_context(|| format!("--min-severity {v:?}: use info, low, medium, high or critical"))?;
-            }
-            "-h" | "--help" => {
-                println!(
-                    "usage: runwarden-replay [--input runs.jsonl] [--output alerts.jsonl] [--min-severity medium]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}; see --help"),
-        }
-    }
-    Ok(args)
+fn severity(text: &str) -> Result<Severity, String> {
+    Severity::parse(text).ok_or_else(|| format!("{text:?}: use info, low, medium, high or critical"))
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
+    if let Some(shell) = args.completions {
+        let mut command = <Args as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "runwarden-replay", &mut std::io::stdout());
+        return Ok(());
+    }
     let input: Box<dyn BufRead> = match &args.input {
         Some(p) => Box::new(BufReader::new(std::fs::File::open(p).with_context(|| format!("opening {p}"))?)),
         None => Box::new(BufReader::new(std::io::stdin().lock())),
