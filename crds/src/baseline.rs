@@ -216,6 +216,12 @@ pub struct WorkflowBaselineStatus {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub evicted_endpoints: u32,
 
+    /// Anomalous endpoints removed because the list was full of them (the first reported
+    /// first). Each was reported when called (see `recentRuns`); called again, one is reported
+    /// again as new. Non-zero means this job called hundreds of unknown destinations.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub evicted_anomalies: u32,
+
     /// Destinations this job calls, one entry per host (or CIDR), port and protocol. At most 500.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_ENDPOINTS))]

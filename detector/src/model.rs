@@ -215,6 +215,8 @@ type EndpointKey = (String, u16, Proto);
 pub const MAX_PROCESSES: usize = 4;
 /// See [`MAX_PROCESSES`].
 pub const MAX_TRIGGERS: usize = 6;
+/// Most triggers whose run counts a baseline keeps.
+pub const MAX_TRIGGER_KINDS: usize = 16;
 /// Runs over which churn (how often a run brought something new) is judged.
 pub const CHURN_WINDOW: usize = 10;
 
@@ -281,8 +283,12 @@ pub struct Baseline {
     pub recent_new: VecDeque<u32>,
     /// Runs per trigger.
     pub triggers: BTreeMap<String, u32>,
-    /// Endpoints evicted by the size cap.
+    /// Learned (or unconfirmed) endpoints evicted by the size cap.
     pub evicted: u32,
+    /// Anomalous endpoints evicted by the size cap when it was full of them (oldest reported
+    /// first). Each was reported when it was called; called again, it is new again.
+    #[serde(default)]
+    pub evicted_anomalous: u32,
 }
 
 /// What a run changed in the baseline, for the cluster-wide index.
@@ -355,6 +361,18 @@ impl Baseline {
         let mut out = Learned::default();
         self.runs = self.runs.saturating_add(1);
         *self.triggers.entry(run.trigger.to_string()).or_default() += 1;
+        if self.triggers.len() > MAX_TRIGGER_KINDS {
+            // Keep the triggers with the most runs; a dropped one reads as rare, which it is.
+            let rarest = self
+                .triggers
+                .iter()
+                .filter(|(t, _)| t.as_str() != run.trigger)
+                .min_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+                .map(|(t, _)| t.clone());
+            if let Some(t) = rarest {
+                self.triggers.remove(&t);
+            }
+        }
         let index = self.runs;
         let mut touched_patterns: Vec<usize> = Vec::new();
         let mut confirmed: Vec<EndpointKey> = Vec::new();
@@ -589,23 +607,29 @@ impl Baseline {
 
     /// Keeps at most `max_endpoints`: evicts learned and unconfirmed endpoints seen in the fewest
     /// runs, the least recently called first (an evicted unconfirmed endpoint is simply new
-    /// again). Anomalous endpoints stay: they are what a person must see.
+    /// again). Anomalous endpoints are what a person must see: they go only when nothing else
+    /// is left to evict, the first reported first, and are counted apart (called again, one is
+    /// scored as new, so it is reported again).
     fn evict(&mut self, config: &Config, out: &mut Learned) {
         let excess = self.endpoint_count().saturating_sub(config.max_endpoints);
         if excess == 0 {
             return;
         }
-        let mut candidates: Vec<(u32, u32, String, u16, Proto)> = self
+        let mut candidates: Vec<(bool, i64, u32, u32, String, u16, Proto)> = self
             .hosts
             .iter()
             .flat_map(|(h, list)| {
-                list.iter()
-                    .filter(|e| matches!(e.state, State::Learned | State::Unconfirmed))
-                    .map(|e| (e.runs_seen, e.last_run_index, h.clone(), e.port, e.proto))
+                list.iter().filter(|e| e.state != State::Approved).map(|e| {
+                    let anomalous = e.state == State::Anomalous;
+                    // Anomalous ones last, oldest reported first; the others by use.
+                    let (first, runs, last) =
+                        if anomalous { (e.first_time, 0, 0) } else { (0, e.runs_seen, e.last_run_index) };
+                    (anomalous, first, runs, last, h.clone(), e.port, e.proto)
+                })
             })
             .collect();
         candidates.sort();
-        for (_, _, h, port, proto) in candidates.into_iter().take(excess) {
+        for (anomalous, _, _, _, h, port, proto) in candidates.into_iter().take(excess) {
             if let Some(list) = self.hosts.get_mut(&h) {
                 list.retain(|e| !(e.port == port && e.proto == proto));
                 if list.is_empty() {
@@ -613,7 +637,11 @@ impl Baseline {
                     out.removed_hosts.push(h);
                 }
             }
-            self.evicted = self.evicted.saturating_add(1);
+            if anomalous {
+                self.evicted_anomalous = self.evicted_anomalous.saturating_add(1);
+            } else {
+                self.evicted = self.evicted.saturating_add(1);
+            }
         }
     }
 }

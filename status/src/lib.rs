@@ -30,6 +30,7 @@ use runwarden_detector::{Approved, ApprovedRule, Baseline, Cluster, Config, Mode
 const _: () = assert!(model::MAX_PROCESSES == api::MAX_PROCESSES);
 const _: () = assert!(model::MAX_TRIGGERS == api::MAX_TRIGGERS);
 const _: () = assert!(CHURN_WINDOW == api::MAX_CHURN_WINDOW);
+const _: () = assert!(model::MAX_TRIGGER_KINDS == api::MAX_TRIGGER_KINDS);
 
 /// Why a spec or status could not be turned into the model.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +179,7 @@ pub fn write(b: &Baseline, config: &Config, status: &mut WorkflowBaselineStatus)
     });
     status.observed_runs = b.runs;
     status.evicted_endpoints = b.evicted;
+    status.evicted_anomalies = b.evicted_anomalous;
     status.endpoints = b
         .hosts
         .iter()
@@ -254,6 +256,7 @@ pub fn read(status: &WorkflowBaselineStatus) -> Result<Baseline> {
     let mut b = Baseline {
         runs: status.observed_runs,
         evicted: status.evicted_endpoints,
+        evicted_anomalous: status.evicted_anomalies,
         recent_new: status.recent_new_endpoints.iter().copied().collect(),
         triggers: status.trigger_runs.iter().map(|t| (t.trigger.clone(), t.runs)).collect(),
         ..Baseline::default()

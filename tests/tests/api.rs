@@ -476,6 +476,7 @@ fn largest_status() -> WorkflowBaselineStatus {
         last_run_time: Some(time()),
         endpoint_count: MAX_ENDPOINTS as u32,
         evicted_endpoints: u32::MAX,
+        evicted_anomalies: u32::MAX,
         endpoints: vec![endpoint; MAX_ENDPOINTS],
         recent_new_endpoints: vec![u32::MAX; MAX_CHURN_WINDOW],
         trigger_runs: (0..MAX_TRIGGER_KINDS)

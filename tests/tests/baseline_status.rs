@@ -66,3 +66,52 @@ async fn a_learned_model_round_trips_through_the_apiserver() {
     let back = runwarden_status::read(stored.status.as_ref().unwrap()).unwrap();
     assert_eq!(back, b);
 }
+
+/// A job calling hundreds of unknown destinations (a scanner, an exfiltration loop) under
+/// dozens of triggers: every list of the model stays within the CRD's limits, the apiserver
+/// accepts the status, and what was dropped is counted.
+#[tokio::test]
+async fn a_baseline_driven_past_every_cap_still_fits_its_object() {
+    let client = ControlPlane::shared().client().await;
+    cluster::ensure_crds(&client).await;
+    let ns = cluster::test_namespace(&client, "caps").await;
+    let api: Api<WorkflowBaseline> = Api::namespaced(client, &ns);
+    let spec: WorkflowBaselineSpec = serde_json::from_value(serde_json::json!({
+        "repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "mode": "Monitoring"
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &WorkflowBaseline::new("acme-web-ci-build", spec.clone())).await.unwrap();
+    let config = runwarden_status::config(&spec, Severity::Medium).unwrap();
+
+    let mut b = Baseline::default();
+    let cluster = Cluster::default();
+    for n in 0..40u32 {
+        let hosts: Vec<String> = (0..30).map(|i| format!("h{n}x{i}.scan-example.net")).collect();
+        let calls: Vec<Call<'_>> = hosts
+            .iter()
+            .map(|h| Call { host: Some(h), ip: None, port: 8443, proto: Proto::Tcp, process: Some("curl") })
+            .collect();
+        let (id, trigger) = ((9000 + n).to_string(), format!("trigger-{n}"));
+        let run = Run { id: &id, time: 1_767_225_600 + i64::from(n) * 60, trigger: &trigger };
+        let job = Job { repository: "acme/web", baseline: &b, config: &config, cluster: &cluster };
+        let scored: Vec<_> = calls.iter().map(|c| (*c, job.score(&run, c))).collect();
+        b.learn(&config, &run, &scored);
+    }
+    assert!(b.endpoint_count() <= runwarden_crds::baseline::MAX_ENDPOINTS, "{}", b.endpoint_count());
+    assert!(b.hosts.values().flatten().all(|e| e.state == State::Anomalous));
+    assert_eq!(b.evicted_anomalous, 40 * 30 - runwarden_crds::baseline::MAX_ENDPOINTS as u32);
+    // The first reported went first: the newest run's are all there.
+    assert!(b.endpoint("h39x0.scan-example.net", 8443, Proto::Tcp).is_some());
+    assert!(b.endpoint("h0x0.scan-example.net", 8443, Proto::Tcp).is_none());
+    assert_eq!(b.triggers.len(), runwarden_crds::baseline::MAX_TRIGGER_KINDS, "{:?}", b.triggers);
+
+    let mut status = WorkflowBaselineStatus::default();
+    runwarden_status::write(&b, &config, &mut status);
+    assert_eq!(status.evicted_anomalies, b.evicted_anomalous);
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status("acme-web-ci-build", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("the apiserver accepts a baseline at every cap");
+    let back = runwarden_status::read(api.get("acme-web-ci-build").await.unwrap().status.as_ref().unwrap()).unwrap();
+    assert!(back == b, "the stored status reads back as the model");
+}
