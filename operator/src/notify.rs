@@ -450,6 +450,9 @@ impl Notifying {
             let shown = policy.status.as_ref().map(|s| s.notifiers.clone()).unwrap_or_default();
             (shown.into_iter().map(|s| (s.name.clone(), s)).collect(), false)
         });
+        // Notifiers removed from the spec leave the status.
+        let current = &policy.spec.anomaly_detection.notifiers;
+        statuses.retain(|name, _| current.iter().any(|c| &c.name == name));
         let status = statuses
             .entry(n.name.clone())
             .or_insert_with(|| NotifierStatus { name: n.name.clone(), ..Default::default() });
