@@ -126,3 +126,74 @@ async fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
     assert!(text.contains("runwarden_operator_workflow_baselines{phase="), "{text}");
     assert!(text.contains("runwarden_operator_watched_objects{kind=\"WorkflowBaseline\"} 3"), "{text}");
 }
+
+/// A holder whose clock is an hour behind keeps renewing: its `renewTime` always looks stale to
+/// this replica's wall clock, yet the Lease changes, so it is not taken; once the holder stops,
+/// it is taken after the lease duration of this replica's own clock.
+#[tokio::test]
+async fn a_holder_that_keeps_renewing_is_not_replaced_whatever_its_clock_says() {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let client = ControlPlane::shared().client().await;
+    let ns = cluster::test_namespace(&client, "leader-skew").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let behind = || MicroTime(k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(1));
+    let lease = Lease {
+        metadata: kube::api::ObjectMeta { name: Some("runwarden-operator".into()), ..Default::default() },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("skewed".into()),
+            lease_duration_seconds: Some(10),
+            renew_time: Some(behind()),
+            ..Default::default()
+        }),
+    };
+    leases.create(&PostParams::default(), &lease).await.unwrap();
+    let renewing = {
+        let leases = leases.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let patch = json!({"spec": {"renewTime": behind()}});
+                let _ = leases
+                    .patch("runwarden-operator", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                    .await;
+            }
+        })
+    };
+    let elector = runwarden_operator::leader::Elector::new(client.clone(), &ns, "runwarden-operator", "standby");
+    let taken = tokio::time::timeout(Duration::from_secs(14), elector.acquire()).await;
+    assert!(taken.is_err(), "a renewing holder was replaced because its clock is behind");
+    assert_eq!(holder(&client, &ns).await.as_deref(), Some("skewed"));
+
+    renewing.abort();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), elector.acquire()).await.expect("taken once renewals stop").unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(8), "not before the lease lasted: {:?}", started.elapsed());
+    assert_eq!(holder(&client, &ns).await.as_deref(), Some("standby"));
+}
+
+/// A leader whose requests to the API server hang (they are accepted and never answered) steps
+/// down before its Lease could have expired for the others.
+#[tokio::test]
+async fn a_leader_whose_requests_hang_steps_down_before_its_lease_expires() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let accepting = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let client = Client::try_from(config).unwrap();
+    let elector = runwarden_operator::leader::Elector::new(client, "default", "runwarden-operator", "leader");
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), elector.keep()).await.expect("keep returns although requests hang");
+    let took = started.elapsed();
+    assert!(
+        took < runwarden_operator::leader::LEASE_DURATION,
+        "stepped down after {took:?}, not before the lease ({:?}) ran out",
+        runwarden_operator::leader::LEASE_DURATION
+    );
+    accepting.abort();
+}
