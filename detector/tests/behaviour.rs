@@ -406,3 +406,51 @@ fn an_unconfirmed_host_vouches_for_nothing() {
     assert!(!v.reasons.iter().any(|r| r.contains("which this job already calls")), "{v:?}");
     assert!(v.severity >= Severity::Medium, "{v:?}");
 }
+
+/// Under suffixes where anyone can register a name, a host the job does not call is new, however
+/// many of its neighbours the job calls: neither "a subdomain of a domain this job calls" nor
+/// "a sibling of a host this job calls" applies to an unrelated name there.
+#[test]
+fn familiarity_does_not_launder_under_multi_tenant_suffixes() {
+    let config = Config::default();
+    let cluster = Cluster::default();
+    for (mine, theirs) in [
+        ("docs-acme.pages.dev", "exfil-drop.pages.dev"),
+        ("acme-web.vercel.app", "collector.vercel.app"),
+        ("acme-api.herokuapp.com", "c2-relay.herokuapp.com"),
+        ("acme.github.io", "attacker.github.io"),
+        ("acmebuildcache.blob.core.windows.net", "stealer.blob.core.windows.net"),
+        ("acme-artifacts.s3.amazonaws.com", "exfil-bucket.s3.amazonaws.com"),
+        ("raw.githubusercontent.com", "gist.githubusercontent.com"),
+    ] {
+        let mut b = Baseline::default();
+        for n in 0..20 {
+            let calls: Vec<Call<'_>> = USUAL.iter().map(|h| call(h, 443)).chain([call(mine, 443)]).collect();
+            observe(&mut b, &config, &cluster, &run(n), &calls);
+        }
+        let v = score(&b, &config, &cluster, &call(theirs, 443)).unwrap_or_else(|| panic!("{theirs} is normal"));
+        assert!(
+            !v.reasons.iter().any(|r| r.contains("which this job already calls") || r.contains("a sibling of")),
+            "{theirs} borrowed {mine}'s familiarity: {v:?}"
+        );
+        assert!(v.severity >= Severity::Medium, "{theirs}: {v:?}");
+    }
+}
+
+/// A rotating family under a multi-tenant suffix is matched only on its learned shape.
+#[test]
+fn a_family_under_a_shared_suffix_admits_only_its_own_shape() {
+    let config = Config::default();
+    let cluster = Cluster::default();
+    let mut b = Baseline::default();
+    for n in 0..20u32 {
+        let shard = format!("productionresultssa{}.blob.core.windows.net", n % 7);
+        let calls: Vec<Call<'_>> = USUAL.iter().map(|h| call(h, 443)).chain([call(&shard, 443)]).collect();
+        observe(&mut b, &config, &cluster, &run(n), &calls);
+    }
+    assert!(score(&b, &config, &cluster, &call("productionresultssa42.blob.core.windows.net", 443)).is_none());
+    for other in ["productionresultsxx1.blob.core.windows.net", "results7.blob.core.windows.net"] {
+        let v = score(&b, &config, &cluster, &call(other, 443)).unwrap_or_else(|| panic!("{other} is normal"));
+        assert!(v.severity >= Severity::Medium, "{other}: {v:?}");
+    }
+}
