@@ -282,7 +282,9 @@ impl Default for TtlBounds {
 /// One pod's addresses and the names they were answered for.
 #[derive(Debug, Default)]
 pub struct DnsCache {
-    by_ip: HashMap<IpAddr, Vec<(String, u64)>>,
+    /// Per address: (name, when it expires, whether a question asked for it) in the order
+    /// they were answered.
+    by_ip: HashMap<IpAddr, Vec<(String, u64, bool)>>,
     bounds: TtlBounds,
     /// Most addresses kept; past it the entries expiring soonest go first.
     max_addresses: usize,
@@ -300,10 +302,15 @@ impl DnsCache {
             let ttl = res.ttl.clamp(self.bounds.floor, self.bounds.cap);
             let expires = now + u64::from(ttl);
             let names = self.by_ip.entry(res.ip).or_default();
-            for name in res.names {
-                match names.iter_mut().find(|(n, _)| *n == name) {
-                    Some((_, e)) => *e = (*e).max(expires),
-                    None => names.push((name, expires)),
+            for (i, name) in res.names.into_iter().enumerate() {
+                // The first name of a resolution is its question; the others are aliases.
+                let question = i == 0;
+                match names.iter_mut().find(|(n, _, _)| *n == name) {
+                    Some((_, e, q)) => {
+                        *e = (*e).max(expires);
+                        *q |= question;
+                    }
+                    None => names.push((name, expires, question)),
                 }
             }
         }
@@ -314,7 +321,7 @@ impl DnsCache {
             let soonest = self
                 .by_ip
                 .iter()
-                .map(|(ip, names)| (names.iter().map(|(_, e)| *e).max().unwrap_or(0), *ip))
+                .map(|(ip, names)| (names.iter().map(|(_, e, _)| *e).max().unwrap_or(0), *ip))
                 .min()
                 .map(|(_, ip)| ip);
             match soonest {
@@ -324,18 +331,22 @@ impl DnsCache {
         }
     }
 
-    /// The names `ip` was answered for that are still valid at `now`, the question names first.
-    pub fn names(&self, ip: IpAddr, now: u64) -> Vec<&str> {
-        self.by_ip
-            .get(&ip)
-            .map(|names| names.iter().filter(|(_, e)| *e > now).map(|(n, _)| n.as_str()).collect())
-            .unwrap_or_default()
+    /// The names `ip` was answered for that are still valid at `now`: the names questions asked
+    /// for first (each of them a name the pod may have connected for), then the aliases of their
+    /// CNAME chains; and how many of the first are question names.
+    pub fn names(&self, ip: IpAddr, now: u64) -> (Vec<&str>, usize) {
+        let Some(names) = self.by_ip.get(&ip) else { return (Vec::new(), 0) };
+        let valid = || names.iter().filter(|(_, e, _)| *e > now);
+        let mut out: Vec<&str> = valid().filter(|(_, _, q)| *q).map(|(n, _, _)| n.as_str()).collect();
+        let questions = out.len();
+        out.extend(valid().filter(|(_, _, q)| !*q).map(|(n, _, _)| n.as_str()));
+        (out, questions)
     }
 
     /// Drops what expired by `now`.
     pub fn expire(&mut self, now: u64) {
         self.by_ip.retain(|_, names| {
-            names.retain(|(_, e)| *e > now);
+            names.retain(|(_, e, _)| *e > now);
             !names.is_empty()
         });
     }

@@ -158,7 +158,15 @@ pub struct Destination {
     pub verdict: Option<Verdict>,
     /// Whether it was reported (verdict at or above the policy's minimum).
     pub reported: bool,
+    /// Other names the pod's DNS answers gave the address when it was first called (at most
+    /// [`MAX_OTHER_NAMES`]): which one it connected for is ambiguous, so it is scored under the
+    /// most suspicious of them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_names: Vec<String>,
 }
+
+/// Most other names a destination keeps (see [`Destination::other_names`]).
+pub const MAX_OTHER_NAMES: usize = 4;
 
 impl Destination {
     /// The text the detector keys it by: host, or the address.
@@ -491,7 +499,11 @@ impl Node {
             events::Proto::Udp => Proto::Udp,
         };
         let host = o.hosts.first().cloned();
-        let k = key(host.as_deref(), o.ip, o.port, proto);
+        let other_names: Vec<String> =
+            o.hosts.iter().take(o.questions).skip(1).take(MAX_OTHER_NAMES).cloned().collect();
+        // An ambiguous address is keyed by the address: which of its names it stands for is
+        // decided when it is scored, and the names' other addresses are other destinations.
+        let k = key(if other_names.is_empty() { host.as_deref() } else { None }, o.ip, o.port, proto);
         let at = millis(o.time);
         let remember = |list: &mut Vec<String>, v: &str| {
             if !v.is_empty() && !list.iter().any(|x| x == v) && list.len() < MAX_PROCESSES {
@@ -530,6 +542,7 @@ impl Node {
                     scored: false,
                     verdict: None,
                     reported: false,
+                    other_names,
                 };
                 remember(&mut d.processes, &o.process);
                 if let Some(e) = &o.executable {
@@ -576,6 +589,11 @@ impl Node {
     }
 }
 
+/// How suspicious a verdict is, for comparing names: normal (`None`) least.
+fn suspicion(v: Option<&Verdict>) -> (u8, f64) {
+    v.map_or((0, 0.0), |v| (1 + v.severity as u8, v.score))
+}
+
 /// Scores destination `k` of `run` when its job is known; a report when it is anomalous.
 fn score_destination(
     run: &mut Run,
@@ -589,7 +607,25 @@ fn score_destination(
     if d.scored {
         return Vec::new();
     }
-    let verdict = scorer.score(&run.pod.namespace, &job, run.started, d);
+    let mut verdict = scorer.score(&run.pod.namespace, &job, run.started, d);
+    // An address answered for several names: the pod chose the order of its lookups, so the
+    // call is judged under the most suspicious name, not the first.
+    let mut worst_host = None;
+    for name in &d.other_names {
+        let candidate = Destination { host: Some(name.clone()), ..d.clone() };
+        let v = scorer.score(&run.pod.namespace, &job, run.started, &candidate);
+        if suspicion(v.as_ref()) > suspicion(verdict.as_ref()) {
+            verdict = v;
+            worst_host = Some(name.clone());
+        }
+    }
+    if let Some(v) = verdict.as_mut()
+        && !d.other_names.is_empty()
+    {
+        let mut names: Vec<&str> = d.host.iter().chain(&d.other_names).map(String::as_str).collect();
+        names.retain(|n| Some(*n) != worst_host.as_deref().or(d.host.as_deref()));
+        v.reasons.push(format!("the address was also answered for {}", names.join(", ")));
+    }
     let min = scorer.min_severity(&run.pod, run.scale_set.as_deref(), &job);
     let reported = matches!((&verdict, min), (Some(v), Some(min)) if v.severity >= min);
     verdicts[match (&verdict, reported) {
@@ -598,6 +634,11 @@ fn score_destination(
         (Some(_), true) => 2,
     }] += 1;
     let d = run.destinations.get_mut(k).expect("looked up above");
+    if let Some(worst) = worst_host {
+        let shown = d.host.replace(worst.clone());
+        d.other_names.retain(|n| *n != worst);
+        d.other_names.extend(shown);
+    }
     d.scored = true;
     d.verdict = verdict;
     d.reported = reported;
@@ -664,6 +705,7 @@ mod tests {
             hook: Hook::Connect,
             verdict: KernelVerdict::Allowed,
             hosts: vec![host.into()],
+            questions: 1,
         }
     }
 
@@ -702,6 +744,36 @@ mod tests {
             &node.observe(call(10, "evil.example", 443), &Fixed)[..],
             [Action::Report { repeat: true, .. }]
         ));
+    }
+
+    #[test]
+    fn an_address_answered_for_several_names_is_judged_under_the_most_suspicious() {
+        let mut node = Node::default();
+        node.pod(runner("u1", true), &Fixed);
+        node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
+        // The pod looked up a name its job knows, then its own, both on one shared address.
+        let ambiguous = Observation {
+            hosts: vec!["github.com".into(), "evil.example".into(), "edge.cdn.example".into()],
+            questions: 2,
+            ..call(10, "github.com", 443)
+        };
+        let actions = node.observe(ambiguous, &Fixed);
+        let [Action::Report { run, key, .. }] = &actions[..] else { panic!("reported: {actions:?}") };
+        let d = &run.destinations[key];
+        assert_eq!(d.host.as_deref(), Some("evil.example"), "{d:?}");
+        assert_eq!(d.other_names, ["github.com"], "the CNAME alias is no candidate: {d:?}");
+        assert!(
+            d.verdict.as_ref().unwrap().reasons.iter().any(|r| r == "the address was also answered for github.com")
+        );
+
+        // One question and its alias: nothing ambiguous, the known name stands.
+        let plain = Observation {
+            hosts: vec!["github.com".into(), "edge.cdn.example".into()],
+            questions: 1,
+            ip: "192.0.2.9".parse().unwrap(),
+            ..call(10, "github.com", 443)
+        };
+        assert!(node.observe(plain, &Fixed).is_empty());
     }
 
     #[test]

@@ -50,7 +50,14 @@ pub struct Observation {
     /// The names this pod's DNS answers gave `ip` (all of them, question names first; empty
     /// when none is known).
     pub hosts: Vec<String>,
+    /// How many of `hosts`, from the first, are names a question asked for (the others are
+    /// CNAME aliases). More than one: the address was answered for several names, and which
+    /// one the pod connected for is ambiguous.
+    pub questions: usize,
 }
+
+/// The names of an address and how many of them are question names (see [`Observation`]).
+type Names = (Vec<String>, usize);
 
 impl Observation {
     /// Becomes `newer` (same cgroup and destination), allocating only for what changed.
@@ -68,6 +75,7 @@ impl Observation {
         if self.hosts != newer.hosts {
             self.hosts.clone_from(&newer.hosts);
         }
+        self.questions = newer.questions;
         if self.pod != newer.pod {
             self.pod.clone_from(&newer.pod);
         }
@@ -181,7 +189,7 @@ pub struct Pipeline {
     executables: HashMap<u32, String>,
     counts: HashMap<DedupeKey, Count>,
     index: CgroupIndex,
-    pending: VecDeque<(Call, Vec<String>)>,
+    pending: VecDeque<(Call, Names)>,
     /// Timestamp of the newest record read.
     newest_record_ns: u64,
     stats: PipelineStats,
@@ -278,16 +286,17 @@ impl Pipeline {
         }
     }
 
-    fn hosts(&self, call: &Call) -> Vec<String> {
+    fn hosts(&self, call: &Call) -> Names {
         self.names
             .get(&call.pod_cgroup_id)
             .map(|cache| {
-                cache.names(call.ip, call.timestamp_ns / 1_000_000_000).into_iter().map(str::to_owned).collect()
+                let (names, questions) = cache.names(call.ip, call.timestamp_ns / 1_000_000_000);
+                (names.into_iter().map(str::to_owned).collect(), questions)
             })
             .unwrap_or_default()
     }
 
-    fn park(&mut self, call: Call, hosts: Vec<String>) {
+    fn park(&mut self, call: Call, hosts: Names) {
         if self.pending.len() >= self.config.max_pending {
             self.pending.pop_front();
             self.stats.pending_dropped += 1;
@@ -296,7 +305,7 @@ impl Pipeline {
         self.stats.pending = self.pending.len() as u64;
     }
 
-    fn observe(&mut self, call: Call, hosts: Vec<String>, pod: Option<Arc<PodCgroup>>) -> Observation {
+    fn observe(&mut self, call: Call, (hosts, questions): Names, pod: Option<Arc<PodCgroup>>) -> Observation {
         let observation = Observation {
             time: self.config.boot_time + Duration::from_nanos(call.timestamp_ns),
             pid: call.pid,
@@ -311,6 +320,7 @@ impl Pipeline {
             hook: call.hook,
             verdict: call.verdict,
             hosts,
+            questions,
         };
         match self.counts.get_mut(&call.key) {
             Some(count) => {

@@ -120,11 +120,11 @@ fn the_cache_keeps_every_name_of_an_address_within_its_ttl_bounds() {
         1000,
     );
     let ip = IpAddr::from(ip);
-    assert_eq!(cache.names(ip, 1001), vec!["raw.githubusercontent.com", "objects.githubusercontent.com"]);
+    assert_eq!(cache.names(ip, 1001), (vec!["raw.githubusercontent.com", "objects.githubusercontent.com"], 2));
     // The 5 s TTL is raised to the 30 s floor; the day-long one is capped at 600 s.
-    assert_eq!(cache.names(ip, 1029), vec!["raw.githubusercontent.com", "objects.githubusercontent.com"]);
-    assert_eq!(cache.names(ip, 1031), vec!["objects.githubusercontent.com"]);
-    assert!(cache.names(ip, 1601).is_empty());
+    assert_eq!(cache.names(ip, 1029), (vec!["raw.githubusercontent.com", "objects.githubusercontent.com"], 2));
+    assert_eq!(cache.names(ip, 1031), (vec!["objects.githubusercontent.com"], 1));
+    assert!(cache.names(ip, 1601).0.is_empty());
     cache.expire(1601);
     assert!(cache.is_empty());
 }
@@ -138,7 +138,7 @@ fn the_cache_is_bounded() {
     }
     assert_eq!(cache.len(), 10);
     // The latest-expiring addresses stay.
-    assert_eq!(cache.names(IpAddr::from([10, 0, 0, 49]), 1), vec!["h49.example.org"]);
+    assert_eq!(cache.names(IpAddr::from([10, 0, 0, 49]), 1), (vec!["h49.example.org"], 1));
 }
 
 fn label() -> impl Strategy<Value = String> {

@@ -54,6 +54,7 @@ fn run(ns: &str, run_id: &str, host: &str, port: u16) -> (Box<Run>, String) {
             unfamiliar: true,
         }),
         reported: true,
+        other_names: Vec::new(),
     };
     let key = format!("{host}|{port}|tcp");
     let run = Run {

@@ -132,6 +132,19 @@ fn a_call_is_named_from_its_own_pods_answers_only() {
     assert!(p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 2, false, 71))).unwrap().hosts.is_empty());
 }
 
+#[test]
+fn an_address_answered_for_two_names_carries_both_as_candidates() {
+    let mut p = pipeline();
+    let shared = Ipv4Addr::new(104, 16, 1, 35);
+    query(&mut p, 1);
+    // A name the job knows, then the pod's own, on one shared (CDN) address.
+    p.record(&encode_dns(&answer(1, "registry.npmjs.org", shared, 10)));
+    p.record(&encode_dns(&answer(1, "drop.exfil-example.net", shared, 11)));
+    let o = p.record(&encode_call(&call(1, IpAddr::V4(shared), 443, 1, true, 12))).unwrap();
+    assert_eq!(o.hosts, ["registry.npmjs.org", "drop.exfil-example.net"]);
+    assert_eq!(o.questions, 2, "both are names the pod asked for: the call is ambiguous");
+}
+
 fn entry(total: u64, last_event_secs: u64) -> DedupeValue {
     DedupeValue { last_event_ns: last_event_secs * 1_000_000_000, total }
 }
