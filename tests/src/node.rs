@@ -49,6 +49,8 @@ pub const SERVICE_CIDR: &str = "10.214.0.0/24";
 pub const API_PORT: u16 = 6443;
 /// The bridge.
 pub const BRIDGE: &str = "rwnode0";
+/// The bridge's MAC address, fixed (locally administered).
+const BRIDGE_MAC: &str = "02:72:77:00:00:01";
 /// Addresses 10.213.0.200-250 are never given to pods: tests add them to the bridge for
 /// listeners that must look like distinct hosts.
 pub const TEST_ADDRESSES: std::ops::RangeInclusive<u8> = 200..=250;
@@ -239,7 +241,10 @@ fn launch(dir: Option<PathBuf>) -> Result<Node> {
 
     // The bridge first: the apiserver binds its address.
     let _ = Command::new("ip").args(["link", "del", BRIDGE]).stderr(Stdio::null()).status();
-    run("ip link add", Command::new("ip").args(["link", "add", BRIDGE, "type", "bridge"]))?;
+    // With a MAC of its own: a bridge left to choose takes its lowest port's, so it changed
+    // whenever a pod's veth went, and pods whose neighbour entry for the node's address still
+    // held the old one lost their DNS queries until it expired (lookups failed at random).
+    run("ip link add", Command::new("ip").args(["link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge"]))?;
     run("ip addr add", Command::new("ip").args(["addr", "add", &format!("{NODE_IP}/24"), "dev", BRIDGE]))?;
     run("ip link set up", Command::new("ip").args(["link", "set", BRIDGE, "up"]))?;
 
