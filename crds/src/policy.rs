@@ -238,6 +238,83 @@ pub struct AnomalyDetection {
     #[schemars(length(max = MAX_NOTIFIERS))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub notifiers: Vec<Notifier>,
+
+    /// The built-in lists of abused services (paste hosts, IP-echo services, request catchers,
+    /// tunnels, mining pools, file drops, secret-validation APIs, dynamic DNS), extended or
+    /// overridden for the runners this policy covers. A call to a listed service that the job
+    /// has not learned or approved is reported at least High.
+    #[serde(default, skip_serializing_if = "AbusedServices::is_empty")]
+    pub abused_services: AbusedServices,
+}
+
+/// Most entries in `abusedServices.add` and in `abusedServices.ignore`.
+pub const MAX_ABUSED_SERVICES: usize = 256;
+
+/// A domain as a list entry: lowercase, two or more labels, no wildcard.
+const DOMAIN_RULE: &str =
+    r"self.matches('^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\\.)+[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$')";
+/// [`DOMAIN_RULE`] for every entry of a list.
+const IGNORE_RULE: &str =
+    r"self.all(d, d.matches('^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\\.)+[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$'))";
+
+/// Changes to the built-in abused-service lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AbusedServices {
+    /// Services to add (for example an internal paste host, or a tunnel provider the lists
+    /// do not know). A domain covers every name below it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ABUSED_SERVICES))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["host".into()]))]
+    pub add: Vec<AbusedService>,
+
+    /// Domains that are never treated as abused services here, built-in or added (for example
+    /// `ipify.org` for a job that legitimately checks its address). A domain covers every name
+    /// below it. Calls to them are still scored like any other new host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ABUSED_SERVICES), inner(length(min = 3, max = 253)))]
+    #[x_kube(validation = Rule::new(IGNORE_RULE).message("every entry must be a lowercase domain name such as 'ipify.org' (it covers every name below it; no '*.')"))]
+    pub ignore: Vec<String>,
+}
+
+impl AbusedServices {
+    fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.ignore.is_empty()
+    }
+}
+
+/// One abused service to add.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AbusedService {
+    /// The service's domain; it covers every name below it (`paste.example.com` covers
+    /// `eu.paste.example.com`).
+    #[schemars(length(min = 3, max = 253))]
+    #[x_kube(validation = Rule::new(DOMAIN_RULE).message("must be a lowercase domain name such as 'paste.example.com' (it covers every name below it; no '*.')"))]
+    pub host: String,
+    /// What kind of service it is (shown in reports).
+    pub category: AbusedServiceCategory,
+}
+
+/// Kinds of abused services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AbusedServiceCategory {
+    /// Paste and gist hosts.
+    Paste,
+    /// Services that tell a process its public address.
+    IpEcho,
+    /// Request catchers, out-of-band testing hosts, bot and webhook APIs.
+    RequestCatcher,
+    /// Tunnel services.
+    Tunnel,
+    /// Cryptocurrency mining pools.
+    MiningPool,
+    /// Anonymous file drops.
+    FileDrop,
+    /// APIs that tell whether a stolen key works.
+    SecretValidation,
+    /// Dynamic DNS and address-in-name services.
+    DynamicDns,
 }
 
 fn default_min_severity() -> Severity {
@@ -246,7 +323,12 @@ fn default_min_severity() -> Severity {
 
 impl Default for AnomalyDetection {
     fn default() -> Self {
-        Self { enabled: true, min_severity: default_min_severity(), notifiers: Vec::new() }
+        Self {
+            enabled: true,
+            min_severity: default_min_severity(),
+            notifiers: Vec::new(),
+            abused_services: AbusedServices::default(),
+        }
     }
 }
 

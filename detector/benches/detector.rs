@@ -7,7 +7,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use runwarden_detector::{Baseline, Call, Cluster, Config, Job, Proto, Run};
+use runwarden_detector::{Baseline, Call, Cluster, Config, Job, Proto, Run, Services};
 
 fn hosts() -> Vec<String> {
     let mut h: Vec<String> = [
@@ -60,7 +60,13 @@ fn bench(c: &mut Criterion) {
     for (i, h) in hosts.iter().enumerate() {
         cluster.add_host(&format!("org{}/repo", i % 7), h);
     }
-    let job = Job { repository: "acme/web", baseline: &baseline, config: &config, cluster: &cluster };
+    let job = Job {
+        repository: "acme/web",
+        baseline: &baseline,
+        config: &config,
+        cluster: &cluster,
+        services: Services::builtin(),
+    };
     let run = Run { id: "99", time: 99 * 3600, trigger: "push" };
     let known = calls(&hosts);
 

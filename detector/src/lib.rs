@@ -6,7 +6,7 @@
 //! `runwarden-replay` binary from a recorded history, the tests from whatever they construct.
 //!
 //! ```
-//! use runwarden_detector::{Baseline, Call, Cluster, Config, Job, Proto, Run, Severity};
+//! use runwarden_detector::{Baseline, Call, Cluster, Config, Job, Proto, Run, Services, Severity};
 //!
 //! let config = Config { min_runs: 1, ..Config::default() };
 //! let mut baseline = Baseline::default();
@@ -15,7 +15,8 @@
 //! let github = Call { host: Some("github.com"), ip: None, port: 443, proto: Proto::Tcp, process: Some("git") };
 //! baseline.learn(&config, &run, &[(github, None)]);
 //!
-//! let job = Job { repository: "acme/web", baseline: &baseline, config: &config, cluster: &cluster };
+//! let services = Services::builtin();
+//! let job = Job { repository: "acme/web", baseline: &baseline, config: &config, cluster: &cluster, services };
 //! let run = Run { id: "2", time: 60, trigger: "push" };
 //! assert!(job.score(&run, &github).is_none());
 //! let odd = Call { host: None, ip: Some("203.0.113.7".parse().unwrap()), port: 4444, proto: Proto::Tcp, process: Some("sh") };
@@ -26,9 +27,11 @@ pub mod cluster;
 pub mod host;
 pub mod model;
 pub mod score;
+pub mod services;
 
 pub use cluster::{Cluster, Prevalence};
 pub use model::{
     Approved, ApprovedRule, Baseline, Call, Config, Endpoint, Learned, Mode, Pattern, Phase, Proto, Run, State,
 };
 pub use score::{Job, Severity, Verdict};
+pub use services::{Category, Services};

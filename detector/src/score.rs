@@ -22,6 +22,7 @@
 //! | the baseline is young (fewer than `minRuns` runs) / churning | -2 / up to -1.5 |
 //! | unconfirmed: called in earlier runs of this job, not yet in `confirmRuns` runs | -1 a run, up to -2 |
 //! | no job of the cluster knows it (nor its domain or family) | at least `low`, whatever the discounts |
+//! | an abused service (`detector/services/`: paste host, tunnel, mining pool, ...) | at least `high`, whatever the discounts |
 
 use std::net::IpAddr;
 
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::Cluster;
 use crate::host;
 use crate::model::{Baseline, Call, Config, Mode, Run, State};
+use crate::services::Services;
 
 /// How suspicious a call is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -111,6 +113,8 @@ pub struct Job<'a> {
     pub config: &'a Config,
     /// The cluster's other baselines.
     pub cluster: &'a Cluster,
+    /// Abused services: [`Services::builtin`], or as the job's policy extends it.
+    pub services: &'a Services,
 }
 
 struct Evidence {
@@ -213,6 +217,16 @@ impl Job<'_> {
 
         let mut score = 1.0 / (1.0 + (-(ev.points - MIDPOINT)).exp());
         let mut severity = Severity::from_score(score);
+        // Services attackers use because they look ordinary: what other jobs do, or what the
+        // job's other hosts are, does not excuse a call the job never learned.
+        if let Some((domain, category)) = call.host.and_then(|h| self.services.find(h)) {
+            ev.reasons.push((f64::INFINITY, format!("{domain} is {}", category.describe())));
+            if severity < Severity::High {
+                ev.reasons.push((0.0, "an abused service this job has not learned: at least high".into()));
+                severity = Severity::High;
+                score = score.max(Severity::High.lowest_score());
+            }
+        }
         // Something no job of the cluster knows is never just information, however young the
         // baseline: it is recorded and shown (and not learned until it recurs).
         let unfamiliar = !ev.familiar;

@@ -42,14 +42,16 @@ fn observe(
     r: &Run<'_>,
     calls: &[Call<'_>],
 ) -> Vec<Option<Verdict>> {
-    let job = Job { repository: "acme/web", baseline: b, config, cluster };
+    let job =
+        Job { repository: "acme/web", baseline: b, config, cluster, services: runwarden_detector::Services::builtin() };
     let scored: Vec<_> = calls.iter().map(|c| (*c, job.score(r, c))).collect();
     b.learn(config, r, &scored);
     scored.into_iter().map(|(_, v)| v).collect()
 }
 
 fn score(b: &Baseline, config: &Config, cluster: &Cluster, c: &Call<'_>) -> Option<Verdict> {
-    Job { repository: "acme/web", baseline: b, config, cluster }.score(&run(10_000), c)
+    Job { repository: "acme/web", baseline: b, config, cluster, services: runwarden_detector::Services::builtin() }
+        .score(&run(10_000), c)
 }
 
 #[test]
@@ -453,4 +455,78 @@ fn a_family_under_a_shared_suffix_admits_only_its_own_shape() {
         let v = score(&b, &config, &cluster, &call(other, 443)).unwrap_or_else(|| panic!("{other} is normal"));
         assert!(v.severity >= Severity::Medium, "{other}: {v:?}");
     }
+}
+
+/// Scores `c` with the given abused services.
+fn score_with(
+    b: &Baseline,
+    config: &Config,
+    cluster: &Cluster,
+    services: &runwarden_detector::Services,
+    c: &Call<'_>,
+) -> Option<Verdict> {
+    Job { repository: "acme/web", baseline: b, config, cluster, services }.score(&run(10_000), c)
+}
+
+#[test]
+fn an_abused_service_the_job_never_learned_is_high_whatever_vouches_for_it() {
+    let config = Config::default();
+    let cluster = {
+        let mut c = Cluster::default();
+        // Other jobs of the repository (and many others) call the paste host and the IP echo.
+        for repo in ["acme/web", "acme/api", "acme/docs", "other/x"] {
+            c.add_host(repo, "paste.rs");
+            c.add_host(repo, "api.ipify.org");
+        }
+        c
+    };
+    // Young and grown baselines alike; a sibling of a learned host (gist beside raw) too.
+    for runs in [1, 30] {
+        let mut b = grown(&config, runs);
+        observe(&mut b, &config, &Cluster::default(), &run(runs), &[call("raw.githubusercontent.com", 443)]);
+        for (host, what) in [
+            ("paste.rs", "paste host"),
+            ("api.ipify.org", "IP-echo"),
+            ("gist.githubusercontent.com", "paste host"),
+            ("a1b2c3.trycloudflare.com", "tunnel"),
+            ("xmr-eu1.nanopool.org", "mining pool"),
+            ("abc123.oast.fun", "request catcher"),
+        ] {
+            let v = score(&b, &config, &cluster, &call(host, 443)).expect("reported");
+            assert!(v.severity >= Severity::High, "{runs} runs, {host}: {v:?}");
+            assert!(v.reasons[0].contains(what), "the first reason says what it is: {v:?}");
+        }
+    }
+}
+
+#[test]
+fn an_abused_service_is_not_learned_but_reported_until_approved() {
+    let mut config = Config::default();
+    let mut b = grown(&config, 3);
+    let cluster = Cluster::default();
+    let echo = call("api.ipify.org", 443);
+    for n in 3..20 {
+        let v = observe(&mut b, &config, &cluster, &run(n), &[echo]);
+        assert!(v[0].as_ref().is_some_and(|v| v.severity >= Severity::High), "run {n}: {v:?}");
+    }
+    assert_eq!(b.endpoint("api.ipify.org", 443, Proto::Tcp).unwrap().state, State::Anomalous);
+    // The team decides this job may check its address.
+    config.approved.push(ApprovedRule { target: Approved::Host("api.ipify.org".into()), ports: vec![], proto: None });
+    assert!(score(&b, &config, &cluster, &echo).is_none());
+}
+
+#[test]
+fn a_policy_adds_abused_services_and_ignores_listed_ones() {
+    let config = Config::default();
+    let b = grown(&config, 30);
+    let cluster = Cluster::default();
+    let services = runwarden_detector::Services::builtin()
+        .with([("drop.internal.example", runwarden_detector::Category::FileDrop)], ["ipify.org"]);
+    let v = score_with(&b, &config, &cluster, &services, &call("eu.drop.internal.example", 443)).unwrap();
+    assert!(v.severity >= Severity::High && v.reasons[0].contains("file drop"), "{v:?}");
+    // Ignored: scored like any new host (still reported, as a new domain, not as an IP echo).
+    let v = score_with(&b, &config, &cluster, &services, &call("api.ipify.org", 443)).unwrap();
+    assert!(v.reasons.iter().all(|r| !r.contains("IP-echo")), "{v:?}");
+    let builtin = score(&b, &config, &cluster, &call("api.ipify.org", 443)).unwrap();
+    assert!(v.score < builtin.score, "{v:?} vs {builtin:?}");
 }

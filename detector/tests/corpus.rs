@@ -91,8 +91,13 @@ fn the_largest_corpus_job_stays_under_256_kib_after_1000_runs() {
                 process: c["process"].as_str(),
             })
             .collect();
-        let job =
-            Job { repository: r["repository"].as_str().unwrap(), baseline: &b, config: &config, cluster: &cluster };
+        let job = Job {
+            repository: r["repository"].as_str().unwrap(),
+            baseline: &b,
+            config: &config,
+            cluster: &cluster,
+            services: runwarden_detector::Services::builtin(),
+        };
         let scored: Vec<_> = calls.iter().map(|c| (*c, job.score(&run, c))).collect();
         b.learn(&config, &run, &scored);
     }

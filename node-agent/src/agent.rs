@@ -23,12 +23,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef as StoreRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use runwarden_crds::policy::AbusedServices;
 use runwarden_crds::{EgressPolicy, WorkflowBaseline};
-use runwarden_detector::{Cluster, Severity, Verdict};
+use runwarden_detector::{Cluster, Services, Severity, Verdict};
 use runwarden_status::merge::{FinishedRun, MergeError, merge_run};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -196,6 +198,8 @@ impl StateDir {
 
 /// A baseline's model and the resourceVersion it was read from.
 type ParsedModel = (Option<String>, Arc<runwarden_detector::Baseline>);
+/// A policy's abused services, with the policy's changes they were built from.
+type PolicyServices = (AbusedServices, Arc<Services>);
 
 /// Scores with the baseline and policy caches.
 struct Caches {
@@ -205,6 +209,10 @@ struct Caches {
     cluster_built: Option<Instant>,
     /// Parsed models by (namespace, name), with the resourceVersion they were read from.
     models: std::cell::RefCell<HashMap<(String, String), ParsedModel>>,
+    /// The built-in abused services, for jobs no policy covers.
+    builtin_services: Arc<Services>,
+    /// Abused services by policy (namespace, name), with the policy's changes they were built from.
+    services: std::cell::RefCell<HashMap<(String, String), PolicyServices>>,
 }
 
 impl Caches {
@@ -218,13 +226,13 @@ impl Caches {
     }
 }
 
-/// The least severity the policy that applies to the pod reports (`None`: reporting is off).
-fn min_severity(
+/// The policy that applies to the pod's job, if any.
+fn applicable_policy(
     policies: &Store<EgressPolicy>,
     pod: &ObjectRef,
     scale_set: Option<&str>,
     job: &Job,
-) -> Option<Severity> {
+) -> Option<Arc<EgressPolicy>> {
     let policies = policies.state();
     let applicable = runwarden_crds::policy::applicable_to_job(
         policies.iter().map(|p| p.as_ref()),
@@ -232,12 +240,46 @@ fn min_severity(
         scale_set,
         &job.repository,
         &job.workflow,
-    );
-    match applicable {
+    )?;
+    policies.iter().find(|p| std::ptr::eq(p.as_ref(), applicable)).cloned()
+}
+
+/// The least severity the policy that applies to the pod reports (`None`: reporting is off).
+fn min_severity(
+    policies: &Store<EgressPolicy>,
+    pod: &ObjectRef,
+    scale_set: Option<&str>,
+    job: &Job,
+) -> Option<Severity> {
+    match applicable_policy(policies, pod, scale_set, job) {
         Some(p) if !p.spec.anomaly_detection.enabled => None,
         Some(p) => Some(runwarden_status::model_severity(p.spec.anomaly_detection.min_severity)),
         // No policy: anomalies are reported at Medium.
         None => Some(Severity::Medium),
+    }
+}
+
+impl Caches {
+    /// The abused services for the pod's job: the built-in lists as its policy changes them.
+    fn services(&self, pod: &ObjectRef, scale_set: Option<&str>, job: &Job) -> Arc<Services> {
+        let Some(policy) = applicable_policy(&self.policies, pod, scale_set, job) else {
+            return self.builtin_services.clone();
+        };
+        let spec = &policy.spec.anomaly_detection.abused_services;
+        let key = (policy.namespace().unwrap_or_default(), policy.name_any());
+        let mut cache = self.services.borrow_mut();
+        if let Some((cached, services)) = cache.get(&key)
+            && cached == spec
+        {
+            return services.clone();
+        }
+        let services = Arc::new(runwarden_status::services(spec));
+        // Bounded: policies deleted long ago are rebuilt if they come back.
+        if cache.len() >= 1024 {
+            cache.clear();
+        }
+        cache.insert(key, (spec.clone(), services.clone()));
+        services
     }
 }
 
@@ -246,7 +288,15 @@ impl Scorer for Caches {
         min_severity(&self.policies, pod, scale_set, job)
     }
 
-    fn score(&self, namespace: &str, job: &Job, started: i64, dest: &Destination) -> Option<Verdict> {
+    fn score(
+        &self,
+        pod: &ObjectRef,
+        scale_set: Option<&str>,
+        job: &Job,
+        started: i64,
+        dest: &Destination,
+    ) -> Option<Verdict> {
+        let namespace = pod.namespace.as_str();
         let found = self.baselines.get(&StoreRef::new(&job.baseline).within(namespace));
         let spec_default;
         let (spec, model) = match &found {
@@ -283,6 +333,7 @@ impl Scorer for Caches {
             baseline: &model,
             config: &config,
             cluster: &self.cluster,
+            services: &self.services(pod, scale_set, job),
         };
         scored.score(&run, &dest.call())
     }
@@ -418,6 +469,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cluster: Cluster::default(),
         cluster_built: None,
         models: Default::default(),
+        builtin_services: Arc::new(Services::builtin().clone()),
+        services: Default::default(),
     };
     let mut pipeline = Pipeline::new(PipelineConfig::default());
     let mut shutdown = std::pin::pin!(crate::trace::interrupted());

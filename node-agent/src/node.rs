@@ -229,8 +229,16 @@ pub struct Run {
 pub trait Scorer {
     /// The least severity the pod's policy reports (`None`: reporting is off for it).
     fn min_severity(&self, pod: &ObjectRef, meta_scale_set: Option<&str>, job: &Job) -> Option<Severity>;
-    /// The detector's verdict on `dest` for `run` (`None`: normal for the job).
-    fn score(&self, namespace: &str, job: &Job, started: i64, dest: &Destination) -> Option<Verdict>;
+    /// The detector's verdict on `dest`, called by the run of `job` started at `started` in
+    /// `pod` (`None`: normal for the job).
+    fn score(
+        &self,
+        pod: &ObjectRef,
+        meta_scale_set: Option<&str>,
+        job: &Job,
+        started: i64,
+        dest: &Destination,
+    ) -> Option<Verdict>;
 }
 
 /// What the agent must do.
@@ -607,13 +615,13 @@ fn score_destination(
     if d.scored {
         return Vec::new();
     }
-    let mut verdict = scorer.score(&run.pod.namespace, &job, run.started, d);
+    let mut verdict = scorer.score(&run.pod, run.scale_set.as_deref(), &job, run.started, d);
     // An address answered for several names: the pod chose the order of its lookups, so the
     // call is judged under the most suspicious name, not the first.
     let mut worst_host = None;
     for name in &d.other_names {
         let candidate = Destination { host: Some(name.clone()), ..d.clone() };
-        let v = scorer.score(&run.pod.namespace, &job, run.started, &candidate);
+        let v = scorer.score(&run.pod, run.scale_set.as_deref(), &job, run.started, &candidate);
         if suspicion(v.as_ref()) > suspicion(verdict.as_ref()) {
             verdict = v;
             worst_host = Some(name.clone());
@@ -661,7 +669,7 @@ mod tests {
         fn min_severity(&self, _: &ObjectRef, _: Option<&str>, _: &Job) -> Option<Severity> {
             Some(Severity::Medium)
         }
-        fn score(&self, _: &str, _: &Job, _: i64, dest: &Destination) -> Option<Verdict> {
+        fn score(&self, _: &ObjectRef, _: Option<&str>, _: &Job, _: i64, dest: &Destination) -> Option<Verdict> {
             (dest.host.as_deref() != Some("github.com")).then(|| Verdict {
                 severity: Severity::High,
                 score: 0.8,

@@ -135,6 +135,25 @@ pub fn model_severity(s: runwarden_crds::Severity) -> Severity {
     }
 }
 
+/// The abused services for runners of a policy: the built-in lists with the policy's
+/// `anomalyDetection.abusedServices` applied.
+pub fn services(spec: &runwarden_crds::policy::AbusedServices) -> runwarden_detector::Services {
+    use runwarden_crds::policy::AbusedServiceCategory as C;
+    use runwarden_detector::Category;
+    let category = |c: C| match c {
+        C::Paste => Category::Paste,
+        C::IpEcho => Category::IpEcho,
+        C::RequestCatcher => Category::RequestCatcher,
+        C::Tunnel => Category::Tunnel,
+        C::MiningPool => Category::MiningPool,
+        C::FileDrop => Category::FileDrop,
+        C::SecretValidation => Category::SecretValidation,
+        C::DynamicDns => Category::DynamicDns,
+    };
+    runwarden_detector::Services::builtin()
+        .with(spec.add.iter().map(|a| (a.host.as_str(), category(a.category))), spec.ignore.iter().map(String::as_str))
+}
+
 /// A run id as the status stores it: the API keeps at most 32 characters (GitHub's run ids
 /// are numbers far shorter; a runner without ARC may have none and use a longer stand-in).
 fn stored_run_id(id: &str) -> String {

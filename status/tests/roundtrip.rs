@@ -38,7 +38,13 @@ fn grow(runs: &[Vec<Destination>], mode: Mode) -> (Baseline, Config) {
                 process: Some("curl"),
             })
             .collect();
-        let job = Job { repository: "acme/web", baseline: &b, config: &config, cluster: &cluster };
+        let job = Job {
+            repository: "acme/web",
+            baseline: &b,
+            config: &config,
+            cluster: &cluster,
+            services: runwarden_detector::Services::builtin(),
+        };
         let scored: Vec<_> = calls.iter().map(|c| (*c, job.score(&run, c))).collect();
         b.learn(&config, &run, &scored);
     }

@@ -248,6 +248,20 @@ async fn email_notifier_with_a_bad_address_is_rejected() {
 }
 
 #[tokio::test]
+async fn an_abused_service_with_a_wildcard_or_unknown_category_is_rejected() {
+    let obj = policy(
+        json!({"anomalyDetection": {"abusedServices": {"add": [{"host": "*.paste.example", "category": "Paste"}]}}}),
+    );
+    assert_rejected(obj, "spec.anomalyDetection.abusedServices.add[0].host", "no '*.'").await;
+    let obj = policy(
+        json!({"anomalyDetection": {"abusedServices": {"add": [{"host": "paste.example", "category": "Pastes"}]}}}),
+    );
+    assert_rejected(obj, "spec.anomalyDetection.abusedServices.add[0].category", "Unsupported value").await;
+    let obj = policy(json!({"anomalyDetection": {"abusedServices": {"ignore": ["ipify.org", "IPInfo.io"]}}}));
+    assert_rejected(obj, "spec.anomalyDetection.abusedServices.ignore", "lowercase domain name").await;
+}
+
+#[tokio::test]
 async fn unknown_minimum_severity_is_rejected() {
     let obj = policy(json!({"anomalyDetection": {"minSeverity": "Severe"}}));
     assert_rejected(obj, "spec.anomalyDetection.minSeverity", "Unsupported value: \"Severe\"").await;

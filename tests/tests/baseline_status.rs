@@ -49,7 +49,13 @@ async fn a_learned_model_round_trips_through_the_apiserver() {
         }
         let id = (5000 + n).to_string();
         let run = Run { id: &id, time: 1_767_225_600 + i64::from(n) * 3600, trigger: "push" };
-        let job = Job { repository: "acme/web", baseline: &b, config: &config, cluster: &cluster };
+        let job = Job {
+            repository: "acme/web",
+            baseline: &b,
+            config: &config,
+            cluster: &cluster,
+            services: runwarden_detector::Services::builtin(),
+        };
         let scored: Vec<_> = calls.iter().map(|c| (*c, job.score(&run, c))).collect();
         b.learn(&config, &run, &scored);
     }
@@ -93,7 +99,13 @@ async fn a_baseline_driven_past_every_cap_still_fits_its_object() {
             .collect();
         let (id, trigger) = ((9000 + n).to_string(), format!("trigger-{n}"));
         let run = Run { id: &id, time: 1_767_225_600 + i64::from(n) * 60, trigger: &trigger };
-        let job = Job { repository: "acme/web", baseline: &b, config: &config, cluster: &cluster };
+        let job = Job {
+            repository: "acme/web",
+            baseline: &b,
+            config: &config,
+            cluster: &cluster,
+            services: runwarden_detector::Services::builtin(),
+        };
         let scored: Vec<_> = calls.iter().map(|c| (*c, job.score(&run, c))).collect();
         b.learn(&config, &run, &scored);
     }

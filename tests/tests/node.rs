@@ -268,14 +268,16 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     assert!(quiet.is_empty(), "runs calling the learned hosts raise nothing: {quiet:?}");
 
     // The security team wants a webhook: a policy for the job with a notifier, applied as a
-    // user would; the receiver listens on the node's address.
+    // user would; the receiver listens on the node's address. It also knows exfil.test for a
+    // request catcher (the built-in abused-service lists, extended by the policy).
     let sink = HttpSink::start(SocketAddr::from((NODE_IP, 9311))).unwrap();
     let manifest = json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "siem-hook"},
          "stringData": {"url": format!("http://{NODE_IP}:9311/hook")}},
         {"apiVersion": "runwarden.dev/v1alpha1", "kind": "EgressPolicy", "metadata": {"name": "audit"},
          "spec": {"selector": {"repositories": ["acme/web"]}, "anomalyDetection": {"notifiers": [
-             {"name": "siem", "webhook": {"urlSecretRef": {"name": "siem-hook", "key": "url"}}}]}}}
+             {"name": "siem", "webhook": {"urlSecretRef": {"name": "siem-hook", "key": "url"}}}],
+             "abusedServices": {"add": [{"host": "exfil.test", "category": "RequestCatcher"}]}}}}
     ]})
     .to_string();
     kubectl_stdin(world.node, &["-n", &job.ns, "apply", "-f", "-"], &manifest);
@@ -309,6 +311,9 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     let body: serde_json::Value = serde_json::from_slice(&received[0].body).unwrap();
     assert_eq!(body["report"]["host"], "new.exfil.test", "{body}");
     assert_eq!(body["report"]["runId"], "106", "{body}");
+    // Under the policy's abused services: High, whatever the young baseline excuses.
+    assert_eq!(body["report"]["severity"], "high", "{body}");
+    assert!(body["report"]["reasons"][0].as_str().unwrap().contains("request catcher"), "{body}");
     assert!(body["approve"]["command"].as_str().unwrap().contains("patch workflowbaseline"), "{body}");
 
     let status = baseline.status.unwrap();

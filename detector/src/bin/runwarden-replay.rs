@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::net::IpAddr;
 
 use anyhow::{Context, bail};
-use runwarden_detector::{Baseline, Call, Cluster, Config, Job, Proto, Run, Severity};
+use runwarden_detector::{Baseline, Call, Cluster, Config, Job, Proto, Run, Services, Severity};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -113,7 +113,13 @@ fn main() -> anyhow::Result<()> {
         let mut scored = Vec::with_capacity(r.calls.len());
         let baseline = baselines.entry(r.workflow.to_string()).or_default();
         {
-            let job = Job { repository: &r.repository, baseline, config: &config, cluster: &cluster };
+            let job = Job {
+                repository: &r.repository,
+                baseline,
+                config: &config,
+                cluster: &cluster,
+                services: Services::builtin(),
+            };
             for c in &r.calls {
                 let proto = match c.proto.as_ref() {
                     "tcp" | "TCP" => Proto::Tcp,
