@@ -11,6 +11,8 @@
 #                            detection latency and agent memory on the real node (figures printed, nothing asserted;
 #                            the agent's need root)
 #   make replay              the detector on the public replay corpus, scored by its score.py
+#   make heldout             the detector on a held-out replay (new history, attacks from public incident reports,
+#                            detector/heldout/generate.py), scored the same way: a check not to tune against
 #   make dev-control-plane   start etcd + kube-apiserver by hand, CRDs installed, kubeconfig written
 
 SHELL := /bin/bash
@@ -20,7 +22,7 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/runwarden/target
 export RUNWARDEN_CACHE ?= $(HOME)/.cache/runwarden
 
-.PHONY: setup images demo demo-down test lint generate dev-control-plane bench replay
+.PHONY: setup images demo demo-down test lint generate dev-control-plane bench replay heldout
 
 # The public replay corpus, beside the repository.
 CORPUS ?= ../shared/datasets/egress-replay
@@ -72,3 +74,10 @@ replay:
 	cargo build --locked --release -q -p runwarden-detector --bin runwarden-replay
 	$(CARGO_TARGET_DIR)/release/runwarden-replay --input $(CORPUS)/runs.jsonl --output $(CARGO_TARGET_DIR)/alerts.jsonl
 	python3 $(CORPUS)/score.py --traces $(CORPUS) --alerts $(CARGO_TARGET_DIR)/alerts.jsonl
+
+HELDOUT := $(CARGO_TARGET_DIR)/heldout
+heldout:
+	cargo build --locked --release -q -p runwarden-detector --bin runwarden-replay
+	python3 detector/heldout/generate.py --jobs $(CORPUS)/jobs.jsonl --out $(HELDOUT)
+	$(CARGO_TARGET_DIR)/release/runwarden-replay --input $(HELDOUT)/runs.jsonl --output $(HELDOUT)/alerts.jsonl
+	python3 $(CORPUS)/score.py --traces $(HELDOUT) --alerts $(HELDOUT)/alerts.jsonl

@@ -119,7 +119,7 @@ pub enum BaselineMode {
 }
 
 /// Learning parameters of a baseline.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LearningSpec {
     /// Finished runs to learn from before any call of this job is reported (in `Auto` mode).
@@ -153,6 +153,17 @@ pub struct LearningSpec {
     #[serde(default = "default_confirm_runs")]
     #[schemars(range(min = 1, max = 100))]
     pub confirm_runs: u32,
+
+    /// Git refs whose runs may teach the baseline what is normal for every run: exact refs, or
+    /// `prefix/*` for every ref below a prefix. Runs of other refs (pull requests above all:
+    /// `refs/pull/N/merge`) are scored like any run, get no allowance for a young baseline,
+    /// and what they call is recorded as `Untrusted`. ARC does not say which branch is the
+    /// default: name yours if it is not main or master. Default `refs/heads/main`,
+    /// `refs/heads/master`, `refs/tags/*`; at most 32.
+    #[serde(default = "default_trusted_refs")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 255)))]
+    #[x_kube(validation = Rule::new("self.all(r, r.startsWith('refs/') && !r.contains('*') || r.endsWith('/*') && r.indexOf('*') == size(r) - 1)").message("every entry is a full ref (refs/heads/main) or a prefix ending in /* (refs/tags/*)"))]
+    pub trusted_refs: Vec<String>,
 }
 
 fn default_min_runs() -> u32 {
@@ -170,6 +181,9 @@ fn default_expire_days() -> u32 {
 fn default_confirm_runs() -> u32 {
     3
 }
+fn default_trusted_refs() -> Vec<String> {
+    ["refs/heads/main", "refs/heads/master", "refs/tags/*"].map(String::from).to_vec()
+}
 
 impl Default for LearningSpec {
     fn default() -> Self {
@@ -179,6 +193,7 @@ impl Default for LearningSpec {
             expire_after_runs: default_expire_runs(),
             expire_after_days: default_expire_days(),
             confirm_runs: default_confirm_runs(),
+            trusted_refs: default_trusted_refs(),
         }
     }
 }
@@ -374,6 +389,12 @@ pub enum EndpointState {
     /// while the baseline was young, typically): shown when called, and learned only once it
     /// recurs in enough runs.
     Unconfirmed,
+    /// Called only by runs of untrusted refs (pull requests, branches not in
+    /// `spec.learning.trustedRefs`). Runs of trusted refs judge it as new; runs of untrusted
+    /// refs find it normal unless it was reported (it has a `severity`), and then it is reported
+    /// again. It counts for nothing elsewhere: a pull request cannot make a destination normal
+    /// for the release job, nor familiar to other jobs.
+    Untrusted,
 }
 
 /// Summary of one finished run.

@@ -47,7 +47,7 @@ fn learned(config: &Config, hosts: &[String]) -> Baseline {
     let scored: Vec<_> = calls.iter().map(|c| (*c, None)).collect();
     for n in 0..20 {
         let id = n.to_string();
-        b.learn(config, &Run { id: &id, time: n * 3600, trigger: "push" }, &scored);
+        b.learn(config, &Run { id: &id, time: n * 3600, trigger: "push", git_ref: None }, &scored);
     }
     b
 }
@@ -67,7 +67,7 @@ fn bench(c: &mut Criterion) {
         cluster: &cluster,
         services: Services::builtin(),
     };
-    let run = Run { id: "99", time: 99 * 3600, trigger: "push" };
+    let run = Run { id: "99", time: 99 * 3600, trigger: "push", git_ref: None };
     let known = calls(&hosts);
 
     let mut g = c.benchmark_group("score");

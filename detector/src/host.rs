@@ -127,26 +127,44 @@ pub fn domain_stem(domain: &str) -> &str {
     domain.split('.').next().unwrap_or(domain)
 }
 
-/// Whether registrable domain `candidate` imitates `known` without being it: the same stem under
-/// another suffix (`npmjs.com.co` vs `npmjs.org`), or a stem one or two edits away
-/// (`githuh.com`, `pypi-org.com`). Short stems are not compared: too many honest collisions.
-pub fn is_lookalike(candidate: &str, known: &str) -> bool {
+/// How a registrable domain resembles another one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Resemblance {
+    /// The same name under another public suffix (`docker.io` and `docker.com`): organisations
+    /// often own their name under several suffixes, so this is weak evidence.
+    OtherSuffix,
+    /// A stem one or two edits away (`githuh.com`), the known name with punctuation moved
+    /// (`pypi-org.com`), or the known name followed by a suffix that reads as `.com`, `.org`,
+    /// ... (`npmjs.com.co`): made to be mistaken for it.
+    Imitation,
+}
+
+/// How registrable domain `candidate` resembles `known` without being it, if it does. Short
+/// stems are not compared: too many honest collisions.
+pub fn lookalike(candidate: &str, known: &str) -> Option<Resemblance> {
     if candidate == known {
-        return false;
+        return None;
     }
     let (a, b) = (domain_stem(candidate), domain_stem(known));
     if a.len() < 4 || b.len() < 4 {
-        return false;
+        return None;
     }
     if a == b {
-        return true;
+        // `npmjs.com.co`: a generic label right after the name makes it read as the original.
+        let mut rest = candidate[a.len()..].trim_start_matches('.').split('.');
+        let reads_generic = matches!(rest.next(), Some("com" | "net" | "org" | "co" | "gov" | "edu"));
+        return Some(if reads_generic && rest.next().is_some() {
+            Resemblance::Imitation
+        } else {
+            Resemblance::OtherSuffix
+        });
     }
     let squashed = |s: &str| s.replace(['-', '.'], "");
     if squashed(candidate).starts_with(&squashed(known)) || squashed(a) == squashed(b) {
-        return true;
+        return Some(Resemblance::Imitation);
     }
     let max_edits = if b.len() >= 8 { 2 } else { 1 };
-    a.len().abs_diff(b.len()) <= max_edits && edit_distance(a, b) <= max_edits
+    (a.len().abs_diff(b.len()) <= max_edits && edit_distance(a, b) <= max_edits).then_some(Resemblance::Imitation)
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -232,11 +250,14 @@ mod tests {
 
     #[test]
     fn lookalikes_are_caught() {
-        assert!(is_lookalike("npmjs.com.co", "npmjs.org"));
-        assert!(is_lookalike("githuh.com", "github.com"));
-        assert!(is_lookalike("pypi-org.com", "pypi.org"));
-        assert!(!is_lookalike("github.com", "github.com"));
-        assert!(!is_lookalike("gitlab.com", "github.com"));
-        assert!(!is_lookalike("go.dev", "go.org"));
+        use Resemblance::*;
+        assert_eq!(lookalike("npmjs.com.co", "npmjs.org"), Some(Imitation));
+        assert_eq!(lookalike("githuh.com", "github.com"), Some(Imitation));
+        assert_eq!(lookalike("pypi-org.com", "pypi.org"), Some(Imitation));
+        assert_eq!(lookalike("docker.io", "docker.com"), Some(OtherSuffix));
+        assert_eq!(lookalike("npmjs.org", "npmjs.com"), Some(OtherSuffix));
+        assert_eq!(lookalike("github.com", "github.com"), None);
+        assert_eq!(lookalike("gitlab.com", "github.com"), None);
+        assert_eq!(lookalike("go.dev", "go.org"), None);
     }
 }

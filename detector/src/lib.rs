@@ -11,13 +11,13 @@
 //! let config = Config { min_runs: 1, ..Config::default() };
 //! let mut baseline = Baseline::default();
 //! let cluster = Cluster::default();
-//! let run = Run { id: "1", time: 0, trigger: "push" };
+//! let run = Run { id: "1", time: 0, trigger: "push", git_ref: None };
 //! let github = Call { host: Some("github.com"), ip: None, port: 443, proto: Proto::Tcp, process: Some("git") };
 //! baseline.learn(&config, &run, &[(github, None)]);
 //!
 //! let services = Services::builtin();
 //! let job = Job { repository: "acme/web", baseline: &baseline, config: &config, cluster: &cluster, services };
-//! let run = Run { id: "2", time: 60, trigger: "push" };
+//! let run = Run { id: "2", time: 60, trigger: "push", git_ref: None };
 //! assert!(job.score(&run, &github).is_none());
 //! let odd = Call { host: None, ip: Some("203.0.113.7".parse().unwrap()), port: 4444, proto: Proto::Tcp, process: Some("sh") };
 //! assert!(job.score(&run, &odd).unwrap().severity >= Severity::High);

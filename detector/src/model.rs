@@ -53,7 +53,32 @@ pub struct Run<'a> {
     /// When the run happened, in seconds since the Unix epoch (the caller's clock).
     pub time: i64,
     /// The event that triggered it: `push`, `pull_request`, `release`, `schedule`, ...
+    /// (`unknown` when the runner does not say).
     pub trigger: &'a str,
+    /// The git ref its workflow ran from (`refs/heads/main`, `refs/pull/42/merge`), if known.
+    pub git_ref: Option<&'a str>,
+}
+
+impl Run<'_> {
+    /// Whether what this run calls may become normal for every run of the job: not a pull
+    /// request, and from a ref `config.trusted_refs` names (a run whose ref is unknown is
+    /// judged by its trigger alone).
+    pub fn is_trusted(&self, config: &Config) -> bool {
+        if self.trigger.starts_with("pull_request") {
+            return false;
+        }
+        self.git_ref.is_none_or(|r| config.trusted_refs.iter().any(|p| ref_matches(p, r)))
+    }
+}
+
+/// Whether `git_ref` matches `pattern`: exactly, or any ref below `prefix/` for `prefix/*`.
+pub fn ref_matches(pattern: &str, git_ref: &str) -> bool {
+    match pattern.strip_suffix("/*") {
+        Some(prefix) => {
+            git_ref.len() > prefix.len() + 1 && git_ref.starts_with(prefix) && git_ref[prefix.len()..].starts_with('/')
+        }
+        None => pattern == git_ref,
+    }
 }
 
 /// What the user wants done with this job (the `WorkflowBaseline` `spec.mode`).
@@ -94,11 +119,17 @@ pub enum State {
     /// first seen while the baseline was young): recorded, not normal, until it recurs in
     /// [`Config::confirm_runs`] runs. Learning never absorbs what it never confirmed.
     Unconfirmed,
+    /// Called only by runs of untrusted refs (pull requests, unprotected branches). Runs of
+    /// trusted refs judge it as new; runs of untrusted refs find it normal, unless it was
+    /// reported (it has a severity), and then it is reported again like an anomaly. It vouches
+    /// for nothing (not for its domain, family or lookalikes; other jobs do not count it): a
+    /// pull request cannot make a destination normal for the release job.
+    Untrusted,
 }
 
 impl State {
-    /// Whether calls to an endpoint in this state are normal for the job (and count as known
-    /// to the cluster).
+    /// Whether calls to an endpoint in this state are normal for every run of the job (and
+    /// count as known to the cluster).
     pub fn is_normal(self) -> bool {
         matches!(self, State::Learned | State::Approved)
     }
@@ -185,7 +216,14 @@ pub struct Config {
     pub max_endpoints: usize,
     /// Endpoints a person approved.
     pub approved: Vec<ApprovedRule>,
+    /// Git refs whose runs are trusted to teach the baseline (see [`Run::is_trusted`]):
+    /// exact refs, or `prefix/*`.
+    pub trusted_refs: Vec<String>,
 }
+
+/// Default of [`Config::trusted_refs`]: the usual default branches and tags. The runner does
+/// not say which branch is a repository's default; another one is named in the baseline's spec.
+pub const DEFAULT_TRUSTED_REFS: [&str; 3] = ["refs/heads/main", "refs/heads/master", "refs/tags/*"];
 
 impl Default for Config {
     fn default() -> Self {
@@ -199,6 +237,7 @@ impl Default for Config {
             confirm_runs: DEFAULT_CONFIRM_RUNS,
             max_endpoints: 500,
             approved: Vec::new(),
+            trusted_refs: DEFAULT_TRUSTED_REFS.map(String::from).to_vec(),
         }
     }
 }
@@ -247,6 +286,14 @@ pub struct Endpoint {
     pub triggers: Vec<String>,
     /// For anomalous endpoints: the severity they were last reported with.
     pub severity: Option<Severity>,
+}
+
+impl Endpoint {
+    /// Whether calls to it are normal for a run of a trusted ref or not (see [`State`]).
+    pub fn is_normal_for(&self, trusted: bool) -> bool {
+        self.state.is_normal()
+            || (self.state == State::Untrusted && !trusted && self.severity.is_none_or(|s| s < ANOMALY))
+    }
 }
 
 /// A family learned from several members of the same shape: rotating hosts
@@ -374,6 +421,7 @@ impl Baseline {
             }
         }
         let index = self.runs;
+        let trusted = run.is_trusted(config);
         let mut touched_patterns: Vec<usize> = Vec::new();
         let mut confirmed: Vec<EndpointKey> = Vec::new();
 
@@ -382,6 +430,17 @@ impl Baseline {
             if let Some(list) = self.hosts.get_mut(target.as_ref())
                 && let Some(e) = list.iter_mut().find(|e| e.port == call.port && e.proto == call.proto)
             {
+                let anomaly = verdict.as_ref().is_some_and(|v| v.severity >= ANOMALY);
+                if !trusted && e.state == State::Unconfirmed {
+                    // Runs of untrusted refs do not count towards confirming (a pull request
+                    // repeated three times must not make a destination normal); an anomaly
+                    // verdict still marks it.
+                    if anomaly {
+                        e.state = State::Anomalous;
+                        e.severity = verdict.as_ref().map(|v| v.severity);
+                    }
+                    continue;
+                }
                 if e.last_run_index != index {
                     e.runs_seen = e.runs_seen.saturating_add(1);
                 }
@@ -390,7 +449,9 @@ impl Baseline {
                 e.last_time = run.time;
                 remember(&mut e.processes, call.process, MAX_PROCESSES);
                 remember(&mut e.triggers, Some(run.trigger), MAX_TRIGGERS);
-                if let Some(v) = verdict {
+                if let Some(v) = verdict
+                    && (e.state != State::Untrusted || v.severity >= ANOMALY)
+                {
                     e.severity = Some(v.severity);
                 }
                 let approved = config.approved.iter().any(|r| r.matches(call));
@@ -401,9 +462,23 @@ impl Baseline {
                     // The approval was withdrawn; the endpoint was in use and accepted meanwhile.
                     e.state = State::Learned;
                 } else if e.state == State::Unconfirmed {
-                    if verdict.as_ref().is_some_and(|v| v.severity >= ANOMALY) || config.mode == Mode::Frozen {
+                    if anomaly || config.mode == Mode::Frozen {
                         e.state = State::Anomalous;
                     } else if e.runs_seen >= config.confirm_runs {
+                        e.state = State::Learned;
+                        e.severity = None;
+                        confirmed.push((target.to_string(), call.port, call.proto));
+                    }
+                } else if e.state == State::Untrusted && trusted {
+                    // First called by a trusted run: judged as new for it (what untrusted runs
+                    // were reported for does not carry over).
+                    e.severity = verdict.as_ref().map(|v| v.severity);
+                    if anomaly || config.mode == Mode::Frozen {
+                        e.state = State::Anomalous;
+                    } else if verdict.as_ref().is_some_and(|v| v.unfamiliar) && config.confirm_runs > 1 {
+                        e.state = State::Unconfirmed;
+                        e.runs_seen = 1;
+                    } else {
                         e.state = State::Learned;
                         e.severity = None;
                         confirmed.push((target.to_string(), call.port, call.proto));
@@ -426,7 +501,11 @@ impl Baseline {
             }
             let state = if config.approved.iter().any(|r| r.matches(call)) {
                 State::Approved
-            } else if verdict.as_ref().is_some_and(|v| v.severity >= ANOMALY) || config.mode == Mode::Frozen {
+            } else if config.mode == Mode::Frozen {
+                State::Anomalous
+            } else if !trusted {
+                State::Untrusted
+            } else if verdict.as_ref().is_some_and(|v| v.severity >= ANOMALY) {
                 State::Anomalous
             } else if verdict.as_ref().is_some_and(|v| v.unfamiliar) && config.confirm_runs > 1 {
                 State::Unconfirmed
@@ -447,7 +526,10 @@ impl Baseline {
                 last_run_index: index,
                 processes: call.process.map(|p| vec![p.to_string()]).unwrap_or_default(),
                 triggers: vec![run.trigger.to_string()],
-                severity: verdict.as_ref().filter(|_| !state.is_normal()).map(|v| v.severity),
+                severity: verdict
+                    .as_ref()
+                    .filter(|v| !state.is_normal() && (state != State::Untrusted || v.severity >= ANOMALY))
+                    .map(|v| v.severity),
             };
             self.hosts.entry(key.clone()).or_default().push(e);
             if state == State::Unconfirmed {
@@ -571,7 +653,7 @@ impl Baseline {
                 let call = Call { host, ip, port: e.port, proto: e.proto, process: None };
                 let approved = config.approved.iter().any(|r| r.matches(&call));
                 match (e.state, approved) {
-                    (State::Learned | State::Anomalous | State::Unconfirmed, true) => {
+                    (State::Learned | State::Anomalous | State::Unconfirmed | State::Untrusted, true) => {
                         if !e.state.is_normal() {
                             out.new_hosts.push(target.clone());
                         }
@@ -596,8 +678,10 @@ impl Baseline {
                 && now.saturating_sub(last_time) >= i64::from(config.expire_after_days) * 86_400
         };
         self.hosts.retain(|h, list| {
+            // Only what counted as known leaves the cluster's index.
+            let known = list.iter().any(|e| e.state.is_normal());
             list.retain(|e| !stale(e.last_run_index, e.last_time));
-            if list.is_empty() {
+            if known && !list.iter().any(|e| e.state.is_normal()) {
                 out.removed_hosts.push(h.clone());
             }
             !list.is_empty()
@@ -631,10 +715,13 @@ impl Baseline {
         candidates.sort();
         for (anomalous, _, _, _, h, port, proto) in candidates.into_iter().take(excess) {
             if let Some(list) = self.hosts.get_mut(&h) {
+                let known = list.iter().any(|e| e.state.is_normal());
                 list.retain(|e| !(e.port == port && e.proto == proto));
+                if known && !list.iter().any(|e| e.state.is_normal()) {
+                    out.removed_hosts.push(h.clone());
+                }
                 if list.is_empty() {
                     self.hosts.remove(&h);
-                    out.removed_hosts.push(h);
                 }
             }
             if anomalous {

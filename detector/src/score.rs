@@ -11,15 +11,15 @@
 //! | first call to a host by this job / a known host on a new port / a bare address | +2 / +1 / +3 |
 //! | cloud metadata address | +6 |
 //! | a label that looks like encoded data (DNS tunnelling) | +3 |
-//! | a lookalike of a domain this job or many jobs use | +3 |
+//! | a lookalike of a domain this job or many jobs use / its name under another suffix | +3 / +1 |
 //! | a non-standard port | +1.5 |
 //! | a registrable domain no job in the cluster has called | +1 |
 //! | reported before and not approved | keeps its points: it is reported again |
 //! | used by other jobs of the same repository / by 3+ jobs / by 1-2 jobs | -2.5 / -2.5 / -1.5 |
 //! | a rotating family other jobs learned / a sibling of a host this job calls | -2 / -1 |
 //! | a subdomain of a domain this job calls / of a domain other jobs call | -1 / -0.5 |
-//! | the run's trigger is one this job has rarely run under | -1 |
-//! | the baseline is young (fewer than `minRuns` runs) / churning | -2 / up to -1.5 |
+//! | the run's trigger is one this job has rarely run under (trusted runs only) | -1 |
+//! | the baseline is young (fewer than `minRuns` runs) / churning (trusted runs only) | -2 / up to -1.5 |
 //! | unconfirmed: called in earlier runs of this job, not yet in `confirmRuns` runs | -1 a run, up to -2 |
 //! | no job of the cluster knows it (nor its domain or family) | at least `low`, whatever the discounts |
 //! | an abused service (`detector/services/`: paste host, tunnel, mining pool, ...) | at least `high`, whatever the discounts |
@@ -29,7 +29,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::Cluster;
-use crate::host;
+use crate::host::{self, Resemblance};
 use crate::model::{Baseline, Call, Config, Mode, Run, State};
 use crate::services::Services;
 
@@ -138,10 +138,11 @@ impl Job<'_> {
     pub fn score(&self, run: &Run<'_>, call: &Call<'_>) -> Option<Verdict> {
         let target = call.target()?;
         let b = self.baseline;
+        let trusted = run.is_trusted(self.config);
         let known_here = b.hosts.get(target.as_ref());
         let endpoint = known_here.and_then(|l| l.iter().find(|e| e.port == call.port && e.proto == call.proto));
         if let Some(e) = endpoint
-            && e.state.is_normal()
+            && e.is_normal_for(trusted)
         {
             return None;
         }
@@ -161,7 +162,7 @@ impl Job<'_> {
         }
 
         let mut ev = Evidence { points: 0.0, reasons: Vec::new(), familiar: false };
-        let host_known = known_here.is_some_and(|l| l.iter().any(|e| e.state.is_normal()));
+        let host_known = known_here.is_some_and(|l| l.iter().any(|e| e.is_normal_for(trusted)));
         match (call.host, call.ip) {
             (_, Some(ip)) if host::is_metadata_address(ip) => {
                 ev.add(6.0, format!("{ip} is a cloud metadata address (credential theft)"));
@@ -183,6 +184,13 @@ impl Job<'_> {
                     e.runs_seen, e.first_run, self.config.confirm_runs
                 ),
             ),
+            Some(e) if e.state == State::Untrusted && trusted => ev.add(
+                0.0,
+                format!(
+                    "called before only by runs of untrusted refs (since run {}): new to this trusted run",
+                    e.first_run
+                ),
+            ),
             Some(e) => ev.add(0.0, format!("reported first in run {} and not approved", e.first_run)),
             None => {}
         }
@@ -196,13 +204,19 @@ impl Job<'_> {
             self.address_evidence(ip, &mut ev);
         }
 
-        if self.config.mode == Mode::Auto && b.runs < self.config.min_runs {
+        // A run of an untrusted ref (a pull request) gets no benefit of the doubt: a young
+        // baseline, a rare trigger or churn excuse nothing it calls.
+        if !trusted {
+            let from = run.git_ref.unwrap_or(run.trigger);
+            ev.add(0.0, format!("a run of an untrusted ref ({from}): no allowance for a young or changing baseline"));
+        }
+        if trusted && self.config.mode == Mode::Auto && b.runs < self.config.min_runs {
             ev.add(-2.0, format!("baseline still learning ({} of {} runs)", b.runs, self.config.min_runs));
         }
         // Context that excuses novelty in a grown baseline (a rare trigger, churn) only applies
         // to destinations the cluster knows something about: a host no job has ever called gets
         // no benefit of the doubt.
-        if self.config.mode != Mode::Frozen && ev.familiar {
+        if trusted && self.config.mode != Mode::Frozen && ev.familiar {
             let trigger_runs = b.triggers.get(run.trigger).copied().unwrap_or(0);
             if b.runs > 0 && trigger_runs < 2 {
                 ev.add(-1.0, format!("one of this job's first {} runs: new endpoints are expected", run.trigger));
@@ -241,8 +255,9 @@ impl Job<'_> {
             severity = self.config.min_severity;
             score = score.max(severity.lowest_score());
         }
-        // An anomaly keeps being reported at least as severely as it first was, until approved.
-        if let Some(first) = endpoint.and_then(|e| e.severity)
+        // An anomaly keeps being reported at least as severely as it first was, until approved
+        // (what runs of untrusted refs were reported for, a trusted run judges afresh).
+        if let Some(first) = endpoint.filter(|e| !(e.state == State::Untrusted && trusted)).and_then(|e| e.severity)
             && first > severity
         {
             severity = first;
@@ -311,16 +326,21 @@ impl Job<'_> {
 
         // A lookalike is a domain nobody here uses that resembles one people here use
         // (organisations own several spellings of their names: docker.com and docker.io).
-        if !job_uses_domain
-            && cluster.domain_uses(domain) == 0
-            && let Some(original) = self.imitated(domain)
-        {
-            ev.add(3.0, format!("{domain} looks like {original}"));
+        if !job_uses_domain && cluster.domain_uses(domain) == 0 {
+            match self.imitated(domain) {
+                Some((original, Resemblance::Imitation)) => ev.add(3.0, format!("{domain} looks like {original}")),
+                Some((original, Resemblance::OtherSuffix)) => ev.add(
+                    1.0,
+                    format!("{domain} is the name of {original} under another suffix (owners often hold both; squatters too)"),
+                ),
+                None => {}
+            }
         }
     }
 
-    /// A domain this job, or many jobs, call and that `domain` imitates.
-    fn imitated(&self, domain: &str) -> Option<String> {
+    /// A domain this job, or many jobs, call that `domain` resembles, and how (the closest
+    /// imitation first).
+    fn imitated(&self, domain: &str) -> Option<(String, Resemblance)> {
         // What the job learned or a person approved (not what is itself unconfirmed or anomalous).
         let mine = self
             .baseline
@@ -333,8 +353,9 @@ impl Job<'_> {
         let family = host::rotating_shape(domain);
         mine.chain(popular)
             .filter(|known| family.is_none() || host::rotating_shape(known) != family)
-            .find(|known| host::is_lookalike(domain, known))
-            .map(str::to_string)
+            .filter_map(|known| Some((known, host::lookalike(domain, known)?)))
+            .max_by_key(|(_, r)| *r)
+            .map(|(known, r)| (known.to_string(), r))
     }
 
     fn address_evidence(&self, ip: IpAddr, ev: &mut Evidence) {

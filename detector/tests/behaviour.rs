@@ -4,7 +4,8 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 use runwarden_detector::{
-    Approved, ApprovedRule, Baseline, Call, Cluster, Config, Job, Mode, Phase, Proto, Run, Severity, State, Verdict,
+    Approved, ApprovedRule, Baseline, Call, Cluster, Config, Job, Mode, Phase, Proto, Run, Services, Severity, State,
+    Verdict,
 };
 
 fn call(host: &str, port: u16) -> Call<'_> {
@@ -18,7 +19,7 @@ fn bare(ip: &str, port: u16) -> Call<'static> {
 
 fn run(n: u32) -> Run<'static> {
     let id: &'static str = Box::leak(n.to_string().into_boxed_str());
-    Run { id, time: 1_767_225_600 + i64::from(n) * 3600, trigger: "push" }
+    Run { id, time: 1_767_225_600 + i64::from(n) * 3600, trigger: "push", git_ref: None }
 }
 
 const USUAL: [&str; 5] =
@@ -529,4 +530,83 @@ fn a_policy_adds_abused_services_and_ignores_listed_ones() {
     assert!(v.reasons.iter().all(|r| !r.contains("IP-echo")), "{v:?}");
     let builtin = score(&b, &config, &cluster, &call("api.ipify.org", 443)).unwrap();
     assert!(v.score < builtin.score, "{v:?} vs {builtin:?}");
+}
+
+/// A run of `n` from `git_ref` with `trigger`.
+fn run_from(n: u32, trigger: &'static str, git_ref: &'static str) -> Run<'static> {
+    Run { git_ref: Some(git_ref), trigger, ..run(n) }
+}
+
+#[test]
+fn pull_requests_cannot_poison_a_release_jobs_baseline() {
+    let config = Config::default();
+    let cluster = Cluster::default();
+    // A young release job: two runs from tags.
+    let mut b = Baseline::default();
+    for n in 0..2 {
+        observe(&mut b, &config, &cluster, &run_from(n, "release", "refs/tags/v1.0.0"), &USUAL.map(|h| call(h, 443)));
+    }
+    let evil = call("telemetry-collect.xyz", 443);
+    // The same call from a trusted run would be excused by the young baseline ...
+    let from_tag =
+        Job { repository: "acme/web", baseline: &b, config: &config, cluster: &cluster, services: Services::builtin() }
+            .score(&run_from(2, "release", "refs/tags/v1.0.1"), &evil)
+            .unwrap();
+    assert!(from_tag.severity < Severity::Medium, "{from_tag:?}");
+    // ... but pull requests get no allowance: each of their runs reports it.
+    for n in 2..8 {
+        let v = observe(&mut b, &config, &cluster, &run_from(n, "pull_request", "refs/pull/7/merge"), &[evil]);
+        let v = v[0].as_ref().expect("reported");
+        assert!(v.severity >= Severity::Medium, "pull request run {n}: {v:?}");
+        assert!(v.reasons.iter().any(|r| r.contains("untrusted ref (refs/pull/7/merge)")), "{v:?}");
+    }
+    // Six pull request runs taught the release job nothing: the next release run that calls it
+    // is judged as new, and says why.
+    assert_eq!(b.endpoint("telemetry-collect.xyz", 443, Proto::Tcp).unwrap().state, State::Untrusted);
+    let release = run_from(8, "release", "refs/tags/v1.1.0");
+    let job =
+        Job { repository: "acme/web", baseline: &b, config: &config, cluster: &cluster, services: Services::builtin() };
+    let v = job.score(&release, &evil).expect("not normal for a release run");
+    assert!(v.reasons.iter().any(|r| r.contains("only by runs of untrusted refs")), "{v:?}");
+}
+
+#[test]
+fn what_pull_requests_call_is_normal_for_them_and_learned_only_from_a_trusted_run() {
+    let config = Config::default();
+    let cluster = Cluster::default();
+    let mut b = grown(&config, 20);
+    // Under a domain the job uses: unremarkable, so not reported to the pull request.
+    let docs = call("docs.nodejs.org", 443);
+    let pr = |n| run_from(n, "pull_request", "refs/pull/9/merge");
+    let v = observe(&mut b, &config, &cluster, &pr(20), &[docs]);
+    assert!(v[0].as_ref().is_some_and(|v| v.severity < Severity::Medium), "{v:?}");
+    let learned = b.learn(&config, &pr(21), &[(docs, None)]);
+    assert!(learned.new_hosts.is_empty(), "other jobs do not count what a pull request taught: {learned:?}");
+    assert_eq!(observe(&mut b, &config, &cluster, &pr(22), &[docs]), [None], "normal for pull requests now");
+    // Not for a push to main, nor does it vouch for its domain's other names there.
+    let main = |n| run_from(n, "push", "refs/heads/main");
+    let job =
+        Job { repository: "acme/web", baseline: &b, config: &config, cluster: &cluster, services: Services::builtin() };
+    assert!(job.score(&main(23), &docs).is_some());
+    // A feature branch is not trusted either (only main, master and tags by default).
+    assert!(!run_from(23, "push", "refs/heads/feature/x").is_trusted(&config));
+    // The push learns it on its own merit; from then on it is normal for every run.
+    observe(&mut b, &config, &cluster, &main(23), &[docs]);
+    assert_eq!(b.endpoint("docs.nodejs.org", 443, Proto::Tcp).unwrap().state, State::Learned);
+    assert_eq!(observe(&mut b, &config, &cluster, &main(24), &[docs]), [None]);
+}
+
+#[test]
+fn trusted_refs_are_configurable_and_match_exactly_or_by_prefix() {
+    let config =
+        Config { trusted_refs: vec!["refs/heads/develop".into(), "refs/heads/release/*".into()], ..Config::default() };
+    let trusted = |r| run_from(0, "push", r).is_trusted(&config);
+    assert!(trusted("refs/heads/develop"));
+    assert!(trusted("refs/heads/release/1.x"));
+    assert!(!trusted("refs/heads/release"));
+    assert!(!trusted("refs/heads/release-1.x"));
+    assert!(!trusted("refs/heads/main"));
+    // A pull request is untrusted whatever its ref; a run whose ref is unknown, by its trigger.
+    assert!(!run_from(0, "pull_request_target", "refs/heads/develop").is_trusted(&config));
+    assert!(run(0).is_trusted(&config));
 }

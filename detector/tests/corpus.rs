@@ -78,7 +78,12 @@ fn the_largest_corpus_job_stays_under_256_kib_after_1000_runs() {
     for n in 0..1000usize {
         let r = history[n % history.len()];
         let id = n.to_string();
-        let run = Run { id: &id, time: 1_767_225_600 + n as i64 * 3600, trigger: r["trigger"].as_str().unwrap() };
+        let run = Run {
+            id: &id,
+            time: 1_767_225_600 + n as i64 * 3600,
+            trigger: r["trigger"].as_str().unwrap(),
+            git_ref: None,
+        };
         let calls: Vec<Call<'_>> = r["calls"]
             .as_array()
             .unwrap()

@@ -327,7 +327,12 @@ impl Scorer for Caches {
             }
         };
         let config = runwarden_status::config(spec, Severity::Medium).ok()?;
-        let run = runwarden_detector::Run { id: &job.run_id, time: started, trigger: TRIGGER };
+        let run = runwarden_detector::Run {
+            id: &job.run_id,
+            time: started,
+            trigger: TRIGGER,
+            git_ref: job.git_ref.as_deref(),
+        };
         let scored = runwarden_detector::Job {
             repository: &job.repository,
             baseline: &model,
@@ -797,7 +802,12 @@ async fn merger(
             let calls: Vec<(runwarden_detector::Call<'_>, Option<Verdict>)> =
                 run.destinations.values().map(|d| (d.call(), d.verdict.clone())).collect();
             let finished = FinishedRun {
-                run: runwarden_detector::Run { id: &job.run_id, time: run.started, trigger: TRIGGER },
+                run: runwarden_detector::Run {
+                    id: &job.run_id,
+                    time: run.started,
+                    trigger: TRIGGER,
+                    git_ref: job.git_ref.as_deref(),
+                },
                 runner: &run.pod.name,
                 calls: &calls,
                 total_calls: run.total_calls.min(u64::from(u32::MAX)) as u32,

@@ -117,6 +117,10 @@ pub struct Job {
     pub run_id: String,
     /// The job's `WorkflowBaseline` (in the pod's namespace).
     pub baseline: String,
+    /// The git ref its workflow ran from (`refs/pull/42/merge`): whether the run may teach
+    /// the baseline (see `spec.learning.trustedRefs`).
+    #[serde(default)]
+    pub git_ref: Option<String>,
 }
 
 impl Job {
@@ -127,6 +131,7 @@ impl Job {
             job: identity.job.clone(),
             run_id: identity.run_id.clone().unwrap_or_else(|| pod_uid.to_string()),
             baseline: identity.baseline_name(),
+            git_ref: identity.git_ref.clone(),
         }
     }
 }

@@ -67,6 +67,7 @@ fn run(ns: &str, run_id: &str, host: &str, port: u16) -> (Box<Run>, String) {
             job: identity.job.clone(),
             run_id: run_id.into(),
             baseline: identity.baseline_name(),
+            git_ref: identity.git_ref.clone(),
         }),
         started: now / 1000,
         destinations: [(key.clone(), dest)].into(),

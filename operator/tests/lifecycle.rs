@@ -44,7 +44,7 @@ async fn merge(api: &Api<WorkflowBaseline>, n: u32, extra: Option<(Call<'_>, Opt
         vec![(Call { host: Some("github.com"), ip: None, port: 443, proto: Proto::Tcp, process: Some("git") }, None)];
     calls.extend(extra);
     let finished = FinishedRun {
-        run: Run { id: &id, time: 1_767_225_600 + i64::from(n) * 600, trigger: "push" },
+        run: Run { id: &id, time: 1_767_225_600 + i64::from(n) * 600, trigger: "push", git_ref: None },
         runner: "arc-runner-0",
         calls: &calls,
         total_calls: calls.len() as u32,

@@ -76,6 +76,7 @@ pub fn config(spec: &WorkflowBaselineSpec, min_severity: Severity) -> Result<Con
         confirm_runs: spec.learning.confirm_runs,
         max_endpoints: api::MAX_ENDPOINTS,
         approved,
+        trusted_refs: spec.learning.trusted_refs.clone(),
     })
 }
 
@@ -243,6 +244,7 @@ fn endpoint_status(target: &str, e: &Endpoint) -> LearnedEndpoint {
             State::Approved => EndpointState::Approved,
             State::Anomalous => EndpointState::Anomalous,
             State::Unconfirmed => EndpointState::Unconfirmed,
+            State::Untrusted => EndpointState::Untrusted,
         },
         severity: e.severity.map(severity),
     }
@@ -325,6 +327,7 @@ fn endpoint(e: &LearnedEndpoint) -> Endpoint {
             EndpointState::Approved => State::Approved,
             EndpointState::Anomalous => State::Anomalous,
             EndpointState::Unconfirmed => State::Unconfirmed,
+            EndpointState::Untrusted => State::Untrusted,
         },
         runs_seen: e.runs_seen,
         first_run: e.first_seen_run.clone().unwrap_or_default(),

@@ -36,7 +36,7 @@ async fn merge_as(api: &Api<WorkflowBaseline>, w: usize, id: &str, runner: &str,
         (Call { host: Some(&own), ip: None, port: 443, proto: Proto::Tcp, process: Some("curl") }, None),
     ];
     let finished = FinishedRun {
-        run: Run { id, time: 1_767_225_600 + (n * 60) as i64, trigger: "push" },
+        run: Run { id, time: 1_767_225_600 + (n * 60) as i64, trigger: "push", git_ref: None },
         runner,
         calls: &calls,
         total_calls: 7,

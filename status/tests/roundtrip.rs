@@ -21,13 +21,22 @@ fn destination() -> impl Strategy<Value = Destination> {
 }
 
 fn grow(runs: &[Vec<Destination>], mode: Mode) -> (Baseline, Config) {
+    grow_with(runs, mode, &["push", "pull_request", "release", "schedule"])
+}
+
+/// Learns `runs`, their triggers taken in turn from `triggers`.
+fn grow_with(runs: &[Vec<Destination>], mode: Mode, triggers: &[&str]) -> (Baseline, Config) {
     let config = Config { mode, min_runs: 3, ..Config::default() };
     let mut b = Baseline::default();
     let cluster = Cluster::default();
-    let triggers = ["push", "pull_request", "release", "schedule"];
     for (n, calls) in runs.iter().enumerate() {
         let id = format!("{}", 1000 + n);
-        let run = Run { id: &id, time: 1_767_225_600 + n as i64 * 3600, trigger: triggers[n % triggers.len()] };
+        let run = Run {
+            id: &id,
+            time: 1_767_225_600 + n as i64 * 3600,
+            trigger: triggers[n % triggers.len()],
+            git_ref: None,
+        };
         let calls: Vec<Call<'_>> = calls
             .iter()
             .map(|(h, ip, port)| Call {
@@ -124,7 +133,11 @@ fn every_kind() -> (Baseline, Config) {
         ]);
     }
     runs.push(vec![(Some("paste.example".into()), None, 443), (None, Some([203, 0, 113, 77].into()), 4444)]);
-    grow(&runs, Mode::Auto)
+    // A pull request's own host: untrusted.
+    runs.push(vec![(Some("docs.github.com".into()), None, 443)]);
+    let mut triggers = vec!["push"; runs.len() - 1];
+    triggers.push("pull_request");
+    grow_with(&runs, Mode::Auto, &triggers)
 }
 
 #[test]
@@ -134,6 +147,10 @@ fn every_kind_of_entry_survives_the_status() {
     assert!(b.patterns.iter().any(|p| p.shape == "198.51.100.0/24"), "{:?}", b.patterns);
     assert!(b.hosts.values().flatten().any(|e| e.state == runwarden_detector::State::Anomalous));
     assert!(b.hosts.contains_key("2001:db8::7"));
+    assert_eq!(
+        b.endpoint("docs.github.com", 443, Proto::Tcp).map(|e| e.state),
+        Some(runwarden_detector::State::Untrusted)
+    );
     let mut status = WorkflowBaselineStatus::default();
     runwarden_status::write(&b, &config, &mut status);
     assert!(status.endpoints.iter().any(|e| e.cidr.as_deref() == Some("2001:db8::7/128")));

@@ -38,11 +38,14 @@ fn ephemeral_runners(client: &Client, ns: &str) -> Api<DynamicObject> {
 }
 
 /// A workflow job (`acme/<repo>` `ci.yml` `build`) whose runners are in a namespace of its own.
+#[derive(Clone)]
 pub struct Job {
     /// The namespace of its runners and baseline.
     pub ns: String,
     /// `acme/<repo>`.
     pub repo: String,
+    /// The git ref its runs' workflow comes from (`refs/heads/main`).
+    pub git_ref: String,
 }
 
 impl Job {
@@ -57,7 +60,12 @@ impl Job {
             assert!(started.elapsed() < Duration::from_secs(30), "no default ServiceAccount in {ns} after 30s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Job { ns, repo: format!("acme/{repo}") }
+        Job { ns, repo: format!("acme/{repo}"), git_ref: "refs/heads/main".into() }
+    }
+
+    /// The same job, its runs from `git_ref` (`refs/pull/7/merge` for a pull request).
+    pub fn from_ref(&self, git_ref: &str) -> Job {
+        Job { git_ref: git_ref.into(), ..self.clone() }
     }
 
     /// Starts run `run_id` as ARC does: an EphemeralRunner given the job (its status filled in as
@@ -90,7 +98,7 @@ impl Job {
         let runner = runners.create(&PostParams::default(), &runner).await.unwrap();
         let status = json!({"status": {
             "phase": "Running", "ready": true, "runnerName": name, "jobRequestId": run_id * 10,
-            "jobRepositoryName": self.repo, "jobWorkflowRef": format!("{}/.github/workflows/ci.yml@refs/heads/main", self.repo),
+            "jobRepositoryName": self.repo, "jobWorkflowRef": format!("{}/.github/workflows/ci.yml@{}", self.repo, self.git_ref),
             "workflowRunId": run_id, "jobDisplayName": "build"
         }});
         if assign_job {

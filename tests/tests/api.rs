@@ -285,6 +285,15 @@ async fn workflow_with_a_ref_is_rejected() {
 }
 
 #[tokio::test]
+async fn a_trusted_ref_that_is_not_a_full_ref_or_prefix_is_rejected() {
+    for bad in ["main", "refs/heads/rel*", "refs/*/main"] {
+        let obj = baseline(json!({"learning": {"trustedRefs": ["refs/heads/main", bad]}}));
+        assert_rejected(obj, "spec.learning.trustedRefs", "a full ref (refs/heads/main) or a prefix ending in /*")
+            .await;
+    }
+}
+
+#[tokio::test]
 async fn baseline_without_a_job_is_rejected() {
     let mut obj = baseline(json!({}));
     obj["spec"].as_object_mut().unwrap().remove("job");

@@ -48,7 +48,7 @@ async fn a_learned_model_round_trips_through_the_apiserver() {
             });
         }
         let id = (5000 + n).to_string();
-        let run = Run { id: &id, time: 1_767_225_600 + i64::from(n) * 3600, trigger: "push" };
+        let run = Run { id: &id, time: 1_767_225_600 + i64::from(n) * 3600, trigger: "push", git_ref: None };
         let job = Job {
             repository: "acme/web",
             baseline: &b,
@@ -98,7 +98,7 @@ async fn a_baseline_driven_past_every_cap_still_fits_its_object() {
             .map(|h| Call { host: Some(h), ip: None, port: 8443, proto: Proto::Tcp, process: Some("curl") })
             .collect();
         let (id, trigger) = ((9000 + n).to_string(), format!("trigger-{n}"));
-        let run = Run { id: &id, time: 1_767_225_600 + i64::from(n) * 60, trigger: &trigger };
+        let run = Run { id: &id, time: 1_767_225_600 + i64::from(n) * 60, trigger: &trigger, git_ref: None };
         let job = Job {
             repository: "acme/web",
             baseline: &b,

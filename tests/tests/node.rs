@@ -26,7 +26,7 @@ use tokio::sync::OnceCell;
 /// never called, on a non-standard port. (A new host on 443 in a baseline younger than the
 /// detector's `min_runs` scores Low, below the default Medium: the detector issue's "young
 /// baseline" case.)
-const HOSTS: [&str; 3] = ["api.github.test", "cdn.packages.test", "new.exfil.test"];
+const HOSTS: [&str; 4] = ["api.github.test", "cdn.packages.test", "new.exfil.test", "mirror.pr.test"];
 
 /// What the tests share: the node with runwarden installed, the DNS server and the listeners.
 struct World {
@@ -322,6 +322,24 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     assert!(last.anomalies.iter().any(|a| a.endpoint.starts_with("new.exfil.test:8080")), "{last:?}");
     // api, cdn, new and the DNS server; nothing of the other job running beside it.
     assert_eq!(last.endpoints, 4, "the run's own calls, none of another job's: {last:?}");
+
+    // Run 107 is a pull request (its workflow from refs/pull/7/merge): the young baseline
+    // excuses nothing it calls, and what it calls is not learned as normal for the job.
+    job.from_ref("refs/pull/7/merge")
+        .run(world.node, 107, "api.github.test", &["cdn.packages.test", "mirror.pr.test"])
+        .await;
+    let status = job.wait_merged(world.node, 107).await.status.unwrap();
+    let pr = status.endpoints.iter().find(|e| e.host.as_deref() == Some("mirror.pr.test")).expect("recorded");
+    assert_eq!(pr.state, runwarden_crds::baseline::EndpointState::Untrusted, "{pr:?}");
+    let started = Instant::now();
+    while sink.received().len() < 2 && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let received = sink.received();
+    let body: serde_json::Value = serde_json::from_slice(&received.last().unwrap().body).unwrap();
+    assert_eq!(body["report"]["host"], "mirror.pr.test", "{body}");
+    let reasons = body["report"]["reasons"].to_string();
+    assert!(reasons.contains("untrusted ref (refs/pull/7/merge)"), "{reasons}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,9 @@ struct RunLine<'a> {
     time: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     trigger: std::borrow::Cow<'a, str>,
+    /// The git ref the workflow ran from, when the history has it.
+    #[serde(borrow, default, rename = "ref")]
+    git_ref: Option<std::borrow::Cow<'a, str>>,
     calls: Vec<CallLine<'a>>,
 }
 
@@ -109,7 +112,7 @@ fn main() -> anyhow::Result<()> {
         }
         let r: RunLine = serde_json::from_str(&line).with_context(|| format!("line {}: not a run", n + 1))?;
         let time = parse_time(&r.time).with_context(|| format!("line {}: time {:?}", n + 1, r.time))?;
-        let run = Run { id: &r.run, time, trigger: &r.trigger };
+        let run = Run { id: &r.run, time, trigger: &r.trigger, git_ref: r.git_ref.as_deref() };
         let mut scored = Vec::with_capacity(r.calls.len());
         let baseline = baselines.entry(r.workflow.to_string()).or_default();
         {
