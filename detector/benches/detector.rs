@@ -1,7 +1,10 @@
 //! Scoring and learning cost: `make bench` (or `cargo bench -p runwarden-detector`).
 //!
 //! - `score/known`: calls to endpoints the job learned (the common case on the agent's hot path).
-//! - `score/new`: calls to endpoints it did not (full evidence, reasons allocated).
+//! - `score/new`: calls to endpoints it did not (full evidence, reasons allocated), with the
+//!   baseline's and the cluster's indexes built (they are, after the first call of a version).
+//! - `score/new-large-cluster`: the same beside 2,000 other jobs calling 3,000 domains.
+//! - `index/build`: what the first scored call after a merge pays to index the baseline.
 //! - `learn/run`: merging a finished run of 25 calls into the baseline.
 
 use std::hint::black_box;
@@ -89,6 +92,28 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    let mut large = Cluster::default();
+    for job in 0..2000 {
+        for k in 0..40 {
+            large.add_host(
+                &format!("org{}/repo{}", job % 300, job % 7),
+                &format!("api.vendor{}.com", (job * 7 + k * 13) % 3000),
+            );
+        }
+    }
+    let job_large = Job { cluster: &large, ..job };
+    g.bench_function("new-large-cluster", |b| {
+        b.iter(|| {
+            for call in &new_calls {
+                black_box(job_large.score(&run, black_box(call)));
+            }
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("index");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("build", |b| b.iter(|| black_box(runwarden_detector::index::BaselineIndex::build(&baseline))));
     g.finish();
 
     let mut g = c.benchmark_group("learn");

@@ -5,8 +5,9 @@
 //! Only learned endpoints count: an anomaly reported in many jobs does not become normal.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
-use crate::host;
+use crate::host::{self, Lookalikes};
 
 /// Prevalence of hosts, domains and rotating shapes across the cluster's baselines.
 #[derive(Clone, Debug, Default)]
@@ -17,7 +18,12 @@ pub struct Cluster {
     domains: HashMap<String, u32>,
     /// Rotating shape → number of jobs with that pattern.
     shapes: HashMap<String, u32>,
+    /// The popular domains prepared for lookalike checks, built on first use after a change.
+    popular: OnceLock<Lookalikes>,
 }
+
+/// (Job, host) pairs under a registrable domain that make it worth imitating.
+const POPULAR: u32 = 5;
 
 /// How common a host is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -31,12 +37,14 @@ pub struct Prevalence {
 impl Cluster {
     /// Records that a job of `repository` learned `host`.
     pub fn add_host(&mut self, repository: &str, host: &str) {
+        self.popular = OnceLock::new();
         *self.hosts.entry(host.to_string()).or_default().entry(repository.to_string()).or_default() += 1;
         *self.domains.entry(host::registrable_domain(host).to_string()).or_default() += 1;
     }
 
     /// Records that a job of `repository` no longer has `host`.
     pub fn remove_host(&mut self, repository: &str, host: &str) {
+        self.popular = OnceLock::new();
         if let Some(repos) = self.hosts.get_mut(host) {
             if let Some(n) = repos.get_mut(repository) {
                 *n = n.saturating_sub(1);
@@ -96,9 +104,15 @@ impl Cluster {
         self.shapes.get(shape).copied().unwrap_or(0)
     }
 
-    /// Registrable domains used by at least `min_uses` (job, host) pairs: the names worth
-    /// imitating.
-    pub fn popular_domains(&self, min_uses: u32) -> impl Iterator<Item = &str> {
-        self.domains.iter().filter(move |(_, n)| **n >= min_uses).map(|(d, _)| d.as_str())
+    /// Registrable domains used by at least five (job, host) pairs, the names worth imitating,
+    /// prepared for lookalike checks.
+    pub fn popular(&self) -> &Lookalikes {
+        self.popular.get_or_init(|| {
+            let mut popular: Vec<&str> =
+                self.domains.iter().filter(|(_, n)| **n >= POPULAR).map(|(d, _)| d.as_str()).collect();
+            // In a stable order, so that which of two lookalike originals is named does not vary.
+            popular.sort_unstable();
+            Lookalikes::new(popular)
+        })
     }
 }

@@ -3,6 +3,7 @@
 //! `x.blob.core.windows.net` are domains of their own), the shape of a rotating name, signs of
 //! DNS tunnelling, lookalikes, and special addresses.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The registrable domain of `host` (`api.github.com` → `github.com`;
@@ -142,35 +143,165 @@ pub enum Resemblance {
 /// How registrable domain `candidate` resembles `known` without being it, if it does. Short
 /// stems are not compared: too many honest collisions.
 pub fn lookalike(candidate: &str, known: &str) -> Option<Resemblance> {
-    if candidate == known {
-        return None;
+    Prepared::new(candidate).resembles(&Prepared::new(known))
+}
+
+/// A registrable domain with the forms the lookalike rules compare, computed once.
+#[derive(Clone, Debug)]
+struct Prepared {
+    domain: String,
+    stem_len: usize,
+    /// The domain without `-` and `.`.
+    squashed: String,
+    /// The stem without `-`.
+    squashed_stem: String,
+    /// Which of 64 byte classes occur in the stem: an edit changes at most two.
+    letters: u64,
+}
+
+impl Prepared {
+    fn new(domain: &str) -> Self {
+        let stem = domain_stem(domain);
+        let letters = stem.bytes().fold(0u64, |m, b| m | 1 << (b % 64));
+        Prepared {
+            domain: domain.to_string(),
+            stem_len: stem.len(),
+            squashed: domain.replace(['-', '.'], ""),
+            squashed_stem: stem.replace('-', ""),
+            letters,
+        }
     }
-    let (a, b) = (domain_stem(candidate), domain_stem(known));
-    if a.len() < 4 || b.len() < 4 {
-        return None;
+
+    fn stem(&self) -> &str {
+        &self.domain[..self.stem_len]
     }
-    if a == b {
-        // `npmjs.com.co`: a generic label right after the name makes it read as the original.
-        let mut rest = candidate[a.len()..].trim_start_matches('.').split('.');
-        let reads_generic = matches!(rest.next(), Some("com" | "net" | "org" | "co" | "gov" | "edu"));
-        return Some(if reads_generic && rest.next().is_some() {
-            Resemblance::Imitation
-        } else {
-            Resemblance::OtherSuffix
-        });
+
+    fn resembles(&self, known: &Prepared) -> Option<Resemblance> {
+        let (a, b) = (self.stem(), known.stem());
+        if self.domain == known.domain || a.len() < 4 || b.len() < 4 {
+            return None;
+        }
+        if a == b {
+            // `npmjs.com.co`: a generic label right after the name makes it read as the original.
+            let mut rest = self.domain[a.len()..].trim_start_matches('.').split('.');
+            let reads_generic = matches!(rest.next(), Some("com" | "net" | "org" | "co" | "gov" | "edu"));
+            return Some(if reads_generic && rest.next().is_some() {
+                Resemblance::Imitation
+            } else {
+                Resemblance::OtherSuffix
+            });
+        }
+        if self.squashed.starts_with(&known.squashed) || self.squashed_stem == known.squashed_stem {
+            return Some(Resemblance::Imitation);
+        }
+        let max_edits = if b.len() >= 8 { 2 } else { 1 };
+        (a.len().abs_diff(b.len()) <= max_edits
+            && (self.letters ^ known.letters).count_ones() <= 2 * max_edits as u32
+            && edit_distance(a, b) <= max_edits)
+            .then_some(Resemblance::Imitation)
     }
-    let squashed = |s: &str| s.replace(['-', '.'], "");
-    if squashed(candidate).starts_with(&squashed(known)) || squashed(a) == squashed(b) {
-        return Some(Resemblance::Imitation);
+}
+
+/// Registrable domains prepared for lookalike checks: the domains a job calls, or the
+/// cluster's popular ones. Built once per baseline (or cluster) version; a check is a few hash
+/// lookups for the exact rules and, for the edit-distance rule, a scan of the domains whose
+/// stem is within two characters of the candidate's length, filtered by which letters occur.
+#[derive(Clone, Debug, Default)]
+pub struct Lookalikes {
+    known: Vec<Prepared>,
+    /// Stem → domains with that stem (the same name under another suffix).
+    by_stem: HashMap<String, Vec<u32>>,
+    /// Stem without `-` → domains.
+    by_squashed_stem: HashMap<String, Vec<u32>>,
+    /// Domain without `-` and `.` → domains (a candidate that starts with one imitates it).
+    by_squashed: HashMap<String, Vec<u32>>,
+    /// Stem length → (letters, domain), for the edit-distance rule.
+    by_length: HashMap<usize, Vec<(u64, u32)>>,
+    /// Which lengths (below 128) the keys of `by_squashed` have: only those prefixes are looked up.
+    squashed_lengths: u128,
+}
+
+impl Lookalikes {
+    /// Prepares `domains` (duplicates dropped).
+    pub fn new<'a>(domains: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Lookalikes::default();
+        for d in domains.into_iter().filter(|d| seen.insert(*d)) {
+            let p = Prepared::new(d);
+            let i = out.known.len() as u32;
+            out.by_stem.entry(p.stem().to_string()).or_default().push(i);
+            out.by_squashed_stem.entry(p.squashed_stem.clone()).or_default().push(i);
+            out.by_squashed.entry(p.squashed.clone()).or_default().push(i);
+            out.squashed_lengths |= 1u128.checked_shl(p.squashed.len() as u32).unwrap_or(0);
+            out.by_length.entry(p.stem_len).or_default().push((p.letters, i));
+            out.known.push(p);
+        }
+        out
     }
-    let max_edits = if b.len() >= 8 { 2 } else { 1 };
-    (a.len().abs_diff(b.len()) <= max_edits && edit_distance(a, b) <= max_edits).then_some(Resemblance::Imitation)
+
+    /// The domain `candidate` resembles most (an imitation before another suffix), skipping
+    /// those `skip` says to.
+    pub fn find(&self, candidate: &str, skip: impl Fn(&str) -> bool) -> Option<(&str, Resemblance)> {
+        if self.known.is_empty() {
+            return None;
+        }
+        let c = Prepared::new(candidate);
+        if c.stem_len < 4 {
+            return None;
+        }
+        let mut best: Option<(&str, Resemblance)> = None;
+        let mut consider = |i: u32| {
+            let k = &self.known[i as usize];
+            if let Some(r) = c.resembles(k)
+                && best.is_none_or(|(_, b)| r > b)
+                && !skip(&k.domain)
+            {
+                best = Some((&k.domain, r));
+            }
+        };
+        let exact = [self.by_stem.get(c.stem()), self.by_squashed_stem.get(&c.squashed_stem)];
+        for i in exact.into_iter().flatten().flatten() {
+            consider(*i);
+        }
+        // Every prefix of the candidate's squashed form that could be a known domain's.
+        for end in (5..=c.squashed.len().min(127)).filter(|n| self.squashed_lengths >> n & 1 == 1) {
+            if let Some(list) = c.squashed.get(..end).and_then(|p| self.by_squashed.get(p)) {
+                for i in list {
+                    consider(*i);
+                }
+            }
+        }
+        for len in c.stem_len.saturating_sub(2)..=c.stem_len + 2 {
+            for &(letters, i) in self.by_length.get(&len).into_iter().flatten() {
+                if (c.letters ^ letters).count_ones() <= 4 {
+                    consider(i);
+                }
+            }
+        }
+        best
+    }
+
+    /// Number of domains.
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
     let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
+    // Labels are at most 63 bytes: two rows on the stack.
+    let (mut prev, mut cur) = ([0usize; 64], [0usize; 64]);
+    if b.len() >= prev.len() {
+        return usize::MAX;
+    }
+    for (j, p) in prev.iter_mut().enumerate().take(b.len() + 1) {
+        *p = j;
+    }
     for i in 1..=a.len() {
         cur[0] = i;
         for j in 1..=b.len() {
@@ -246,6 +377,43 @@ mod tests {
         assert_eq!(tunnel_label("9236a389bd48b984df91adc1bc924620.r2.cloudflarestorage.com"), None);
         assert_eq!(tunnel_label("productionresultssa17.blob.core.windows.net"), None);
         assert_eq!(tunnel_label("docker-images-prod.cloudflarestorage.example.com"), None);
+    }
+
+    proptest::proptest! {
+        /// The index finds what comparing with every domain finds.
+        #[test]
+        fn the_lookalike_index_finds_what_a_scan_finds(
+            known in proptest::collection::vec("[a-z]{3,9}(-[a-z]{1,3})?\\.(com|io|org|com\\.co|dev)", 0..30),
+            candidate in "[a-z]{3,9}(-[a-z]{1,3})?\\.(com|io|org|com\\.co|net)",
+        ) {
+            let index = Lookalikes::new(known.iter().map(String::as_str));
+            let scanned = known.iter().filter_map(|k| lookalike(&candidate, k)).max();
+            proptest::prop_assert_eq!(index.find(&candidate, |_| false).map(|(_, r)| r), scanned);
+        }
+
+        /// The same, for candidates made from a known domain by the edits squatters use.
+        #[test]
+        fn the_lookalike_index_finds_edited_names(
+            known in proptest::collection::vec("[a-z]{4,10}\\.(com|io|org)", 1..30),
+            pick in 0usize..30,
+            at in 0usize..10,
+            letter in "[a-z]",
+            edit in 0u8..4,
+        ) {
+            let original = &known[pick % known.len()];
+            let (stem, suffix) = original.split_once('.').unwrap();
+            let at = at % stem.len();
+            let stem = match edit {
+                0 => format!("{}{letter}{}", &stem[..at], &stem[at + 1..]),
+                1 => format!("{}{letter}{}", &stem[..at], &stem[at..]),
+                2 => format!("{}{}", &stem[..at], &stem[at + 1..]),
+                _ => format!("{}-{}", &stem[..at], &stem[at..]),
+            };
+            let candidate = format!("{stem}.{}", if edit == 3 { "net" } else { suffix });
+            let index = Lookalikes::new(known.iter().map(String::as_str));
+            let scanned = known.iter().filter_map(|k| lookalike(&candidate, k)).max();
+            proptest::prop_assert_eq!(index.find(&candidate, |_| false).map(|(_, r)| r), scanned);
+        }
     }
 
     #[test]

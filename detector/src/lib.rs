@@ -25,6 +25,7 @@
 
 pub mod cluster;
 pub mod host;
+pub mod index;
 pub mod model;
 pub mod score;
 pub mod services;

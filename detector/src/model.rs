@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::host;
+use crate::index::{BaselineIndex, IndexCell};
 use crate::score::{Severity, Verdict};
 
 /// Transport protocol of a call.
@@ -336,6 +337,9 @@ pub struct Baseline {
     /// first). Each was reported when it was called; called again, it is new again.
     #[serde(default)]
     pub evicted_anomalous: u32,
+    /// What scoring derives from the fields above, built on first use (not part of the value).
+    #[serde(skip)]
+    pub index: IndexCell,
 }
 
 /// What a run changed in the baseline, for the cluster-wide index.
@@ -352,6 +356,11 @@ pub struct Learned {
 }
 
 impl Baseline {
+    /// Its index for scoring (built now if it is not yet).
+    pub fn index(&self) -> &BaselineIndex {
+        self.index.get(self)
+    }
+
     /// The endpoint of `call`, if this job has one for it.
     pub fn endpoint(&self, target: &str, port: u16, proto: Proto) -> Option<&Endpoint> {
         self.hosts.get(target)?.iter().find(|e| e.port == port && e.proto == proto)
@@ -405,6 +414,7 @@ impl Baseline {
     /// in `config.confirm_runs` runs; everything else new is learned (nothing in `Frozen` mode).
     /// The reporting threshold (`config.min_severity`) plays no part.
     pub fn learn(&mut self, config: &Config, run: &Run<'_>, calls: &[(Call<'_>, Option<Verdict>)]) -> Learned {
+        self.index.clear();
         let mut out = Learned::default();
         self.runs = self.runs.saturating_add(1);
         *self.triggers.entry(run.trigger.to_string()).or_default() += 1;
@@ -643,6 +653,7 @@ impl Baseline {
     /// `Learned`) and expires endpoints unseen for long enough by `now` (Unix seconds). The
     /// operator calls it when a spec changes and now and then for jobs that stopped running.
     pub fn refresh(&mut self, config: &Config, now: i64) -> Learned {
+        self.index.clear();
         let mut out = Learned::default();
         for (target, list) in &mut self.hosts {
             let (host, ip) = match target.parse::<IpAddr>() {

@@ -289,19 +289,13 @@ impl Job<'_> {
             ev.add(-1.5, format!("called by {elsewhere} other job(s) in this cluster"));
         }
 
+        let index = b.index();
         if let Some(shape) = host::rotating_shape(h) {
             let jobs = cluster.shape_uses(&shape);
-            let sibling = || {
-                b.hosts.iter().find(|(k, list)| {
-                    k.as_str() != h
-                        && list.iter().any(|e| e.state.is_normal())
-                        && host::rotating_shape(k).as_deref() == Some(shape.as_str())
-                })
-            };
             if jobs > 0 {
                 ev.familiar = true;
                 ev.add(-2.0, format!("a rotating name {shape} that {jobs} job(s) call"));
-            } else if let Some((sibling, _)) = sibling() {
+            } else if let Some(sibling) = index.sibling(&shape, h) {
                 ev.familiar = true;
                 ev.add(-1.0, format!("a sibling of {sibling}, which this job calls"));
             }
@@ -310,10 +304,8 @@ impl Job<'_> {
         let domain = host::registrable_domain(h);
         // Only what the job learned or a person approved vouches for a domain: an unconfirmed or
         // anomalous host must not make its own subdomains familiar.
-        let job_uses_domain = domain != h
-            && b.hosts.iter().any(|(k, list)| {
-                k != h && host::registrable_domain(k) == domain && list.iter().any(|e| e.state.is_normal())
-            });
+        let h_normal = b.hosts.get(h).is_some_and(|l| l.iter().any(|e| e.state.is_normal()));
+        let job_uses_domain = domain != h && index.hosts_under(domain) > u32::from(h_normal);
         if job_uses_domain {
             ev.familiar = true;
             ev.add(-1.0, format!("under {domain}, which this job already calls"));
@@ -338,24 +330,22 @@ impl Job<'_> {
         }
     }
 
-    /// A domain this job, or many jobs, call that `domain` resembles, and how (the closest
-    /// imitation first).
+    /// A domain this job, or many jobs, call that `domain` resembles, and how (an imitation
+    /// before the same name under another suffix).
     fn imitated(&self, domain: &str) -> Option<(String, Resemblance)> {
-        // What the job learned or a person approved (not what is itself unconfirmed or anomalous).
-        let mine = self
-            .baseline
-            .hosts
-            .iter()
-            .filter(|(k, list)| k.parse::<IpAddr>().is_err() && list.iter().any(|e| e.state.is_normal()))
-            .map(|(k, _)| host::registrable_domain(k));
-        let popular = self.cluster.popular_domains(5);
         // Members of one rotating family (`sa3`, `sa17`) resemble each other by design.
         let family = host::rotating_shape(domain);
-        mine.chain(popular)
-            .filter(|known| family.is_none() || host::rotating_shape(known) != family)
-            .filter_map(|known| Some((known, host::lookalike(domain, known)?)))
-            .max_by_key(|(_, r)| *r)
-            .map(|(known, r)| (known.to_string(), r))
+        let skip = |known: &str| family.is_some() && host::rotating_shape(known) == family;
+        // What the job learned or a person approved (not what is itself unconfirmed or anomalous).
+        let mine = self.baseline.index().lookalikes.find(domain, skip);
+        let found = match mine {
+            Some((_, Resemblance::Imitation)) => mine,
+            _ => match self.cluster.popular().find(domain, skip) {
+                Some(p) if mine.is_none_or(|(_, r)| p.1 > r) => Some(p),
+                _ => mine,
+            },
+        };
+        found.map(|(known, r)| (known.to_string(), r))
     }
 
     fn address_evidence(&self, ip: IpAddr, ev: &mut Evidence) {
