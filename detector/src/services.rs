@@ -152,6 +152,9 @@ pub struct Services {
     ignored: HashSet<String>,
 }
 
+/// The built-in lists' version (`detector/services/VERSION`, a date).
+pub const LISTS_VERSION: &str = include_str!("../services/VERSION").trim_ascii();
+
 static BUILTIN: LazyLock<Services> = LazyLock::new(|| {
     let mut services = Services::default();
     for (category, file, text) in Category::LISTS {
@@ -251,6 +254,11 @@ mod tests {
             }
         }
         assert_eq!(Services::builtin().len(), seen.len());
+    }
+
+    #[test]
+    fn the_lists_have_a_version() {
+        assert!(jiff::civil::Date::strptime("%Y-%m-%d", LISTS_VERSION).is_ok(), "{LISTS_VERSION:?} is not a date");
     }
 
     #[test]

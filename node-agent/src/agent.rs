@@ -390,7 +390,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     for dir in cgroups::pod_dirs(&mount, &parents) {
         arm(&mut probes, &dir.path);
     }
-    info!(cgroup2 = %mount.display(), pod_parents = ?parents, exec_paths = probes.exec_paths(), "programs attached");
+    info!(
+        cgroup2 = %mount.display(), pod_parents = ?parents, exec_paths = probes.exec_paths(),
+        abused_services = runwarden_detector::services::LISTS_VERSION, "programs attached"
+    );
 
     // Caches of baselines and policies (all namespaces), and this node's pods.
     let (baselines, baseline_writer) = reflector::store();
