@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -62,6 +62,16 @@ pub struct AgentArgs {
     /// This node's name (the DaemonSet sets it from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// The agent's own pod (the DaemonSet sets it from the downward API): Events that concern
+    /// the agent itself (AgentTampered) are also put on it.
+    #[arg(long, env = "POD_NAME", requires = "pod_namespace")]
+    pub pod_name: Option<String>,
+    /// The agent's own namespace (see `--pod-name`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// The agent's own pod's UID (see `--pod-name`).
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
     /// Repeated calls to one destination within this many seconds are counted in the kernel,
     /// not reported one by one.
     #[arg(long, default_value_t = 1.0)]
@@ -363,7 +373,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cgroups::cgroup2_root(&args.cgroup_root).ok_or_else(|| AgentError::NoCgroup2(args.cgroup_root.clone()))?;
     let state = StateDir::open(&args.state_dir).map_err(|e| AgentError::StateDir(args.state_dir.clone(), e))?;
     let client = Client::try_default().await?;
-    let missing = crate::rbac::RBAC.missing(&client, "", &args.runner_namespaces).await?;
+    // Without its own namespace the agent puts no Event on its own pod, and does not need
+    // the permission.
+    let rbac = match &args.pod_namespace {
+        Some(_) => crate::rbac::RBAC,
+        None => runwarden_crds::rbac::Rbac { namespaced: &[], ..crate::rbac::RBAC },
+    };
+    let missing = rbac.missing(&client, args.pod_namespace.as_deref().unwrap_or(""), &args.runner_namespaces).await?;
     if !missing.is_empty() {
         return Err(AgentError::MissingPermissions(missing));
     }
@@ -484,6 +500,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut shutdown = std::pin::pin!(crate::trace::interrupted());
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut last_scan: Option<Instant> = None;
+    // When each pod cgroup's tampering was last said in an Event.
+    let mut tamper_said: HashMap<u64, Instant> = HashMap::new();
+    let agent_pod = match (&args.pod_name, &args.pod_namespace) {
+        (Some(name), Some(namespace)) => Some(crate::node::ObjectRef {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: args.pod_uid.clone().unwrap_or_default(),
+        }),
+        _ => None,
+    };
     let mut pods_synced = false;
     let mut relisted: Option<std::collections::HashSet<String>> = None;
     let mut observations = Vec::new();
@@ -555,10 +581,54 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                                 metrics.tampered.get_or_create(&crate::metrics::Kind { kind }).inc();
                             }
                         }
+                        let runner = node.run_of_cgroup(t.id);
                         error!(
                             cgroup = %t.dir.display(), detached = ?t.detached, mark_deleted = t.unmarked,
+                            pod = runner.as_ref().map(|r| format!("{}/{}", r.0.namespace, r.0.name)),
                             "a pod's kernel monitoring was switched off from outside the agent (a privileged process detached its programs or deleted its mark); attached again: its calls meanwhile may have gone unseen"
                         );
+                        // One Event per pod a minute: a pod that keeps detaching is said, not
+                        // flooded into the API server (the metric counts every time).
+                        let now = Instant::now();
+                        let due = tamper_said
+                            .get(&t.id)
+                            .is_none_or(|last: &Instant| now.duration_since(*last) >= Duration::from_secs(60));
+                        if let Some(runner) = runner
+                            && due
+                        {
+                            tamper_said.insert(t.id, now);
+                            if tamper_said.len() > 4096 {
+                                tamper_said.retain(|_, last| now.duration_since(*last) < Duration::from_secs(60));
+                            }
+                            let mut what = Vec::new();
+                            if !t.detached.is_empty() {
+                                what.push(format!("programs detached: {}", t.detached.join(", ")));
+                            }
+                            if t.unmarked {
+                                what.push("its entry deleted from the monitored set".to_string());
+                            }
+                            let (client, node_name, agent_pod) = (client.clone(), node_name.clone(), agent_pod.clone());
+                            let at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+                            tokio::spawn(async move {
+                                let runner = (&runner.0, runner.1.as_ref(), runner.2.as_ref());
+                                let what = what.join("; ");
+                                for attempt in 0..5u32 {
+                                    let said = crate::report::tampered(
+                                        &client,
+                                        &node_name,
+                                        agent_pod.as_ref(),
+                                        runner,
+                                        &what,
+                                        at,
+                                    )
+                                    .await;
+                                    if said == crate::report::Delivery::Done {
+                                        break;
+                                    }
+                                    tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                                }
+                            });
+                        }
                     }
                 }
                 Err(e) => warn!(error = %e, "could not check the pods' programs"),

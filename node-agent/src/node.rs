@@ -358,6 +358,21 @@ impl Node {
         }
     }
 
+    /// The monitored pod of pod cgroup `cgroup` and the pod, `EphemeralRunner` and job of the
+    /// run its calls belong to (for saying its monitoring was switched off).
+    pub fn run_of_cgroup(&self, cgroup: u64) -> Option<(ObjectRef, Option<ObjectRef>, Option<Job>)> {
+        let pod = self.pods.get(self.cgroups.get(&cgroup)?)?;
+        let run_uid = self.run_of(pod)?;
+        match self.runs.get(&run_uid) {
+            Some(run) => Some((run.pod.clone(), run.runner.clone(), run.job.clone())),
+            None => {
+                let owner = self.pods.get(&run_uid).unwrap_or(pod);
+                let job = owner.identity.as_ref().map(|i| Job::new(i, &owner.pod.uid));
+                Some((owner.pod.clone(), owner.runner.clone(), job))
+            }
+        }
+    }
+
     /// The kernel counted `count` records of the pod cgroup `cgroup` not written (its budget was
     /// spent). Returns the run's pod the first time its run is throttled, for a warning.
     pub fn throttled(&mut self, cgroup: u64, count: u64) -> Option<ObjectRef> {

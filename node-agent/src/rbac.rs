@@ -11,7 +11,8 @@ use runwarden_crds::rbac::{Permission, Rbac};
 pub const NAME: &str = "runwarden-agent";
 
 /// The agent's RBAC: reads cluster-wide (runner pods and baselines live in any namespace),
-/// writes in the runner namespaces (cluster-wide unless they are listed).
+/// writes in the runner namespaces (cluster-wide unless they are listed), and Events about
+/// itself in its own namespace.
 pub const RBAC: Rbac = Rbac {
     name: NAME,
     component: "agent",
@@ -36,7 +37,12 @@ pub const RBAC: Rbac = Rbac {
             why: "the minimum severity each runner's policy reports",
         },
     ],
-    namespaced: &[],
+    namespaced: &[Permission {
+        group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create"],
+        why: "AgentTampered on the agent's own pod, beside the runner's",
+    }],
     runner: &[
         Permission {
             group: "runwarden.dev",

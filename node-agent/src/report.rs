@@ -35,12 +35,14 @@ use runwarden_crds::report::{self, AnomalyReport};
 use runwarden_detector::Proto;
 
 use crate::metrics::{Metrics, ResultLabel};
-use crate::node::{Destination, ObjectRef, Run};
+use crate::node::{Destination, Job, ObjectRef, Run};
 
 /// Reason of the Events.
 pub const REASON: &str = "AnomalousEgress";
 /// Reason of the Event for a run that ended before its job was known.
 pub const UNATTRIBUTED: &str = "UnattributedEgress";
+/// Reason of the Events saying a pod's kernel monitoring was switched off from outside.
+pub const TAMPERED: &str = "AgentTampered";
 /// `reportingController` of the Events.
 pub const CONTROLLER: &str = "runwarden.dev/agent";
 /// Least time between two series updates of one Event.
@@ -294,6 +296,62 @@ pub async fn unattributed(client: &Client, node: &str, run: &Run) -> Delivery {
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) if retryable(&e) => return Delivery::Retry,
             Err(e) => warn!(event = %name, error = %e, "could not create an UnattributedEgress Event"),
+        }
+    }
+    Delivery::Done
+}
+
+/// Says that a runner's kernel monitoring was switched off from outside the agent (and put
+/// back): a Warning Event (`AgentTampered`) on the runner pod, on its `EphemeralRunner`, and on
+/// the agent's own pod (`agent`, when the agent knows it) with the runner pod as the related
+/// object. `what` says what was found and `at` (Unix seconds) names the occurrence. `Retry`
+/// when the API server could not be reached.
+pub async fn tampered(
+    client: &Client,
+    node: &str,
+    agent: Option<&ObjectRef>,
+    runner: (&ObjectRef, Option<&ObjectRef>, Option<&Job>),
+    what: &str,
+    at: u64,
+) -> Delivery {
+    let (pod, ephemeral, job) = runner;
+    let job_text = job.map(|j| format!(" (job {} {} run {})", j.repository, j.workflow, j.run_id)).unwrap_or_default();
+    let mut note = format!(
+        "the kernel monitoring of runner pod {}/{}{job_text} was switched off from outside runwarden ({what}) by a          process with CAP_SYS_ADMIN on the node, typically a privileged container of that pod; it was put back          within a second, and calls made meanwhile may have gone unseen",
+        pod.namespace, pod.name
+    );
+    cut_note(&mut note);
+    let reference = |api_version: &str, kind: &str, o: &ObjectRef| ObjectReference {
+        api_version: Some(api_version.into()),
+        kind: Some(kind.into()),
+        namespace: Some(o.namespace.clone()),
+        name: Some(o.name.clone()),
+        uid: (!o.uid.is_empty()).then(|| o.uid.clone()),
+        ..ObjectReference::default()
+    };
+    let runner_pod = reference("v1", "Pod", pod);
+    let mut targets = vec![(runner_pod.clone(), None)];
+    if let Some(r) = ephemeral {
+        targets.push((reference("actions.github.com/v1alpha1", "EphemeralRunner", r), Some(runner_pod.clone())));
+    }
+    if let Some(a) = agent {
+        targets.push((reference("v1", "Pod", a), Some(runner_pod.clone())));
+    }
+    for (regarding, related) in targets {
+        let text = format!("{}\n{TAMPERED}\n{at}\n{:?}", pod.uid, regarding.kind);
+        let name = format!(
+            "{}.{:016x}",
+            regarding.name.as_deref().unwrap_or("runwarden"),
+            runwarden_crds::identity::fnv1a(text.as_bytes())
+        );
+        let mut event = warning(&name, TAMPERED, &note, &regarding, related, node);
+        event.action = Some("Monitor".into());
+        let api: Api<Event> = Api::namespaced(client.clone(), regarding.namespace.as_deref().unwrap_or("default"));
+        match api.create(&PostParams::default(), &event).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) if retryable(&e) => return Delivery::Retry,
+            Err(e) => warn!(event = %name, error = %e, "could not create an AgentTampered Event"),
         }
     }
     Delivery::Done

@@ -131,6 +131,9 @@ pub fn desired(config: &AgentConfig) -> Value {
             "args": args(config),
             "env": [
                 {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
                 {"name": "RUNWARDEN_LOG", "value": config.log_level},
             ],
             "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],

@@ -622,6 +622,32 @@ async fn a_runners_programs_detached_from_outside_are_noticed_and_put_back() {
     }
     assert!(agent_logs(world.node).contains("kernel monitoring was switched off"));
 
+    // And says so where people look: an AgentTampered Event on the runner pod, on its
+    // EphemeralRunner and on the agent's own pod (in runwarden's namespace, under its RBAC).
+    let client = world.node.client().await;
+    let tampered = |list: Vec<Event>| -> Vec<(String, String)> {
+        list.into_iter().filter(|e| e.reason.as_deref() == Some("AgentTampered")).map(|e| regarding(&e)).collect()
+    };
+    let started = Instant::now();
+    loop {
+        let here =
+            tampered(Api::<Event>::namespaced(client.clone(), &job.ns).list(&Default::default()).await.unwrap().items);
+        let agent =
+            tampered(Api::<Event>::namespaced(client.clone(), SYSTEM).list(&Default::default()).await.unwrap().items);
+        if here.contains(&("Pod".into(), name.clone()))
+            && here.contains(&("EphemeralRunner".into(), name.clone()))
+            && agent.iter().any(|(kind, pod)| kind == "Pod" && pod.starts_with("runwarden-agent-"))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no AgentTampered Events: {here:?} {agent:?}\n{}",
+            agent_logs(world.node)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
     // The runner's calls are seen again.
     exec(world.node, &job.ns, &name, &format!("wget -q -O /dev/null {}", url("after.tamper.test")));
     assert!(listener.count() >= 1);
