@@ -59,6 +59,7 @@ fn records(ids: &[(u64, u64)]) -> Vec<Vec<u8>> {
         timestamp_ns: at,
         cgroup_id: ids[p as usize].1,
         pod_cgroup_id: ids[p as usize].0,
+        loopback: false,
         server: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
         length: 0,
         message: dns_message(&format!("svc{d}.pod{p}.example.com"), ip(p, d)),

@@ -17,6 +17,7 @@
 //! was slow, or missed the `mkdir`) is counted (`runwarden_agent_pods_armed_late_total`).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -72,6 +73,12 @@ pub struct AgentArgs {
     /// The agent's own pod's UID (see `--pod-name`).
     #[arg(long, env = "POD_UID")]
     pub pod_uid: Option<String>,
+    /// The DNS resolvers whose answers name runners' destinations (comma-separated addresses).
+    /// Default: the nameservers of the agent's own /etc/resolv.conf (its pod uses the cluster's
+    /// DNS, as ClusterFirst runner pods do). Answers from any other server, such as one a
+    /// process runs inside its pod, name nothing unless a trusted answer agrees.
+    #[arg(long, value_delimiter = ',', env = "RUNWARDEN_TRUSTED_RESOLVERS")]
+    pub trusted_resolvers: Vec<IpAddr>,
     /// Repeated calls to one destination within this many seconds are counted in the kernel,
     /// not reported one by one.
     #[arg(long, default_value_t = 1.0)]
@@ -496,12 +503,27 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         builtin_services: Arc::new(Services::builtin().clone()),
         services: Default::default(),
     };
-    let mut pipeline = Pipeline::new(PipelineConfig::default());
+    let trusted_resolvers = if args.trusted_resolvers.is_empty() {
+        nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+    } else {
+        args.trusted_resolvers.clone()
+    };
+    if trusted_resolvers.is_empty() {
+        warn!(
+            "no trusted DNS resolvers (--trusted-resolvers, or nameservers in /etc/resolv.conf): DNS answers name nothing, every call is reported by address"
+        );
+    } else {
+        info!(resolvers = ?trusted_resolvers, "DNS answers name destinations only from these resolvers, or where they agree");
+    }
+    let mut pipeline =
+        Pipeline::new(PipelineConfig { trusted_resolvers: Some(trusted_resolvers), ..PipelineConfig::default() });
     let mut shutdown = std::pin::pin!(crate::trace::interrupted());
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut last_scan: Option<Instant> = None;
     // When each pod cgroup's tampering was last said in an Event.
     let mut tamper_said: HashMap<u64, Instant> = HashMap::new();
+    // When each (pod cgroup, name)'s suspicious DNS answer was last said in an Event.
+    let mut dns_said: HashMap<(u64, String), Instant> = HashMap::new();
     let agent_pod = match (&args.pod_name, &args.pod_namespace) {
         (Some(name), Some(namespace)) => Some(crate::node::ObjectRef {
             namespace: namespace.clone(),
@@ -632,6 +654,39 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     }
                 }
                 Err(e) => warn!(error = %e, "could not check the pods' programs"),
+            }
+            // Answers from resolvers inside a pod that contradict the cluster's: said once per
+            // pod and name every ten minutes (the metric counts every one).
+            for suspicious in pipeline.take_suspicious() {
+                let runner = node.run_of_cgroup(suspicious.pod_cgroup_id);
+                warn!(
+                    pod = runner.as_ref().map(|r| format!("{}/{}", r.0.namespace, r.0.name)), server = %suspicious.server,
+                    loopback = suspicious.loopback, name = %suspicious.name, claimed = ?suspicious.claimed, trusted = ?suspicious.trusted,
+                    "a DNS answer from a resolver inside a pod contradicts the cluster's resolver; not used"
+                );
+                let now = Instant::now();
+                let key = (suspicious.pod_cgroup_id, suspicious.name.clone());
+                let due = dns_said
+                    .get(&key)
+                    .is_none_or(|last: &Instant| now.duration_since(*last) >= Duration::from_secs(600));
+                let Some(runner) = runner.filter(|_| due) else { continue };
+                dns_said.insert(key, now);
+                if dns_said.len() > 4096 {
+                    dns_said.retain(|_, last| now.duration_since(*last) < Duration::from_secs(600));
+                }
+                let (client, node_name) = (client.clone(), node_name.clone());
+                let at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 600;
+                tokio::spawn(async move {
+                    let runner = (&runner.0, runner.1.as_ref(), runner.2.as_ref());
+                    for attempt in 0..5u32 {
+                        if crate::report::suspicious_dns(&client, &node_name, runner, &suspicious, at).await
+                            == crate::report::Delivery::Done
+                        {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                    }
+                });
             }
             match probes.check_config() {
                 Ok(false) => {}
@@ -803,15 +858,26 @@ pub fn severity_name(s: Severity) -> &'static str {
     }
 }
 
+/// The `nameserver` addresses of a resolv.conf.
+pub fn nameservers(resolv_conf: &str) -> Vec<IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.split_whitespace().next()?.split('%').next()?.parse().ok())
+        .collect()
+}
+
 fn record_gauges(metrics: &Metrics, node: &Node, pipeline: &Pipeline, probes: &Probes) {
     metrics.pods_monitored.set(node.monitored_pods() as i64);
     metrics.runs_in_progress.set(node.runs().count() as i64);
     metrics.held.set(node.held() as i64);
     let stats = pipeline.stats();
     for (result, n) in [
-        ("parsed", stats.dns_answers - stats.malformed_dns - stats.unsolicited_dns),
+        ("parsed", stats.dns_answers - stats.malformed_dns - stats.unsolicited_dns - stats.uncorroborated_dns),
         ("malformed", stats.malformed_dns),
         ("unsolicited", stats.unsolicited_dns),
+        ("uncorroborated", stats.uncorroborated_dns - stats.contradicting_dns),
+        ("contradicting", stats.contradicting_dns),
     ] {
         metrics.dns_answers.get_or_create(&ResultLabel { result }).set(n as i64);
     }

@@ -343,6 +343,18 @@ impl DnsCache {
         (out, questions)
     }
 
+    /// The addresses `name` was answered with that are still valid at `now`.
+    pub fn addresses(&self, name: &str, now: u64) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
+            .by_ip
+            .iter()
+            .filter(|(_, names)| names.iter().any(|(n, e, _)| n == name && *e > now))
+            .map(|(ip, _)| *ip)
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Drops what expired by `now`.
     pub fn expire(&mut self, now: u64) {
         self.by_ip.retain(|_, names| {

@@ -106,6 +106,8 @@ pub struct DnsAnswer {
     pub pod_cgroup_id: u64,
     /// The server that answered.
     pub server: IpAddr,
+    /// Whether it arrived on the loopback device (from inside the pod, whatever its source).
+    pub loopback: bool,
     /// The message's length as received (the capture may be shorter).
     pub length: u32,
     /// The captured message.
@@ -251,6 +253,7 @@ pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
                 cgroup_id: b.u64(offset_of!(DnsEvent, cgroup_id)),
                 pod_cgroup_id: b.u64(offset_of!(DnsEvent, pod_cgroup_id)),
                 server: address(b.u8(offset_of!(DnsEvent, family)), b.array(offset_of!(DnsEvent, server)))?,
+                loopback: b.u8(offset_of!(DnsEvent, loopback)) != 0,
                 length: b.u32(offset_of!(DnsEvent, length)),
                 message: record[start..start + captured].to_vec(),
             }))
@@ -337,6 +340,7 @@ pub fn encode_dns(answer: &DnsAnswer) -> Vec<u8> {
     put(offset_of!(DnsEvent, pod_cgroup_id), &answer.pod_cgroup_id.to_ne_bytes());
     put(offset_of!(DnsEvent, length), &answer.length.to_ne_bytes());
     put(offset_of!(DnsEvent, family), &[family]);
+    put(offset_of!(DnsEvent, loopback), &[u8::from(answer.loopback)]);
     put(offset_of!(DnsEvent, server), &server);
     put(offset_of!(DnsEvent, payload), &answer.message[..captured]);
     out

@@ -68,7 +68,10 @@ pub struct Metrics {
     pub held_dropped: Counter,
     /// Runs that ended before their job was known (reported under the scale set).
     pub unattributed_runs: Counter,
-    /// DNS answers: `parsed`, `malformed`, `unsolicited` (from a server the pod never asked).
+    /// DNS answers: `parsed` (used to name destinations), `malformed`, `unsolicited` (from a
+    /// server the pod never asked), `uncorroborated` (from an untrusted resolver, such as one
+    /// inside the pod, naming what no trusted answer did), `contradicting` (the same,
+    /// contradicting a trusted answer: a SuspiciousDNS Event).
     pub dns_answers: Family<ResultLabel, Gauge>,
     /// Runner pods monitored on this node.
     pub pods_monitored: Gauge,
@@ -130,7 +133,7 @@ impl Default for Metrics {
         for kind in ["programs", "mark", "config"] {
             let _ = m.tampered.get_or_create(&Kind { kind });
         }
-        for result in ["parsed", "malformed", "unsolicited"] {
+        for result in ["parsed", "malformed", "unsolicited", "uncorroborated", "contradicting"] {
             let _ = m.dns_answers.get_or_create(&ResultLabel { result });
         }
         registry.register("calls", "New (run, destination) pairs, by verdict", m.calls.clone());

@@ -8,7 +8,7 @@
 //! cannot name its own destinations by sending itself answers from port 53, not without a
 //! query to a server of its own, which is itself a call that is reported.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -112,6 +112,12 @@ pub struct PipelineStats {
     /// DNS answers from a server the pod never queried (counted, not used to name anything: a
     /// process could otherwise name its own destinations by sending itself answers).
     pub unsolicited_dns: u64,
+    /// DNS answers from a resolver that is not trusted (inside the pod, or arrived over its
+    /// loopback) that named an address no trusted answer did: not used to name anything.
+    pub uncorroborated_dns: u64,
+    /// Of those, answers that contradict what a trusted resolver answered the pod for the same
+    /// name (reported as suspicious).
+    pub contradicting_dns: u64,
     /// Destinations whose record was lost, recovered from the kernel's dedupe table.
     pub recovered: u64,
     /// Calls waiting for their cgroup to appear in the index.
@@ -133,6 +139,10 @@ pub struct PipelineConfig {
     pub attribute_pods: bool,
     /// Calls kept while their cgroup is not yet in the index.
     pub max_pending: usize,
+    /// The resolvers whose answers name destinations (`None`: any the pod queried, as in trace
+    /// mode). Answers from others, or arriving over the pod's loopback whatever their source,
+    /// name nothing unless a trusted answer agrees.
+    pub trusted_resolvers: Option<Vec<IpAddr>>,
 }
 
 impl Default for PipelineConfig {
@@ -143,6 +153,7 @@ impl Default for PipelineConfig {
             boot_time: boot_time(),
             attribute_pods: false,
             max_pending: 100_000,
+            trusted_resolvers: None,
         }
     }
 }
@@ -178,6 +189,26 @@ struct Count {
     last: Observation,
 }
 
+/// An answer from an untrusted resolver that contradicts a trusted one: what forging looks like.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SuspiciousDns {
+    /// The pod cgroup that received it.
+    pub pod_cgroup_id: u64,
+    /// The server it claims to come from.
+    pub server: IpAddr,
+    /// Whether it arrived over the pod's loopback.
+    pub loopback: bool,
+    /// The name.
+    pub name: String,
+    /// What the untrusted answer said.
+    pub claimed: Vec<IpAddr>,
+    /// What trusted resolvers answered the pod.
+    pub trusted: Vec<IpAddr>,
+}
+
+/// Suspicious answers kept until the agent takes them.
+const MAX_SUSPICIOUS: usize = 256;
+
 /// The pipeline's state.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -193,6 +224,7 @@ pub struct Pipeline {
     /// Timestamp of the newest record read.
     newest_record_ns: u64,
     stats: PipelineStats,
+    suspicious: Vec<SuspiciousDns>,
 }
 
 impl Pipeline {
@@ -208,6 +240,7 @@ impl Pipeline {
             pending: VecDeque::new(),
             newest_record_ns: 0,
             stats: PipelineStats::default(),
+            suspicious: Vec::new(),
         }
     }
 
@@ -276,14 +309,62 @@ impl Pipeline {
         }
         let whole = answer.length as usize <= answer.message.len();
         let parsed = if whole { dns::parse(&answer.message) } else { dns::parse_prefix(&answer.message) };
-        match parsed {
-            Ok(message) => {
-                let (ttl, max) = (self.config.ttl, self.config.max_addresses);
-                let cache = self.names.entry(answer.pod_cgroup_id).or_insert_with(|| DnsCache::new(ttl, max));
-                cache.insert(&message, answer.timestamp_ns / 1_000_000_000);
+        let message = match parsed {
+            Ok(message) => message,
+            Err(_) => {
+                self.stats.malformed_dns += 1;
+                return;
             }
-            Err(_) => self.stats.malformed_dns += 1,
+        };
+        let now = answer.timestamp_ns / 1_000_000_000;
+        let trusted = match &self.config.trusted_resolvers {
+            None => true,
+            Some(list) => !answer.loopback && list.contains(&answer.server),
+        };
+        let (ttl, max) = (self.config.ttl, self.config.max_addresses);
+        let cache = self.names.entry(answer.pod_cgroup_id).or_insert_with(|| DnsCache::new(ttl, max));
+        if trusted {
+            cache.insert(&message, now);
+            return;
         }
+        // A resolver inside the pod (a process's own server, Docker's embedded resolver) names
+        // nothing by itself: what it says counts only where a trusted answer already said it
+        // (Docker's resolver forwards to the pod's, whose answer the pod received too).
+        let mut claimed: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+        for res in dns::resolutions(&message) {
+            if let Some(name) = res.names.first() {
+                claimed.entry(name.clone()).or_default().push(res.ip);
+            }
+        }
+        let mut contradicted = false;
+        let mut uncorroborated = false;
+        for (name, ips) in claimed {
+            let known = cache.addresses(&name, now);
+            if ips.iter().all(|ip| known.contains(ip)) {
+                continue;
+            }
+            uncorroborated = true;
+            if !known.is_empty() {
+                contradicted = true;
+                if self.suspicious.len() < MAX_SUSPICIOUS {
+                    self.suspicious.push(SuspiciousDns {
+                        pod_cgroup_id: answer.pod_cgroup_id,
+                        server: answer.server,
+                        loopback: answer.loopback,
+                        name,
+                        claimed: ips,
+                        trusted: known,
+                    });
+                }
+            }
+        }
+        self.stats.uncorroborated_dns += u64::from(uncorroborated);
+        self.stats.contradicting_dns += u64::from(contradicted);
+    }
+
+    /// Takes the suspicious answers seen since the last call.
+    pub fn take_suspicious(&mut self) -> Vec<SuspiciousDns> {
+        std::mem::take(&mut self.suspicious)
     }
 
     fn hosts(&self, call: &Call) -> Names {

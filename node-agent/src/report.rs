@@ -43,6 +43,8 @@ pub const REASON: &str = "AnomalousEgress";
 pub const UNATTRIBUTED: &str = "UnattributedEgress";
 /// Reason of the Events saying a pod's kernel monitoring was switched off from outside.
 pub const TAMPERED: &str = "AgentTampered";
+/// Reason of the Events saying a pod received a DNS answer that looks forged.
+pub const SUSPICIOUS_DNS: &str = "SuspiciousDNS";
 /// `reportingController` of the Events.
 pub const CONTROLLER: &str = "runwarden.dev/agent";
 /// Least time between two series updates of one Event.
@@ -314,12 +316,67 @@ pub async fn tampered(
     what: &str,
     at: u64,
 ) -> Delivery {
-    let (pod, ephemeral, job) = runner;
-    let job_text = job.map(|j| format!(" (job {} {} run {})", j.repository, j.workflow, j.run_id)).unwrap_or_default();
-    let mut note = format!(
-        "the kernel monitoring of runner pod {}/{}{job_text} was switched off from outside runwarden ({what}) by a          process with CAP_SYS_ADMIN on the node, typically a privileged container of that pod; it was put back          within a second, and calls made meanwhile may have gone unseen",
-        pod.namespace, pod.name
+    let (pod, _, job) = runner;
+    let note = format!(
+        "the kernel monitoring of runner pod {}/{}{} was switched off from outside runwarden ({what}) by a \
+         process with CAP_SYS_ADMIN on the node, typically a privileged container of that pod; it was put back \
+         within a second, and calls made meanwhile may have gone unseen",
+        pod.namespace,
+        pod.name,
+        job_text(job)
     );
+    about_runner(client, node, TAMPERED, "Monitor", &note, runner, agent, &at.to_string()).await
+}
+
+/// Says that a process in a runner pod received a DNS answer from a resolver that is not
+/// trusted (one inside the pod, or a packet that came over its loopback) contradicting what the
+/// cluster's resolver answered it: what forging a name looks like. A Warning Event
+/// (`SuspiciousDNS`) on the runner pod and its `EphemeralRunner`, once per name and `at`.
+pub async fn suspicious_dns(
+    client: &Client,
+    node: &str,
+    runner: (&ObjectRef, Option<&ObjectRef>, Option<&Job>),
+    s: &crate::pipeline::SuspiciousDns,
+    at: u64,
+) -> Delivery {
+    let (pod, _, job) = runner;
+    let list = |ips: &[std::net::IpAddr]| ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let via = if s.loopback { ", over the pod's loopback" } else { "" };
+    let note = format!(
+        "runner pod {}/{}{} received an answer from {}{via} saying {} is {}, while the cluster's resolver answered \
+         it {}: a process in the pod may be forging names to hide where it connects. The answer was not used: calls \
+         to those addresses are judged as bare addresses",
+        pod.namespace,
+        pod.name,
+        job_text(job),
+        s.server,
+        s.name,
+        list(&s.claimed),
+        list(&s.trusted)
+    );
+    about_runner(client, node, SUSPICIOUS_DNS, "Resolve", &note, runner, None, &format!("{}\n{at}", s.name)).await
+}
+
+fn job_text(job: Option<&Job>) -> String {
+    job.map(|j| format!(" (job {} {} run {})", j.repository, j.workflow, j.run_id)).unwrap_or_default()
+}
+
+/// A Warning Event `reason` on a runner pod, its `EphemeralRunner` and, when given, `also`
+/// (with the pod as the related object); named from the pod, the reason and `key`, so a retry
+/// does not duplicate it.
+#[allow(clippy::too_many_arguments, reason = "one call site each; the arguments are the Event")]
+async fn about_runner(
+    client: &Client,
+    node: &str,
+    reason: &str,
+    action: &str,
+    note: &str,
+    runner: (&ObjectRef, Option<&ObjectRef>, Option<&Job>),
+    also: Option<&ObjectRef>,
+    key: &str,
+) -> Delivery {
+    let (pod, ephemeral, _) = runner;
+    let mut note = note.to_string();
     cut_note(&mut note);
     let reference = |api_version: &str, kind: &str, o: &ObjectRef| ObjectReference {
         api_version: Some(api_version.into()),
@@ -334,24 +391,24 @@ pub async fn tampered(
     if let Some(r) = ephemeral {
         targets.push((reference("actions.github.com/v1alpha1", "EphemeralRunner", r), Some(runner_pod.clone())));
     }
-    if let Some(a) = agent {
+    if let Some(a) = also {
         targets.push((reference("v1", "Pod", a), Some(runner_pod.clone())));
     }
     for (regarding, related) in targets {
-        let text = format!("{}\n{TAMPERED}\n{at}\n{:?}", pod.uid, regarding.kind);
+        let text = format!("{}\n{reason}\n{key}\n{:?}", pod.uid, regarding.kind);
         let name = format!(
             "{}.{:016x}",
             regarding.name.as_deref().unwrap_or("runwarden"),
             runwarden_crds::identity::fnv1a(text.as_bytes())
         );
-        let mut event = warning(&name, TAMPERED, &note, &regarding, related, node);
-        event.action = Some("Monitor".into());
+        let mut event = warning(&name, reason, &note, &regarding, related, node);
+        event.action = Some(action.into());
         let api: Api<Event> = Api::namespaced(client.clone(), regarding.namespace.as_deref().unwrap_or("default"));
         match api.create(&PostParams::default(), &event).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) if retryable(&e) => return Delivery::Retry,
-            Err(e) => warn!(event = %name, error = %e, "could not create an AgentTampered Event"),
+            Err(e) => warn!(event = %name, reason, error = %e, "could not create an Event"),
         }
     }
     Delivery::Done

@@ -510,6 +510,53 @@ async fn answers_a_pod_sends_itself_name_nothing() {
 }
 
 #[tokio::test]
+async fn a_server_inside_the_pod_that_was_asked_still_names_nothing_and_a_contradiction_is_suspicious() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    let dns = DnsServer::start(IpAddr::V4(ns.host_v4));
+    // As the agent does: only the pod's configured resolver is trusted.
+    agent.pipeline = runwarden_agent::pipeline::Pipeline::new(runwarden_agent::pipeline::PipelineConfig {
+        attribute_pods: true,
+        trusted_resolvers: Some(vec![IpAddr::V4(ns.host_v4)]),
+        ..Default::default()
+    });
+    agent.rescan();
+    let real = Ipv4Addr::new(198, 51, 100, 20);
+    dns.set("github.com", Zone::Records(vec![("github.com".into(), RecordData::A(real))]));
+    let exfil = Ipv4Addr::new(203, 0, 113, 66);
+    let forged = common::dns_response(5, "github.com", 1, &[("github.com", 300, RecordData::A(exfil))], true, false);
+    let bytes: Vec<String> = forged.iter().map(u8::to_string).collect();
+    // The process resolves github.com as usual, then asks its own server on 127.0.0.1:53 (so the
+    // answer is solicited), which answers github.com with the exfiltration address; it calls both.
+    python(
+        &pod.container,
+        Some(&ns),
+        &format!(
+            "import socket\n\
+             real = socket.getaddrinfo('github.com', 443, socket.AF_INET, socket.SOCK_DGRAM)[0][4]\n\
+             fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); fake.bind(('127.0.0.1', 53))\n\
+             victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); victim.bind(('127.0.0.1', 0))\n\
+             victim.sendto(b'query', ('127.0.0.1', 53)); _, asker = fake.recvfrom(512)\n\
+             fake.sendto(bytes([{}]), asker); victim.recv(2048)\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('{exfil}', 443))\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(real)\n",
+            bytes.join(",")
+        ),
+    );
+    let obs = agent.drain().await;
+    assert!(one(&obs, IpAddr::V4(exfil), 443, Proto::Udp).hosts.is_empty(), "the forged name is not used");
+    assert_eq!(one(&obs, IpAddr::V4(real), 443, Proto::Udp).hosts, ["github.com"]);
+    let stats = agent.pipeline.stats();
+    assert_eq!((stats.uncorroborated_dns, stats.contradicting_dns), (1, 1), "{stats:?}");
+    let suspicious = agent.pipeline.take_suspicious();
+    assert_eq!(suspicious.len(), 1, "{suspicious:?}");
+    assert!(suspicious[0].loopback, "the kernel says the answer came over the pod's loopback: {suspicious:?}");
+    assert_eq!(suspicious[0].claimed, [IpAddr::V4(exfil)]);
+    assert_eq!(suspicious[0].trusted, [IpAddr::V4(real)]);
+}
+
+#[tokio::test]
 async fn destinations_whose_records_were_lost_are_recovered_from_the_kernel_table() {
     // Dedupe on, 60,000 different destinations, nobody reading: a record each does not fit.
     let mut agent = Agent::start(WINDOW);

@@ -39,6 +39,7 @@ fn answer(pod: u64, name: &str, ip: Ipv4Addr, at_secs: u64) -> DnsAnswer {
         timestamp_ns: at_secs * 1_000_000_000,
         cgroup_id: pod + 1,
         pod_cgroup_id: pod,
+        loopback: false,
         server: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
         length: 0,
         message: common::dns_response(1, name, 1, &[(name, 60, RecordData::A(ip))], true, false),
@@ -204,4 +205,85 @@ fn malformed_answers_are_counted() {
     p.record(&[1, 2, 3]);
     let stats = p.stats();
     assert_eq!((stats.malformed_dns, stats.undecodable, stats.dns_answers), (1, 1, 1));
+}
+
+/// A pipeline that trusts only the cluster's resolver (10.96.0.10), as the agent does.
+fn trusting_the_cluster_resolver() -> Pipeline {
+    Pipeline::new(PipelineConfig {
+        boot_time: SystemTime::UNIX_EPOCH,
+        trusted_resolvers: Some(vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))]),
+        ..PipelineConfig::default()
+    })
+}
+
+/// What a process in pod `pod` that runs its own DNS server on `server` (and queried it)
+/// receives from it: `name` is `ip`.
+fn from_own_server(pod: u64, server: IpAddr, loopback: bool, name: &str, ip: Ipv4Addr, at_secs: u64) -> Vec<u8> {
+    encode_dns(&DnsAnswer { server, loopback, ..answer(pod, name, ip, at_secs) })
+}
+
+fn query_to(p: &mut Pipeline, pod: u64, server: IpAddr) {
+    let mut q = call(pod, server, 53, 1, true, 0);
+    q.proto = Proto::Udp;
+    q.key = dedupe_key(pod + 1, pod, server, 53, Proto::Udp);
+    p.record(&encode_call(&q));
+}
+
+#[test]
+fn a_resolver_inside_the_pod_names_nothing_by_itself() {
+    let mut p = trusting_the_cluster_resolver();
+    let exfil = Ipv4Addr::new(203, 0, 113, 66);
+    let own = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    // The attack: query your own server, have it answer github.com with your address, call it.
+    query_to(&mut p, 1, own);
+    p.record(&from_own_server(1, own, true, "github.com", exfil, 10));
+    let o = p.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 11))).unwrap();
+    assert!(o.hosts.is_empty(), "the address stays a bare address: {o:?}");
+    assert_eq!((p.stats().uncorroborated_dns, p.stats().contradicting_dns), (1, 0));
+    // Claiming to be the cluster's resolver does not help when the packet came over loopback.
+    query(&mut p, 1);
+    p.record(&from_own_server(1, IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), true, "github.com", exfil, 12));
+    assert!(p.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 13))).unwrap().hosts.is_empty());
+    assert_eq!(p.stats().uncorroborated_dns, 2);
+    assert!(p.take_suspicious().is_empty(), "nothing contradicted yet: the pod never asked the cluster");
+}
+
+#[test]
+fn an_inside_answer_that_contradicts_the_cluster_resolver_is_suspicious() {
+    let mut p = trusting_the_cluster_resolver();
+    let (real, exfil) = (Ipv4Addr::new(140, 82, 112, 3), Ipv4Addr::new(203, 0, 113, 66));
+    query(&mut p, 1);
+    p.record(&encode_dns(&answer(1, "github.com", real, 10)));
+    let own = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    query_to(&mut p, 1, own);
+    p.record(&from_own_server(1, own, true, "github.com", exfil, 11));
+    assert!(p.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 12))).unwrap().hosts.is_empty());
+    assert_eq!(p.record(&encode_call(&call(1, IpAddr::V4(real), 443, 1, true, 12))).unwrap().hosts, ["github.com"]);
+    let suspicious = p.take_suspicious();
+    assert_eq!(suspicious.len(), 1, "{suspicious:?}");
+    assert_eq!(suspicious[0].name, "github.com");
+    assert_eq!(
+        (suspicious[0].claimed.clone(), suspicious[0].trusted.clone()),
+        (vec![IpAddr::V4(exfil)], vec![IpAddr::V4(real)])
+    );
+    assert_eq!(p.stats().contradicting_dns, 1);
+}
+
+#[test]
+fn an_inside_resolver_that_agrees_with_the_cluster_resolver_is_fine() {
+    // Docker's embedded resolver (127.0.0.11) forwards to the pod's resolver: the pod saw the
+    // same answer from the cluster, so nothing is wrong and the name stands.
+    let mut p = trusting_the_cluster_resolver();
+    let ip = Ipv4Addr::new(104, 16, 1, 34);
+    query(&mut p, 1);
+    p.record(&encode_dns(&answer(1, "registry.npmjs.org", ip, 10)));
+    let docker = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11));
+    query_to(&mut p, 1, docker);
+    p.record(&from_own_server(1, docker, true, "registry.npmjs.org", ip, 10));
+    assert_eq!(
+        p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 1, true, 11))).unwrap().hosts,
+        ["registry.npmjs.org"]
+    );
+    assert_eq!((p.stats().uncorroborated_dns, p.stats().contradicting_dns), (0, 0));
+    assert!(p.take_suspicious().is_empty());
 }

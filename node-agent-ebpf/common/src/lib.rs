@@ -102,8 +102,11 @@ pub struct DnsEvent {
     pub length: u32,
     /// `FAMILY_*` of the server's address.
     pub family: u8,
+    /// 1 when the answer arrived on the loopback device: from a server inside the pod, whatever
+    /// source address the packet claims.
+    pub loopback: u8,
     /// Explicit padding (zero).
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
     /// The server's address, as in [`CallEvent::addr`].
     pub server: [u8; 16],
     /// The DNS message, `captured` bytes of it.

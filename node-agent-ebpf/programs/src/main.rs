@@ -431,7 +431,9 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
         (*event).pod_cgroup_id = pod;
         (*event).length = length as u32;
         (*event).family = family;
-        (*event)._pad = [0; 3];
+        // The loopback device is ifindex 1 in every network namespace.
+        (*event).loopback = u8::from((*skb).ifindex == 1);
+        (*event)._pad = [0; 2];
         (*event).server = server;
         if bpf_skb_load_bytes(skb as *const _, offset as u32, (*event).payload.as_mut_ptr().cast(), captured as u32)
             != 0
