@@ -39,7 +39,7 @@ use tracing::{error, info, warn};
 use crate::cgroups;
 use crate::ebpf::{LoadError, Options, PodBudget, Probes};
 use crate::metrics::{Kind, Metrics, ResultLabel, VerdictLabel};
-use crate::node::{Action, Destination, Job, Node, ObjectRef, PodInfo, Role, Run, Scorer};
+use crate::node::{Action, Destination, Job, Node, ObjectRef, PodInfo, Role, Run, Scorer, Trust};
 use crate::pipeline::{Pipeline, PipelineConfig, since_boot};
 use crate::report::{Report, ReportConfig, Reporter};
 
@@ -79,6 +79,11 @@ pub struct AgentArgs {
     /// process runs inside its pod, name nothing unless a trusted answer agrees.
     #[arg(long, value_delimiter = ',', env = "RUNWARDEN_TRUSTED_RESOLVERS")]
     pub trusted_resolvers: Vec<IpAddr>,
+    /// Namespaces whose pods labelled `runwarden.dev/monitor: "true"` may declare their own job
+    /// identity in annotations (runners without ARC). Elsewhere such pods are unidentified: a
+    /// job that can create pods could otherwise claim any job's identity.
+    #[arg(long, value_delimiter = ',', env = "RUNWARDEN_SELF_DECLARED_NAMESPACES")]
+    pub self_declared_namespaces: Vec<String>,
     /// Repeated calls to one destination within this many seconds are counted in the kernel,
     /// not reported one by one.
     #[arg(long, default_value_t = 1.0)]
@@ -493,6 +498,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     tokio::spawn(merger(client.clone(), node_name.clone(), merge_rx, state.clone(), policies.clone(), metrics.clone()));
 
     let mut node = Node::default();
+    node.trust = Trust {
+        runner_namespaces: args.runner_namespaces.iter().cloned().collect(),
+        self_declared_namespaces: args.self_declared_namespaces.iter().cloned().collect(),
+    };
     node.restore(state.runs());
     let mut caches = Caches {
         baselines: baselines.clone(),
@@ -761,6 +770,22 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     if report_tx.try_send(Report { run, key, seen, repeat }).is_err() {
                         metrics.events.get_or_create(&ResultLabel { result: "rate_limited" }).inc();
                     }
+                }
+                Action::Unidentified(pod) => {
+                    let Role::Unidentified(why) = &pod.role else { continue };
+                    metrics.unidentified_pods.inc();
+                    warn!(namespace = %pod.pod.namespace, pod = %pod.pod.name, reason = %why, "a pod in a runner namespace is not identified as a runner's: monitored, attributed to no job");
+                    let (client, node_name, pod) = (client.clone(), node_name.clone(), pod.clone());
+                    tokio::spawn(async move {
+                        for attempt in 0..5u32 {
+                            if crate::report::unidentified(&client, &node_name, &pod).await
+                                == crate::report::Delivery::Done
+                            {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                        }
+                    });
                 }
                 Action::Finished(run) => {
                     let mut run = *run;

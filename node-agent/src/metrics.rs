@@ -68,6 +68,8 @@ pub struct Metrics {
     pub held_dropped: Counter,
     /// Runs that ended before their job was known (reported under the scale set).
     pub unattributed_runs: Counter,
+    /// Pods of runner namespaces that are not identified as a runner's (UnidentifiedPod).
+    pub unidentified_pods: Counter,
     /// DNS answers: `parsed` (used to name destinations), `malformed`, `unsolicited` (from a
     /// server the pod never asked), `uncorroborated` (from an untrusted resolver, such as one
     /// inside the pod, naming what no trusted answer did), `contradicting` (the same,
@@ -105,6 +107,7 @@ impl Default for Metrics {
             held: Gauge::default(),
             held_dropped: Counter::default(),
             unattributed_runs: Counter::default(),
+            unidentified_pods: Counter::default(),
             dns_answers: Family::default(),
             pods_monitored: Gauge::default(),
             pods_armed_late: Counter::default(),
@@ -152,6 +155,11 @@ impl Default for Metrics {
             "unattributed_runs",
             "Runs that ended before their job was known",
             m.unattributed_runs.clone(),
+        );
+        registry.register(
+            "unidentified_pods",
+            "Pods of runner namespaces not identified as a runner's (UnidentifiedPod Events)",
+            m.unidentified_pods.clone(),
         );
         registry.register("dns_answers", "DNS answers read, by result", m.dns_answers.clone());
         registry.register("pods_monitored", "Runner pods monitored on this node", m.pods_monitored.clone());

@@ -51,8 +51,13 @@ pub enum Role {
     Runner,
     /// A pod labelled `runwarden.dev/monitor: "true"` (runners without ARC).
     Labelled,
-    /// A container-mode job pod of the runner pod named here (same namespace).
+    /// A container-mode job pod of the runner pod named here (same namespace), accepted only if
+    /// that runner held a job when the pod appeared.
     JobPod(String),
+    /// A pod in a namespace that hosts runners that is none of the above (or claims to be and
+    /// is not): monitored, attributed to no job, and reported. A job with the runner's
+    /// ServiceAccount can create pods; they must not borrow another job's identity, nor escape.
+    Unidentified(String),
     /// Anything else: not monitored.
     Other,
 }
@@ -266,6 +271,8 @@ pub enum Action {
     Finished(Box<Run>),
     /// Scan the pod cgroups: a cgroup is not known.
     Rescan,
+    /// A pod of a runner namespace is not what it claims, or claims nothing: say so.
+    Unidentified(Box<PodInfo>),
 }
 
 #[derive(Debug)]
@@ -295,6 +302,30 @@ pub struct Node {
     pub unattributed: u64,
     /// New (run, destination) pairs scored, by verdict (see [`VERDICTS`]).
     pub verdicts: [u64; 3],
+    /// Whose pods are trusted to say who they are.
+    pub trust: Trust,
+    /// Namespaces where an ARC runner pod was seen (when `trust.runner_namespaces` is unset).
+    seen_runner_namespaces: std::collections::HashSet<String>,
+    /// Pods already classified (UID → role): a job pod's standing is decided when it appears.
+    classified: HashMap<String, Role>,
+    /// Job pods waiting for their runner's job to be known, and since when.
+    undecided: HashMap<String, PodInfo>,
+    undecided_since: HashMap<String, SystemTime>,
+    deciding: bool,
+}
+
+/// How long a job pod waits for its runner's job to be known before it is unidentified.
+pub const JOB_POD_GRACE: Duration = Duration::from_secs(10);
+
+/// Which pods may say who they are.
+#[derive(Clone, Debug, Default)]
+pub struct Trust {
+    /// The namespaces that hold runners (the agent's `--runner-namespaces`); empty: those
+    /// where an ARC runner pod has been seen. Every other pod there is monitored.
+    pub runner_namespaces: std::collections::HashSet<String>,
+    /// Namespaces whose `runwarden.dev/monitor` pods may declare their own job identity in
+    /// annotations (an administrator's choice); elsewhere such pods are unidentified.
+    pub self_declared_namespaces: std::collections::HashSet<String>,
 }
 
 /// The verdict classes of [`Node::verdicts`]: normal for the job, anomalous below the policy's
@@ -318,10 +349,104 @@ impl Node {
         }
     }
 
+    /// Whether `namespace` holds runners.
+    fn hosts_runners(&self, namespace: &str) -> bool {
+        if self.trust.runner_namespaces.is_empty() {
+            self.seen_runner_namespaces.contains(namespace)
+        } else {
+            self.trust.runner_namespaces.contains(namespace)
+        }
+    }
+
+    /// Decides what a pod is, from what it says and what the node knows: a job pod only if its
+    /// runner holds a job (waiting [`JOB_POD_GRACE`] for the runner's job to be known, as the
+    /// identity may arrive just after the pod), a self-declared identity only where an
+    /// administrator allows it, and any other pod of a runner namespace unidentified. `None`:
+    /// not decided yet. Decisions are kept: a pod is judged by what held when it appeared.
+    fn classify(&mut self, mut info: PodInfo, now: SystemTime) -> Option<(PodInfo, bool)> {
+        let ns = info.pod.namespace.clone();
+        if info.role == Role::Runner {
+            self.seen_runner_namespaces.insert(ns.clone());
+        }
+        if let Some(role) = self.classified.get(&info.pod.uid) {
+            if let Role::Unidentified(_) = role {
+                info.identity = None;
+            }
+            info.role = role.clone();
+            return Some((info, false));
+        }
+        let role = match &info.role {
+            Role::Runner => Role::Runner,
+            Role::JobPod(runner) => {
+                let runner_pod = self
+                    .pods
+                    .values()
+                    .find(|p| p.pod.namespace == ns && &p.pod.name == runner && p.role == Role::Runner);
+                let since = *self.undecided_since.entry(info.pod.uid.clone()).or_insert(now);
+                match runner_pod {
+                    Some(p) if p.identity.is_some() => Role::JobPod(runner.clone()),
+                    _ if now.duration_since(since).unwrap_or_default() < JOB_POD_GRACE => return None,
+                    _ => Role::Unidentified(format!(
+                        "it is labelled {RUNNER_POD_LABEL}={runner}, but no runner pod {runner} on this node held a job when it appeared"
+                    )),
+                }
+            }
+            Role::Labelled if self.trust.self_declared_namespaces.contains(&ns) => Role::Labelled,
+            Role::Labelled => Role::Unidentified(format!(
+                "it is labelled {MONITOR_LABEL}=true, but namespace {ns} is not one where pods may declare their own job"
+            )),
+            Role::Other | Role::Unidentified(_) if self.hosts_runners(&ns) => Role::Unidentified(
+                "it is neither an ARC runner pod (scale-set label, owned by an EphemeralRunner) nor a job pod of one"
+                    .into(),
+            ),
+            Role::Other | Role::Unidentified(_) => Role::Other,
+        };
+        self.undecided_since.remove(&info.pod.uid);
+        if let Role::Unidentified(_) = role {
+            // What it says about its job is its own word: not taken.
+            info.identity = None;
+        }
+        let new_unidentified = matches!(role, Role::Unidentified(_));
+        // Kept, Other included: a pod that was not monitored when it appeared (its namespace had
+        // no runner yet) had its programs detached, and stays so.
+        self.classified.insert(info.pod.uid.clone(), role.clone());
+        info.role = role;
+        Some((info, new_unidentified))
+    }
+
+    /// Decides the pods that waited for their runner's job ([`Node::classify`]); what they
+    /// called meanwhile was held and is attributed now.
+    fn decide_waiting(&mut self, scorer: &impl Scorer) -> Vec<Action> {
+        // Deciding adds pods, which attributes what waited, which decides again: once is enough.
+        if std::mem::replace(&mut self.deciding, true) {
+            return Vec::new();
+        }
+        let waiting: Vec<PodInfo> = self.undecided.values().cloned().collect();
+        let mut actions = Vec::new();
+        for info in waiting {
+            if self.undecided.remove(&info.pod.uid).is_some() {
+                // Back among the undecided if it still is.
+                actions.extend(self.pod(info, scorer));
+            }
+        }
+        self.deciding = false;
+        actions
+    }
+
     /// A pod was added or changed.
     pub fn pod(&mut self, info: PodInfo, scorer: &impl Scorer) -> Vec<Action> {
+        let Some((info, unidentified)) = self.classify(info.clone(), SystemTime::now()) else {
+            // Not decided yet: its calls are held like an unknown pod's.
+            self.undecided.insert(info.pod.uid.clone(), info);
+            return Vec::new();
+        };
+        self.undecided.remove(&info.pod.uid);
         let uid = info.pod.uid.clone();
+        let is_runner = info.role == Role::Runner;
         let mut actions = Vec::new();
+        if unidentified {
+            actions.push(Action::Unidentified(Box::new(info.clone())));
+        }
         // Its identity may have arrived: fill it in and score what waited for it.
         if info.monitored()
             && let Some(run_uid) = self.run_of(&info)
@@ -342,6 +467,10 @@ impl Node {
             }
         }
         self.pods.insert(uid.clone(), info);
+        // A runner's job may be what a job pod waited for.
+        if is_runner && !self.undecided.is_empty() {
+            actions.extend(self.decide_waiting(scorer));
+        }
         actions.extend(self.attribute_waiting(scorer));
         actions
     }
@@ -349,6 +478,9 @@ impl Node {
     /// A pod was deleted: its run (if it is a runner) ends.
     pub fn pod_deleted(&mut self, uid: &str) -> Vec<Action> {
         self.pods.remove(uid);
+        self.classified.remove(uid);
+        self.undecided.remove(uid);
+        self.undecided_since.remove(uid);
         match self.runs.remove(uid) {
             Some(run) => {
                 self.dirty.insert(uid.to_string());
@@ -427,6 +559,9 @@ impl Node {
     /// that are not runners; drops what waited past the grace.
     fn attribute_waiting(&mut self, scorer: &impl Scorer) -> Vec<Action> {
         let mut actions = Vec::new();
+        if !self.undecided.is_empty() {
+            actions.extend(self.decide_waiting(scorer));
+        }
         // Known cgroups of pods that are not monitored: ignore them in the kernel.
         for (id, uid) in &self.cgroups {
             if !self.ignored.contains_key(id) && self.pods.get(uid).is_some_and(|p| !p.monitored()) {
@@ -857,5 +992,94 @@ mod tests {
         assert_eq!(node.throttled(10, 9), None, "named once");
         assert_eq!(node.runs().next().unwrap().throttled, 9);
         assert_eq!(node.throttled(11, 3), None, "an unknown cgroup");
+    }
+
+    fn pod_in(ns: &str, uid: &str, name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> PodInfo {
+        let mut m = meta(uid, name, labels, annotations);
+        m.namespace = Some(ns.into());
+        m.owner_references = None;
+        PodInfo::from_meta(&m).unwrap()
+    }
+
+    fn identity_annotations() -> serde_json::Value {
+        serde_json::json!({"runwarden.dev/repository": "acme/release", "runwarden.dev/workflow": ".github/workflows/release.yml",
+                           "runwarden.dev/job": "publish", "runwarden.dev/run-id": "99"})
+    }
+
+    #[test]
+    fn any_other_pod_of_a_runner_namespace_is_monitored_as_unidentified() {
+        let mut node = Node::default();
+        node.pod(runner("u1", true), &Fixed);
+        // A pod the job made, claiming the release job in annotations: monitored, no job.
+        let made = pod_in("arc", "u3", "helper", serde_json::json!({}), identity_annotations());
+        let actions = node.pod(made, &Fixed);
+        assert!(matches!(&actions[..], [Action::Unidentified(p)] if p.pod.uid == "u3"), "{actions:?}");
+        node.cgroups(HashMap::from([(10, "u1".to_string()), (30, "u3".to_string())]), &Fixed);
+        assert!(node.observe(call(30, "exfil.example", 443), &Fixed).is_empty(), "held: no job to score against");
+        let ended = node.pod_deleted("u3");
+        assert!(
+            matches!(&ended[..], [Action::Finished(run)] if run.job.is_none() && run.destinations.len() == 1),
+            "its calls end up reported under no job, never learned: {ended:?}"
+        );
+        // A pod of a namespace without runners is none of the agent's business.
+        let web = pod_in("web", "u4", "web", serde_json::json!({}), serde_json::json!({}));
+        assert!(node.pod(web, &Fixed).is_empty());
+        let (_, actions) = node.cgroups(HashMap::from([(40, "u4".to_string())]), &Fixed);
+        assert_eq!(actions, [Action::Ignore(40)]);
+    }
+
+    #[test]
+    fn a_job_pod_borrows_nothing_from_a_runner_without_a_job() {
+        let mut node = Node::default();
+        node.pod(runner("u1", false), &Fixed);
+        let job_pod =
+            || pod_in("arc", "u2", "job", serde_json::json!({"runner-pod": "runner-0"}), serde_json::json!({}));
+        assert!(node.pod(job_pod(), &Fixed).is_empty(), "undecided: the runner's job may be just about to be known");
+        node.cgroups(HashMap::from([(10, "u1".to_string()), (20, "u2".to_string())]), &Fixed);
+        assert!(node.observe(call(20, "poison.example", 443), &Fixed).len() <= 1, "held meanwhile");
+        // The runner got no job within the grace: the pod is unidentified, for good.
+        node.undecided_since.insert("u2".into(), SystemTime::now() - JOB_POD_GRACE - Duration::from_secs(1));
+        let (_, actions) = node.cgroups(HashMap::from([(10, "u1".to_string()), (20, "u2".to_string())]), &Fixed);
+        assert!(actions.iter().any(|a| matches!(a, Action::Unidentified(p) if p.pod.uid == "u2")), "{actions:?}");
+        node.pod(runner("u1", true), &Fixed);
+        node.pod(job_pod(), &Fixed);
+        let runner_run = node.runs.get("u1");
+        assert!(
+            runner_run.is_none_or(|r| !r.destinations.keys().any(|k| k.starts_with("poison.example"))),
+            "the runner's job learns nothing of it: {runner_run:?}"
+        );
+        assert!(node.runs.get("u2").is_some_and(|r| r.job.is_none()));
+    }
+
+    #[test]
+    fn a_job_pod_whose_runners_job_is_known_just_after_joins_the_run() {
+        let mut node = Node::default();
+        node.pod(runner("u1", false), &Fixed);
+        let job_pod = pod_in("arc", "u2", "job", serde_json::json!({"runner-pod": "runner-0"}), serde_json::json!({}));
+        node.pod(job_pod, &Fixed);
+        node.cgroups(HashMap::from([(10, "u1".to_string()), (20, "u2".to_string())]), &Fixed);
+        node.observe(call(20, "evil.example", 443), &Fixed);
+        let actions = node.pod(runner("u1", true), &Fixed);
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Report { run, .. } if run.pod.uid == "u1" && run.job.is_some())),
+            "the held call is the runner's job's: {actions:?}"
+        );
+        assert!(!actions.iter().any(|a| matches!(a, Action::Unidentified(_))));
+    }
+
+    #[test]
+    fn a_self_declared_identity_counts_only_where_an_administrator_allows_it() {
+        let labelled = |ns: &str, uid: &str| {
+            pod_in(ns, uid, "self-hosted", serde_json::json!({"runwarden.dev/monitor": "true"}), identity_annotations())
+        };
+        let mut node = Node {
+            trust: Trust { self_declared_namespaces: ["ci".to_string()].into(), ..Trust::default() },
+            ..Node::default()
+        };
+        assert!(node.pod(labelled("ci", "u5"), &Fixed).is_empty());
+        assert_eq!(node.pods["u5"].role, Role::Labelled);
+        assert!(node.pods["u5"].identity.is_some());
+        let actions = node.pod(labelled("arc", "u6"), &Fixed);
+        assert!(matches!(&actions[..], [Action::Unidentified(p)] if p.identity.is_none()), "{actions:?}");
     }
 }

@@ -35,7 +35,7 @@ use runwarden_crds::report::{self, AnomalyReport};
 use runwarden_detector::Proto;
 
 use crate::metrics::{Metrics, ResultLabel};
-use crate::node::{Destination, Job, ObjectRef, Run};
+use crate::node::{Destination, Job, ObjectRef, PodInfo, Run};
 
 /// Reason of the Events.
 pub const REASON: &str = "AnomalousEgress";
@@ -43,6 +43,8 @@ pub const REASON: &str = "AnomalousEgress";
 pub const UNATTRIBUTED: &str = "UnattributedEgress";
 /// Reason of the Events saying a pod's kernel monitoring was switched off from outside.
 pub const TAMPERED: &str = "AgentTampered";
+/// Reason of the Event on a pod of a runner namespace that is not identified as a runner's.
+pub const UNIDENTIFIED: &str = "UnidentifiedPod";
 /// Reason of the Events saying a pod received a DNS answer that looks forged.
 pub const SUSPICIOUS_DNS: &str = "SuspiciousDNS";
 /// `reportingController` of the Events.
@@ -280,14 +282,28 @@ impl Reporter {
 pub async fn unattributed(client: &Client, node: &str, run: &Run) -> Delivery {
     let mut destinations: Vec<String> = run.destinations.values().map(Destination::text).collect();
     destinations.sort();
-    let scale_set = run.scale_set.as_deref().unwrap_or("unknown");
-    let mut note = format!(
-        "runner {} of scale set {scale_set} ended before its job was known; its {} destination(s) were not scored \
-         or learned: {}",
-        run.pod.name,
-        destinations.len(),
-        destinations.join(", ")
-    );
+    let mut note = match (&run.scale_set, &run.runner) {
+        (Some(scale_set), _) => format!(
+            "runner {} of scale set {scale_set} ended before its job was known; its {} destination(s) were not \
+             scored or learned: {}",
+            run.pod.name,
+            destinations.len(),
+            destinations.join(", ")
+        ),
+        // An unidentified pod (see UnidentifiedPod).
+        (None, None) => format!(
+            "pod {}, not identified as a runner's, ended; its {} destination(s) were not scored or learned: {}",
+            run.pod.name,
+            destinations.len(),
+            destinations.join(", ")
+        ),
+        (None, Some(_)) => format!(
+            "runner {} ended before its job was known; its {} destination(s) were not scored or learned: {}",
+            run.pod.name,
+            destinations.len(),
+            destinations.join(", ")
+        ),
+    };
     cut_note(&mut note);
     for (regarding, related) in targets(run) {
         let name = event_name(run, UNATTRIBUTED, &regarding);
@@ -412,6 +428,22 @@ async fn about_runner(
         }
     }
     Delivery::Done
+}
+
+/// Says that a pod of a runner namespace is not identified as a runner's (`pod.role` says
+/// why): a Warning Event (`UnidentifiedPod`) on it. Its calls are monitored and reported under
+/// no job when it ends.
+pub async fn unidentified(client: &Client, node: &str, pod: &PodInfo) -> Delivery {
+    let why = match &pod.role {
+        crate::node::Role::Unidentified(why) => why.as_str(),
+        _ => "",
+    };
+    let note = format!(
+        "pod {}/{} runs in a namespace that holds runners but is not identified as a runner's: {why}. Its calls are \
+         monitored, attributed to no job, and listed when it ends; none is learned into a baseline",
+        pod.pod.namespace, pod.pod.name
+    );
+    about_runner(client, node, UNIDENTIFIED, "Identify", &note, (&pod.pod, None, None), None, "").await
 }
 
 /// A Warning Event of the agent on `node` about `regarding`.

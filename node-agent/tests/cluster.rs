@@ -48,10 +48,15 @@ impl AgentProcess {
 }
 
 /// The DaemonSet's container args, as the operator renders them with its write permissions
-/// limited to `runner_namespaces`.
+/// limited to `runner_namespaces` (and every list setting set, so the binary is shown to take
+/// each flag the DaemonSet can carry).
 fn daemonset_args(runner_namespaces: &[String]) -> Vec<String> {
-    let ds =
-        daemonset::desired(&AgentConfig { runner_namespaces: runner_namespaces.to_vec(), ..AgentConfig::default() });
+    let ds = daemonset::desired(&AgentConfig {
+        runner_namespaces: runner_namespaces.to_vec(),
+        trusted_resolvers: vec!["127.0.0.53".into(), "10.96.0.10".into()],
+        self_declared_namespaces: vec!["self-hosted-ci".into()],
+        ..AgentConfig::default()
+    });
     let args = &ds["spec"]["template"]["spec"]["containers"][0]["args"];
     serde_json::from_value(args.clone()).unwrap()
 }

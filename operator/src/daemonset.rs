@@ -68,6 +68,10 @@ pub struct AgentConfig {
     /// The runner namespaces the agent's write permissions are limited to (the operator's
     /// `runnerNamespaces`; empty: cluster-wide).
     pub runner_namespaces: Vec<String>,
+    /// DNS resolvers whose answers name destinations (empty: the agent pod's resolv.conf's).
+    pub trusted_resolvers: Vec<String>,
+    /// Namespaces whose `runwarden.dev/monitor` pods may declare their own job.
+    pub self_declared_namespaces: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -87,6 +91,8 @@ impl Default for AgentConfig {
             owner_deployment: None,
             owner: None,
             runner_namespaces: Vec::new(),
+            trusted_resolvers: Vec::new(),
+            self_declared_namespaces: Vec::new(),
         }
     }
 }
@@ -98,8 +104,14 @@ fn args(config: &AgentConfig) -> Vec<String> {
         format!("--metrics-port={}", config.metrics_port),
         format!("--state-dir={STATE_MOUNT}"),
     ];
-    if !config.runner_namespaces.is_empty() {
-        args.push(format!("--runner-namespaces={}", config.runner_namespaces.join(",")));
+    for (flag, list) in [
+        ("runner-namespaces", &config.runner_namespaces),
+        ("trusted-resolvers", &config.trusted_resolvers),
+        ("self-declared-namespaces", &config.self_declared_namespaces),
+    ] {
+        if !list.is_empty() {
+            args.push(format!("--{flag}={}", list.join(",")));
+        }
     }
     args
 }

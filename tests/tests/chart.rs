@@ -113,6 +113,8 @@ fn every_option_renders_where_it_belongs() {
         r#"nodeSelector: {"actions.github.com/runner-node":"true"}"#,
         "stateDir: \"/var/lib/runwarden-test\"",
         r#"runnerNamespaces: ["arc-runners","arc-big"]"#,
+        r#"trustedResolvers: ["10.96.0.10","169.254.20.10","fd00::a"]"#,
+        r#"selfDeclaredNamespaces: ["self-hosted-ci"]"#,
     ] {
         assert!(rendered.contains(expected), "{expected:?} not rendered:\n{rendered}");
     }

@@ -716,3 +716,82 @@ async fn a_name_forged_by_a_resolver_the_pod_chose_is_not_used_and_is_reported()
     let metrics = agent_metrics(world.node).await;
     assert!(series(&metrics, "runwarden_agent_dns_answers{result=\"contradicting\"}") >= 1.0, "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_a_job_creates_borrow_no_identity_and_are_reported_as_unidentified() {
+    let world = world().await;
+    let _shared = API_OUTAGE.read().await;
+    let job = Job::new(world.node, "borrow").await;
+    let ip = world.node.add_address(242).unwrap();
+    world.dns.insert("made.borrow.test", ip);
+    let listener = Listener::start(SocketAddr::from((ip, 8080))).unwrap();
+    // A runner with its job, and an idle one (no job yet) in the same namespace.
+    let busy = job.start(world.node, 901, "api.github.test", "sleep 3600").await;
+    let idle = job.start_with(world.node, 902, "api.github.test", "sleep 3600", false).await;
+    job.wait_phase(world.node, &busy, "Running").await;
+    job.wait_phase(world.node, &idle, "Running").await;
+
+    // With the runner's ServiceAccount a job can create pods: one claiming nothing, and one
+    // claiming to be the idle runner's job pod (whose next job it would poison).
+    let client = world.node.client().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &job.ns);
+    for (name, labels) in [("made-plain", json!({})), ("made-borrowing", json!({"runner-pod": idle}))] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels,
+                         "annotations": {"runwarden.dev/repository": "acme/release", "runwarden.dev/workflow": ".github/workflows/release.yml",
+                                         "runwarden.dev/job": "publish", "runwarden.dev/run-id": "1"}},
+            "spec": {"nodeName": NODE_NAME, "restartPolicy": "Never", "automountServiceAccountToken": false,
+                     "containers": [{"name": "c", "image": "localhost/runwarden/test-busybox:1", "imagePullPolicy": "Never",
+                                     "command": ["sh", "-c", format!("wget -q -O /dev/null {}; sleep 3600", url("made.borrow.test"))]}]}
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+
+    // Both are said to be unidentified (the borrowing one once its grace for the idle runner's
+    // job ran out), and both are monitored: their calls happened and are theirs.
+    let started = Instant::now();
+    loop {
+        let events = Api::<Event>::namespaced(client.clone(), &job.ns).list(&Default::default()).await.unwrap().items;
+        let on = |pod: &str| {
+            events
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("UnidentifiedPod") && regarding(e) == ("Pod".into(), pod.into()))
+        };
+        if on("made-plain") && on("made-borrowing") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no UnidentifiedPod Events: {events:?}\n{}",
+            agent_logs(world.node)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(listener.count() >= 2);
+
+    // When they end, what they called is listed under no job; neither runner's baseline learned it.
+    for name in ["made-plain", "made-borrowing"] {
+        pods.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    let started = Instant::now();
+    loop {
+        let events = Api::<Event>::namespaced(client.clone(), &job.ns).list(&Default::default()).await.unwrap().items;
+        let listed = events
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("UnattributedEgress"))
+            .filter(|e| e.note.as_deref().unwrap_or("").contains("made.borrow.test"))
+            .count();
+        if listed >= 2 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no UnattributedEgress for the made pods: {events:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    job.finish(world.node, &busy).await;
+    let baseline = job.wait_merged(world.node, 901).await;
+    let hosts: Vec<String> = baseline.status.unwrap().endpoints.iter().filter_map(|e| e.host.clone()).collect();
+    assert!(!hosts.iter().any(|h| h == "made.borrow.test"), "{hosts:?}");
+    let metrics = agent_metrics(world.node).await;
+    assert!(series(&metrics, "runwarden_agent_unidentified_pods_total") >= 2.0, "{metrics}");
+}
