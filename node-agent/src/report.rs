@@ -394,14 +394,6 @@ async fn about_runner(
     let (pod, ephemeral, _) = runner;
     let mut note = note.to_string();
     cut_note(&mut note);
-    let reference = |api_version: &str, kind: &str, o: &ObjectRef| ObjectReference {
-        api_version: Some(api_version.into()),
-        kind: Some(kind.into()),
-        namespace: Some(o.namespace.clone()),
-        name: Some(o.name.clone()),
-        uid: (!o.uid.is_empty()).then(|| o.uid.clone()),
-        ..ObjectReference::default()
-    };
     let runner_pod = reference("v1", "Pod", pod);
     let mut targets = vec![(runner_pod.clone(), None)];
     if let Some(r) = ephemeral {
@@ -493,17 +485,21 @@ fn cut(text: &str, max: usize) -> &str {
     &text[..at]
 }
 
-/// The objects a run's Events are about: the pod, its `EphemeralRunner` and the baseline
-/// (each with the pod as the related object).
-fn targets(run: &Run) -> Vec<(ObjectReference, Option<ObjectReference>)> {
-    let reference = |api_version: &str, kind: &str, o: &ObjectRef| ObjectReference {
+/// A reference to `o`, of `kind` in `api_version`.
+fn reference(api_version: &str, kind: &str, o: &ObjectRef) -> ObjectReference {
+    ObjectReference {
         api_version: Some(api_version.into()),
         kind: Some(kind.into()),
         namespace: Some(o.namespace.clone()),
         name: Some(o.name.clone()),
         uid: (!o.uid.is_empty()).then(|| o.uid.clone()),
         ..ObjectReference::default()
-    };
+    }
+}
+
+/// The objects a run's Events are about: the pod, its `EphemeralRunner` and the baseline
+/// (each with the pod as the related object).
+fn targets(run: &Run) -> Vec<(ObjectReference, Option<ObjectReference>)> {
     let pod = reference("v1", "Pod", &run.pod);
     let mut out = vec![(pod.clone(), None)];
     if let Some(runner) = &run.runner {
