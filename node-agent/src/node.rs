@@ -395,6 +395,11 @@ impl Node {
             Role::Labelled => Role::Unidentified(format!(
                 "it is labelled {MONITOR_LABEL}=true, but namespace {ns} is not one where pods may declare their own job"
             )),
+            // Until the pod watch has listed every pod, the runner that makes this namespace a
+            // runner namespace may just not be listed yet (an agent restart): wait for the list.
+            Role::Other | Role::Unidentified(_) if !self.synced && self.trust.runner_namespaces.is_empty() => {
+                return None;
+            }
             Role::Other | Role::Unidentified(_) if self.hosts_runners(&ns) => Role::Unidentified(
                 "it is neither an ARC runner pod (scale-set label, owned by an EphemeralRunner) nor a job pod of one"
                     .into(),
@@ -819,6 +824,11 @@ mod tests {
     use super::*;
     use crate::events::{Hook, Verdict as KernelVerdict};
 
+    /// A node whose pod watch has listed every pod.
+    fn listed() -> Node {
+        Node { synced: true, ..Node::default() }
+    }
+
     struct Fixed;
     impl Scorer for Fixed {
         fn min_severity(&self, _: &ObjectRef, _: Option<&str>, _: &Job) -> Option<Severity> {
@@ -890,7 +900,7 @@ mod tests {
 
     #[test]
     fn calls_before_the_job_is_known_are_held_and_scored_when_it_arrives() {
-        let mut node = Node::default();
+        let mut node = listed();
         node.pod(runner("u1", false), &Fixed);
         node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
         assert!(node.observe(call(10, "evil.example", 443), &Fixed).is_empty(), "no job yet: held");
@@ -911,7 +921,7 @@ mod tests {
 
     #[test]
     fn an_address_answered_for_several_names_is_judged_under_the_most_suspicious() {
-        let mut node = Node::default();
+        let mut node = listed();
         node.pod(runner("u1", true), &Fixed);
         node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
         // The pod looked up a name its job knows, then its own, both on one shared address.
@@ -941,7 +951,7 @@ mod tests {
 
     #[test]
     fn an_unknown_cgroup_is_held_until_the_scan_and_the_watch_know_it() {
-        let mut node = Node::default();
+        let mut node = listed();
         assert_eq!(node.observe(call(11, "evil.example", 443), &Fixed), vec![Action::Rescan]);
         node.cgroups(HashMap::from([(11, "u1".to_string())]), &Fixed);
         let actions = node.pod(runner("u1", true), &Fixed);
@@ -950,7 +960,7 @@ mod tests {
 
     #[test]
     fn cgroups_of_other_pods_are_ignored_in_the_kernel() {
-        let mut node = Node::default();
+        let mut node = listed();
         let other = PodInfo::from_meta(&meta("u3", "web", serde_json::json!({}), serde_json::json!({}))).unwrap();
         node.pod(other, &Fixed);
         let (_, actions) = node.cgroups(HashMap::from([(12, "u3".to_string())]), &Fixed);
@@ -961,7 +971,7 @@ mod tests {
 
     #[test]
     fn a_runner_that_goes_ends_its_run() {
-        let mut node = Node::default();
+        let mut node = listed();
         node.pod(runner("u1", true), &Fixed);
         node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
         node.observe(call(10, "github.com", 443), &Fixed);
@@ -971,7 +981,7 @@ mod tests {
 
     #[test]
     fn a_runner_deleted_while_the_watch_was_down_ends_its_run_at_the_relist() {
-        let mut node = Node::default();
+        let mut node = listed();
         node.pod(runner("u1", true), &Fixed);
         node.pod(runner("u2", true), &Fixed);
         node.cgroups(HashMap::from([(10, "u1".to_string()), (11, "u2".to_string())]), &Fixed);
@@ -984,7 +994,7 @@ mod tests {
 
     #[test]
     fn a_throttled_pod_is_named_once_and_its_count_kept_in_the_run() {
-        let mut node = Node::default();
+        let mut node = listed();
         node.pod(runner("u1", true), &Fixed);
         node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
         node.observe(call(10, "github.com", 443), &Fixed);
@@ -1008,7 +1018,7 @@ mod tests {
 
     #[test]
     fn any_other_pod_of_a_runner_namespace_is_monitored_as_unidentified() {
-        let mut node = Node::default();
+        let mut node = listed();
         node.pod(runner("u1", true), &Fixed);
         // A pod the job made, claiming the release job in annotations: monitored, no job.
         let made = pod_in("arc", "u3", "helper", serde_json::json!({}), identity_annotations());
@@ -1030,7 +1040,7 @@ mod tests {
 
     #[test]
     fn a_job_pod_borrows_nothing_from_a_runner_without_a_job() {
-        let mut node = Node::default();
+        let mut node = listed();
         node.pod(runner("u1", false), &Fixed);
         let job_pod =
             || pod_in("arc", "u2", "job", serde_json::json!({"runner-pod": "runner-0"}), serde_json::json!({}));
@@ -1053,7 +1063,7 @@ mod tests {
 
     #[test]
     fn a_job_pod_whose_runners_job_is_known_just_after_joins_the_run() {
-        let mut node = Node::default();
+        let mut node = listed();
         node.pod(runner("u1", false), &Fixed);
         let job_pod = pod_in("arc", "u2", "job", serde_json::json!({"runner-pod": "runner-0"}), serde_json::json!({}));
         node.pod(job_pod, &Fixed);
@@ -1081,5 +1091,15 @@ mod tests {
         assert!(node.pods["u5"].identity.is_some());
         let actions = node.pod(labelled("arc", "u6"), &Fixed);
         assert!(matches!(&actions[..], [Action::Unidentified(p)] if p.identity.is_none()), "{actions:?}");
+    }
+
+    #[test]
+    fn after_a_restart_pods_listed_before_their_namespaces_runner_are_still_unidentified() {
+        let mut node = Node::default();
+        let made = pod_in("arc", "u3", "helper", serde_json::json!({}), serde_json::json!({}));
+        assert!(node.pod(made, &Fixed).is_empty(), "not decided before the list is complete");
+        node.pod(runner("u1", true), &Fixed);
+        let actions = node.synced(&Fixed);
+        assert!(actions.iter().any(|a| matches!(a, Action::Unidentified(p) if p.pod.uid == "u3")), "{actions:?}");
     }
 }
