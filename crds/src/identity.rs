@@ -32,6 +32,10 @@ pub mod annotations {
 
 /// Label users put on runner pods that ARC does not manage, with the identity annotations.
 pub const MONITOR_LABEL: &str = "runwarden.dev/monitor";
+/// Label (value `"true"`) a cluster administrator puts on a namespace whose [`MONITOR_LABEL`]
+/// pods may declare their own job in annotations. Namespaces are cluster-scoped: only those
+/// allowed to patch namespaces (cluster administrators, as a rule) can set it.
+pub const SELF_DECLARED_LABEL: &str = "runwarden.dev/self-declared-identities";
 /// Label ARC puts on runner pods: the scale set's name.
 pub const SCALE_SET_LABEL: &str = "actions.github.com/scale-set-name";
 /// Label ARC's Kubernetes container hooks put on container-mode job pods: the runner pod's name.

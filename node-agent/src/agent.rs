@@ -23,12 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef as StoreRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use runwarden_crds::identity::SELF_DECLARED_LABEL;
 use runwarden_crds::policy::AbusedServices;
 use runwarden_crds::{EgressPolicy, WorkflowBaseline};
 use runwarden_detector::{Cluster, Services, Severity, Verdict};
@@ -79,11 +80,6 @@ pub struct AgentArgs {
     /// process runs inside its pod, name nothing unless a trusted answer agrees.
     #[arg(long, value_delimiter = ',', env = "RUNWARDEN_TRUSTED_RESOLVERS")]
     pub trusted_resolvers: Vec<IpAddr>,
-    /// Namespaces whose pods labelled `runwarden.dev/monitor: "true"` may declare their own job
-    /// identity in annotations (runners without ARC). Elsewhere such pods are unidentified: a
-    /// job that can create pods could otherwise claim any job's identity.
-    #[arg(long, value_delimiter = ',', env = "RUNWARDEN_SELF_DECLARED_NAMESPACES")]
-    pub self_declared_namespaces: Vec<String>,
     /// Repeated calls to one destination within this many seconds are counted in the kernel,
     /// not reported one by one.
     #[arg(long, default_value_t = 1.0)]
@@ -497,10 +493,32 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     tokio::spawn(merger(client.clone(), node_name.clone(), merge_rx, state.clone(), policies.clone(), metrics.clone()));
 
+    // Namespaces a cluster administrator labelled for self-declared identities: known before
+    // the first pod is judged.
+    let (self_declared, self_declared_writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+    let namespaces = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{SELF_DECLARED_LABEL}=true")),
+    )
+    .default_backoff()
+    .reflect(self_declared_writer)
+    .applied_objects();
+    tokio::spawn(async move {
+        let mut namespaces = std::pin::pin!(namespaces);
+        while let Some(e) = namespaces.next().await {
+            if let Err(e) = e {
+                warn!(error = %e, "watching namespaces labelled {SELF_DECLARED_LABEL} failed; retrying");
+            }
+        }
+    });
+    let _ = self_declared.wait_until_ready().await;
+    let self_declared_namespaces = || {
+        self_declared.state().iter().filter_map(|n| n.metadata.name.clone()).collect::<std::collections::HashSet<_>>()
+    };
     let mut node = Node::default();
     node.trust = Trust {
         runner_namespaces: args.runner_namespaces.iter().cloned().collect(),
-        self_declared_namespaces: args.self_declared_namespaces.iter().cloned().collect(),
+        self_declared_namespaces: self_declared_namespaces(),
     };
     node.restore(state.runs());
     let mut caches = Caches {
@@ -561,6 +579,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             _ = housekeeping.tick() => tick = true,
         }
         caches.refresh();
+        if tick {
+            node.trust.self_declared_namespaces = self_declared_namespaces();
+        }
         let mut actions = Vec::new();
         if std::mem::take(&mut pod_events_rescan) {
             actions.push(Action::Rescan);

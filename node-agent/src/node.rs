@@ -324,7 +324,8 @@ pub struct Trust {
     /// where an ARC runner pod has been seen. Every other pod there is monitored.
     pub runner_namespaces: std::collections::HashSet<String>,
     /// Namespaces whose `runwarden.dev/monitor` pods may declare their own job identity in
-    /// annotations (an administrator's choice); elsewhere such pods are unidentified.
+    /// annotations (labelled `runwarden.dev/self-declared-identities=true` by an
+    /// administrator); elsewhere such pods are unidentified.
     pub self_declared_namespaces: std::collections::HashSet<String>,
 }
 

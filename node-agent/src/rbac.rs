@@ -31,6 +31,12 @@ pub const RBAC: Rbac = Rbac {
             why: "score calls against the job's baseline and the cluster's",
         },
         Permission {
+            group: "",
+            resource: "namespaces",
+            verbs: &["list", "watch"],
+            why: "which namespaces an administrator labelled runwarden.dev/self-declared-identities=true (metadata only)",
+        },
+        Permission {
             group: "runwarden.dev",
             resource: "egresspolicies",
             verbs: &["list", "watch"],

@@ -54,7 +54,6 @@ fn daemonset_args(runner_namespaces: &[String]) -> Vec<String> {
     let ds = daemonset::desired(&AgentConfig {
         runner_namespaces: runner_namespaces.to_vec(),
         trusted_resolvers: vec!["127.0.0.53".into(), "10.96.0.10".into()],
-        self_declared_namespaces: vec!["self-hosted-ci".into()],
         ..AgentConfig::default()
     });
     let args = &ds["spec"]["template"]["spec"]["containers"][0]["args"];

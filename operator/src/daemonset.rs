@@ -70,8 +70,6 @@ pub struct AgentConfig {
     pub runner_namespaces: Vec<String>,
     /// DNS resolvers whose answers name destinations (empty: the agent pod's resolv.conf's).
     pub trusted_resolvers: Vec<String>,
-    /// Namespaces whose `runwarden.dev/monitor` pods may declare their own job.
-    pub self_declared_namespaces: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -92,7 +90,6 @@ impl Default for AgentConfig {
             owner: None,
             runner_namespaces: Vec::new(),
             trusted_resolvers: Vec::new(),
-            self_declared_namespaces: Vec::new(),
         }
     }
 }
@@ -104,11 +101,9 @@ fn args(config: &AgentConfig) -> Vec<String> {
         format!("--metrics-port={}", config.metrics_port),
         format!("--state-dir={STATE_MOUNT}"),
     ];
-    for (flag, list) in [
-        ("runner-namespaces", &config.runner_namespaces),
-        ("trusted-resolvers", &config.trusted_resolvers),
-        ("self-declared-namespaces", &config.self_declared_namespaces),
-    ] {
+    for (flag, list) in
+        [("runner-namespaces", &config.runner_namespaces), ("trusted-resolvers", &config.trusted_resolvers)]
+    {
         if !list.is_empty() {
             args.push(format!("--{flag}={}", list.join(",")));
         }

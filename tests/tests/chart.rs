@@ -114,7 +114,6 @@ fn every_option_renders_where_it_belongs() {
         "stateDir: \"/var/lib/runwarden-test\"",
         r#"runnerNamespaces: ["arc-runners","arc-big"]"#,
         r#"trustedResolvers: ["10.96.0.10","169.254.20.10","fd00::a"]"#,
-        r#"selfDeclaredNamespaces: ["self-hosted-ci"]"#,
     ] {
         assert!(rendered.contains(expected), "{expected:?} not rendered:\n{rendered}");
     }

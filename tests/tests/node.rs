@@ -735,7 +735,11 @@ async fn pods_a_job_creates_borrow_no_identity_and_are_reported_as_unidentified(
     // claiming to be the idle runner's job pod (whose next job it would poison).
     let client = world.node.client().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &job.ns);
-    for (name, labels) in [("made-plain", json!({})), ("made-borrowing", json!({"runner-pod": idle}))] {
+    for (name, labels) in [
+        ("made-plain", json!({})),
+        ("made-borrowing", json!({"runner-pod": idle})),
+        ("made-declaring", json!({"runwarden.dev/monitor": "true"})),
+    ] {
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": labels,
                          "annotations": {"runwarden.dev/repository": "acme/release", "runwarden.dev/workflow": ".github/workflows/release.yml",
@@ -758,7 +762,7 @@ async fn pods_a_job_creates_borrow_no_identity_and_are_reported_as_unidentified(
                 .iter()
                 .any(|e| e.reason.as_deref() == Some("UnidentifiedPod") && regarding(e) == ("Pod".into(), pod.into()))
         };
-        if on("made-plain") && on("made-borrowing") {
+        if on("made-plain") && on("made-borrowing") && on("made-declaring") {
             break;
         }
         assert!(
@@ -768,10 +772,10 @@ async fn pods_a_job_creates_borrow_no_identity_and_are_reported_as_unidentified(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(listener.count() >= 2);
+    assert!(listener.count() >= 3);
 
     // When they end, what they called is listed under no job; neither runner's baseline learned it.
-    for name in ["made-plain", "made-borrowing"] {
+    for name in ["made-plain", "made-borrowing", "made-declaring"] {
         pods.delete(name, &DeleteParams::default()).await.unwrap();
     }
     let started = Instant::now();
@@ -782,7 +786,7 @@ async fn pods_a_job_creates_borrow_no_identity_and_are_reported_as_unidentified(
             .filter(|e| e.reason.as_deref() == Some("UnattributedEgress"))
             .filter(|e| e.note.as_deref().unwrap_or("").contains("made.borrow.test"))
             .count();
-        if listed >= 2 {
+        if listed >= 3 {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(60), "no UnattributedEgress for the made pods: {events:?}");
@@ -793,5 +797,27 @@ async fn pods_a_job_creates_borrow_no_identity_and_are_reported_as_unidentified(
     let hosts: Vec<String> = baseline.status.unwrap().endpoints.iter().filter_map(|e| e.host.clone()).collect();
     assert!(!hosts.iter().any(|h| h == "made.borrow.test"), "{hosts:?}");
     let metrics = agent_metrics(world.node).await;
-    assert!(series(&metrics, "runwarden_agent_unidentified_pods_total") >= 2.0, "{metrics}");
+    assert!(series(&metrics, "runwarden_agent_unidentified_pods_total") >= 3.0, "{metrics}");
+
+    // Where a cluster administrator labelled the namespace, a runner without ARC declares its
+    // own job: its run is merged into that job's baseline.
+    let own = Job::new(world.node, "selfdecl").await;
+    kubectl(world.node, &["label", "namespace", &own.ns, "runwarden.dev/self-declared-identities=true"]);
+    tokio::time::sleep(Duration::from_secs(2)).await; // the agent's namespace watch, then its next second
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "self-hosted", "labels": {"runwarden.dev/monitor": "true"},
+                     "annotations": {"runwarden.dev/repository": "acme/selfdecl", "runwarden.dev/workflow": ".github/workflows/ci.yml",
+                                     "runwarden.dev/job": "build", "runwarden.dev/run-id": "905"}},
+        "spec": {"nodeName": NODE_NAME, "restartPolicy": "Never", "automountServiceAccountToken": false,
+                 "containers": [{"name": "c", "image": "localhost/runwarden/test-busybox:1", "imagePullPolicy": "Never",
+                                 "command": ["wget", "-q", "-O", "/dev/null", url("made.borrow.test")]}]}
+    }))
+    .unwrap();
+    let own_pods: Api<Pod> = Api::namespaced(client.clone(), &own.ns);
+    own_pods.create(&PostParams::default(), &pod).await.unwrap();
+    own.wait_phase(world.node, "self-hosted", "Succeeded").await;
+    own_pods.delete("self-hosted", &DeleteParams::default()).await.unwrap();
+    let baseline = own.wait_merged(world.node, 905).await;
+    let hosts: Vec<String> = baseline.status.unwrap().endpoints.iter().filter_map(|e| e.host.clone()).collect();
+    assert!(hosts.iter().any(|h| h == "made.borrow.test"), "{hosts:?}");
 }
