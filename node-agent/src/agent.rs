@@ -664,21 +664,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                             tokio::spawn(async move {
                                 let runner = (&runner.0, runner.1.as_ref(), runner.2.as_ref());
                                 let what = what.join("; ");
-                                for attempt in 0..5u32 {
-                                    let said = crate::report::tampered(
-                                        &client,
-                                        &node_name,
-                                        agent_pod.as_ref(),
-                                        runner,
-                                        &what,
-                                        at,
-                                    )
-                                    .await;
-                                    if said == crate::report::Delivery::Done {
-                                        break;
-                                    }
-                                    tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
-                                }
+                                crate::report::retrying(|| {
+                                    crate::report::tampered(&client, &node_name, agent_pod.as_ref(), runner, &what, at)
+                                })
+                                .await;
                             });
                         }
                     }
@@ -708,14 +697,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 let at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 600;
                 tokio::spawn(async move {
                     let runner = (&runner.0, runner.1.as_ref(), runner.2.as_ref());
-                    for attempt in 0..5u32 {
-                        if crate::report::suspicious_dns(&client, &node_name, runner, &suspicious, at).await
-                            == crate::report::Delivery::Done
-                        {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
-                    }
+                    crate::report::retrying(|| {
+                        crate::report::suspicious_dns(&client, &node_name, runner, &suspicious, at)
+                    })
+                    .await;
                 });
             }
             match probes.check_config() {
@@ -798,14 +783,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     warn!(namespace = %pod.pod.namespace, pod = %pod.pod.name, reason = %why, "a pod in a runner namespace is not identified as a runner's: monitored, attributed to no job");
                     let (client, node_name, pod) = (client.clone(), node_name.clone(), pod.clone());
                     tokio::spawn(async move {
-                        for attempt in 0..5u32 {
-                            if crate::report::unidentified(&client, &node_name, &pod).await
-                                == crate::report::Delivery::Done
-                            {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
-                        }
+                        crate::report::retrying(|| crate::report::unidentified(&client, &node_name, &pod)).await;
                     });
                 }
                 Action::Finished(run) => {

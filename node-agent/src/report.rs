@@ -438,6 +438,17 @@ pub async fn unidentified(client: &Client, node: &str, pod: &PodInfo) -> Deliver
     about_runner(client, node, UNIDENTIFIED, "Identify", &note, (&pod.pod, None, None), None, "").await
 }
 
+/// Says something with `say` until it is said: up to five tries, 1, 2, 4 and 8 s apart while
+/// the API server is away.
+pub async fn retrying<F: Future<Output = Delivery>>(mut say: impl FnMut() -> F) {
+    for attempt in 0..5u32 {
+        if say().await == Delivery::Done {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+    }
+}
+
 /// A Warning Event of the agent on `node` about `regarding`.
 fn warning(
     name: &str,
