@@ -4,6 +4,7 @@
 //! The types are the source of truth. `make generate` writes `crds/*.yaml` from them with
 //! [`generate::render`]; a test fails when the committed files differ.
 
+pub mod arc;
 pub mod baseline;
 pub mod endpoint;
 pub mod generate;

@@ -103,29 +103,33 @@ pub struct RunnerSelector {
 }
 
 impl RunnerSelector {
-    /// Whether the selector selects the runner pod with this metadata: its scale-set label and
-    /// the job annotations the operator writes ([`crate::identity::annotations`]).
-    pub fn selects(&self, pod: &ObjectMeta) -> bool {
-        let any = |globs: &[String], value: Option<&String>| {
+    /// Whether the selector selects a runner of scale set `scale_set` running a job of
+    /// `repository` and `workflow` (`None`: not known yet, selected only where the selector
+    /// does not look at it).
+    pub fn selects_job(&self, scale_set: Option<&str>, repository: Option<&str>, workflow: Option<&str>) -> bool {
+        let any = |globs: &[String], value: Option<&str>| {
             globs.is_empty() || value.is_some_and(|v| globs.iter().any(|g| glob_match(g, v)))
         };
+        any(&self.scale_sets, scale_set) && any(&self.repositories, repository) && any(&self.workflows, workflow)
+    }
+
+    /// Whether the selector selects the pod with this metadata by its scale-set label and the
+    /// job annotations of a self-declared runner ([`crate::identity::annotations`]).
+    pub fn selects(&self, pod: &ObjectMeta) -> bool {
         let (labels, annotations) = (pod.labels.as_ref(), pod.annotations.as_ref());
-        any(&self.scale_sets, labels.and_then(|l| l.get(identity::SCALE_SET_LABEL)))
-            && any(&self.repositories, annotations.and_then(|a| a.get(identity::annotations::REPOSITORY)))
-            && any(&self.workflows, annotations.and_then(|a| a.get(identity::annotations::WORKFLOW)))
+        let annotation = |k| annotations.and_then(|a| a.get(k)).map(String::as_str);
+        self.selects_job(
+            labels.and_then(|l| l.get(identity::SCALE_SET_LABEL)).map(String::as_str),
+            annotation(identity::annotations::REPOSITORY),
+            annotation(identity::annotations::WORKFLOW),
+        )
     }
 }
 
-/// The policy that applies to a runner pod: of the policies in the pod's namespace that select
-/// it, the oldest (by creation time, then name). Later ones report `Overlapping`.
-pub fn applicable<'a>(
-    policies: impl IntoIterator<Item = &'a EgressPolicy>,
-    pod: &ObjectMeta,
-) -> Option<&'a EgressPolicy> {
-    policies
-        .into_iter()
-        .filter(|p| p.metadata.namespace == pod.namespace && p.spec.selector.selects(pod))
-        .min_by_key(|p| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.metadata.name.clone()))
+/// The oldest policy (by creation time, then name): of several that select one runner in its
+/// namespace, it applies, and later ones report `Overlapping`.
+fn oldest<'a>(policies: impl Iterator<Item = &'a EgressPolicy>) -> Option<&'a EgressPolicy> {
+    policies.min_by_key(|p| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.metadata.name.clone()))
 }
 
 /// The policy that applies to a job's runner in `namespace`, from what identifies it: its scale
@@ -137,19 +141,10 @@ pub fn applicable_to_job<'a>(
     repository: &str,
     workflow: &str,
 ) -> Option<&'a EgressPolicy> {
-    let meta = ObjectMeta {
-        namespace: Some(namespace.to_string()),
-        labels: scale_set.map(|s| [(identity::SCALE_SET_LABEL.to_string(), s.to_string())].into()),
-        annotations: Some(
-            [
-                (identity::annotations::REPOSITORY.to_string(), repository.to_string()),
-                (identity::annotations::WORKFLOW.to_string(), workflow.to_string()),
-            ]
-            .into(),
-        ),
-        ..ObjectMeta::default()
-    };
-    applicable(policies, &meta)
+    oldest(policies.into_iter().filter(|p| {
+        p.metadata.namespace.as_deref() == Some(namespace)
+            && p.spec.selector.selects_job(scale_set, Some(repository), Some(workflow))
+    }))
 }
 
 /// `*` matches any run of characters; everything else matches itself.
@@ -502,19 +497,14 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_selecting_policy_of_the_pods_namespace_applies() {
-        let pod: ObjectMeta = serde_json::from_value(serde_json::json!({
-            "name": "r", "namespace": "arc", "labels": {"actions.github.com/scale-set-name": "big"},
-            "annotations": {"runwarden.dev/repository": "acme/web"}
-        }))
-        .unwrap();
+    fn the_oldest_selecting_policy_of_the_runners_namespace_applies() {
         let policies = [
             policy("newer", "2026-02-01T00:00:00Z", &[]),
             policy("older-other-set", "2026-01-01T00:00:00Z", &["small"]),
             policy("older", "2026-01-15T00:00:00Z", &["big"]),
         ];
-        assert_eq!(applicable(&policies, &pod).and_then(|p| p.metadata.name.as_deref()), Some("older"));
-        let elsewhere = ObjectMeta { namespace: Some("other".into()), ..pod };
-        assert!(applicable(&policies, &elsewhere).is_none());
+        let applies = |ns| applicable_to_job(&policies, ns, Some("big"), "acme/web", ".github/workflows/ci.yml");
+        assert_eq!(applies("arc").and_then(|p| p.metadata.name.as_deref()), Some("older"));
+        assert!(applies("other").is_none());
     }
 }

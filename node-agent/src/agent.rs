@@ -29,7 +29,8 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef as StoreRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use runwarden_crds::identity::SELF_DECLARED_LABEL;
+use runwarden_crds::arc::EphemeralRunner;
+use runwarden_crds::identity::{JobIdentity, SELF_DECLARED_LABEL};
 use runwarden_crds::policy::AbusedServices;
 use runwarden_crds::{EgressPolicy, WorkflowBaseline};
 use runwarden_detector::{Cluster, Services, Severity, Verdict};
@@ -365,6 +366,77 @@ impl Scorer for Caches {
 /// Least time between two scans of the pod cgroups.
 const MIN_SCAN_GAP: Duration = Duration::from_millis(20);
 
+/// The jobs ARC gave the runners: their `EphemeralRunner`s, watched in the runner namespaces
+/// (or all), keeping only names, UIDs and status (each agent sees every runner of the cluster,
+/// so each costs it a few hundred bytes).
+struct RunnerJobs {
+    /// A store per namespace watched (`None`: all namespaces).
+    stores: Vec<(Option<String>, Store<EphemeralRunner>)>,
+}
+
+impl RunnerJobs {
+    /// Watches the `EphemeralRunner`s of `namespaces` (all when empty); each runner given a job
+    /// is sent on `jobs` as (runner UID, job).
+    fn watch(client: &Client, namespaces: &[String], jobs: mpsc::Sender<(String, JobIdentity)>) -> Self {
+        let scopes: Vec<Option<String>> =
+            if namespaces.is_empty() { vec![None] } else { namespaces.iter().cloned().map(Some).collect() };
+        let mut stores = Vec::new();
+        for scope in scopes {
+            let api = match &scope {
+                Some(ns) => Api::<EphemeralRunner>::namespaced(client.clone(), ns),
+                None => Api::<EphemeralRunner>::all(client.clone()),
+            };
+            let (store, writer) = reflector::store();
+            let runners = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .modify(|r| {
+                    r.metadata.managed_fields = None;
+                    r.metadata.annotations = None;
+                    r.metadata.labels = None;
+                    r.spec = Default::default();
+                })
+                .reflect(writer)
+                .applied_objects();
+            let jobs = jobs.clone();
+            tokio::spawn(async move {
+                let mut runners = std::pin::pin!(runners);
+                while let Some(r) = runners.next().await {
+                    match r {
+                        Ok(r) => {
+                            let job = r.status.as_ref().and_then(|s| s.identity().ok());
+                            if let (Some(uid), Some(job)) = (r.metadata.uid.clone(), job)
+                                && jobs.send((uid, job)).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "watching EphemeralRunners failed; retrying"),
+                    }
+                }
+            });
+            stores.push((scope, store));
+        }
+        Self { stores }
+    }
+
+    /// The job of the `EphemeralRunner` `runner` (same UID), once ARC has given it one.
+    fn job(&self, runner: &ObjectRef) -> Option<JobIdentity> {
+        let (_, store) = self.stores.iter().find(|(ns, _)| ns.as_ref().is_none_or(|ns| *ns == runner.namespace))?;
+        let found = store.get(&StoreRef::new(&runner.name).within(&runner.namespace))?;
+        if found.metadata.uid.as_deref() != Some(runner.uid.as_str()) {
+            return None;
+        }
+        found.status.as_ref()?.identity().ok()
+    }
+
+    /// Waits until every store has listed its runners once.
+    async fn wait_until_ready(&self) {
+        for (_, store) in &self.stores {
+            let _ = store.wait_until_ready().await;
+        }
+    }
+}
+
 /// The trigger of runs: ARC does not say which event started a job, so every run has the same.
 pub const TRIGGER: &str = "unknown";
 
@@ -450,11 +522,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
         }
     });
+    let (job_tx, mut job_rx) = mpsc::channel(1024);
+    let runner_jobs = Arc::new(RunnerJobs::watch(&client, &args.runner_namespaces, job_tx));
     let caches_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let (b, p, ready) = (baselines.clone(), policies.clone(), caches_ready.clone());
+        let (b, p, r, ready) = (baselines.clone(), policies.clone(), runner_jobs.clone(), caches_ready.clone());
         tokio::spawn(async move {
             if b.wait_until_ready().await.is_ok() && p.wait_until_ready().await.is_ok() {
+                r.wait_until_ready().await;
                 ready.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         });
@@ -563,6 +638,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut relisted: Option<std::collections::HashSet<String>> = None;
     let mut observations = Vec::new();
     let mut pod_events = Vec::new();
+    let mut runner_jobs_given = Vec::new();
     let mut pod_events_rescan = false;
     loop {
         let mut tick = false;
@@ -570,6 +646,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             _ = &mut shutdown => break,
             _ = reader.drain(|bytes| observations.extend(pipeline.record(bytes))) => {}
             Some(e) = pod_rx.recv() => pod_events.push(e),
+            Some((runner, job)) = job_rx.recv() => runner_jobs_given.push((runner, job)),
             created = new_pods.next() => {
                 if let cgroups::PodCgroupEvent::Created(dir) = created {
                     arm_new(&mut probes, &dir.path, &metrics);
@@ -598,6 +675,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                         if !args.runner_namespaces.is_empty() && !args.runner_namespaces.contains(&info.pod.namespace) {
                             info.role = Role::Other;
                         }
+                        if info.role == Role::Runner {
+                            info.identity = info.runner.as_ref().and_then(|r| runner_jobs.job(r));
+                        }
                         actions.extend(node.pod(info, &caches));
                     }
                 }
@@ -618,6 +698,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 }
                 watcher::Event::Init => relisted = Some(std::collections::HashSet::new()),
             }
+        }
+        for (runner, job) in runner_jobs_given.drain(..) {
+            actions.extend(node.runner_job(&runner, job, &caches));
         }
         for o in observations.drain(..) {
             actions.extend(node.observe(o, &caches));

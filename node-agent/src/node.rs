@@ -73,12 +73,16 @@ pub struct PodInfo {
     pub scale_set: Option<String>,
     /// Its `EphemeralRunner` (owner reference).
     pub runner: Option<ObjectRef>,
-    /// The job, from the annotations the operator writes (or a user's, for `Labelled` pods).
+    /// The job: a runner's from its `EphemeralRunner` (filled in by the caller, see
+    /// [`Node::runner_job`]), a `Labelled` pod's from its own annotations.
     pub identity: Option<JobIdentity>,
 }
 
 impl PodInfo {
-    /// Reads a pod's metadata.
+    /// Reads a pod's metadata. Only a `Labelled` pod's annotations are read as its job (and
+    /// believed only where self-declared identities are allowed): anyone who may patch pods in
+    /// a runner namespace could write a runner pod's, so a runner's job comes from its
+    /// `EphemeralRunner` status, which only ARC's controller writes.
     pub fn from_meta(meta: &ObjectMeta) -> Option<Self> {
         let pod = ObjectRef { namespace: meta.namespace.clone()?, name: meta.name.clone()?, uid: meta.uid.clone()? };
         let labels = meta.labels.clone().unwrap_or_default();
@@ -99,7 +103,10 @@ impl PodInfo {
         } else {
             Role::Other
         };
-        let identity = meta.annotations.as_ref().and_then(|a| JobIdentity::from_annotations(a).ok());
+        let identity = match role {
+            Role::Labelled => meta.annotations.as_ref().and_then(|a| JobIdentity::from_annotations(a).ok()),
+            _ => None,
+        };
         Some(Self { pod, role, scale_set, runner, identity })
     }
 
@@ -481,6 +488,21 @@ impl Node {
         actions
     }
 
+    /// The `EphemeralRunner` with UID `runner_uid` was given its job: its pod's calls (those that
+    /// waited unscored too) are the job's from now on. A runner's job never changes once known.
+    pub fn runner_job(&mut self, runner_uid: &str, identity: JobIdentity, scorer: &impl Scorer) -> Vec<Action> {
+        let pod = self.pods.values().find(|p| {
+            p.role == Role::Runner && p.identity.is_none() && p.runner.as_ref().is_some_and(|r| r.uid == runner_uid)
+        });
+        match pod {
+            Some(pod) => {
+                let info = PodInfo { identity: Some(identity), ..pod.clone() };
+                self.pod(info, scorer)
+            }
+            None => Vec::new(),
+        }
+    }
+
     /// A pod was deleted: its run (if it is a runner) ends.
     pub fn pod_deleted(&mut self, uid: &str) -> Vec<Action> {
         self.pods.remove(uid);
@@ -854,14 +876,47 @@ mod tests {
         .unwrap()
     }
 
+    fn web_build() -> JobIdentity {
+        JobIdentity::from_runner(
+            Some("acme/web"),
+            Some("acme/web/.github/workflows/ci.yml@refs/heads/main"),
+            Some("build"),
+            Some(77),
+        )
+        .unwrap()
+    }
+
+    /// A runner pod, with its job (as the caller fills it in from the EphemeralRunner) or not.
     fn runner(uid: &str, identity: bool) -> PodInfo {
-        let annotations = if identity {
-            serde_json::json!({"runwarden.dev/repository": "acme/web", "runwarden.dev/workflow": ".github/workflows/ci.yml",
-                               "runwarden.dev/job": "build", "runwarden.dev/run-id": "77"})
-        } else {
-            serde_json::json!({})
-        };
-        PodInfo::from_meta(&meta(uid, "runner-0", serde_json::json!({SCALE_SET_LABEL: "arc"}), annotations)).unwrap()
+        let mut info = PodInfo::from_meta(&meta(
+            uid,
+            "runner-0",
+            serde_json::json!({SCALE_SET_LABEL: "arc"}),
+            serde_json::json!({}),
+        ))
+        .unwrap();
+        info.identity = identity.then(web_build);
+        info
+    }
+
+    #[test]
+    fn a_runners_job_comes_from_its_ephemeral_runner_never_from_its_pods_annotations() {
+        let annotated = meta("u1", "runner-0", serde_json::json!({SCALE_SET_LABEL: "arc"}), identity_annotations());
+        let info = PodInfo::from_meta(&annotated).unwrap();
+        assert_eq!((info.role.clone(), info.identity.clone()), (Role::Runner, None), "annotations are not its job");
+        let mut node = listed();
+        node.pod(info, &Fixed);
+        node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
+        assert!(node.observe(call(10, "evil.example", 443), &Fixed).is_empty(), "held until the job is known");
+        assert!(node.runner_job("er-other", web_build(), &Fixed).is_empty(), "another runner's job");
+        let actions = node.runner_job("er-u1", web_build(), &Fixed);
+        assert!(
+            matches!(&actions[..], [Action::Report { run, .. }] if run.job.as_ref().is_some_and(|j| j.repository == "acme/web" && j.run_id == "77")),
+            "scored as the EphemeralRunner's job: {actions:?}"
+        );
+        let other = JobIdentity { repository: "acme/release".into(), ..web_build() };
+        assert!(node.runner_job("er-u1", other, &Fixed).is_empty(), "a runner's job never changes");
+        assert_eq!(node.runs().next().unwrap().job.as_ref().unwrap().repository, "acme/web");
     }
 
     fn call(cgroup: u64, host: &str, port: u16) -> Observation {

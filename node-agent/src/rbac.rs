@@ -11,8 +11,8 @@ use runwarden_crds::rbac::{Permission, Rbac};
 pub const NAME: &str = "runwarden-agent";
 
 /// The agent's RBAC: reads cluster-wide (runner pods and baselines live in any namespace),
-/// writes in the runner namespaces (cluster-wide unless they are listed), and Events about
-/// itself in its own namespace.
+/// runners' jobs and writes in the runner namespaces (cluster-wide unless they are listed), and
+/// Events about itself in its own namespace.
 pub const RBAC: Rbac = Rbac {
     name: NAME,
     component: "agent",
@@ -50,6 +50,12 @@ pub const RBAC: Rbac = Rbac {
         why: "AgentTampered on the agent's own pod, beside the runner's",
     }],
     runner: &[
+        Permission {
+            group: "actions.github.com",
+            resource: "ephemeralrunners",
+            verbs: &["list", "watch"],
+            why: "the job ARC gave each runner (status, which job code cannot write)",
+        },
         Permission {
             group: "runwarden.dev",
             resource: "workflowbaselines/status",

@@ -235,7 +235,8 @@ async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseli
     let other = Api::<Pod>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &other).await.unwrap();
     connect_from(&pod_cgroup(&kubepods, &other.uid().unwrap()), port);
 
-    // The job arrives (the operator's annotations) and its baseline reports from the first run.
+    // The job arrives (ARC's status on the EphemeralRunner) and its baseline reports from the
+    // first run.
     let identity = JobIdentity::from_runner(
         Some("acme/web"),
         Some("acme/web/.github/workflows/ci.yml@refs/heads/main"),
@@ -250,9 +251,18 @@ async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseli
     }))
     .unwrap();
     Api::<WorkflowBaseline>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &baseline).await.unwrap();
-    let annotations = json!({"metadata": {"annotations": identity.annotations()}});
+    // Annotations claiming another job, written on the runner pod by whoever may patch pods
+    // there, are not its job; ARC's status on the EphemeralRunner is.
+    let forged = JobIdentity { repository: "acme/release".into(), ..identity.clone() };
+    let annotations = json!({"metadata": {"annotations": forged.annotations()}});
     Api::<Pod>::namespaced(admin.clone(), &ns)
         .patch("runner-a", &PatchParams::default(), &Patch::Merge(&annotations))
+        .await
+        .unwrap();
+    let job = json!({"status": {"jobRepositoryName": "acme/web", "jobDisplayName": "build", "workflowRunId": 4711,
+                                "jobWorkflowRef": "acme/web/.github/workflows/ci.yml@refs/heads/main"}});
+    Api::<EphemeralRunner>::namespaced(admin.clone(), &ns)
+        .patch_status("runner-a", &PatchParams::default(), &Patch::Merge(&job))
         .await
         .unwrap();
 

@@ -1,6 +1,6 @@
 //! Scale: the operator binary against a real kube-apiserver holding 1,000 WorkflowBaselines and
 //! 200 ARC runners with jobs. Prints (asserts nothing):
-//! - time from the operator's start until every runner pod is annotated and every baseline
+//! - time from the operator's start until every runner has been reconciled and every baseline
 //!   carries the operator's conditions,
 //! - steady-state CPU over 30 s with nothing changing, and RSS (current and peak),
 //! - API requests the operator made (apiserver_request_total before and after, minus this
@@ -15,7 +15,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt, ResourceExt};
+use kube::{Client, CustomResourceExt};
 use runwarden_crds::{WorkflowBaseline, WorkflowBaselineSpec};
 use runwarden_operator::arc::{EphemeralRunner, EphemeralRunnerSpec};
 use runwarden_tests::{ControlPlane, cluster};
@@ -24,6 +24,16 @@ use serde_json::json;
 /// Sizes, overridable for exploring (`RUNWARDEN_SCALE_BASELINES`, `RUNWARDEN_SCALE_RUNNERS`).
 fn size(var: &str, default: usize) -> usize {
     std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The operator's /metrics (empty until it listens).
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
 }
 
 async fn apiserver_requests(client: &Client) -> f64 {
@@ -131,15 +141,12 @@ async fn main() {
     let started = Instant::now();
     let mut polls = 0u32;
     loop {
-        polls += 2;
-        let annotated = pods
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .filter(|p| p.annotations().contains_key("runwarden.dev/job"))
-            .count();
+        polls += 1;
+        let runners_reconciled = scrape(metrics_port)
+            .lines()
+            .find(|l| l.starts_with("runwarden_operator_reconciles_total{controller=\"runners\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0) as usize;
         let reconciled = baselines
             .list(&ListParams::default())
             .await
@@ -148,12 +155,12 @@ async fn main() {
             .iter()
             .filter(|b| b.status.as_ref().is_some_and(|s| !s.conditions.is_empty()))
             .count();
-        if annotated == runners_wanted && reconciled >= baselines_wanted.max(usize::from(runners_wanted > 0)) {
+        if runners_reconciled >= runners_wanted && reconciled >= baselines_wanted + usize::from(runners_wanted > 0) {
             break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(600),
-            "not reconciled after 10 min: {annotated} pods, {reconciled} baselines"
+            "not reconciled after 10 min: {runners_reconciled} runners, {reconciled} baselines"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -167,12 +174,7 @@ async fn main() {
     let rss = proc_kib(pid, "VmRSS:");
     let peak = proc_kib(pid, "VmHWM:");
 
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
-    use std::io::{Read, Write};
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let reconciles: f64 = text
+    let reconciles: f64 = scrape(metrics_port)
         .lines()
         .filter(|l| l.starts_with("runwarden_operator_reconciles_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

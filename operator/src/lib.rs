@@ -14,7 +14,7 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint.
 //! - [`rbac`]: the permissions the operator uses, as data; [`preflight`] checks them at start.
 
-pub mod arc;
+pub use runwarden_crds::arc;
 pub use runwarden_crds::identity;
 pub mod baselines;
 pub mod daemonset;
@@ -170,12 +170,13 @@ pub async fn run(
         }
     };
     let scope = Scope::new(config.runner_namespaces.clone());
+    let arc = arc_installed(&client).await;
     let monitored = runners::run_monitored_pods(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
     let lifecycle = lifecycle::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
-    let policies = policy::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
+    let policies = policy::run(client.clone(), metrics.clone(), scope.clone(), arc, shutdown.clone());
     let notifiers = notify::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
     let runners = async {
-        if arc_installed(&client).await {
+        if arc {
             info!("watching ARC EphemeralRunners");
             runners::run_ephemeral_runners(client.clone(), metrics.clone(), scope.clone(), shutdown.clone()).await;
         } else {

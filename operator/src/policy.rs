@@ -11,7 +11,9 @@
 //!   `Ready=False`, reason `NotEnforced` (calls are reported as in `Audit` mode; none is
 //!   refused). The policy still applies to anomaly detection.
 //! - `status.matchedRunners` counts the runner pods (ARC's, or labelled
-//!   `runwarden.dev/monitor=true`) the selector covers and for which this policy wins.
+//!   `runwarden.dev/monitor=true`) the selector covers and for which this policy wins: an ARC
+//!   runner by its scale-set label and the job its `EphemeralRunner` was given, a labelled pod
+//!   by its label and identity annotations.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +33,7 @@ use runwarden_crds::{Condition, ConditionStatus, EgressPolicy, PolicyMode, Runne
 use serde_json::json;
 use tracing::warn;
 
-use crate::arc::SCALE_SET_LABEL;
+use crate::arc::{EphemeralRunner, SCALE_SET_LABEL};
 use crate::identity::MONITOR_LABEL;
 use crate::metrics::Metrics;
 use crate::{Error, FIELD_MANAGER, Result, Scope, instrumented, record_event};
@@ -42,13 +44,17 @@ struct Ctx {
     recorder: Recorder,
     metrics: Arc<Metrics>,
     scope: Scope,
+    /// Whether ARC's `EphemeralRunner` API is installed (runners' jobs can be read).
+    arc: bool,
 }
 
-/// Runs the `EgressPolicy` controller until `shutdown` completes.
+/// Runs the `EgressPolicy` controller until `shutdown` completes (`arc`: whether ARC's
+/// `EphemeralRunner` API is installed).
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     scope: Scope,
+    arc: bool,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let policies: Api<EgressPolicy> = Api::all(client.clone());
@@ -62,13 +68,22 @@ pub async fn run(
     };
     let for_pod = everyone_in(store.clone());
     let for_monitored_pod = everyone_in(store.clone());
+    let for_runner = everyone_in(store.clone());
     let pods: Api<Pod> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
-    controller
+    let mut controller = controller
         .watches(pods.clone(), watcher::Config::default().labels(SCALE_SET_LABEL), move |p| for_pod(p.namespace()))
         .watches(pods, watcher::Config::default().labels(&format!("{MONITOR_LABEL}=true")), move |p| {
             for_monitored_pod(p.namespace())
-        })
+        });
+    if arc {
+        // A runner's job decides which policies select it.
+        controller =
+            controller.watches(Api::<EphemeralRunner>::all(client.clone()), watcher::Config::default(), move |r| {
+                for_runner(r.namespace())
+            });
+    }
+    controller
         .with_config(crate::controller_config())
         .graceful_shutdown_on(shutdown)
         .run(
@@ -79,7 +94,7 @@ pub async fn run(
                 instrumented(&ctx.metrics.clone(), "policies", reconcile(p, ctx)).await
             },
             error_policy,
-            Arc::new(Ctx { client, policies: store, recorder, metrics, scope }),
+            Arc::new(Ctx { client, policies: store, recorder, metrics, scope, arc }),
         )
         .for_each(|_| async {})
         .await;
@@ -110,7 +125,7 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
             None => (ConditionStatus::True, "Valid", allowance(&policy)),
         },
     };
-    let matched = matched_runners(&ctx.client, &ns, &policy, &ctx.policies).await?;
+    let matched = matched_runners(&ctx.client, &ns, &policy, &ctx.policies, ctx.arc).await?;
 
     let previous = policy.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"));
     let unchanged = previous.is_some_and(|c| c.status == status && c.reason == reason && c.message == message)
@@ -233,21 +248,45 @@ fn winner_over(policy: &EgressPolicy, store: &Store<EgressPolicy>) -> Option<Str
 }
 
 /// Runner pods of the namespace that `policy` selects and for which no older policy applies.
-async fn matched_runners(client: &Client, ns: &str, policy: &EgressPolicy, store: &Store<EgressPolicy>) -> Result<u32> {
+async fn matched_runners(
+    client: &Client,
+    ns: &str,
+    policy: &EgressPolicy,
+    store: &Store<EgressPolicy>,
+    arc: bool,
+) -> Result<u32> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let mut runners = pods.list(&ListParams::default().labels(SCALE_SET_LABEL)).await?.items;
-    runners.extend(pods.list(&ListParams::default().labels(&format!("{MONITOR_LABEL}=true"))).await?.items);
+    let runners = pods.list(&ListParams::default().labels(SCALE_SET_LABEL)).await?.items;
+    let labelled = pods.list(&ListParams::default().labels(&format!("{MONITOR_LABEL}=true"))).await?.items;
+    // ARC runners' jobs, by EphemeralRunner UID.
+    let jobs: std::collections::HashMap<String, crate::identity::JobIdentity> = if runners.is_empty() || !arc {
+        Default::default()
+    } else {
+        Api::<EphemeralRunner>::namespaced(client.clone(), ns)
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|r| Some((r.metadata.uid.clone()?, r.status.as_ref()?.identity().ok()?)))
+            .collect()
+    };
     let age = |p: &EgressPolicy| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.name_any());
     let older: Vec<_> = store
         .state()
         .into_iter()
         .filter(|o| o.namespace() == policy.namespace() && o.name_any() != policy.name_any() && age(o) < age(policy))
         .collect();
-    let count = runners
-        .iter()
-        .filter(|pod| policy.spec.selector.selects(&pod.metadata))
-        .filter(|pod| !older.iter().any(|o| o.spec.selector.selects(&pod.metadata)))
-        .count();
+    let wins = |selects: &dyn Fn(&RunnerSelector) -> bool| {
+        selects(&policy.spec.selector) && !older.iter().any(|o| selects(&o.spec.selector))
+    };
+    let arc = runners.iter().filter(|pod| {
+        let scale_set = pod.labels().get(SCALE_SET_LABEL).map(String::as_str);
+        let job = pod.owner_references().iter().find(|o| o.kind == "EphemeralRunner").and_then(|o| jobs.get(&o.uid));
+        let (repository, workflow) = (job.map(|j| j.repository.as_str()), job.map(|j| j.workflow.as_str()));
+        wins(&|s: &RunnerSelector| s.selects_job(scale_set, repository, workflow))
+    });
+    let labelled = labelled.iter().filter(|pod| !pod.labels().contains_key(SCALE_SET_LABEL));
+    let count = arc.count() + labelled.filter(|pod| wins(&|s: &RunnerSelector| s.selects(&pod.metadata))).count();
     Ok(count as u32)
 }
 

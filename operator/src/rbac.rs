@@ -73,7 +73,6 @@ pub const RUNNER: &[Permission] = &[
         verbs: &["patch"],
         why: "report Ready, matched runners and the notifiers' deliveries",
     },
-    Permission { group: "", resource: "pods", verbs: &["patch"], why: "annotate runner pods with their job" },
     Permission {
         group: "",
         resource: "secrets",

@@ -177,19 +177,19 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
     runner_api.patch_status("runner-0", &PatchParams::default(), &Patch::Merge(&job)).await.unwrap();
     let policy: EgressPolicy = serde_json::from_value(json!({
         "apiVersion": "runwarden.dev/v1alpha1", "kind": "EgressPolicy", "metadata": {"name": "audit"},
-        "spec": {"anomalyDetection": {"notifiers": [{"name": "hook", "webhook": {"urlSecretRef": {"name": "missing", "key": "url"}}}]}}
+        "spec": {"selector": {"repositories": ["acme/*"]}, "anomalyDetection": {"notifiers": [{"name": "hook", "webhook": {"urlSecretRef": {"name": "missing", "key": "url"}}}]}}
     }))
     .unwrap();
     Api::<EgressPolicy>::namespaced(admin.clone(), &runners).create(&PostParams::default(), &policy).await.unwrap();
 
     let mut done = [false; 6];
     for _ in 0..300 {
-        let pod = Api::<Pod>::namespaced(admin.clone(), &runners).get("runner-0").await.unwrap();
-        done[0] = pod.annotations().get("runwarden.dev/job").is_some_and(|j| j == "build");
+        let p = Api::<EgressPolicy>::namespaced(admin.clone(), &runners).get("audit").await.unwrap();
+        // The runner's job, read from its EphemeralRunner, is what the selector selects.
+        done[0] = p.status.as_ref().is_some_and(|s| s.matched_runners == 1);
         let baselines =
             Api::<WorkflowBaseline>::namespaced(admin.clone(), &runners).list(&Default::default()).await.unwrap();
         done[1] = baselines.items.iter().any(|b| b.status.as_ref().is_some_and(|s| !s.conditions.is_empty()));
-        let p = Api::<EgressPolicy>::namespaced(admin.clone(), &runners).get("audit").await.unwrap();
         done[2] = p.status.is_some_and(|s| s.conditions.iter().any(|c| c.reason == "SecretNotFound"));
         let ds = Api::<DaemonSet>::namespaced(admin.clone(), &system).get_opt("runwarden-agent").await.unwrap();
         // Owned by the operator's Deployment, so uninstalling the operator removes the agent.
@@ -211,7 +211,7 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
     }
     assert_eq!(
         done, [true; 6],
-        "pod annotated, baseline created and reconciled, policy validated, DaemonSet applied with its owner, Lease held, \
+        "runner matched by its job, baseline created and reconciled, policy validated, DaemonSet applied with its owner, Lease held, \
          Event recorded"
     );
     assert!(!task.is_finished(), "the operator is still running: {:?}", task);

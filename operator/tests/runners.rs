@@ -1,10 +1,9 @@
 //! The operator against a real kube-apiserver with a minimal `EphemeralRunner` CRD (ARC's field
-//! names): runner pods are annotated with their job once ARC reports it, container-mode job pods
-//! too, and each job gets exactly one `WorkflowBaseline`.
+//! names): each job gets exactly one `WorkflowBaseline` once ARC reports a runner's job, and the
+//! operator writes nothing on pods (the node agent reads the job from the `EphemeralRunner`).
 //!
 //! Needs the control-plane binaries built by `make setup`; `make test` runs it.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -12,7 +11,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use runwarden_crds::WorkflowBaseline;
 use runwarden_operator::arc::{EphemeralRunner, EphemeralRunnerSpec, EphemeralRunnerStatus};
-use runwarden_operator::identity::{JobIdentity, annotations};
+use runwarden_operator::identity::JobIdentity;
 use runwarden_tests::{ControlPlane, cluster};
 use serde_json::json;
 
@@ -67,17 +66,16 @@ async fn assign_job(client: &Client, ns: &str, runner: &str, display_name: &str)
         .expect("setting the EphemeralRunner's job");
 }
 
-/// Polls `pod`'s runwarden annotations until they are there or 20 s pass.
-async fn wait_for_annotations(client: &Client, ns: &str, pod: &str) -> BTreeMap<String, String> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+/// Polls until namespace `ns` has a baseline, or 20 s pass.
+async fn wait_for_baseline(client: &Client, ns: &str) -> WorkflowBaseline {
+    let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), ns);
     for _ in 0..200 {
-        let p = pods.get(pod).await.unwrap();
-        if p.annotations().contains_key(annotations::JOB) {
-            return p.annotations().clone();
+        if let Some(b) = baselines.list(&Default::default()).await.unwrap().items.pop() {
+            return b;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("pod {ns}/{pod} was not annotated within 20s");
+    panic!("no WorkflowBaseline in {ns} within 20s");
 }
 
 fn expected_identity() -> JobIdentity {
@@ -91,53 +89,32 @@ fn expected_identity() -> JobIdentity {
 }
 
 #[tokio::test]
-async fn a_runner_pod_is_annotated_once_its_runner_gets_a_job_and_not_before() {
-    let (client, ns, _stop) = setup("annotate").await;
+async fn a_job_gets_its_baseline_once_its_runner_gets_one_and_its_pod_is_left_alone() {
+    let (client, ns, _stop) = setup("job-baseline").await;
     let runner = create_runner(&client, &ns, "arc-runner-set-abcde-runner-x1").await;
     create_runner_pod(&client, &ns, &runner).await;
 
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let before = pods.get(&runner.name_any()).await.unwrap();
-    assert!(!before.annotations().contains_key(annotations::REPOSITORY), "annotated before a job was assigned");
     let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &ns);
-    assert!(baselines.list(&Default::default()).await.unwrap().items.is_empty());
+    assert!(baselines.list(&Default::default()).await.unwrap().items.is_empty(), "a baseline before a job");
 
     assign_job(&client, &ns, &runner.name_any(), "test (ubuntu-latest, 18)").await;
-    let a = wait_for_annotations(&client, &ns, &runner.name_any()).await;
-    assert_eq!(a[annotations::REPOSITORY], "acme/web");
-    assert_eq!(a[annotations::WORKFLOW], ".github/workflows/ci.yml");
-    assert_eq!(a[annotations::JOB], "test");
-    assert_eq!(a[annotations::RUN_ID], "123456");
-    assert_eq!(a[annotations::REF], "refs/heads/main");
-
-    let baseline = baselines.get(&expected_identity().baseline_name()).await.expect("the job's baseline exists");
+    let baseline = wait_for_baseline(&client, &ns).await;
+    assert_eq!(baseline.name_any(), expected_identity().baseline_name());
     assert_eq!(baseline.spec.repository, "acme/web");
     assert_eq!(baseline.spec.workflow, ".github/workflows/ci.yml");
     assert_eq!(baseline.spec.job, "test");
 
     let created = common::wait_for_event(&client, &ns, "BaselineCreated").await;
     assert_eq!(created.regarding.and_then(|r| r.name), Some(baseline.name_any()));
-}
-
-#[tokio::test]
-async fn a_container_mode_job_pod_is_annotated_like_its_runner() {
-    let (client, ns, _stop) = setup("container-mode").await;
-    let runner = create_runner(&client, &ns, "arc-runner-set-abcde-runner-c1").await;
-    create_runner_pod(&client, &ns, &runner).await;
-    assign_job(&client, &ns, &runner.name_any(), "build").await;
-    wait_for_annotations(&client, &ns, &runner.name_any()).await;
-
-    // ARC's container hooks create the job pod after the job started.
-    let job_pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": format!("{}-workflow", runner.name_any()), "labels": {"runner-pod": runner.name_any()}},
-        "spec": {"containers": [{"name": "job", "image": "node:20"}]}
-    }))
-    .unwrap();
-    Api::<Pod>::namespaced(client.clone(), &ns).create(&PostParams::default(), &job_pod).await.unwrap();
-    let a = wait_for_annotations(&client, &ns, &format!("{}-workflow", runner.name_any())).await;
-    assert_eq!(a[annotations::JOB], "build");
-    assert_eq!(a[annotations::REPOSITORY], "acme/web");
+    // The agent reads the job from the EphemeralRunner: the operator has no right to write pods.
+    let pod = Api::<Pod>::namespaced(client.clone(), &ns).get(&runner.name_any()).await.unwrap();
+    assert!(
+        pod.annotations().keys().all(|k| !k.starts_with("runwarden.dev/")),
+        "the runner pod was written: {:?}",
+        pod.annotations()
+    );
+    assert!(pod.managed_fields().iter().all(|m| m.manager.as_deref() != Some("runwarden-operator")));
 }
 
 #[tokio::test]
@@ -156,10 +133,9 @@ async fn twenty_runners_of_one_job_starting_together_create_one_baseline() {
         async move { assign_job(&client, &ns, n, &format!("test (node-{i}, os-{})", i % 3)).await }
     });
     futures::future::join_all(assignments).await;
-    for n in &names {
-        let a = wait_for_annotations(&client, &ns, n).await;
-        assert_eq!(a[annotations::JOB], "test");
-    }
+    wait_for_baseline(&client, &ns).await;
+    // Every runner's reconcile has had time to try its own create.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &ns);
     let all = baselines.list(&Default::default()).await.unwrap().items;
     assert_eq!(all.len(), 1, "{:?}", all.iter().map(ResourceExt::name_any).collect::<Vec<_>>());

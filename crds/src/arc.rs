@@ -9,7 +9,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use runwarden_crds::identity::{RUNNER_POD_LABEL, SCALE_SET_LABEL};
+use crate::identity::{IdentityError, JobIdentity};
+pub use crate::identity::{RUNNER_POD_LABEL, SCALE_SET_LABEL};
 
 /// One ephemeral runner (one runner pod) of an ARC scale set.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -56,4 +57,19 @@ pub struct EphemeralRunnerStatus {
     /// The job's display name (with matrix values, if any).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_display_name: Option<String>,
+}
+
+impl EphemeralRunnerStatus {
+    /// The job the runner was given, from the fields ARC's controller writes
+    /// ([`IdentityError::Missing`] until a job is assigned). Written through the status
+    /// subresource by ARC: code running in the job cannot change it, unlike the runner pod's
+    /// labels and annotations.
+    pub fn identity(&self) -> Result<JobIdentity, IdentityError> {
+        JobIdentity::from_runner(
+            self.job_repository_name.as_deref(),
+            self.job_workflow_ref.as_deref(),
+            self.job_display_name.as_deref(),
+            self.workflow_run_id,
+        )
+    }
 }
