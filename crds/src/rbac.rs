@@ -37,6 +37,32 @@ pub struct Rbac {
     /// notifier Secrets, Events): a Role in each when they are listed (`runnerNamespaces`),
     /// cluster-wide when they are not.
     pub runner: &'static [Permission],
+    /// A permission granted only on the objects an administrator lists at install (`None`:
+    /// none), never cluster-wide.
+    pub listed: Option<Listed>,
+}
+
+/// A permission granted only in the namespaces, and on the names, an administrator lists (the
+/// chart value [`Listed::value`]: `[{namespace, names}]`): a Role with `resourceNames` in each
+/// namespace; a namespace listed without names grants it on every object of that kind there.
+#[derive(Clone, Copy, Debug)]
+pub struct Listed {
+    /// The permission (verbs that take `resourceNames`: get, update, patch, delete).
+    pub permission: Permission,
+    /// The chart value that lists the objects.
+    pub value: &'static str,
+    /// Suffix of the Role's and RoleBinding's name (`<name>-<suffix>`).
+    pub suffix: &'static str,
+}
+
+/// Objects of a [`Listed`] permission in one namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct Grant {
+    /// Namespace.
+    pub namespace: String,
+    /// Names (empty: every object of the kind in the namespace).
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 fn rules(perms: &[Permission]) -> Vec<Value> {
@@ -90,10 +116,39 @@ impl Rbac {
         out
     }
 
+    /// A Role and RoleBinding of the [`Listed`] permission in each granted namespace, for the
+    /// component's ServiceAccount in `namespace`.
+    pub fn listed_manifests(&self, namespace: &str, grants: &[Grant]) -> Vec<Value> {
+        let Some(listed) = self.listed else { return Vec::new() };
+        let name = format!("{}-{}", self.name, listed.suffix);
+        let labels = json!({"app.kubernetes.io/name": "runwarden", "app.kubernetes.io/component": self.component});
+        let subject = json!([{"kind": "ServiceAccount", "name": self.name, "namespace": namespace}]);
+        let mut out = Vec::new();
+        for g in grants {
+            let mut rule = rules(&[listed.permission]).remove(0);
+            if !g.names.is_empty() {
+                rule["resourceNames"] = json!(g.names);
+            }
+            out.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                            "metadata": {"name": name, "namespace": g.namespace, "labels": labels}, "rules": [rule]}));
+            out.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                            "metadata": {"name": name, "namespace": g.namespace, "labels": labels},
+                            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                            "subjects": subject}));
+        }
+        out
+    }
+
     fn header(&self) -> String {
         let mut out =
             format!("# Generated from {} by `make generate`. Do not edit.\n# Why each permission:\n", self.source);
-        for p in self.cluster.iter().chain(self.namespaced).chain(self.runner) {
+        for p in self
+            .cluster
+            .iter()
+            .chain(self.namespaced)
+            .chain(self.runner)
+            .chain(self.listed.iter().map(|l| &l.permission))
+        {
             let group = if p.group.is_empty() { "core" } else { p.group };
             out.push_str(&format!("#   {group} {} [{}]: {}\n", p.resource, p.verbs.join(", "), p.why));
         }
@@ -135,6 +190,29 @@ impl Rbac {
                 out.push_str(&runner);
                 out.push_str("{{- end }}\n");
             }
+        }
+        if let Some(listed) = self.listed {
+            // Rendered for one grant of one name, MARK, then templated over the value's list.
+            out.push_str(&format!(
+                "# {}: only on the objects listed in .Values.{} (no names: all of that namespace's).\n",
+                listed.permission.resource, listed.value
+            ));
+            out.push_str(&format!("{{{{- range .Values.{} }}}}\n", listed.value));
+            let grant = Grant { namespace: MARK.to_string(), names: vec![MARK.to_string()] };
+            for m in self.listed_manifests(NS, &[grant]) {
+                let text = serde_yaml::to_string(&m).expect("manifests serialize");
+                let names = format!("  resourceNames:\n  - {MARK}\n");
+                assert!(m["kind"] != "Role" || text.contains(&names), "a Role's rule names its objects: {text}");
+                let templated = "{{- with .names }}\n  resourceNames:\n  {{- toYaml . | nindent 2 }}\n{{- end }}\n";
+                out.push_str("---\n");
+                out.push_str(
+                    &text
+                        .replace(&names, templated)
+                        .replace(MARK, "{{ .namespace }}")
+                        .replace(NS, "{{ $.Release.Namespace }}"),
+                );
+            }
+            out.push_str("{{- end }}\n");
         }
         out
     }

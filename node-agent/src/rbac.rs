@@ -69,4 +69,5 @@ pub const RBAC: Rbac = Rbac {
             why: "AnomalousEgress on the pod, its EphemeralRunner and the baseline; repeats in the series",
         },
     ],
+    listed: None,
 };

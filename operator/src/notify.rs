@@ -412,7 +412,10 @@ impl Notifying {
         let secret = Api::<Secret>::namespaced(self.client.clone(), ns)
             .get_opt(name)
             .await
-            .map_err(|e| format!("reading Secret {ns}/{name}: {e}"))?
+            .map_err(|e| match crate::rbac::forbidden(&e) {
+                true => crate::rbac::secret_not_readable(ns, name),
+                false => format!("reading Secret {ns}/{name}: {e}"),
+            })?
             .ok_or_else(|| format!("Secret {ns}/{name} does not exist"))?;
         let mut out = BTreeMap::new();
         for (k, v) in secret.data.unwrap_or_default() {

@@ -3,7 +3,9 @@
 //!
 //! - Notifier secrets must exist and hold their key; otherwise `Ready=False`,
 //!   reason `SecretNotFound`, and the message names the field. Secrets are read by name only
-//!   (never listed or watched); an invalid policy is checked again every 10 s.
+//!   (never listed or watched), and only those an administrator listed (Helm value
+//!   `notifierSecrets`): others are `SecretNotReadable`, with the value to set. An invalid
+//!   policy is checked again every 10 s.
 //! - Policies of one namespace whose selectors can select the same runner overlap. For such a
 //!   runner the oldest policy applies (by creation time, then name); a newer overlapping policy
 //!   is `Ready=True` with reason `Overlapping` and a message naming the policy that wins.
@@ -106,7 +108,7 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
     let now = Timestamp::now();
 
     let (status, reason, message) = match missing_secret(&ctx.client, &ns, &policy).await? {
-        Some(problem) => (ConditionStatus::False, "SecretNotFound", problem),
+        Some((reason, problem)) => (ConditionStatus::False, reason, problem),
         None if policy.spec.mode == PolicyMode::Block => (
             ConditionStatus::False,
             "NotEnforced",
@@ -177,7 +179,7 @@ async fn publish_invalid(
     let changed = previous.is_none_or(|c| c.status != status || c.reason != reason);
     if status == ConditionStatus::False && changed {
         // A broken policy is invalid; one asking for what this version does not do says so.
-        let event = if reason == "SecretNotFound" { "PolicyInvalid" } else { reason };
+        let event = if reason.starts_with("Secret") { "PolicyInvalid" } else { reason };
         record_event(&ctx.recorder, policy, EventType::Warning, event, "Validate", message).await;
     }
 }
@@ -194,7 +196,7 @@ fn allowance(policy: &EgressPolicy) -> String {
 }
 
 /// The first notifier whose Secret (or key) is missing, as a message naming the field.
-async fn missing_secret(client: &Client, ns: &str, policy: &EgressPolicy) -> Result<Option<String>> {
+async fn missing_secret(client: &Client, ns: &str, policy: &EgressPolicy) -> Result<Option<(&'static str, String)>> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     for (i, n) in policy.spec.anomaly_detection.notifiers.iter().enumerate() {
         let mut refs = Vec::new();
@@ -216,16 +218,25 @@ async fn missing_secret(client: &Client, ns: &str, policy: &EgressPolicy) -> Res
         }
         for (field, name, key) in refs {
             let path = format!("spec.anomalyDetection.notifiers[{i}].{field}");
-            match secrets.get_opt(name).await? {
-                None => {
-                    return Ok(Some(format!("{path}: Secret {ns}/{name} does not exist; create it or fix the name")));
+            let not_found = "SecretNotFound";
+            match secrets.get_opt(name).await {
+                Err(e) if crate::rbac::forbidden(&e) => {
+                    return Ok(Some((
+                        "SecretNotReadable",
+                        format!("{path}: {}", crate::rbac::secret_not_readable(ns, name)),
+                    )));
                 }
-                Some(secret) => {
+                Err(e) => return Err(e.into()),
+                Ok(None) => {
+                    let problem = format!("{path}: Secret {ns}/{name} does not exist; create it or fix the name");
+                    return Ok(Some((not_found, problem)));
+                }
+                Ok(Some(secret)) => {
                     if let Some(key) = key {
                         let has = secret.data.as_ref().is_some_and(|d| d.contains_key(key))
                             || secret.string_data.as_ref().is_some_and(|d| d.contains_key(key));
                         if !has {
-                            return Ok(Some(format!("{path}: Secret {ns}/{name} has no key {key:?}")));
+                            return Ok(Some((not_found, format!("{path}: Secret {ns}/{name} has no key {key:?}"))));
                         }
                     }
                 }

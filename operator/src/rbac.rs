@@ -2,7 +2,7 @@
 //! generates the manifests (`make generate` writes `operator/rbac.yaml`) and drives the
 //! preflight check at start, so they cannot drift apart.
 
-pub use runwarden_crds::rbac::{Permission, Rbac};
+pub use runwarden_crds::rbac::{Grant, Listed, Permission, Rbac};
 use serde_json::Value;
 
 /// The operator's ServiceAccount (and ClusterRole, Role and bindings).
@@ -16,6 +16,21 @@ pub const RBAC: Rbac = Rbac {
     cluster: CLUSTER,
     namespaced: NAMESPACED,
     runner: RUNNER,
+    listed: Some(NOTIFIER_SECRETS),
+};
+
+/// The notifier Secrets: readable only where an administrator lists them (chart value
+/// `notifierSecrets`), by name; never listed or watched, never cluster-wide. ARC's GitHub App
+/// key and every other Secret of the cluster stay out of the operator's reach.
+pub const NOTIFIER_SECRETS: Listed = Listed {
+    permission: Permission {
+        group: "",
+        resource: "secrets",
+        verbs: &["get"],
+        why: "check that notifier Secrets exist and read them when sending",
+    },
+    value: "notifierSecrets",
+    suffix: "notifier-secrets",
 };
 
 /// Cluster-wide permissions: reads (runners, pods and baselines live in any namespace).
@@ -53,7 +68,7 @@ pub const CLUSTER: &[Permission] = &[
 ];
 
 /// Permissions in the namespaces that hold runners (cluster-wide unless they are listed): what
-/// the operator writes there, and the notifier Secrets it reads.
+/// the operator writes there.
 pub const RUNNER: &[Permission] = &[
     Permission {
         group: "runwarden.dev",
@@ -72,12 +87,6 @@ pub const RUNNER: &[Permission] = &[
         resource: "egresspolicies/status",
         verbs: &["patch"],
         why: "report Ready, matched runners and the notifiers' deliveries",
-    },
-    Permission {
-        group: "",
-        resource: "secrets",
-        verbs: &["get"],
-        why: "check that notifier Secrets exist and read them when sending (by name only; never listed)",
     },
     Permission {
         group: "events.k8s.io",
@@ -118,6 +127,25 @@ pub fn manifests(namespace: &str) -> Vec<Value> {
 /// As [`manifests`], with the runner permissions only in `runner_namespaces` (when not empty).
 pub fn manifests_for(namespace: &str, runner_namespaces: &[String]) -> Vec<Value> {
     RBAC.manifests_for(namespace, runner_namespaces)
+}
+
+/// What to say when the operator may not read Secret `ns`/`name` (it is not listed).
+pub fn secret_not_readable(ns: &str, name: &str) -> String {
+    format!(
+        "the operator may not read Secret {ns}/{name}: list it in the Helm value notifierSecrets \
+         ({{namespace: {ns}, names: [{name}]}}) and upgrade the release"
+    )
+}
+
+/// Whether `e` is the API server refusing a request for lack of permission.
+pub fn forbidden(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403)
+}
+
+/// The Role and RoleBinding that let the operator in `namespace` read the notifier Secrets
+/// `grants` name.
+pub fn notifier_secrets(namespace: &str, grants: &[Grant]) -> Vec<Value> {
+    RBAC.listed_manifests(namespace, grants)
 }
 
 /// The manifests as one YAML document stream, with each permission's reason as a comment.

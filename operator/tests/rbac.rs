@@ -108,14 +108,15 @@ async fn the_operator_works_under_exactly_its_rbac_cluster_wide_or_narrowed_to_r
     let operator = as_service_account(&system, rbac::NAME).await;
     match preflight::check(&operator, &system, std::slice::from_ref(&elsewhere)).await {
         Err(PreflightError::MissingPermissions(missing)) => {
-            assert!(missing.iter().any(|m| m == &format!("get core/secrets in {elsewhere}")), "{missing:?}");
+            let create = format!("create runwarden.dev/workflowbaselines in {elsewhere}");
+            assert!(missing.contains(&create), "{missing:?}");
         }
         other => panic!("a namespace the RBAC does not name fails preflight, got {other:?}"),
     }
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(operator.clone(), &elsewhere);
     match secrets.get_opt("anything").await {
         Err(kube::Error::Api(s)) if s.code == 403 => {}
-        other => panic!("the operator reads no Secret outside the runner namespaces, got {other:?}"),
+        other => panic!("the operator reads no Secret it was not given, got {other:?}"),
     }
     does_its_work(&admin, &system, &runners, &narrowed).await;
 }
@@ -127,7 +128,24 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
     let admin = admin.clone();
     let (system, runners) = (system.to_string(), runners.to_string());
     apply_all(&admin, rbac::manifests_for(&system, runner_namespaces)).await;
+    // The notifier Secrets an administrator listed; a Secret of the same namespace that is not
+    // listed (ARC's GitHub App key lives in such a place) stays unreadable.
+    let listed = rbac::Grant { namespace: runners.clone(), names: vec!["missing".into(), "hook".into()] };
+    apply_all(&admin, rbac::notifier_secrets(&system, &[listed])).await;
+    let app_key: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "github-app"}, "stringData": {"private-key": "not for runwarden"}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &runners)
+        .create(&PostParams::default(), &app_key)
+        .await
+        .unwrap();
     let operator = as_service_account(&system, rbac::NAME).await;
+    match Api::<k8s_openapi::api::core::v1::Secret>::namespaced(operator.clone(), &runners).get_opt("github-app").await
+    {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => panic!("an unlisted Secret of a runner namespace is not readable, got {other:?}"),
+    }
     preflight::check(&operator, &system, runner_namespaces).await.expect("preflight passes under the shipped RBAC");
     // The operator's Deployment, as the chart installs it: it owns the agent DaemonSet.
     let deployment: Deployment = serde_json::from_value(json!({
@@ -181,6 +199,12 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
     }))
     .unwrap();
     Api::<EgressPolicy>::namespaced(admin.clone(), &runners).create(&PostParams::default(), &policy).await.unwrap();
+    let policy: EgressPolicy = serde_json::from_value(json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "EgressPolicy", "metadata": {"name": "steals"},
+        "spec": {"selector": {"scaleSets": ["none"]}, "anomalyDetection": {"notifiers": [{"name": "hook", "webhook": {"urlSecretRef": {"name": "github-app", "key": "private-key"}}}]}}
+    }))
+    .unwrap();
+    Api::<EgressPolicy>::namespaced(admin.clone(), &runners).create(&PostParams::default(), &policy).await.unwrap();
 
     let mut done = [false; 6];
     for _ in 0..300 {
@@ -190,7 +214,11 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
         let baselines =
             Api::<WorkflowBaseline>::namespaced(admin.clone(), &runners).list(&Default::default()).await.unwrap();
         done[1] = baselines.items.iter().any(|b| b.status.as_ref().is_some_and(|s| !s.conditions.is_empty()));
-        done[2] = p.status.is_some_and(|s| s.conditions.iter().any(|c| c.reason == "SecretNotFound"));
+        let steals = Api::<EgressPolicy>::namespaced(admin.clone(), &runners).get("steals").await.unwrap();
+        done[2] = p.status.is_some_and(|s| s.conditions.iter().any(|c| c.reason == "SecretNotFound"))
+            && steals.status.is_some_and(|s| {
+                s.conditions.iter().any(|c| c.reason == "SecretNotReadable" && c.message.contains("notifierSecrets"))
+            });
         let ds = Api::<DaemonSet>::namespaced(admin.clone(), &system).get_opt("runwarden-agent").await.unwrap();
         // Owned by the operator's Deployment, so uninstalling the operator removes the agent.
         done[3] = ds.is_some_and(|ds| ds.owner_references().iter().any(|o| o.uid == deployment.uid().unwrap()));
@@ -211,7 +239,7 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
     }
     assert_eq!(
         done, [true; 6],
-        "runner matched by its job, baseline created and reconciled, policy validated, DaemonSet applied with its owner, Lease held, \
+        "runner matched by its job, baseline created and reconciled, policies validated (listed Secret missing, unlisted one not readable), DaemonSet applied with its owner, Lease held, \
          Event recorded"
     );
     assert!(!task.is_finished(), "the operator is still running: {:?}", task);

@@ -85,6 +85,17 @@ pub async fn runwarden(node: &Node) {
     wait_installed(node, &client).await;
 }
 
+/// Lets the operator read notifier Secrets `names` of `namespace`, as a user does: `helm upgrade`
+/// with the chart value `notifierSecrets` (this one namespace replaces what was listed).
+pub fn list_notifier_secrets(node: &Node, namespace: &str, names: &[&str]) {
+    let chart = repo().join("charts/runwarden");
+    let mut set = format!("notifierSecrets[0].namespace={namespace}");
+    for (i, n) in names.iter().enumerate() {
+        set.push_str(&format!(",notifierSecrets[0].names[{i}]={n}"));
+    }
+    helm(node, &["upgrade", "runwarden", &chart.display().to_string(), "-n", SYSTEM, "--reuse-values", "--set", &set]);
+}
+
 /// Waits until the operator's Deployment is available and its agent DaemonSet has a ready pod on
 /// the node.
 pub async fn wait_installed(node: &Node, client: &Client) {

@@ -118,28 +118,39 @@ fn every_option_renders_where_it_belongs() {
         assert!(rendered.contains(expected), "{expected:?} not rendered:\n{rendered}");
     }
     assert!(!rendered.contains("helm.sh/resource-policy"), "crds.keep false");
-    // With runner namespaces, Secrets are read and pods patched only there.
+    // With runner namespaces, writes are granted only there; Secrets only as listed, by name.
     let objects: Vec<serde_yaml::Value> =
         rendered.split("\n---").filter_map(|d| serde_yaml::from_str(d).ok()).collect();
-    let rules = |kind: &str, ns: Option<&str>| -> String {
+    let rules = |kind: &str, name: &str, ns: Option<&str>| -> String {
         objects
             .iter()
-            .filter(|o| o["kind"] == kind && o["metadata"]["name"] == "runwarden-operator")
+            .filter(|o| o["kind"] == kind && o["metadata"]["name"] == name)
             .filter(|o| ns.is_none_or(|n| o["metadata"]["namespace"] == n))
             .map(|o| serde_yaml::to_string(&o["rules"]).unwrap())
             .collect()
     };
-    assert!(!rules("ClusterRole", None).contains("secrets"), "{}", rules("ClusterRole", None));
+    let operator = "runwarden-operator";
+    assert!(!rules("ClusterRole", operator, None).contains("secrets"), "{}", rules("ClusterRole", operator, None));
+    assert!(!rules("ClusterRole", operator, None).contains("create"), "{}", rules("ClusterRole", operator, None));
     for ns in ["arc-runners", "arc-big"] {
-        let role = rules("Role", Some(ns));
-        assert!(role.contains("secrets") && role.contains("patch"), "{ns}: {role}");
+        let role = rules("Role", operator, Some(ns));
+        assert!(role.contains("workflowbaselines") && !role.contains("secrets"), "{ns}: {role}");
     }
+    let secrets = "runwarden-operator-notifier-secrets";
+    let listed = rules("Role", secrets, Some("arc-runners"));
+    assert!(
+        listed.contains("secrets") && listed.contains("resourceNames:\n  - slack-webhook\n  - siem-hook"),
+        "{listed}"
+    );
+    let whole = rules("Role", secrets, Some("arc-big"));
+    assert!(whole.contains("secrets") && !whole.contains("resourceNames"), "{whole}");
+    assert!(!rendered.contains("- pods\n  verbs:\n  - patch"), "nobody patches pods");
     let defaults = template(None);
+    assert!(!defaults.contains("- secrets"), "no Secret is readable unless listed");
     assert!(!defaults.contains("kind: ServiceMonitor"), "off by default");
     assert!(!defaults.contains("kind: PrometheusRule") && !defaults.contains("runwarden-dashboard"), "off by default");
     assert!(defaults.contains("helm.sh/resource-policy: keep"), "CRDs kept at uninstall by default");
     assert!(defaults.contains(r#"image: "ghcr.io/runwarden/runwarden-operator:0.1.0""#), "tag defaults to appVersion");
-    assert!(defaults.contains("- secrets"), "without runner namespaces the ClusterRole reads notifier Secrets");
 }
 
 #[test]

@@ -15,7 +15,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use runwarden_tests::Node;
-use runwarden_tests::install::{SYSTEM, kubectl, kubectl_stdin};
+use runwarden_tests::install::{SYSTEM, kubectl, kubectl_stdin, list_notifier_secrets};
 use runwarden_tests::node::{NODE_IP, NODE_NAME, cgroup_programs, runwarden_programs};
 use runwarden_tests::runner::{Job, agent_logs, url};
 use runwarden_tests::services::{Dns, HttpSink, Listener};
@@ -280,6 +280,8 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
              "abusedServices": {"add": [{"host": "exfil.test", "category": "RequestCatcher"}]}}}}
     ]})
     .to_string();
+    // The operator reads only the Secrets the release lists: the team lists its hook's.
+    list_notifier_secrets(world.node, &job.ns, &["siem-hook"]);
     kubectl_stdin(world.node, &["-n", &job.ns, "apply", "-f", "-"], &manifest);
 
     // Run 6 calls a host the job never called.
