@@ -90,3 +90,35 @@ pub async fn test_namespace(client: &Client, prefix: &str) -> String {
     accounts.create(&PostParams::default(), &sa).await.expect("creating the default ServiceAccount");
     name
 }
+
+/// A client that acts as pod `pod` of `namespace` with a token of its ServiceAccount bound to
+/// it (what a process in the pod holds, and what ARC's container hooks use): requests carry
+/// the pod's name and UID in their user's extra (`authentication.kubernetes.io/pod-name`).
+pub async fn pod_client(config: kube::Config, namespace: &str, pod: &k8s_openapi::api::core::v1::Pod) -> Client {
+    use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+    let admin = Client::try_from(config.clone()).expect("the admin client builds");
+    let account = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            expiration_seconds: Some(3600),
+        },
+        ..TokenRequest::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(admin, namespace)
+        .create_token_request(&account, &PostParams::default(), &request)
+        .await
+        .expect("a token bound to the pod")
+        .status
+        .expect("the token request's status")
+        .token;
+    let mut config = config;
+    config.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
+    Client::try_from(config).expect("the pod's client builds")
+}

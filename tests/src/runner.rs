@@ -126,6 +126,23 @@ impl Job {
         name
     }
 
+    /// A client acting as runner pod `name` with its ServiceAccount's token bound to it, as the
+    /// job's code (and ARC's container hooks) in it would; the namespace's runners get ARC's
+    /// container-mode Role (pods and batch Jobs: get, list, create, delete).
+    pub async fn as_runner(&self, node: &Node, name: &str) -> Client {
+        let role = json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "arc-runner", "namespace": self.ns},
+             "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "create", "delete"]},
+                       {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "create", "delete"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "arc-runner", "namespace": self.ns},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "arc-runner"},
+             "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": self.ns}]}
+        ]});
+        crate::install::kubectl_stdin(node, &["apply", "-f", "-"], &role.to_string());
+        let pod = Api::<Pod>::namespaced(node.client().await, &self.ns).get(name).await.unwrap();
+        crate::cluster::pod_client(node.control_plane.config().await.unwrap(), &self.ns, &pod).await
+    }
+
     /// Waits for the runner pod's phase `want`.
     pub async fn wait_phase(&self, node: &Node, name: &str, want: &str) {
         let pods: Api<Pod> = Api::namespaced(node.client().await, &self.ns);

@@ -194,3 +194,101 @@ fn the_documented_evidence_table_is_the_detectors() {
         assert!(doc.contains(&format!("|{row}")), "docs/detector.md lacks the evidence row |{row}");
     }
 }
+
+/// The chart's admission policy on a real kube-apiserver: only a runner pod itself (a request
+/// with its ServiceAccount token) may label a pod, or a batch Job's pods, `runner-pod=<it>`.
+#[tokio::test]
+async fn only_a_runner_pod_itself_may_name_it_in_a_job_pods_label() {
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, DeleteParams, PostParams};
+    use serde_json::json;
+
+    let cp = ControlPlane::shared();
+    let admin = cp.client().await;
+    let ns = cluster::test_namespace(&admin, "admission").await;
+    // The policy as the chart installs it, its binding narrowed to this namespace.
+    let chart = chart().display().to_string();
+    let set = format!("runnerNamespaces={{{ns}}}");
+    let args = ["template", "runwarden", &chart, "--show-only", "templates/admission.yaml", "--set", &set];
+    let (ok, policy) = helm(&args);
+    assert!(ok, "{policy}");
+    let mut apply = cp.kubectl();
+    apply.args(["apply", "--server-side", "-f", "-"]);
+    let (ok, out) = run(apply, Some(&policy));
+    assert!(ok, "{out}");
+
+    // ARC's container-mode role for the runners' ServiceAccount, and two runner pods.
+    let rbac = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "runner", "namespace": ns}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "runner", "namespace": ns},
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "create", "delete"]},
+                   {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "create", "delete"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "runner", "namespace": ns},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "runner"},
+         "subjects": [{"kind": "ServiceAccount", "name": "runner", "namespace": ns}]}
+    ]});
+    let mut apply = cp.kubectl();
+    apply.args(["apply", "-f", "-"]);
+    let (ok, out) = run(apply, Some(&rbac.to_string()));
+    assert!(ok, "{out}");
+    let pod = |name: &str, labels: serde_json::Value| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"serviceAccountName": "runner", "containers": [{"name": "c", "image": "busybox"}]}
+        }))
+        .unwrap()
+    };
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let runner_a = pods.create(&PostParams::default(), &pod("runner-a", json!({}))).await.unwrap();
+    pods.create(&PostParams::default(), &pod("runner-b", json!({}))).await.unwrap();
+    let as_a = cluster::pod_client(cp.config().await.unwrap(), &ns, &runner_a).await;
+    let pods_a: Api<Pod> = Api::namespaced(as_a.clone(), &ns);
+
+    // The policy takes a moment to load; meanwhile nothing is denied.
+    let denied = |r: Result<Pod, kube::Error>| match r {
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("runner-pod=") => Some(s.message),
+        Err(e) => panic!("{e}"),
+        Ok(_) => None,
+    };
+    let borrowing = pod("borrowing", json!({"runner-pod": "runner-b"}));
+    let dry = PostParams { dry_run: true, ..PostParams::default() };
+    let started = std::time::Instant::now();
+    let message = loop {
+        if let Some(m) = denied(pods_a.create(&dry, &borrowing).await) {
+            break m;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "the policy never denied");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(message.contains("this request came from pod runner-a"), "{message}");
+
+    // What ARC's hooks do is allowed: runner-a labels its own job pod, and makes unlabelled ones.
+    pods_a.create(&PostParams::default(), &pod("runner-a-workflow", json!({"runner-pod": "runner-a"}))).await.unwrap();
+    pods_a.create(&PostParams::default(), &pod("helper", json!({}))).await.unwrap();
+    // Nobody else may name runner-a: not another runner, not a user without a pod.
+    let as_b = cluster::pod_client(cp.config().await.unwrap(), &ns, &pods.get("runner-b").await.unwrap()).await;
+    let naming_a = pod("naming-a", json!({"runner-pod": "runner-a"}));
+    assert!(denied(Api::<Pod>::namespaced(as_b, &ns).create(&PostParams::default(), &naming_a).await).is_some());
+    let m = denied(pods.create(&PostParams::default(), &naming_a).await).expect("denied without a pod");
+    assert!(m.contains("no pod of this namespace"), "{m}");
+    // Nor through a Job's pod template.
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"name": "borrowing-job"},
+        "spec": {"template": {"metadata": {"labels": {"runner-pod": "runner-b"}},
+                 "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}
+    }))
+    .unwrap();
+    match Api::<Job>::namespaced(as_a, &ns).create(&PostParams::default(), &job).await {
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("runner-pod=runner-b") => {}
+        other => panic!("a Job's pods may not name another runner: {other:?}"),
+    }
+
+    for kind in ["validatingadmissionpolicybinding", "validatingadmissionpolicy"] {
+        let mut delete = cp.kubectl();
+        delete.args(["delete", kind, "runwarden-job-pods"]);
+        let (ok, out) = run(delete, None);
+        assert!(ok, "{out}");
+    }
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin).delete(&ns, &DeleteParams::default()).await;
+}
