@@ -23,14 +23,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job as BatchJob;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef as StoreRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use runwarden_crds::arc::EphemeralRunner;
-use runwarden_crds::identity::{JobIdentity, SELF_DECLARED_LABEL};
+use runwarden_crds::identity::{JobIdentity, RUNNER_POD_LABEL, SELF_DECLARED_LABEL};
 use runwarden_crds::policy::AbusedServices;
 use runwarden_crds::{EgressPolicy, WorkflowBaseline};
 use runwarden_detector::{Cluster, Services, Severity, Verdict};
@@ -366,51 +368,54 @@ impl Scorer for Caches {
 /// Least time between two scans of the pod cgroups.
 const MIN_SCAN_GAP: Duration = Duration::from_millis(20);
 
-/// The jobs ARC gave the runners: their `EphemeralRunner`s, watched in the runner namespaces
-/// (or all), keeping only names, UIDs and status (each agent sees every runner of the cluster,
-/// so each costs it a few hundred bytes).
-struct RunnerJobs {
+/// Objects of kind `K` in the runner namespaces (or all), each namespace's in a store of its
+/// own (a relist of one namespace must not empty another's).
+struct Scoped<K: kube::Resource<DynamicType = ()> + 'static> {
     /// A store per namespace watched (`None`: all namespaces).
-    stores: Vec<(Option<String>, Store<EphemeralRunner>)>,
+    stores: Vec<(Option<String>, Store<K>)>,
 }
 
-impl RunnerJobs {
-    /// Watches the `EphemeralRunner`s of `namespaces` (all when empty); each runner given a job
-    /// is sent on `jobs` as (runner UID, job).
-    fn watch(client: &Client, namespaces: &[String], jobs: mpsc::Sender<(String, JobIdentity)>) -> Self {
+impl<K> Scoped<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    /// Watches `what` in `namespaces` (all when empty) with the streams `stream` makes for a
+    /// namespace (`None`: all), `trim` dropping what the agent does not read before an object is
+    /// stored; each object added or changed is sent on `applied`.
+    fn watch<S>(
+        namespaces: &[String],
+        what: &'static str,
+        stream: impl Fn(Option<&str>) -> S,
+        trim: fn(&mut K),
+        applied: Option<mpsc::Sender<K>>,
+    ) -> Self
+    where
+        S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    {
         let scopes: Vec<Option<String>> =
             if namespaces.is_empty() { vec![None] } else { namespaces.iter().cloned().map(Some).collect() };
         let mut stores = Vec::new();
         for scope in scopes {
-            let api = match &scope {
-                Some(ns) => Api::<EphemeralRunner>::namespaced(client.clone(), ns),
-                None => Api::<EphemeralRunner>::all(client.clone()),
-            };
             let (store, writer) = reflector::store();
-            let runners = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .modify(|r| {
-                    r.metadata.managed_fields = None;
-                    r.metadata.annotations = None;
-                    r.metadata.labels = None;
-                    r.spec = Default::default();
-                })
-                .reflect(writer)
-                .applied_objects();
-            let jobs = jobs.clone();
+            let objects = stream(scope.as_deref()).default_backoff().modify(trim).reflect(writer).applied_objects();
+            let applied = applied.clone();
             tokio::spawn(async move {
-                let mut runners = std::pin::pin!(runners);
-                while let Some(r) = runners.next().await {
-                    match r {
-                        Ok(r) => {
-                            let job = r.status.as_ref().and_then(|s| s.identity().ok());
-                            if let (Some(uid), Some(job)) = (r.metadata.uid.clone(), job)
-                                && jobs.send((uid, job)).await.is_err()
-                            {
+                let mut objects = std::pin::pin!(objects);
+                while let Some(o) = objects.next().await {
+                    match (o, &applied) {
+                        (Ok(o), Some(applied)) => {
+                            if applied.send(o).await.is_err() {
                                 return;
                             }
                         }
-                        Err(e) => warn!(error = %e, "watching EphemeralRunners failed; retrying"),
+                        (Ok(_), None) => {}
+                        (Err(e), _) => warn!(error = %e, "watching {what} failed; retrying"),
                     }
                 }
             });
@@ -419,22 +424,73 @@ impl RunnerJobs {
         Self { stores }
     }
 
-    /// The job of the `EphemeralRunner` `runner` (same UID), once ARC has given it one.
-    fn job(&self, runner: &ObjectRef) -> Option<JobIdentity> {
-        let (_, store) = self.stores.iter().find(|(ns, _)| ns.as_ref().is_none_or(|ns| *ns == runner.namespace))?;
-        let found = store.get(&StoreRef::new(&runner.name).within(&runner.namespace))?;
-        if found.metadata.uid.as_deref() != Some(runner.uid.as_str()) {
-            return None;
-        }
-        found.status.as_ref()?.identity().ok()
+    /// Object `name` of `namespace` if its UID is `uid`.
+    fn get(&self, namespace: &str, name: &str, uid: &str) -> Option<Arc<K>> {
+        let (_, store) = self.stores.iter().find(|(ns, _)| ns.as_deref().is_none_or(|ns| ns == namespace))?;
+        let found = store.get(&StoreRef::new(name).within(namespace))?;
+        (found.meta().uid.as_deref() == Some(uid)).then_some(found)
     }
 
-    /// Waits until every store has listed its runners once.
+    /// Waits until every store has listed its objects once.
     async fn wait_until_ready(&self) {
         for (_, store) in &self.stores {
             let _ = store.wait_until_ready().await;
         }
     }
+}
+
+/// The jobs ARC gave the runners: their `EphemeralRunner`s, keeping only names, UIDs and status
+/// (each agent sees every runner of the runner namespaces: a few hundred bytes each).
+fn watch_runner_jobs(
+    client: &Client,
+    namespaces: &[String],
+    applied: mpsc::Sender<EphemeralRunner>,
+) -> Scoped<EphemeralRunner> {
+    let trim = |r: &mut EphemeralRunner| {
+        r.metadata.managed_fields = None;
+        r.metadata.annotations = None;
+        r.metadata.labels = None;
+        r.spec = Default::default();
+    };
+    let api = |ns: Option<&str>| match ns {
+        Some(ns) => Api::<EphemeralRunner>::namespaced(client.clone(), ns),
+        None => Api::<EphemeralRunner>::all(client.clone()),
+    };
+    Scoped::watch(
+        namespaces,
+        "EphemeralRunners",
+        |ns| watcher(api(ns), watcher::Config::default()),
+        trim,
+        Some(applied),
+    )
+}
+
+/// The job of the `EphemeralRunner` `runner` (same UID), once ARC has given it one.
+fn runner_job(runners: &Scoped<EphemeralRunner>, runner: &ObjectRef) -> Option<JobIdentity> {
+    runners.get(&runner.namespace, &runner.name, &runner.uid)?.status.as_ref()?.identity().ok()
+}
+
+/// The batch Jobs labelled `runner-pod` (metadata only): ARC's container hooks run a container
+/// step in a Job labelled with the runner pod's name, whose pod carries no such label.
+fn watch_step_jobs(client: &Client, namespaces: &[String]) -> Scoped<PartialObjectMeta<BatchJob>> {
+    let trim = |j: &mut PartialObjectMeta<BatchJob>| {
+        j.metadata.managed_fields = None;
+        j.metadata.annotations = None;
+    };
+    let api = |ns: Option<&str>| match ns {
+        Some(ns) => Api::<PartialObjectMeta<BatchJob>>::namespaced(client.clone(), ns),
+        None => Api::<PartialObjectMeta<BatchJob>>::all(client.clone()),
+    };
+    let config = watcher::Config::default().labels(RUNNER_POD_LABEL);
+    Scoped::watch(namespaces, "runner-pod Jobs", |ns| watcher(api(ns), config.clone()), trim, None)
+}
+
+/// The runner pod a pod made by a batch Job belongs to: the `runner-pod` label of its owning
+/// Job (which only that runner pod may set, by the chart's admission policy).
+fn step_job_runner(jobs: &Scoped<PartialObjectMeta<BatchJob>>, pod: &ObjectMeta) -> Option<String> {
+    let owner = pod.owner_references.iter().flatten().find(|o| o.kind == "Job" && o.api_version == "batch/v1")?;
+    let job = jobs.get(pod.namespace.as_deref()?, &owner.name, &owner.uid)?;
+    job.metadata.labels.as_ref()?.get(RUNNER_POD_LABEL).cloned()
 }
 
 /// The trigger of runs: ARC does not say which event started a job, so every run has the same.
@@ -523,13 +579,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
     });
     let (job_tx, mut job_rx) = mpsc::channel(1024);
-    let runner_jobs = Arc::new(RunnerJobs::watch(&client, &args.runner_namespaces, job_tx));
+    let runner_jobs = Arc::new(watch_runner_jobs(&client, &args.runner_namespaces, job_tx));
+    let step_jobs = Arc::new(watch_step_jobs(&client, &args.runner_namespaces));
     let caches_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let (b, p, r, ready) = (baselines.clone(), policies.clone(), runner_jobs.clone(), caches_ready.clone());
+        let (b, p, ready) = (baselines.clone(), policies.clone(), caches_ready.clone());
+        let (r, j) = (runner_jobs.clone(), step_jobs.clone());
         tokio::spawn(async move {
             if b.wait_until_ready().await.is_ok() && p.wait_until_ready().await.is_ok() {
                 r.wait_until_ready().await;
+                j.wait_until_ready().await;
                 ready.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         });
@@ -646,7 +705,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             _ = &mut shutdown => break,
             _ = reader.drain(|bytes| observations.extend(pipeline.record(bytes))) => {}
             Some(e) = pod_rx.recv() => pod_events.push(e),
-            Some((runner, job)) = job_rx.recv() => runner_jobs_given.push((runner, job)),
+            Some(runner) = job_rx.recv() => {
+                let job = runner.status.as_ref().and_then(|s| s.identity().ok());
+                if let (Some(uid), Some(job)) = (runner.metadata.uid, job) {
+                    runner_jobs_given.push((uid, job));
+                }
+            }
             created = new_pods.next() => {
                 if let cgroups::PodCgroupEvent::Created(dir) = created {
                     arm_new(&mut probes, &dir.path, &metrics);
@@ -676,7 +740,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                             info.role = Role::Other;
                         }
                         if info.role == Role::Runner {
-                            info.identity = info.runner.as_ref().and_then(|r| runner_jobs.job(r));
+                            info.identity = info.runner.as_ref().and_then(|r| runner_job(&runner_jobs, r));
+                        }
+                        if info.role == Role::Other
+                            && let Some(runner) = step_job_runner(&step_jobs, &m.metadata)
+                        {
+                            info.role = Role::JobPod(runner);
                         }
                         actions.extend(node.pod(info, &caches));
                     }

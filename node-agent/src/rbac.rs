@@ -57,6 +57,12 @@ pub const RBAC: Rbac = Rbac {
             why: "the job ARC gave each runner (status, which job code cannot write)",
         },
         Permission {
+            group: "batch",
+            resource: "jobs",
+            verbs: &["list", "watch"],
+            why: "which runner a container step's pod belongs to (Jobs labelled runner-pod, metadata only)",
+        },
+        Permission {
             group: "runwarden.dev",
             resource: "workflowbaselines/status",
             verbs: &["get", "update"],

@@ -272,16 +272,25 @@ async fn only_a_runner_pod_itself_may_name_it_in_a_job_pods_label() {
     assert!(denied(Api::<Pod>::namespaced(as_b, &ns).create(&PostParams::default(), &naming_a).await).is_some());
     let m = denied(pods.create(&PostParams::default(), &naming_a).await).expect("denied without a pod");
     assert!(m.contains("no pod of this namespace"), "{m}");
-    // Nor through a Job's pod template.
-    let job: Job = serde_json::from_value(json!({
-        "metadata": {"name": "borrowing-job"},
-        "spec": {"template": {"metadata": {"labels": {"runner-pod": "runner-b"}},
-                 "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}
-    }))
-    .unwrap();
-    match Api::<Job>::namespaced(as_a, &ns).create(&PostParams::default(), &job).await {
-        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("runner-pod=runner-b") => {}
-        other => panic!("a Job's pods may not name another runner: {other:?}"),
+    // Jobs: runner-a labels its container step's Job as ARC's hooks do; naming runner-b on a
+    // Job or in its pod template is refused.
+    let job = |name: &str, own: serde_json::Value, template: serde_json::Value| -> Job {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": own},
+            "spec": {"template": {"metadata": {"labels": template},
+                     "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}
+        }))
+        .unwrap()
+    };
+    let jobs_a: Api<Job> = Api::namespaced(as_a, &ns);
+    jobs_a.create(&PostParams::default(), &job("step", json!({"runner-pod": "runner-a"}), json!({}))).await.unwrap();
+    for (own, template) in
+        [(json!({"runner-pod": "runner-b"}), json!({})), (json!({}), json!({"runner-pod": "runner-b"}))]
+    {
+        match jobs_a.create(&PostParams::default(), &job("borrowing-job", own, template)).await {
+            Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("runner-pod=runner-b") => {}
+            other => panic!("a Job may not name another runner: {other:?}"),
+        }
     }
 
     for kind in ["validatingadmissionpolicybinding", "validatingadmissionpolicy"] {
