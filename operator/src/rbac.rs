@@ -65,6 +65,12 @@ pub const CLUSTER: &[Permission] = &[
         verbs: &["list", "watch"],
         why: "read the agents' AnomalousEgress Events for the notifiers",
     },
+    Permission {
+        group: "",
+        resource: "namespaces",
+        verbs: &["get"],
+        why: "whether a namespace lets its pods declare their own job (label runwarden.dev/self-declared-identities)",
+    },
 ];
 
 /// Permissions in the namespaces that hold runners (cluster-wide unless they are listed): what

@@ -1,6 +1,7 @@
 //! Each job gets its `WorkflowBaseline`: when an `EphemeralRunner`'s status gets its job, and
 //! for runner pods without ARC (labelled `runwarden.dev/monitor: "true"` with identity
-//! annotations set by their owner).
+//! annotations set by their owner) in namespaces labelled
+//! `runwarden.dev/self-declared-identities=true`.
 //!
 //! The operator writes nothing on pods: the node agent reads a runner's job from its
 //! `EphemeralRunner` itself (which job code cannot write), so the operator needs no right to
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -19,7 +20,7 @@ use runwarden_crds::WorkflowBaseline;
 use tracing::{debug, warn};
 
 use crate::arc::EphemeralRunner;
-use crate::identity::{IdentityError, JobIdentity, MONITOR_LABEL};
+use crate::identity::{IdentityError, JobIdentity, MONITOR_LABEL, SELF_DECLARED_LABEL};
 use crate::metrics::Metrics;
 use crate::{Error, FIELD_MANAGER, Result, Scope, baselines, instrumented};
 
@@ -117,6 +118,13 @@ async fn reconcile_runner(runner: Arc<EphemeralRunner>, ctx: Arc<Ctx>) -> Result
 
 async fn reconcile_monitored_pod(pod: Arc<Pod>, ctx: Arc<Ctx>) -> Result<Action> {
     let ns = pod.namespace().unwrap_or_default();
+    // A pod's own word on its job counts only where an administrator allowed it (the agent
+    // judges such pods elsewhere as unidentified): no baseline for it anywhere else.
+    let namespace = Api::<Namespace>::all(ctx.client.clone()).get_metadata(&ns).await?;
+    if namespace.labels().get(SELF_DECLARED_LABEL).map(String::as_str) != Some("true") {
+        debug!(namespace = %ns, pod = %pod.name_any(), "a {MONITOR_LABEL}=true pod outside a namespace labelled {SELF_DECLARED_LABEL}=true: no baseline");
+        return Ok(Action::await_change());
+    }
     match JobIdentity::from_annotations(pod.annotations()) {
         Ok(identity) => {
             let baselines: Api<WorkflowBaseline> = Api::namespaced(ctx.client.clone(), &ns);

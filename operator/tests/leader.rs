@@ -55,6 +55,7 @@ async fn wait_for_holder(client: &Client, ns: &str, who: &str, within: Duration)
 
 /// Creates a monitored pod and waits for the baseline the leader creates for it.
 async fn leader_reconciles(client: &Client, ns: &str, job: &str) {
+    cluster::allow_self_declared(client, ns).await;
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": format!("runner-{job}"), "labels": {"runwarden.dev/monitor": "true"},
                      "annotations": {"runwarden.dev/repository": "acme/web",

@@ -143,8 +143,27 @@ async fn twenty_runners_of_one_job_starting_together_create_one_baseline() {
 }
 
 #[tokio::test]
-async fn a_non_arc_pod_labelled_for_monitoring_gets_its_baseline() {
+async fn a_non_arc_pod_labelled_for_monitoring_gets_its_baseline_where_an_administrator_allows_it() {
     let (client, ns, _stop) = setup("non-arc").await;
+    // Elsewhere its own word is not taken: no baseline.
+    let elsewhere = cluster::test_namespace(&client, "non-arc-unlabelled").await;
+    let pod = |name: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": name,
+                "labels": {"runwarden.dev/monitor": "true"},
+                "annotations": {
+                    "runwarden.dev/repository": "acme/api",
+                    "runwarden.dev/workflow": ".github/workflows/release.yml",
+                    "runwarden.dev/job": "publish (linux)"
+                }
+            },
+            "spec": {"containers": [{"name": "runner", "image": "runner:latest"}]}
+        }))
+        .unwrap()
+    };
+    Api::<Pod>::namespaced(client.clone(), &elsewhere).create(&PostParams::default(), &pod("claims")).await.unwrap();
+    cluster::allow_self_declared(&client, &ns).await;
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {
             "name": "self-hosted-runner-0",
@@ -166,6 +185,8 @@ async fn a_non_arc_pod_labelled_for_monitoring_gets_its_baseline() {
             assert_eq!(b.spec.repository, "acme/api");
             assert_eq!(b.spec.workflow, ".github/workflows/release.yml");
             assert_eq!(b.spec.job, "publish");
+            let unlabelled: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &elsewhere);
+            assert!(unlabelled.list(&Default::default()).await.unwrap().items.is_empty(), "a baseline for a claim");
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
