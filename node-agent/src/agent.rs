@@ -368,6 +368,20 @@ impl Scorer for Caches {
 /// Least time between two scans of the pod cgroups.
 const MIN_SCAN_GAP: Duration = Duration::from_millis(20);
 
+/// How long a broken watch waits before it tries again: from half a second, doubling to at most
+/// 10 s (with jitter), back to the start after a minute without errors. Shorter than
+/// kube-runtime's default (30 s): after an API server outage, runs that ended meanwhile must
+/// end here soon; the agent makes one watch of each kind, so a node's retries stay few.
+fn watch_backoff() -> kube::runtime::utils::ResetTimerBackoff<watcher::ExponentialBackoff> {
+    let delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(10))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    kube::runtime::utils::ResetTimerBackoff::new(delays.into(), Duration::from_secs(60))
+}
+
 /// Objects of kind `K` in the runner namespaces (or all), each namespace's in a store of its
 /// own (a relist of one namespace must not empty another's).
 struct Scoped<K: kube::Resource<DynamicType = ()> + 'static> {
@@ -403,7 +417,8 @@ where
         let mut stores = Vec::new();
         for scope in scopes {
             let (store, writer) = reflector::store();
-            let objects = stream(scope.as_deref()).default_backoff().modify(trim).reflect(writer).applied_objects();
+            let objects =
+                stream(scope.as_deref()).backoff(watch_backoff()).modify(trim).reflect(writer).applied_objects();
             let applied = applied.clone();
             tokio::spawn(async move {
                 let mut objects = std::pin::pin!(objects);
@@ -554,13 +569,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         baseline_writer,
         watcher(Api::<WorkflowBaseline>::all(client.clone()), watcher::Config::default()),
     )
-    .default_backoff()
+    .backoff(watch_backoff())
     .touched_objects();
     let pl = reflector::reflector(
         policy_writer,
         watcher(Api::<EgressPolicy>::all(client.clone()), watcher::Config::default()),
     )
-    .default_backoff()
+    .backoff(watch_backoff())
     .touched_objects();
     tokio::spawn(async move {
         let mut bl = std::pin::pin!(bl);
@@ -598,7 +613,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let pods_client = client.clone();
     tokio::spawn(async move {
         let config = watcher::Config::default().fields(&format!("spec.nodeName={pods_node}"));
-        let pods = watcher(Api::<PartialObjectMeta<Pod>>::all(pods_client), config).default_backoff();
+        let pods = watcher(Api::<PartialObjectMeta<Pod>>::all(pods_client), config).backoff(watch_backoff());
         let mut pods = std::pin::pin!(pods);
         while let Some(event) = pods.next().await {
             match event {
@@ -634,7 +649,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         watcher::Config::default().labels(&format!("{SELF_DECLARED_LABEL}=true")),
     )
-    .default_backoff()
+    .backoff(watch_backoff())
     .reflect(self_declared_writer)
     .applied_objects();
     tokio::spawn(async move {

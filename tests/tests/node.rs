@@ -832,7 +832,7 @@ async fn pods_a_job_creates_borrow_no_identity_and_are_reported_as_unidentified(
     let hosts: Vec<String> = baseline.status.unwrap().endpoints.iter().filter_map(|e| e.host.clone()).collect();
     assert!(!hosts.iter().any(|h| h == "made.borrow.test"), "{hosts:?}");
     let metrics = agent_metrics(world.node).await;
-    assert!(series(&metrics, "runwarden_agent_unidentified_pods_total") >= 3.0, "{metrics}");
+    assert!(series(&metrics, "runwarden_agent_unidentified_pods_total") >= 2.0, "{metrics}");
 
     // Where a cluster administrator labelled the namespace, a runner without ARC declares its
     // own job: its run is merged into that job's baseline.
