@@ -48,18 +48,33 @@ pub struct Job {
     pub git_ref: String,
 }
 
+/// Creates namespace `ns` and waits up to `within` for the controller-manager to make its
+/// `default` ServiceAccount (pods are refused until then).
+async fn namespace_with_account(node: &Node, ns: &str, within: Duration) {
+    kubectl(node, &["create", "namespace", ns]);
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(node.client().await, ns);
+    let started = Instant::now();
+    while accounts.get_opt("default").await.unwrap().is_none() {
+        assert!(started.elapsed() < within, "no default ServiceAccount in {ns} after {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the controller-manager works again after the API server was down: its watches
+/// come back with client-go's backoff (up to 30 s each), and until then a new namespace gets
+/// no ServiceAccount. A test that stops the API server calls this before others go on.
+pub async fn wait_controllers(node: &Node) {
+    let started = Instant::now();
+    namespace_with_account(node, "controllers-probe", Duration::from_secs(180)).await;
+    kubectl(node, &["delete", "namespace", "controllers-probe", "--wait=false"]);
+    eprintln!("the controller-manager works again after {:.1}s", started.elapsed().as_secs_f64());
+}
+
 impl Job {
     /// Job `acme/<repo>`, with a namespace `arc-<repo>` of its own.
     pub async fn new(node: &Node, repo: &str) -> Job {
         let ns = format!("arc-{repo}");
-        kubectl(node, &["create", "namespace", &ns]);
-        // Pods are refused until the controller-manager made the namespace's ServiceAccount.
-        let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(node.client().await, &ns);
-        let started = Instant::now();
-        while accounts.get_opt("default").await.unwrap().is_none() {
-            assert!(started.elapsed() < Duration::from_secs(30), "no default ServiceAccount in {ns} after 30s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        namespace_with_account(node, &ns, Duration::from_secs(30)).await;
         Job { ns, repo: format!("acme/{repo}"), git_ref: "refs/heads/main".into() }
     }
 

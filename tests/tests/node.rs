@@ -17,7 +17,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use runwarden_tests::Node;
 use runwarden_tests::install::{SYSTEM, kubectl, kubectl_stdin, list_notifier_secrets};
 use runwarden_tests::node::{NODE_IP, NODE_NAME, cgroup_programs, runwarden_programs};
-use runwarden_tests::runner::{Job, agent_logs, url};
+use runwarden_tests::runner::{Job, agent_logs, url, wait_controllers};
 use runwarden_tests::services::{Dns, HttpSink, Listener};
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -440,6 +440,8 @@ async fn killing_the_agent_and_stopping_the_api_server_mid_run_loses_nothing() {
         assert!(hosts.iter().any(|h| h == host), "{host} in the baseline: {hosts:?}");
     }
     assert_eq!(armed_late(world.node).await, 0.0, "pods armed after a process started in them");
+    // The other tests go on once the cluster itself works again.
+    wait_controllers(world.node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
