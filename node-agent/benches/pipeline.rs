@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use runwarden_agent::cgroups::CgroupIndex;
-use runwarden_agent::events::{Call, DnsAnswer, Hook, Proto, Verdict, decode, dedupe_key, encode_call, encode_dns};
+use runwarden_agent::events::{Call, DnsMessage, Hook, Proto, Verdict, decode, dedupe_key, encode_call, encode_dns};
 use runwarden_agent::pipeline::{Pipeline, PipelineConfig};
 
 const PODS: u32 = 64;
@@ -55,16 +55,25 @@ fn records(ids: &[(u64, u64)]) -> Vec<Vec<u8>> {
         seed
     };
     let ip = |p: u32, d: u32| Ipv4Addr::new(10, p as u8, d as u8, 1);
-    let answer = |p: u32, d: u32, at: u64| DnsAnswer {
-        timestamp_ns: at,
-        cgroup_id: ids[p as usize].1,
-        pod_cgroup_id: ids[p as usize].0,
-        loopback: false,
-        server: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
-        length: 0,
-        message: dns_message(&format!("svc{d}.pod{p}.example.com"), ip(p, d)),
+    // A query and its answer, as the pod's DNS filters see them.
+    let exchange = |p: u32, d: u32, at: u64| {
+        let answer = DnsMessage {
+            query: false,
+            timestamp_ns: at,
+            cgroup_id: ids[p as usize].1,
+            pod_cgroup_id: ids[p as usize].0,
+            loopback: false,
+            server: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+            client_port: 40_000,
+            length: 0,
+            message: dns_message(&format!("svc{d}.pod{p}.example.com"), ip(p, d)),
+        };
+        let mut query = DnsMessage { query: true, timestamp_ns: at - 1000, ..answer.clone() };
+        query.message[2] = 0x01; // QR clear: the query, its question as in the answer
+        query.message[7] = 0; // no answer records
+        query.message.truncate(12 + format!("svc{d}.pod{p}.example.com").len() + 2 + 4);
+        [encode_dns(&query), encode_dns(&answer)]
     };
-    let resolver = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
     let call = |p: u32, dest: IpAddr, port: u16, proto: Proto, total: u64, at: u64| {
         let (pod, cgroup) = ids[p as usize];
         encode_call(&Call {
@@ -85,19 +94,17 @@ fn records(ids: &[(u64, u64)]) -> Vec<Vec<u8>> {
         })
     };
     for p in 0..PODS {
-        // The pod's query to its resolver: answers from it name addresses from then on.
-        out.push(call(p, resolver, 53, Proto::Udp, 1, 900_000_000));
         for d in 0..DESTINATIONS {
-            out.push(encode_dns(&answer(p, d, 1_000_000_000)));
+            out.extend(exchange(p, d, 1_000_000_000));
         }
     }
     let mut total = 1;
     while out.len() < RECORDS {
         let (p, d) = ((rand() % u64::from(PODS)) as u32, (rand() % u64::from(DESTINATIONS)) as u32);
         let at = 2_000_000_000 + out.len() as u64 * 1000;
-        // One record in ten is a DNS answer, the rest calls.
-        if rand() % 10 == 0 {
-            out.push(encode_dns(&answer(p, d, at)));
+        // One record in ten is a DNS query or answer, the rest calls.
+        if rand() % 20 == 0 {
+            out.extend(exchange(p, d, at));
             continue;
         }
         total += 1;

@@ -38,6 +38,9 @@ pub enum DnsError {
     /// Not a response.
     #[error("not a DNS response")]
     NotAResponse,
+    /// Not a query.
+    #[error("not a DNS query")]
+    NotAQuery,
 }
 
 /// What a record says.
@@ -176,6 +179,32 @@ pub fn parse(msg: &[u8]) -> Result<Message, DnsError> {
 /// it are left out, and the message is marked `truncated`.
 pub fn parse_prefix(msg: &[u8]) -> Result<Message, DnsError> {
     parse_inner(msg, true)
+}
+
+/// A query a pod sent: what its answer must repeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    /// Transaction id.
+    pub id: u16,
+    /// Names asked for (lowercase, without the trailing dot).
+    pub questions: Vec<String>,
+}
+
+/// Parses a DNS query (its header and question section).
+pub fn parse_query(msg: &[u8]) -> Result<Query, DnsError> {
+    let mut r = Reader { msg, pos: 0 };
+    let id = r.u16()?;
+    if r.u16()? & 0x8000 != 0 {
+        return Err(DnsError::NotAQuery);
+    }
+    let qd = r.u16()?;
+    r.bytes(6)?; // answer, authority and additional counts
+    let mut questions = Vec::new();
+    for _ in 0..qd.min(MAX_RECORDS as u16) {
+        questions.push(r.name()?);
+        r.bytes(4)?; // type, class
+    }
+    Ok(Query { id, questions })
 }
 
 fn parse_inner(msg: &[u8], cut: bool) -> Result<Message, DnsError> {

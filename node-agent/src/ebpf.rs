@@ -233,13 +233,13 @@ pub struct KernelStats {
 struct CgroupLinks {
     dir: PathBuf,
     _calls: Vec<CgroupSockAddrLink>,
-    _dns: CgroupSkbLink,
+    _dns: [CgroupSkbLink; 2],
 }
 
 /// The kernel's attach types of [`names::PROGRAMS`], in that order (`enum bpf_attach_type`:
 /// `BPF_CGROUP_INET4_CONNECT`, `..._INET6_CONNECT`, `BPF_CGROUP_UDP4_SENDMSG`,
-/// `..._UDP6_SENDMSG`, `BPF_CGROUP_INET_INGRESS`).
-const ATTACH_TYPES: [u32; 5] = [10, 11, 14, 15, 0];
+/// `..._UDP6_SENDMSG`, `BPF_CGROUP_INET_INGRESS`, `BPF_CGROUP_INET_EGRESS`).
+const ATTACH_TYPES: [u32; 6] = [10, 11, 14, 15, 0, 1];
 
 /// What [`Probes::check_pods`] found wrong with an armed pod's kernel state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -287,7 +287,9 @@ impl Probes {
         for name in &names::PROGRAMS[..4] {
             program::<CgroupSockAddr>(&mut bpf, name)?.load().map_err(refused)?;
         }
-        program::<CgroupSkb>(&mut bpf, names::PROGRAMS[4])?.load().map_err(refused)?;
+        for name in &names::PROGRAMS[4..] {
+            program::<CgroupSkb>(&mut bpf, name)?.load().map_err(refused)?;
+        }
         let mut program_ids = Vec::with_capacity(names::PROGRAMS.len());
         for name in names::PROGRAMS {
             program_ids.push(bpf.program(name).ok_or_else(|| missing(name))?.info().map_err(refused)?.id());
@@ -372,19 +374,24 @@ impl Probes {
         self.links.contains_key(&id)
     }
 
-    /// Attaches every program to `dir`: the DNS answer filter first, so no answer to a query
-    /// the call programs see can pass unread.
+    /// Attaches every program to `dir`: the DNS answer and query filters first, so no answer
+    /// to a query the call programs see can pass unread.
     fn attach(&mut self, id: u64, dir: &Path) -> Result<(), LoadError> {
         if self.links.contains_key(&id) {
             return Ok(());
         }
         let cgroup =
             std::fs::File::open(dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?;
-        let dns: &mut CgroupSkb = program(&mut self.bpf, names::PROGRAMS[4])?;
-        // Links always stack on a cgroup; "Single" is how aya asks for a plain link.
-        let link =
-            dns.attach(cgroup.as_fd(), CgroupSkbAttachType::Ingress, CgroupAttachMode::Single).map_err(refused)?;
-        let dns = dns.take_link(link).map_err(refused)?;
+        let mut filter = |name: &str, attach_type: CgroupSkbAttachType| -> Result<CgroupSkbLink, LoadError> {
+            let dns: &mut CgroupSkb = program(&mut self.bpf, name)?;
+            // Links always stack on a cgroup; "Single" is how aya asks for a plain link.
+            let link = dns.attach(cgroup.as_fd(), attach_type, CgroupAttachMode::Single).map_err(refused)?;
+            dns.take_link(link).map_err(refused)
+        };
+        let dns = [
+            filter(names::PROGRAMS[4], CgroupSkbAttachType::Ingress)?,
+            filter(names::PROGRAMS[5], CgroupSkbAttachType::Egress)?,
+        ];
         let mut calls = Vec::with_capacity(4);
         for name in &names::PROGRAMS[..4] {
             let program: &mut CgroupSockAddr = program(&mut self.bpf, name)?;

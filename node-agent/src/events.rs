@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use runwarden_ebpf_common::{
     CallEvent, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, EXEC_PATH, ExecEvent, FAMILY_IPV4, FAMILY_IPV6,
-    FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_EXEC, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED,
-    VERDICT_DENIED,
+    FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, PROTO_TCP, PROTO_UDP,
+    VERDICT_ALLOWED, VERDICT_DENIED,
 };
 
 /// Transport protocol of a call.
@@ -95,18 +95,23 @@ pub struct Call {
     pub key: DedupeKey,
 }
 
-/// A DNS answer a monitored cgroup received, decoded from a [`DnsEvent`].
+/// A DNS answer a monitored cgroup received, or a query it sent, decoded from a [`DnsEvent`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DnsAnswer {
+pub struct DnsMessage {
+    /// Whether it is a query the pod sent (else an answer it received).
+    pub query: bool,
     /// Nanoseconds since boot.
     pub timestamp_ns: u64,
-    /// The receiving socket's cgroup id.
+    /// The receiving (sending) socket's cgroup id.
     pub cgroup_id: u64,
     /// The monitored (pod-level) ancestor.
     pub pod_cgroup_id: u64,
-    /// The server that answered.
+    /// The server that answered (was asked).
     pub server: IpAddr,
-    /// Whether it arrived on the loopback device (from inside the pod, whatever its source).
+    /// The pod's UDP port: the answer's destination, the query's source.
+    pub client_port: u16,
+    /// Whether it arrived (left) on the loopback device: from (to) inside the pod, whatever
+    /// its source address.
     pub loopback: bool,
     /// The message's length as received (the capture may be shorter).
     pub length: u32,
@@ -134,8 +139,8 @@ pub struct Exec {
 pub enum Record {
     /// An outbound call.
     Call(Call),
-    /// A DNS answer.
-    Dns(DnsAnswer),
+    /// A DNS answer or query.
+    Dns(DnsMessage),
     /// A program executed.
     Exec(Exec),
 }
@@ -240,7 +245,7 @@ pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
                 key: DedupeKey { cgroup_id, pod_cgroup_id, addr, port, family, protocol, _pad: [0; 4] },
             }))
         }
-        KIND_DNS => {
+        KIND_DNS | KIND_DNS_QUERY => {
             need(offset_of!(DnsEvent, payload))?;
             let captured = b.u32(offset_of!(DnsEvent, captured)) as usize;
             if captured > DNS_CAPTURE {
@@ -248,11 +253,13 @@ pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
             }
             let start = offset_of!(DnsEvent, payload);
             need(start + captured)?;
-            Ok(Record::Dns(DnsAnswer {
+            Ok(Record::Dns(DnsMessage {
+                query: b.u32(0) == KIND_DNS_QUERY,
                 timestamp_ns: b.u64(offset_of!(DnsEvent, timestamp_ns)),
                 cgroup_id: b.u64(offset_of!(DnsEvent, cgroup_id)),
                 pod_cgroup_id: b.u64(offset_of!(DnsEvent, pod_cgroup_id)),
                 server: address(b.u8(offset_of!(DnsEvent, family)), b.array(offset_of!(DnsEvent, server)))?,
+                client_port: b.u16(offset_of!(DnsEvent, client_port)),
                 loopback: b.u8(offset_of!(DnsEvent, loopback)) != 0,
                 length: b.u32(offset_of!(DnsEvent, length)),
                 message: record[start..start + captured].to_vec(),
@@ -327,13 +334,13 @@ pub fn encode_call(call: &Call) -> Vec<u8> {
     out
 }
 
-/// Encodes a DNS answer as the kernel would: for tests and benchmarks of the pipeline.
-pub fn encode_dns(answer: &DnsAnswer) -> Vec<u8> {
+/// Encodes a DNS answer or query as the kernel would: for tests and benchmarks of the pipeline.
+pub fn encode_dns(answer: &DnsMessage) -> Vec<u8> {
     let captured = answer.message.len().min(DNS_CAPTURE);
     let mut out = vec![0u8; size_of::<DnsEvent>()];
     let mut put = |at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
     let (family, server) = to_wire(answer.server);
-    put(0, &KIND_DNS.to_ne_bytes());
+    put(0, &(if answer.query { KIND_DNS_QUERY } else { KIND_DNS }).to_ne_bytes());
     put(offset_of!(DnsEvent, captured), &(captured as u32).to_ne_bytes());
     put(offset_of!(DnsEvent, timestamp_ns), &answer.timestamp_ns.to_ne_bytes());
     put(offset_of!(DnsEvent, cgroup_id), &answer.cgroup_id.to_ne_bytes());
@@ -341,6 +348,7 @@ pub fn encode_dns(answer: &DnsAnswer) -> Vec<u8> {
     put(offset_of!(DnsEvent, length), &answer.length.to_ne_bytes());
     put(offset_of!(DnsEvent, family), &[family]);
     put(offset_of!(DnsEvent, loopback), &[u8::from(answer.loopback)]);
+    put(offset_of!(DnsEvent, client_port), &answer.client_port.to_ne_bytes());
     put(offset_of!(DnsEvent, server), &server);
     put(offset_of!(DnsEvent, payload), &answer.message[..captured]);
     out

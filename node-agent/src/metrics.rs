@@ -70,8 +70,8 @@ pub struct Metrics {
     pub unattributed_runs: Counter,
     /// Pods of runner namespaces that are not identified as a runner's (UnidentifiedPod).
     pub unidentified_pods: Counter,
-    /// DNS answers: `parsed` (used to name destinations), `malformed`, `unsolicited` (from a
-    /// server the pod never asked), `uncorroborated` (from an untrusted resolver, such as one
+    /// DNS answers: `parsed` (used to name destinations), `malformed`, `unsolicited` (matching
+    /// no query the pod sent: transaction id, question, server, port, within 30 s), `uncorroborated` (from an untrusted resolver, such as one
     /// inside the pod, naming what no trusted answer did), `contradicting` (the same,
     /// contradicting a trusted answer: a SuspiciousDNS Event).
     pub dns_answers: Family<ResultLabel, Gauge>,

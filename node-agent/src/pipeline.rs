@@ -17,7 +17,7 @@ use runwarden_ebpf_common::{DedupeKey, DedupeValue};
 
 use crate::cgroups::{CgroupIndex, PodCgroup};
 use crate::dns::{self, DnsCache, TtlBounds};
-use crate::events::{self, Call, DnsAnswer, Hook, Proto, Record, Verdict};
+use crate::events::{self, Call, DnsMessage, Hook, Proto, Record, Verdict};
 
 /// One outbound call (or the first of a burst), named and attributed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,9 +109,12 @@ pub struct PipelineStats {
     pub dns_answers: u64,
     /// DNS answers that did not parse (counted, dropped).
     pub malformed_dns: u64,
-    /// DNS answers from a server the pod never queried (counted, not used to name anything: a
-    /// process could otherwise name its own destinations by sending itself answers).
+    /// DNS answers that match no query the pod sent (transaction id, question, server and
+    /// port, within [`QUERY_WAIT`]): counted, not used to name anything (a process could
+    /// otherwise name its own destinations by sending itself answers).
     pub unsolicited_dns: u64,
+    /// DNS queries the pod sent (what answers must match).
+    pub dns_queries: u64,
     /// DNS answers from a resolver that is not trusted (inside the pod, or arrived over its
     /// loopback) that named an address no trusted answer did: not used to name anything.
     pub uncorroborated_dns: u64,
@@ -208,14 +211,29 @@ pub struct SuspiciousDns {
 
 /// Suspicious answers kept until the agent takes them.
 const MAX_SUSPICIOUS: usize = 256;
+/// How long a query waits for its answer (resolvers retry well within it).
+pub const QUERY_WAIT: Duration = Duration::from_secs(30);
+/// Unanswered queries kept per pod; past it the oldest is forgotten (its answer, if it comes,
+/// names nothing), so a pod's flood of queries costs only its own names.
+pub const MAX_QUERIES_PER_POD: usize = 256;
+
+/// A query a pod sent, waiting for its answer.
+#[derive(Debug)]
+struct Pending {
+    at_ns: u64,
+    server: IpAddr,
+    client_port: u16,
+    query: dns::Query,
+}
 
 /// The pipeline's state.
 #[derive(Debug)]
 pub struct Pipeline {
     config: PipelineConfig,
     names: HashMap<u64, DnsCache>,
-    /// (pod, server) pairs the pod sent DNS queries to: answers are taken from these only.
-    resolvers: HashSet<(u64, IpAddr)>,
+    /// Queries each pod sent that await their answer, oldest first: answers are taken only
+    /// when they match one.
+    queries: HashMap<u64, VecDeque<Pending>>,
     /// pid → the program it executed last.
     executables: HashMap<u32, String>,
     counts: HashMap<DedupeKey, Count>,
@@ -233,7 +251,7 @@ impl Pipeline {
         Self {
             config,
             names: HashMap::new(),
-            resolvers: HashSet::new(),
+            queries: HashMap::new(),
             executables: HashMap::new(),
             counts: HashMap::new(),
             index: CgroupIndex::default(),
@@ -265,6 +283,10 @@ impl Pipeline {
         };
         self.newest_record_ns = self.newest_record_ns.max(at);
         match record {
+            Record::Dns(query) if query.query => {
+                self.dns_query(&query);
+                None
+            }
             Record::Dns(answer) => {
                 self.dns(&answer);
                 None
@@ -281,9 +303,6 @@ impl Pipeline {
             }
             Record::Call(call) => {
                 self.stats.calls += 1;
-                if call.port == 53 {
-                    self.resolvers.insert((call.pod_cgroup_id, call.ip));
-                }
                 let hosts = self.hosts(&call);
                 let pod = if self.config.attribute_pods {
                     match self.index.get(call.cgroup_id) {
@@ -301,12 +320,44 @@ impl Pipeline {
         }
     }
 
-    fn dns(&mut self, answer: &DnsAnswer) {
-        self.stats.dns_answers += 1;
-        if !self.resolvers.contains(&(answer.pod_cgroup_id, answer.server)) {
-            self.stats.unsolicited_dns += 1;
-            return;
+    /// A query the pod sent: kept (bounded) until its answer comes or [`QUERY_WAIT`] passes.
+    fn dns_query(&mut self, query: &DnsMessage) {
+        let Ok(parsed) = dns::parse_query(&query.message) else { return };
+        self.stats.dns_queries += 1;
+        let pending = self.queries.entry(query.pod_cgroup_id).or_default();
+        let wait = QUERY_WAIT.as_nanos() as u64;
+        while pending.front().is_some_and(|p| p.at_ns + wait < query.timestamp_ns) {
+            pending.pop_front();
         }
+        if pending.len() >= MAX_QUERIES_PER_POD {
+            pending.pop_front();
+        }
+        pending.push_back(Pending {
+            at_ns: query.timestamp_ns,
+            server: query.server,
+            client_port: query.client_port,
+            query: parsed,
+        });
+    }
+
+    /// Whether `answer` matches a query its pod sent (same server, port, transaction id and
+    /// question, within [`QUERY_WAIT`]); the query is answered then.
+    fn answers_a_query(&mut self, answer: &DnsMessage, message: &dns::Message) -> bool {
+        let Some(pending) = self.queries.get_mut(&answer.pod_cgroup_id) else { return false };
+        let wait = QUERY_WAIT.as_nanos() as u64;
+        let found = pending.iter().position(|p| {
+            p.server == answer.server
+                && p.client_port == answer.client_port
+                && p.query.id == message.id
+                && p.query.questions == message.questions
+                && p.at_ns <= answer.timestamp_ns
+                && answer.timestamp_ns <= p.at_ns + wait
+        });
+        found.and_then(|i| pending.remove(i)).is_some()
+    }
+
+    fn dns(&mut self, answer: &DnsMessage) {
+        self.stats.dns_answers += 1;
         let whole = answer.length as usize <= answer.message.len();
         let parsed = if whole { dns::parse(&answer.message) } else { dns::parse_prefix(&answer.message) };
         let message = match parsed {
@@ -316,6 +367,10 @@ impl Pipeline {
                 return;
             }
         };
+        if !self.answers_a_query(answer, &message) {
+            self.stats.unsolicited_dns += 1;
+            return;
+        }
         let now = answer.timestamp_ns / 1_000_000_000;
         let trusted = match &self.config.trusted_resolvers {
             None => true,
@@ -490,7 +545,7 @@ impl Pipeline {
     /// Forgets a pod's names and counts (it ended).
     pub fn forget_pod(&mut self, pod_cgroup_id: u64) {
         self.names.remove(&pod_cgroup_id);
-        self.resolvers.retain(|(pod, _)| *pod != pod_cgroup_id);
+        self.queries.remove(&pod_cgroup_id);
         self.counts.retain(|_, c| c.last.pod_cgroup_id != pod_cgroup_id);
     }
 

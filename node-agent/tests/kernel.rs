@@ -527,8 +527,10 @@ async fn a_server_inside_the_pod_that_was_asked_still_names_nothing_and_a_contra
     let exfil = Ipv4Addr::new(203, 0, 113, 66);
     let forged = common::dns_response(5, "github.com", 1, &[("github.com", 300, RecordData::A(exfil))], true, false);
     let bytes: Vec<String> = forged.iter().map(u8::to_string).collect();
-    // The process resolves github.com as usual, then asks its own server on 127.0.0.1:53 (so the
-    // answer is solicited), which answers github.com with the exfiltration address; it calls both.
+    let query: Vec<String> = common::dns_query(5, "github.com").iter().map(u8::to_string).collect();
+    // The process resolves github.com as usual, then asks its own server on 127.0.0.1:53 (a real
+    // query, so the answer matches it), which answers github.com with the exfiltration address;
+    // it calls both.
     python(
         &pod.container,
         Some(&ns),
@@ -537,10 +539,11 @@ async fn a_server_inside_the_pod_that_was_asked_still_names_nothing_and_a_contra
              real = socket.getaddrinfo('github.com', 443, socket.AF_INET, socket.SOCK_DGRAM)[0][4]\n\
              fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); fake.bind(('127.0.0.1', 53))\n\
              victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); victim.bind(('127.0.0.1', 0))\n\
-             victim.sendto(b'query', ('127.0.0.1', 53)); _, asker = fake.recvfrom(512)\n\
+             victim.sendto(bytes([{}]), ('127.0.0.1', 53)); _, asker = fake.recvfrom(512)\n\
              fake.sendto(bytes([{}]), asker); victim.recv(2048)\n\
              socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('{exfil}', 443))\n\
              socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(real)\n",
+            query.join(","),
             bytes.join(",")
         ),
     );
@@ -670,8 +673,8 @@ async fn the_programs_run_only_in_armed_pods_and_see_an_armed_pod_from_its_first
     let after = agent.probes.stats().unwrap();
     assert_eq!(
         (after.call_events - before.call_events, after.dns_events - before.dns_events),
-        (obs.len() as u64, 1),
-        "the runner's calls and its one answer, nothing of the other pods"
+        (obs.len() as u64, 2),
+        "the runner's calls, its one query and its answer, nothing of the other pods"
     );
 
     // Armed: its first call and answer after that are read, in a container made later too.
@@ -718,7 +721,7 @@ async fn programs_detached_a_mark_deleted_or_the_settings_rewritten_from_outside
 
     // What a process with CAP_SYS_ADMIN could do: detach the pod's connect4 link by id.
     let links = links_of(&pod.dir);
-    assert_eq!(links.len(), 5, "{links:?}");
+    assert_eq!(links.len(), 6, "{links:?}");
     let (connect4, _) = links.iter().find(|(_, t)| t == "cgroup_inet4_connect").unwrap();
     let out =
         std::process::Command::new("bpftool").args(["link", "detach", "id", &connect4.to_string()]).output().unwrap();

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use proptest::prelude::*;
 use runwarden_agent::dns::RecordData;
 use runwarden_agent::events::{
-    Call, DecodeError, DnsAnswer, Exec, Hook, Proto, Record, Verdict, decode, dedupe_key, encode_call, encode_dns,
+    Call, DecodeError, DnsMessage, Exec, Hook, Proto, Record, Verdict, decode, dedupe_key, encode_call, encode_dns,
     encode_exec,
 };
 use runwarden_agent::pipeline::{Pipeline, PipelineConfig};
@@ -34,13 +34,21 @@ fn call(pod: u64, ip: IpAddr, port: u16, total: u64, first: bool, at_secs: u64) 
     }
 }
 
-fn answer(pod: u64, name: &str, ip: Ipv4Addr, at_secs: u64) -> DnsAnswer {
-    DnsAnswer {
+/// The cluster's resolver, which [`answer`]s come from.
+const CLUSTER_DNS: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
+/// The pod's port its resolver library asks from (and transaction id 1).
+const CLIENT_PORT: u16 = 40_000;
+
+/// The cluster resolver's answer to pod `pod`: `name` is `ip`.
+fn answer(pod: u64, name: &str, ip: Ipv4Addr, at_secs: u64) -> DnsMessage {
+    DnsMessage {
+        query: false,
         timestamp_ns: at_secs * 1_000_000_000,
         cgroup_id: pod + 1,
         pod_cgroup_id: pod,
         loopback: false,
-        server: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+        server: CLUSTER_DNS,
+        client_port: CLIENT_PORT,
         length: 0,
         message: common::dns_response(1, name, 1, &[(name, 60, RecordData::A(ip))], true, false),
     }
@@ -50,12 +58,21 @@ fn pipeline() -> Pipeline {
     Pipeline::new(PipelineConfig { boot_time: SystemTime::UNIX_EPOCH, ..PipelineConfig::default() })
 }
 
-/// The pod's query to its resolver (10.96.0.10, as in [`answer`]): answers count only after one.
-fn query(p: &mut Pipeline, pod: u64) {
-    let mut q = call(pod, IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 53, 1, true, 0);
-    q.proto = Proto::Udp;
-    q.key = dedupe_key(pod + 1, pod, q.ip, 53, Proto::Udp);
-    p.record(&encode_call(&q));
+/// The query of pod `pod` to `server` for `name` (id 1, from [`CLIENT_PORT`]) at `at_secs`:
+/// an answer names something only when it matches one.
+fn ask_at(p: &mut Pipeline, pod: u64, server: IpAddr, name: &str, at_secs: u64) {
+    let q = DnsMessage {
+        query: true,
+        server,
+        message: common::dns_query(1, name),
+        ..answer(pod, name, Ipv4Addr::UNSPECIFIED, at_secs)
+    };
+    p.record(&encode_dns(&q));
+}
+
+/// [`ask_at`] the cluster's resolver, at 0 s.
+fn ask(p: &mut Pipeline, pod: u64, name: &str) {
+    ask_at(p, pod, CLUSTER_DNS, name, 0);
 }
 
 #[test]
@@ -119,9 +136,9 @@ fn a_call_is_named_from_its_own_pods_answers_only() {
     assert_eq!(p.record(&encode_dns(&answer(1, "registry.npmjs.org", ip, 10))), None);
     assert!(p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 1, true, 10))).unwrap().hosts.is_empty());
     assert_eq!(p.stats().unsolicited_dns, 1);
-    query(&mut p, 1);
+    ask(&mut p, 1, "registry.npmjs.org");
     // Pod 2 asks its resolver too, but not for this name.
-    query(&mut p, 2);
+    ask(&mut p, 2, "example.org");
     assert_eq!(p.record(&encode_dns(&answer(1, "registry.npmjs.org", ip, 10))), None);
     let mine = p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 1, true, 11))).unwrap();
     let theirs = p.record(&encode_call(&call(2, IpAddr::V4(ip), 443, 1, true, 11))).unwrap();
@@ -137,7 +154,8 @@ fn a_call_is_named_from_its_own_pods_answers_only() {
 fn an_address_answered_for_two_names_carries_both_as_candidates() {
     let mut p = pipeline();
     let shared = Ipv4Addr::new(104, 16, 1, 35);
-    query(&mut p, 1);
+    ask(&mut p, 1, "registry.npmjs.org");
+    ask(&mut p, 1, "drop.exfil-example.net");
     // A name the job knows, then the pod's own, on one shared (CDN) address.
     p.record(&encode_dns(&answer(1, "registry.npmjs.org", shared, 10)));
     p.record(&encode_dns(&answer(1, "drop.exfil-example.net", shared, 11)));
@@ -171,7 +189,7 @@ fn counts_add_the_calls_the_kernel_folded() {
 #[test]
 fn a_destination_whose_record_was_lost_is_recovered_from_the_kernel_table() {
     let mut p = pipeline();
-    query(&mut p, 2);
+    ask(&mut p, 2, "exfil.example");
     let ip = Ipv4Addr::new(198, 51, 100, 99);
     p.record(&encode_dns(&answer(2, "exfil.example", ip, 29)));
     let lost = dedupe_key(3, 2, IpAddr::V4(ip), 443, Proto::Tcp);
@@ -198,7 +216,7 @@ fn a_destination_whose_record_was_lost_is_recovered_from_the_kernel_table() {
 #[test]
 fn malformed_answers_are_counted() {
     let mut p = pipeline();
-    query(&mut p, 1);
+    ask(&mut p, 1, "x.example");
     let mut bad = answer(1, "x.example", Ipv4Addr::LOCALHOST, 1);
     bad.message.truncate(20);
     p.record(&encode_dns(&bad));
@@ -219,14 +237,7 @@ fn trusting_the_cluster_resolver() -> Pipeline {
 /// What a process in pod `pod` that runs its own DNS server on `server` (and queried it)
 /// receives from it: `name` is `ip`.
 fn from_own_server(pod: u64, server: IpAddr, loopback: bool, name: &str, ip: Ipv4Addr, at_secs: u64) -> Vec<u8> {
-    encode_dns(&DnsAnswer { server, loopback, ..answer(pod, name, ip, at_secs) })
-}
-
-fn query_to(p: &mut Pipeline, pod: u64, server: IpAddr) {
-    let mut q = call(pod, server, 53, 1, true, 0);
-    q.proto = Proto::Udp;
-    q.key = dedupe_key(pod + 1, pod, server, 53, Proto::Udp);
-    p.record(&encode_call(&q));
+    encode_dns(&DnsMessage { server, loopback, ..answer(pod, name, ip, at_secs) })
 }
 
 #[test]
@@ -235,14 +246,14 @@ fn a_resolver_inside_the_pod_names_nothing_by_itself() {
     let exfil = Ipv4Addr::new(203, 0, 113, 66);
     let own = IpAddr::V4(Ipv4Addr::LOCALHOST);
     // The attack: query your own server, have it answer github.com with your address, call it.
-    query_to(&mut p, 1, own);
+    ask_at(&mut p, 1, own, "github.com", 9);
     p.record(&from_own_server(1, own, true, "github.com", exfil, 10));
     let o = p.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 11))).unwrap();
     assert!(o.hosts.is_empty(), "the address stays a bare address: {o:?}");
     assert_eq!((p.stats().uncorroborated_dns, p.stats().contradicting_dns), (1, 0));
     // Claiming to be the cluster's resolver does not help when the packet came over loopback.
-    query(&mut p, 1);
-    p.record(&from_own_server(1, IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), true, "github.com", exfil, 12));
+    ask_at(&mut p, 1, CLUSTER_DNS, "github.com", 11);
+    p.record(&from_own_server(1, CLUSTER_DNS, true, "github.com", exfil, 12));
     assert!(p.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 13))).unwrap().hosts.is_empty());
     assert_eq!(p.stats().uncorroborated_dns, 2);
     assert!(p.take_suspicious().is_empty(), "nothing contradicted yet: the pod never asked the cluster");
@@ -252,10 +263,10 @@ fn a_resolver_inside_the_pod_names_nothing_by_itself() {
 fn an_inside_answer_that_contradicts_the_cluster_resolver_is_suspicious() {
     let mut p = trusting_the_cluster_resolver();
     let (real, exfil) = (Ipv4Addr::new(140, 82, 112, 3), Ipv4Addr::new(203, 0, 113, 66));
-    query(&mut p, 1);
+    ask(&mut p, 1, "github.com");
     p.record(&encode_dns(&answer(1, "github.com", real, 10)));
     let own = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    query_to(&mut p, 1, own);
+    ask_at(&mut p, 1, own, "github.com", 11);
     p.record(&from_own_server(1, own, true, "github.com", exfil, 11));
     assert!(p.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 12))).unwrap().hosts.is_empty());
     assert_eq!(p.record(&encode_call(&call(1, IpAddr::V4(real), 443, 1, true, 12))).unwrap().hosts, ["github.com"]);
@@ -275,10 +286,10 @@ fn an_inside_resolver_that_agrees_with_the_cluster_resolver_is_fine() {
     // same answer from the cluster, so nothing is wrong and the name stands.
     let mut p = trusting_the_cluster_resolver();
     let ip = Ipv4Addr::new(104, 16, 1, 34);
-    query(&mut p, 1);
+    ask(&mut p, 1, "registry.npmjs.org");
     p.record(&encode_dns(&answer(1, "registry.npmjs.org", ip, 10)));
     let docker = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11));
-    query_to(&mut p, 1, docker);
+    ask_at(&mut p, 1, docker, "registry.npmjs.org", 10);
     p.record(&from_own_server(1, docker, true, "registry.npmjs.org", ip, 10));
     assert_eq!(
         p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 1, true, 11))).unwrap().hosts,
@@ -286,4 +297,59 @@ fn an_inside_resolver_that_agrees_with_the_cluster_resolver_is_fine() {
     );
     assert_eq!((p.stats().uncorroborated_dns, p.stats().contradicting_dns), (0, 0));
     assert!(p.take_suspicious().is_empty());
+}
+
+#[test]
+fn an_answer_names_something_only_when_it_matches_a_query_the_pod_sent() {
+    let mut p = trusting_the_cluster_resolver();
+    let ip = Ipv4Addr::new(104, 16, 1, 34);
+    let named = |p: &mut Pipeline, at: u64| {
+        !p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 1, true, at))).unwrap().hosts.is_empty()
+    };
+    ask_at(&mut p, 1, CLUSTER_DNS, "registry.npmjs.org", 10);
+    // What does not match the query names nothing: another transaction id, another question,
+    // another port of the pod, another server, another pod, or too late.
+    let forged = answer(1, "registry.npmjs.org", ip, 11);
+    let mut other_id = forged.clone();
+    other_id.message[..2].copy_from_slice(&7u16.to_be_bytes());
+    let other_question = DnsMessage {
+        message: common::dns_response(1, "github.com", 1, &[("github.com", 60, RecordData::A(ip))], true, false),
+        ..forged.clone()
+    };
+    let other_port = DnsMessage { client_port: CLIENT_PORT + 1, ..forged.clone() };
+    let other_server = DnsMessage { server: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 11)), ..forged.clone() };
+    let other_pod = answer(2, "registry.npmjs.org", ip, 11);
+    let late = answer(1, "registry.npmjs.org", ip, 10 + 31);
+    for wrong in [other_id, other_question, other_port, other_server, other_pod] {
+        p.record(&encode_dns(&wrong));
+        assert!(!named(&mut p, 12), "{wrong:?}");
+    }
+    p.record(&encode_dns(&late));
+    assert!(!named(&mut p, 42), "answered after 30 s");
+    assert_eq!(p.stats().unsolicited_dns, 6);
+    // The answer to the query names the address, once: the same answer again is unsolicited.
+    ask_at(&mut p, 1, CLUSTER_DNS, "registry.npmjs.org", 50);
+    p.record(&encode_dns(&answer(1, "registry.npmjs.org", ip, 50)));
+    assert!(named(&mut p, 51));
+    p.record(&encode_dns(&answer(1, "registry.npmjs.org", Ipv4Addr::new(203, 0, 113, 66), 51)));
+    assert_eq!(p.stats().unsolicited_dns, 7, "a second answer to one query");
+    assert_eq!(p.stats().dns_queries, 2);
+}
+
+#[test]
+fn a_pods_flood_of_queries_keeps_only_its_newest() {
+    let mut p = trusting_the_cluster_resolver();
+    let ip = Ipv4Addr::new(104, 16, 1, 34);
+    ask_at(&mut p, 1, CLUSTER_DNS, "registry.npmjs.org", 10);
+    for i in 0..runwarden_agent::pipeline::MAX_QUERIES_PER_POD {
+        ask_at(&mut p, 1, CLUSTER_DNS, &format!("n{i}.flood.example"), 10);
+    }
+    // Pod 2's query is its own: the flood of pod 1 does not push it out.
+    ask_at(&mut p, 2, CLUSTER_DNS, "registry.npmjs.org", 10);
+    p.record(&encode_dns(&answer(1, "registry.npmjs.org", ip, 11)));
+    p.record(&encode_dns(&answer(2, "registry.npmjs.org", ip, 11)));
+    let hosts =
+        |p: &mut Pipeline, pod| p.record(&encode_call(&call(pod, IpAddr::V4(ip), 443, 1, true, 12))).unwrap().hosts;
+    assert!(hosts(&mut p, 1).is_empty(), "the oldest of pod 1's queries was forgotten");
+    assert_eq!(hosts(&mut p, 2), ["registry.npmjs.org"]);
 }

@@ -787,6 +787,7 @@ pub fn runwarden_programs() -> Vec<(String, String)> {
     [
         ("cgroup_inet4_connect", "connect4"),
         ("cgroup_inet6_connect", "connect6"),
+        ("cgroup_inet_egress", "dns_egress"),
         ("cgroup_inet_ingress", "dns_ingress"),
         ("cgroup_udp4_sendmsg", "sendmsg4"),
         ("cgroup_udp6_sendmsg", "sendmsg6"),

@@ -16,6 +16,9 @@ pub const KIND_CALL: Kind = 1;
 pub const KIND_DNS: Kind = 2;
 /// An [`ExecEvent`].
 pub const KIND_EXEC: Kind = 3;
+/// A [`DnsEvent`] holding a query a monitored cgroup sent (UDP to port 53): answers are
+/// believed only when they match one.
+pub const KIND_DNS_QUERY: Kind = 4;
 
 /// `family`: IPv4 (`AF_INET`).
 pub const FAMILY_IPV4: u8 = 2;
@@ -84,7 +87,8 @@ pub struct CallEvent {
 /// the parser reads what fits.
 pub const DNS_CAPTURE: usize = 1024;
 
-/// A DNS answer (UDP from port 53) received by a socket in a monitored cgroup.
+/// A DNS answer (UDP from port 53) received by a socket in a monitored cgroup ([`KIND_DNS`]),
+/// or a query (UDP to port 53) one sent ([`KIND_DNS_QUERY`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DnsEvent {
@@ -98,16 +102,17 @@ pub struct DnsEvent {
     pub cgroup_id: u64,
     /// The monitored ancestor (the pod-level cgroup).
     pub pod_cgroup_id: u64,
-    /// Length of the whole DNS message (UDP payload) as received.
+    /// Length of the whole DNS message (UDP payload) as received (sent).
     pub length: u32,
+    /// The pod's own UDP port, host order: an answer's destination port, a query's source.
+    pub client_port: u16,
     /// `FAMILY_*` of the server's address.
     pub family: u8,
     /// 1 when the answer arrived on the loopback device: from a server inside the pod, whatever
-    /// source address the packet claims.
+    /// source address the packet claims (for a query: when it left on it).
     pub loopback: u8,
-    /// Explicit padding (zero).
-    pub _pad: [u8; 2],
-    /// The server's address, as in [`CallEvent::addr`].
+    /// The server's address, as in [`CallEvent::addr`] (an answer's source, a query's
+    /// destination).
     pub server: [u8; 16],
     /// The DNS message, `captured` bytes of it.
     pub payload: [u8; DNS_CAPTURE],
@@ -259,7 +264,7 @@ pub mod names {
     /// Pod cgroup id → [`super::Budget`], LRU.
     pub const BUDGETS: &str = "BUDGETS";
     /// The programs, one per hook.
-    pub const PROGRAMS: [&str; 5] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "dns_ingress"];
+    pub const PROGRAMS: [&str; 6] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "dns_ingress", "dns_egress"];
     /// The `tp_btf/sched_process_exec` program (executable paths).
     pub const EXEC: &str = "sched_process_exec";
 }

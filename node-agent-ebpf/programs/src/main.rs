@@ -6,6 +6,8 @@
 //!   (DNS, QUIC);
 //! - `dns_ingress` (`cgroup_skb/ingress`): UDP answers from port 53, a bounded copy of the
 //!   message, so the agent can name destinations from the answers each pod received;
+//! - `dns_egress` (`cgroup_skb/egress`): UDP queries to port 53, likewise, so an answer is
+//!   believed only when it matches a query the pod sent (id, question, server, port);
 //! - `sched_process_exec` (node-wide): the executable of each process of a reported pod.
 //!
 //! The programs find the pod (or, for `trace`, the monitored cgroup) a caller belongs to from its
@@ -41,8 +43,8 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
 use runwarden_ebpf_common::{
     ARMED, Budget, CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ExecEvent, FAMILY_IPV4,
-    FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS,
-    MONITOR, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, stats,
+    FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL,
+    MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -352,8 +354,23 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_skb(ingress)]
 pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
-    on_packet(&ctx);
+    on_packet(&ctx, Direction::Answer);
     allow()
+}
+
+#[cgroup_skb(egress)]
+pub fn dns_egress(ctx: SkBuffContext) -> i32 {
+    on_packet(&ctx, Direction::Query);
+    allow()
+}
+
+/// Which DNS messages a packet program copies.
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    /// Received, from port 53.
+    Answer,
+    /// Sent, to port 53.
+    Query,
 }
 
 /// Reads `N` bytes at `offset` of the packet's linear data, if they are there. Direct packet
@@ -367,9 +384,10 @@ fn peek<const N: usize>(data: usize, end: usize, offset: usize) -> Option<[u8; N
     Some(unsafe { core::ptr::read_unaligned((data + offset) as *const [u8; N]) })
 }
 
-/// Copies a DNS answer (UDP from port 53) received by a monitored cgroup into the ring buffer.
+/// Copies a DNS answer (UDP from port 53) received by a monitored cgroup, or a query (UDP to
+/// port 53) it sent, into the ring buffer.
 #[inline(always)]
-fn on_packet(ctx: &SkBuffContext) -> Option<()> {
+fn on_packet(ctx: &SkBuffContext, direction: Direction) -> Option<()> {
     let skb = ctx.skb.skb;
     // SAFETY: the context the kernel passed in; the verifier turns these into packet pointers.
     let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
@@ -383,8 +401,10 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
             if header[9] != 17 || u16::from_be_bytes([header[6], header[7]]) & 0x1fff != 0 {
                 return None;
             }
+            // The server: an answer's source, a query's destination.
+            let at = if direction == Direction::Answer { 12 } else { 16 };
             let mut server = [0; 16];
-            server[..4].copy_from_slice(&header[12..16]);
+            server[..4].copy_from_slice(&header[at..at + 4]);
             (FAMILY_IPV4, usize::from(first & 0x0f) * 4, server)
         }
         6 => {
@@ -392,15 +412,20 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
             if header[6] != 17 {
                 return None;
             }
+            let at = if direction == Direction::Answer { 8 } else { 24 };
             let mut server = [0; 16];
-            server.copy_from_slice(&header[8..24]);
+            server.copy_from_slice(&header[at..at + 16]);
             (FAMILY_IPV6, 40, server)
         }
         _ => return None,
     };
-    if u16::from_be_bytes(peek::<2>(data, end, udp)?) != 53 {
-        return None;
-    }
+    let ports = peek::<4>(data, end, udp)?;
+    let (source, destination) = (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
+    let client_port = match direction {
+        Direction::Answer if source == 53 => destination,
+        Direction::Query if destination == 53 => source,
+        _ => return None,
+    };
     let cfg = config()?;
     // SAFETY: the skb pointer the kernel passed in.
     let pod = monitored_ancestor(cfg, Pods::Attached, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;
@@ -424,7 +449,7 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
     // SAFETY: `event` is the reserved record, written field by field before submit; the copy
     // reads `captured` bytes (bounded above) of the packet into its payload.
     unsafe {
-        (*event).kind = KIND_DNS;
+        (*event).kind = if direction == Direction::Answer { KIND_DNS } else { KIND_DNS_QUERY };
         (*event).captured = captured as u32;
         (*event).timestamp_ns = bpf_ktime_get_boot_ns();
         (*event).cgroup_id = bpf_skb_cgroup_id(skb);
@@ -433,7 +458,7 @@ fn on_packet(ctx: &SkBuffContext) -> Option<()> {
         (*event).family = family;
         // The loopback device is ifindex 1 in every network namespace.
         (*event).loopback = u8::from((*skb).ifindex == 1);
-        (*event)._pad = [0; 2];
+        (*event).client_port = client_port;
         (*event).server = server;
         if bpf_skb_load_bytes(skb as *const _, offset as u32, (*event).payload.as_mut_ptr().cast(), captured as u32)
             != 0

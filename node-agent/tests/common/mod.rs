@@ -42,6 +42,18 @@ fn ip(args: &[&str]) {
     sh(Command::new("ip").args(args));
 }
 
+/// A DNS query for `name` (type A) with transaction id `id`.
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend([0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        m.push(label.len() as u8);
+        m.extend(label.as_bytes());
+    }
+    m.extend([0, 0, 1, 0, 1]);
+    m
+}
+
 /// Encodes a DNS response: the question (`qtype`), then `answers` (owner, ttl, data). With
 /// `compress`, owners equal to the question are written as a pointer to it.
 pub fn dns_response(
