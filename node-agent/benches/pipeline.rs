@@ -62,7 +62,7 @@ fn records(ids: &[(u64, u64)]) -> Vec<Vec<u8>> {
             timestamp_ns: at,
             cgroup_id: ids[p as usize].1,
             pod_cgroup_id: ids[p as usize].0,
-            loopback: false,
+            ifindex: 2,
             server: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
             client_port: 40_000,
             length: 0,

@@ -847,7 +847,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 let runner = node.run_of_cgroup(suspicious.pod_cgroup_id);
                 warn!(
                     pod = runner.as_ref().map(|r| format!("{}/{}", r.0.namespace, r.0.name)), server = %suspicious.server,
-                    loopback = suspicious.loopback, name = %suspicious.name, claimed = ?suspicious.claimed, trusted = ?suspicious.trusted,
+                    loopback = suspicious.loopback, other_interface = suspicious.other_interface, name = %suspicious.name, claimed = ?suspicious.claimed, trusted = ?suspicious.trusted,
                     "a DNS answer from a resolver inside a pod contradicts the cluster's resolver; not used"
                 );
                 let now = Instant::now();

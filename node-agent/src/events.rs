@@ -110,13 +110,20 @@ pub struct DnsMessage {
     pub server: IpAddr,
     /// The pod's UDP port: the answer's destination, the query's source.
     pub client_port: u16,
-    /// Whether it arrived (left) on the loopback device: from (to) inside the pod, whatever
-    /// its source address.
-    pub loopback: bool,
+    /// The interface it arrived (left) on, in the pod's network namespace.
+    pub ifindex: u32,
     /// The message's length as received (the capture may be shorter).
     pub length: u32,
     /// The captured message.
     pub message: Vec<u8>,
+}
+
+impl DnsMessage {
+    /// Whether it arrived (left) on the loopback device (ifindex 1 in every network
+    /// namespace): from (to) inside the pod, whatever its source address.
+    pub fn loopback(&self) -> bool {
+        self.ifindex == 1
+    }
 }
 
 /// A program a monitored process executed, decoded from an [`ExecEvent`].
@@ -260,7 +267,7 @@ pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
                 pod_cgroup_id: b.u64(offset_of!(DnsEvent, pod_cgroup_id)),
                 server: address(b.u8(offset_of!(DnsEvent, family)), b.array(offset_of!(DnsEvent, server)))?,
                 client_port: b.u16(offset_of!(DnsEvent, client_port)),
-                loopback: b.u8(offset_of!(DnsEvent, loopback)) != 0,
+                ifindex: b.u32(offset_of!(DnsEvent, ifindex)),
                 length: b.u32(offset_of!(DnsEvent, length)),
                 message: record[start..start + captured].to_vec(),
             }))
@@ -347,7 +354,7 @@ pub fn encode_dns(answer: &DnsMessage) -> Vec<u8> {
     put(offset_of!(DnsEvent, pod_cgroup_id), &answer.pod_cgroup_id.to_ne_bytes());
     put(offset_of!(DnsEvent, length), &answer.length.to_ne_bytes());
     put(offset_of!(DnsEvent, family), &[family]);
-    put(offset_of!(DnsEvent, loopback), &[u8::from(answer.loopback)]);
+    put(offset_of!(DnsEvent, ifindex), &answer.ifindex.to_ne_bytes());
     put(offset_of!(DnsEvent, client_port), &answer.client_port.to_ne_bytes());
     put(offset_of!(DnsEvent, server), &server);
     put(offset_of!(DnsEvent, payload), &answer.message[..captured]);

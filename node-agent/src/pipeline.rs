@@ -143,8 +143,8 @@ pub struct PipelineConfig {
     /// Calls kept while their cgroup is not yet in the index.
     pub max_pending: usize,
     /// The resolvers whose answers name destinations (`None`: any the pod queried, as in trace
-    /// mode). Answers from others, or arriving over the pod's loopback whatever their source,
-    /// name nothing unless a trusted answer agrees.
+    /// mode). Answers from others, or arriving over the pod's loopback or another interface
+    /// than its uplink whatever their source, name nothing unless a trusted answer agrees.
     pub trusted_resolvers: Option<Vec<IpAddr>>,
 }
 
@@ -201,6 +201,9 @@ pub struct SuspiciousDns {
     pub server: IpAddr,
     /// Whether it arrived over the pod's loopback.
     pub loopback: bool,
+    /// Whether it arrived on another interface than the one the pod's first trusted answer
+    /// came in on (its uplink): a bridge inside the pod, such as Docker's.
+    pub other_interface: bool,
     /// The name.
     pub name: String,
     /// What the untrusted answer said.
@@ -234,6 +237,10 @@ pub struct Pipeline {
     /// Queries each pod sent that await their answer, oldest first: answers are taken only
     /// when they match one.
     queries: HashMap<u64, VecDeque<Pending>>,
+    /// Each pod's uplink: the interface its first trusted answer arrived on (before any job
+    /// code runs: the runner registers, and init containers resolve, first). Trusted answers
+    /// arriving on another (a bridge a nested container sits behind) are not believed.
+    uplinks: HashMap<u64, u32>,
     /// pid → the program it executed last.
     executables: HashMap<u32, String>,
     counts: HashMap<DedupeKey, Count>,
@@ -252,6 +259,7 @@ impl Pipeline {
             config,
             names: HashMap::new(),
             queries: HashMap::new(),
+            uplinks: HashMap::new(),
             executables: HashMap::new(),
             counts: HashMap::new(),
             index: CgroupIndex::default(),
@@ -372,9 +380,15 @@ impl Pipeline {
             return;
         }
         let now = answer.timestamp_ns / 1_000_000_000;
+        let mut other_interface = false;
         let trusted = match &self.config.trusted_resolvers {
             None => true,
-            Some(list) => !answer.loopback && list.contains(&answer.server),
+            Some(list) if answer.loopback() || !list.contains(&answer.server) => false,
+            Some(_) => {
+                let uplink = *self.uplinks.entry(answer.pod_cgroup_id).or_insert(answer.ifindex);
+                other_interface = uplink != answer.ifindex;
+                !other_interface
+            }
         };
         let (ttl, max) = (self.config.ttl, self.config.max_addresses);
         let cache = self.names.entry(answer.pod_cgroup_id).or_insert_with(|| DnsCache::new(ttl, max));
@@ -405,7 +419,8 @@ impl Pipeline {
                     self.suspicious.push(SuspiciousDns {
                         pod_cgroup_id: answer.pod_cgroup_id,
                         server: answer.server,
-                        loopback: answer.loopback,
+                        loopback: answer.loopback(),
+                        other_interface,
                         name,
                         claimed: ips,
                         trusted: known,
@@ -546,6 +561,7 @@ impl Pipeline {
     pub fn forget_pod(&mut self, pod_cgroup_id: u64) {
         self.names.remove(&pod_cgroup_id);
         self.queries.remove(&pod_cgroup_id);
+        self.uplinks.remove(&pod_cgroup_id);
         self.counts.retain(|_, c| c.last.pod_cgroup_id != pod_cgroup_id);
     }
 

@@ -357,7 +357,13 @@ pub async fn suspicious_dns(
 ) -> Delivery {
     let (pod, _, job) = runner;
     let list = |ips: &[std::net::IpAddr]| ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-    let via = if s.loopback { ", over the pod's loopback" } else { "" };
+    let via = if s.loopback {
+        ", over the pod's loopback"
+    } else if s.other_interface {
+        ", on another interface than the pod's own (a bridge inside the pod, such as a nested container's)"
+    } else {
+        ""
+    };
     let note = format!(
         "runner pod {}/{}{} received an answer from {}{via} saying {} is {}, while the cluster's resolver answered \
          it {}: a process in the pod may be forging names to hide where it connects. The answer was not used: calls \

@@ -560,6 +560,96 @@ async fn a_server_inside_the_pod_that_was_asked_still_names_nothing_and_a_contra
 }
 
 #[tokio::test]
+async fn a_nested_containers_answer_claiming_the_cluster_resolver_is_not_believed() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    let dns = DnsServer::start(IpAddr::V4(ns.host_v4));
+    agent.pipeline = runwarden_agent::pipeline::Pipeline::new(runwarden_agent::pipeline::PipelineConfig {
+        attribute_pods: true,
+        trusted_resolvers: Some(vec![IpAddr::V4(ns.host_v4)]),
+        ..Default::default()
+    });
+    agent.rescan();
+    let real = Ipv4Addr::new(198, 51, 100, 22);
+    dns.set("github.com", Zone::Records(vec![("github.com".into(), RecordData::A(real))]));
+    // The runner resolves github.com before any job: the answer comes in on the pod's uplink.
+    python(&pod.container, Some(&ns), "import socket\nsocket.getaddrinfo('github.com', 443, socket.AF_INET)\n");
+    drop(dns);
+
+    // Docker-in-Docker as a job sets it up: a bridge in the pod's network namespace, a nested
+    // container's namespace behind it, which holds the cluster resolver's address itself.
+    let nested = format!("{}-nested", ns.name);
+    let sh = |args: &[&str]| {
+        let out = std::process::Command::new("ip").args(args).output().unwrap();
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (bridge, pod_end, nested_end) = (format!("dk{}", ns.name.len()), "dkp0", "dkn0");
+    sh(&["netns", "add", &nested]);
+    sh(&["-n", &ns.name, "link", "add", &bridge, "type", "bridge"]);
+    sh(&["-n", &ns.name, "addr", "add", "172.30.0.1/24", "dev", &bridge]);
+    sh(&["-n", &ns.name, "link", "add", pod_end, "type", "veth", "peer", "name", nested_end, "netns", &nested]);
+    sh(&["-n", &ns.name, "link", "set", pod_end, "master", &bridge]);
+    sh(&["-n", &ns.name, "link", "set", pod_end, "up"]);
+    sh(&["-n", &ns.name, "link", "set", &bridge, "up"]);
+    sh(&["-n", &nested, "addr", "add", "172.30.0.2/24", "dev", nested_end]);
+    sh(&["-n", &nested, "addr", "add", &format!("{}/32", ns.host_v4), "dev", nested_end]);
+    sh(&["-n", &nested, "link", "set", nested_end, "up"]);
+    for key in ["all", "default", bridge.as_str()] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=0")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // A process of the job asks the cluster resolver (which does not answer now) for
+    // github.com; the nested container answers first, from the resolver's address, with its
+    // own: the answer matches the query in all but the interface it came in on.
+    let exfil = Ipv4Addr::new(203, 0, 113, 67);
+    let forged = common::dns_response(9, "github.com", 1, &[("github.com", 300, RecordData::A(exfil))], true, false);
+    let query: Vec<String> = common::dns_query(9, "github.com").iter().map(u8::to_string).collect();
+    let victim = {
+        let (container, ns_name) = (pod.container.clone(), ns.name.clone());
+        let host = ns.host_v4;
+        let script = format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 45053)); s.settimeout(10)\n\
+             s.sendto(bytes([{}]), ('{host}', 53)); s.recv(2048)\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('{exfil}', 443))\n",
+            query.join(",")
+        );
+        std::thread::spawn(move || {
+            let mut cmd = std::process::Command::new("sh");
+            cmd.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""]).arg(&container);
+            cmd.args(["ip", "netns", "exec", &ns_name, "python3", "-c", &script]);
+            cmd.output().unwrap()
+        })
+    };
+    let answer: Vec<String> = forged.iter().map(u8::to_string).collect();
+    let spoof = format!(
+        "import socket, time\ntime.sleep(0.5)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('{}', 53))\n\
+         s.sendto(bytes([{}]), ('172.30.0.1', 45053))\n",
+        ns.host_v4,
+        answer.join(",")
+    );
+    let out =
+        std::process::Command::new("ip").args(["netns", "exec", &nested, "python3", "-c", &spoof]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = victim.join().unwrap();
+    let _ = std::process::Command::new("ip").args(["netns", "del", &nested]).status();
+    assert!(out.status.success(), "the victim got the forged answer: {}", String::from_utf8_lossy(&out.stderr));
+
+    let obs = agent.drain().await;
+    assert!(one(&obs, IpAddr::V4(exfil), 443, Proto::Udp).hosts.is_empty(), "the forged name is not used");
+    let suspicious = agent.pipeline.take_suspicious();
+    assert_eq!(suspicious.len(), 1, "{suspicious:?}\n{:?}", agent.pipeline.stats());
+    assert!(suspicious[0].other_interface && !suspicious[0].loopback, "{suspicious:?}");
+    assert_eq!(suspicious[0].claimed, [IpAddr::V4(exfil)]);
+}
+
+#[tokio::test]
 async fn destinations_whose_records_were_lost_are_recovered_from_the_kernel_table() {
     // Dedupe on, 60,000 different destinations, nobody reading: a record each does not fit.
     let mut agent = Agent::start(WINDOW);

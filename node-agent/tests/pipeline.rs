@@ -38,6 +38,10 @@ fn call(pod: u64, ip: IpAddr, port: u16, total: u64, first: bool, at_secs: u64) 
 const CLUSTER_DNS: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
 /// The pod's port its resolver library asks from (and transaction id 1).
 const CLIENT_PORT: u16 = 40_000;
+/// The pod's own interface (its veth to the node), where the cluster's answers arrive.
+const UPLINK: u32 = 2;
+/// The loopback device.
+const LOOPBACK: u32 = 1;
 
 /// The cluster resolver's answer to pod `pod`: `name` is `ip`.
 fn answer(pod: u64, name: &str, ip: Ipv4Addr, at_secs: u64) -> DnsMessage {
@@ -46,7 +50,7 @@ fn answer(pod: u64, name: &str, ip: Ipv4Addr, at_secs: u64) -> DnsMessage {
         timestamp_ns: at_secs * 1_000_000_000,
         cgroup_id: pod + 1,
         pod_cgroup_id: pod,
-        loopback: false,
+        ifindex: UPLINK,
         server: CLUSTER_DNS,
         client_port: CLIENT_PORT,
         length: 0,
@@ -236,8 +240,8 @@ fn trusting_the_cluster_resolver() -> Pipeline {
 
 /// What a process in pod `pod` that runs its own DNS server on `server` (and queried it)
 /// receives from it: `name` is `ip`.
-fn from_own_server(pod: u64, server: IpAddr, loopback: bool, name: &str, ip: Ipv4Addr, at_secs: u64) -> Vec<u8> {
-    encode_dns(&DnsMessage { server, loopback, ..answer(pod, name, ip, at_secs) })
+fn from_own_server(pod: u64, server: IpAddr, ifindex: u32, name: &str, ip: Ipv4Addr, at_secs: u64) -> Vec<u8> {
+    encode_dns(&DnsMessage { server, ifindex, ..answer(pod, name, ip, at_secs) })
 }
 
 #[test]
@@ -247,13 +251,13 @@ fn a_resolver_inside_the_pod_names_nothing_by_itself() {
     let own = IpAddr::V4(Ipv4Addr::LOCALHOST);
     // The attack: query your own server, have it answer github.com with your address, call it.
     ask_at(&mut p, 1, own, "github.com", 9);
-    p.record(&from_own_server(1, own, true, "github.com", exfil, 10));
+    p.record(&from_own_server(1, own, LOOPBACK, "github.com", exfil, 10));
     let o = p.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 11))).unwrap();
     assert!(o.hosts.is_empty(), "the address stays a bare address: {o:?}");
     assert_eq!((p.stats().uncorroborated_dns, p.stats().contradicting_dns), (1, 0));
     // Claiming to be the cluster's resolver does not help when the packet came over loopback.
     ask_at(&mut p, 1, CLUSTER_DNS, "github.com", 11);
-    p.record(&from_own_server(1, CLUSTER_DNS, true, "github.com", exfil, 12));
+    p.record(&from_own_server(1, CLUSTER_DNS, LOOPBACK, "github.com", exfil, 12));
     assert!(p.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 13))).unwrap().hosts.is_empty());
     assert_eq!(p.stats().uncorroborated_dns, 2);
     assert!(p.take_suspicious().is_empty(), "nothing contradicted yet: the pod never asked the cluster");
@@ -267,7 +271,7 @@ fn an_inside_answer_that_contradicts_the_cluster_resolver_is_suspicious() {
     p.record(&encode_dns(&answer(1, "github.com", real, 10)));
     let own = IpAddr::V4(Ipv4Addr::LOCALHOST);
     ask_at(&mut p, 1, own, "github.com", 11);
-    p.record(&from_own_server(1, own, true, "github.com", exfil, 11));
+    p.record(&from_own_server(1, own, LOOPBACK, "github.com", exfil, 11));
     assert!(p.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 12))).unwrap().hosts.is_empty());
     assert_eq!(p.record(&encode_call(&call(1, IpAddr::V4(real), 443, 1, true, 12))).unwrap().hosts, ["github.com"]);
     let suspicious = p.take_suspicious();
@@ -290,7 +294,7 @@ fn an_inside_resolver_that_agrees_with_the_cluster_resolver_is_fine() {
     p.record(&encode_dns(&answer(1, "registry.npmjs.org", ip, 10)));
     let docker = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11));
     ask_at(&mut p, 1, docker, "registry.npmjs.org", 10);
-    p.record(&from_own_server(1, docker, true, "registry.npmjs.org", ip, 10));
+    p.record(&from_own_server(1, docker, LOOPBACK, "registry.npmjs.org", ip, 10));
     assert_eq!(
         p.record(&encode_call(&call(1, IpAddr::V4(ip), 443, 1, true, 11))).unwrap().hosts,
         ["registry.npmjs.org"]
@@ -352,4 +356,26 @@ fn a_pods_flood_of_queries_keeps_only_its_newest() {
         |p: &mut Pipeline, pod| p.record(&encode_call(&call(pod, IpAddr::V4(ip), 443, 1, true, 12))).unwrap().hosts;
     assert!(hosts(&mut p, 1).is_empty(), "the oldest of pod 1's queries was forgotten");
     assert_eq!(hosts(&mut p, 2), ["registry.npmjs.org"]);
+}
+
+#[test]
+fn an_answer_claiming_the_cluster_resolver_on_another_interface_than_the_pods_own_is_not_believed() {
+    // Docker-in-Docker: a nested container behind the pod's docker0 bridge sends the pod a
+    // packet claiming the cluster resolver's address, answering a query of the same job.
+    let mut p = trusting_the_cluster_resolver();
+    let (real, exfil) = (Ipv4Addr::new(140, 82, 112, 3), Ipv4Addr::new(203, 0, 113, 66));
+    // The runner's first lookups (before any job) arrive on the pod's uplink: pinned.
+    ask_at(&mut p, 1, CLUSTER_DNS, "github.com", 10);
+    p.record(&encode_dns(&answer(1, "github.com", real, 10)));
+    let docker0 = 5;
+    ask_at(&mut p, 1, CLUSTER_DNS, "github.com", 20);
+    p.record(&from_own_server(1, CLUSTER_DNS, docker0, "github.com", exfil, 20));
+    assert!(p.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 21))).unwrap().hosts.is_empty());
+    let suspicious = p.take_suspicious();
+    assert_eq!(suspicious.len(), 1, "{suspicious:?}");
+    assert!(suspicious[0].other_interface && !suspicious[0].loopback, "{suspicious:?}");
+    // Another pod's uplink is its own.
+    ask_at(&mut p, 2, CLUSTER_DNS, "github.com", 30);
+    p.record(&encode_dns(&DnsMessage { ifindex: 7, ..answer(2, "github.com", real, 30) }));
+    assert_eq!(p.record(&encode_call(&call(2, IpAddr::V4(real), 443, 1, true, 31))).unwrap().hosts, ["github.com"]);
 }

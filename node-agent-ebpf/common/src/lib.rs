@@ -104,13 +104,17 @@ pub struct DnsEvent {
     pub pod_cgroup_id: u64,
     /// Length of the whole DNS message (UDP payload) as received (sent).
     pub length: u32,
+    /// The interface (in the pod's network namespace) the answer arrived on, the query left
+    /// on: 1, the loopback device, means from (to) inside the pod whatever source address the
+    /// packet claims; another interface than the pod's uplink (a bridge a nested container
+    /// sits behind) means the same.
+    pub ifindex: u32,
     /// The pod's own UDP port, host order: an answer's destination port, a query's source.
     pub client_port: u16,
     /// `FAMILY_*` of the server's address.
     pub family: u8,
-    /// 1 when the answer arrived on the loopback device: from a server inside the pod, whatever
-    /// source address the packet claims (for a query: when it left on it).
-    pub loopback: u8,
+    /// Explicit padding (zero).
+    pub _pad: u8,
     /// The server's address, as in [`CallEvent::addr`] (an answer's source, a query's
     /// destination).
     pub server: [u8; 16],
@@ -270,7 +274,7 @@ pub mod names {
 }
 
 const _: () = assert!(core::mem::size_of::<CallEvent>() == 88);
-const _: () = assert!(core::mem::size_of::<DnsEvent>() == 56 + DNS_CAPTURE);
+const _: () = assert!(core::mem::size_of::<DnsEvent>() == 64 + DNS_CAPTURE);
 const _: () = assert!(core::mem::size_of::<DedupeKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + EXEC_PATH);
 const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);

@@ -456,8 +456,8 @@ fn on_packet(ctx: &SkBuffContext, direction: Direction) -> Option<()> {
         (*event).pod_cgroup_id = pod;
         (*event).length = length as u32;
         (*event).family = family;
-        // The loopback device is ifindex 1 in every network namespace.
-        (*event).loopback = u8::from((*skb).ifindex == 1);
+        (*event).ifindex = (*skb).ifindex;
+        (*event)._pad = 0;
         (*event).client_port = client_port;
         (*event).server = server;
         if bpf_skb_load_bytes(skb as *const _, offset as u32, (*event).payload.as_mut_ptr().cast(), captured as u32)
