@@ -211,6 +211,21 @@ impl StateDir {
         self.save(&run.pod.uid, None)
     }
 
+    /// The pods' DNS uplinks kept before a restart (none when the file is missing or unreadable:
+    /// they are learned again).
+    pub fn uplinks(&self) -> HashMap<u64, u32> {
+        let path = self.runs.with_file_name("dns-uplinks.json");
+        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// Keeps the pods' DNS uplinks (see [`Pipeline::take_changed_uplinks`]).
+    pub fn save_uplinks(&self, uplinks: &HashMap<u64, u32>) -> std::io::Result<()> {
+        let path = self.runs.with_file_name("dns-uplinks.json");
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(uplinks).map_err(std::io::Error::other)?)?;
+        std::fs::rename(tmp, path)
+    }
+
     /// Forgets a merged run.
     pub fn merged(&self, uid: &str) {
         let _ = std::fs::remove_file(self.finished.join(format!("{uid}.json")));
@@ -693,6 +708,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     let mut pipeline =
         Pipeline::new(PipelineConfig { trusted_resolvers: Some(trusted_resolvers), ..PipelineConfig::default() });
+    pipeline.restore_uplinks(state.uplinks());
     let mut shutdown = std::pin::pin!(crate::trace::interrupted());
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut last_scan: Option<Instant> = None;
@@ -973,6 +989,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 warn!(pod_uid = %uid, error = %e, "could not save a run in the state directory");
             }
         }
+        if tick
+            && let Some(uplinks) = pipeline.take_changed_uplinks()
+            && let Err(e) = state.save_uplinks(&uplinks)
+        {
+            warn!(error = %e, "could not keep the pods' DNS uplinks in the state directory");
+        }
         if tick {
             record_gauges(&metrics, &node, &pipeline, &probes);
             metrics.set_ready(pods_synced && caches_ready.load(std::sync::atomic::Ordering::Relaxed));
@@ -1170,5 +1192,23 @@ async fn merger(
         }
         waiting = still;
         metrics.runs_unmerged.set(waiting.len() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pods_dns_uplinks_survive_a_restart_in_the_state_directory() {
+        let dir = std::env::temp_dir().join(format!("runwarden-uplinks-{}", std::process::id()));
+        let state = StateDir::open(&dir).unwrap();
+        assert!(state.uplinks().is_empty(), "none kept yet");
+        let kept = HashMap::from([(4242_u64, 2_u32), (u64::MAX, 7)]);
+        state.save_uplinks(&kept).unwrap();
+        assert_eq!(StateDir::open(&dir).unwrap().uplinks(), kept);
+        std::fs::write(dir.join("dns-uplinks.json"), b"{not json").unwrap();
+        assert!(state.uplinks().is_empty(), "an unreadable file is learned again, not fatal");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -220,6 +220,10 @@ pub const QUERY_WAIT: Duration = Duration::from_secs(30);
 /// names nothing), so a pod's flood of queries costs only its own names.
 pub const MAX_QUERIES_PER_POD: usize = 256;
 
+/// Uplinks restored after a restart, at most (pods that ended while the agent was away are
+/// among them until forgotten).
+pub const MAX_UPLINKS: usize = 4096;
+
 /// A query a pod sent, waiting for its answer.
 #[derive(Debug)]
 struct Pending {
@@ -241,6 +245,8 @@ pub struct Pipeline {
     /// code runs: the runner registers, and init containers resolve, first). Trusted answers
     /// arriving on another (a bridge a nested container sits behind) are not believed.
     uplinks: HashMap<u64, u32>,
+    /// Whether `uplinks` changed since [`Pipeline::take_changed_uplinks`].
+    uplinks_changed: bool,
     /// pid → the program it executed last.
     executables: HashMap<u32, String>,
     counts: HashMap<DedupeKey, Count>,
@@ -260,6 +266,7 @@ impl Pipeline {
             names: HashMap::new(),
             queries: HashMap::new(),
             uplinks: HashMap::new(),
+            uplinks_changed: false,
             executables: HashMap::new(),
             counts: HashMap::new(),
             index: CgroupIndex::default(),
@@ -385,7 +392,10 @@ impl Pipeline {
             None => true,
             Some(list) if answer.loopback() || !list.contains(&answer.server) => false,
             Some(_) => {
-                let uplink = *self.uplinks.entry(answer.pod_cgroup_id).or_insert(answer.ifindex);
+                let uplink = *self.uplinks.entry(answer.pod_cgroup_id).or_insert_with(|| {
+                    self.uplinks_changed = true;
+                    answer.ifindex
+                });
                 other_interface = uplink != answer.ifindex;
                 !other_interface
             }
@@ -561,8 +571,20 @@ impl Pipeline {
     pub fn forget_pod(&mut self, pod_cgroup_id: u64) {
         self.names.remove(&pod_cgroup_id);
         self.queries.remove(&pod_cgroup_id);
-        self.uplinks.remove(&pod_cgroup_id);
+        self.uplinks_changed |= self.uplinks.remove(&pod_cgroup_id).is_some();
         self.counts.retain(|_, c| c.last.pod_cgroup_id != pod_cgroup_id);
+    }
+
+    /// Each pod's uplink (pod cgroup id → interface index), when it changed since the last
+    /// call: the agent keeps them in its state directory, so that after a restart a pod's
+    /// uplink is not learned again from answers a job may arrange.
+    pub fn take_changed_uplinks(&mut self) -> Option<HashMap<u64, u32>> {
+        std::mem::take(&mut self.uplinks_changed).then(|| self.uplinks.clone())
+    }
+
+    /// Restores the uplinks kept before a restart (at most [`MAX_UPLINKS`]).
+    pub fn restore_uplinks(&mut self, uplinks: HashMap<u64, u32>) {
+        self.uplinks.extend(uplinks.into_iter().take(MAX_UPLINKS));
     }
 
     /// The pipeline's counters.

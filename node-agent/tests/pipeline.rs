@@ -378,4 +378,17 @@ fn an_answer_claiming_the_cluster_resolver_on_another_interface_than_the_pods_ow
     ask_at(&mut p, 2, CLUSTER_DNS, "github.com", 30);
     p.record(&encode_dns(&DnsMessage { ifindex: 7, ..answer(2, "github.com", real, 30) }));
     assert_eq!(p.record(&encode_call(&call(2, IpAddr::V4(real), 443, 1, true, 31))).unwrap().hosts, ["github.com"]);
+
+    // The agent restarts mid-job: the uplinks it kept come back, so the job's first answer
+    // after the restart (through its bridge) does not become the pod's uplink.
+    let kept = p.take_changed_uplinks().expect("pinned uplinks are to be kept");
+    assert_eq!(kept, std::collections::HashMap::from([(1, UPLINK), (2, 7)]));
+    assert_eq!(p.take_changed_uplinks(), None, "nothing new since");
+    let mut restarted = trusting_the_cluster_resolver();
+    restarted.restore_uplinks(kept);
+    ask_at(&mut restarted, 1, CLUSTER_DNS, "github.com", 40);
+    restarted.record(&from_own_server(1, CLUSTER_DNS, docker0, "github.com", exfil, 40));
+    assert!(restarted.record(&encode_call(&call(1, IpAddr::V4(exfil), 443, 1, true, 41))).unwrap().hosts.is_empty());
+    p.forget_pod(2);
+    assert_eq!(p.take_changed_uplinks(), Some(std::collections::HashMap::from([(1, UPLINK)])), "pod 2 ended");
 }
