@@ -15,6 +15,8 @@ use simple_dns::{CLASS, Packet, PacketFlag, QTYPE, RCODE, ResourceRecord, TYPE};
 #[derive(Debug, Clone)]
 pub struct Dns {
     names: Arc<Mutex<HashMap<String, Ipv4Addr>>>,
+    /// Names whose answers are sent this much later (from a thread of their own).
+    delays: Arc<Mutex<HashMap<String, Duration>>>,
     /// Queries answered.
     pub queries: Arc<AtomicU64>,
     /// The last [`LOG_LINES`] packets received, one line each, for a failing test to print.
@@ -29,7 +31,7 @@ impl Dns {
     /// the process.
     pub fn start(addr: SocketAddr) -> std::io::Result<Dns> {
         let socket = UdpSocket::bind(addr)?;
-        let dns = Dns { names: Arc::default(), queries: Arc::default(), log: Arc::default() };
+        let dns = Dns { names: Arc::default(), delays: Arc::default(), queries: Arc::default(), log: Arc::default() };
         let served = dns.clone();
         let started = std::time::Instant::now();
         std::thread::Builder::new().name("test-dns".into()).spawn(move || {
@@ -43,6 +45,20 @@ impl Dns {
                     }
                 };
                 let (reply, what) = served.answer(&buf[..n]);
+                if let (Some(reply), Some(delay)) = (&reply, served.delay_of(&buf[..n]))
+                    && let Ok(later) = socket.try_clone()
+                {
+                    let reply = reply.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(delay);
+                        let _ = later.send_to(&reply, from);
+                    });
+                    served.note(format!(
+                        "{:9.3}s {from} {what}: answered {delay:?} later",
+                        started.elapsed().as_secs_f64()
+                    ));
+                    continue;
+                }
                 let sent = match reply.map(|r| socket.send_to(&r, from)) {
                     Some(Ok(_)) => "answered".to_string(),
                     Some(Err(e)) => format!("answer not sent: {e}"),
@@ -57,6 +73,21 @@ impl Dns {
     /// Makes `name` resolve to `ip` (TTL 30 s).
     pub fn insert(&self, name: &str, ip: Ipv4Addr) {
         self.names.lock().unwrap().insert(name.trim_end_matches('.').to_ascii_lowercase(), ip);
+    }
+
+    /// Answers queries for `name` `delay` later (a slow upstream), without holding up others.
+    pub fn delay(&self, name: &str, delay: Duration) {
+        self.delays.lock().unwrap().insert(name.trim_end_matches('.').to_ascii_lowercase(), delay);
+    }
+
+    /// How much later `query` is to be answered, if its name is delayed.
+    fn delay_of(&self, query: &[u8]) -> Option<Duration> {
+        let query = Packet::parse(query).ok()?;
+        let delays = self.delays.lock().unwrap();
+        query
+            .questions
+            .iter()
+            .find_map(|q| delays.get(q.qname.to_string().to_ascii_lowercase().trim_end_matches('.')).copied())
     }
 
     /// The packets received lately, oldest first, one line each (time since start, sender,

