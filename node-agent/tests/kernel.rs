@@ -490,7 +490,6 @@ async fn answers_a_pod_sends_itself_name_nothing() {
         true,
         false,
     );
-    let bytes: Vec<String> = forged.iter().map(u8::to_string).collect();
     python(
         &pod.container,
         Some(&ns),
@@ -500,13 +499,23 @@ async fn answers_a_pod_sends_itself_name_nothing() {
              fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); fake.bind(('127.0.0.1', 53))\n\
              fake.sendto(bytes([{}]), victim.getsockname()); victim.recv(2048)\n\
              socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('203.0.113.66', 443))\n",
-            bytes.join(",")
+            common::py_bytes(&forged)
         ),
     );
     let obs = agent.drain().await;
     assert!(one(&obs, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 66)), 443, Proto::Udp).hosts.is_empty());
     assert_eq!(agent.probes.stats().unwrap().dns_events, 1, "the kernel saw the forged answer");
     assert_eq!(agent.pipeline.stats().unsolicited_dns, 1, "and the pipeline refused it");
+}
+
+/// Trusts only `resolver`'s answers, as the agent trusts the cluster's resolver.
+fn trust_only(agent: &mut Agent, resolver: Ipv4Addr) {
+    agent.pipeline = runwarden_agent::pipeline::Pipeline::new(runwarden_agent::pipeline::PipelineConfig {
+        attribute_pods: true,
+        trusted_resolvers: Some(vec![IpAddr::V4(resolver)]),
+        ..Default::default()
+    });
+    agent.rescan();
 }
 
 #[tokio::test]
@@ -516,18 +525,12 @@ async fn a_server_inside_the_pod_that_was_asked_still_names_nothing_and_a_contra
     let ns = NetNs::new();
     let dns = DnsServer::start(IpAddr::V4(ns.host_v4));
     // As the agent does: only the pod's configured resolver is trusted.
-    agent.pipeline = runwarden_agent::pipeline::Pipeline::new(runwarden_agent::pipeline::PipelineConfig {
-        attribute_pods: true,
-        trusted_resolvers: Some(vec![IpAddr::V4(ns.host_v4)]),
-        ..Default::default()
-    });
-    agent.rescan();
+    trust_only(&mut agent, ns.host_v4);
     let real = Ipv4Addr::new(198, 51, 100, 20);
     dns.set("github.com", Zone::Records(vec![("github.com".into(), RecordData::A(real))]));
     let exfil = Ipv4Addr::new(203, 0, 113, 66);
     let forged = common::dns_response(5, "github.com", 1, &[("github.com", 300, RecordData::A(exfil))], true, false);
-    let bytes: Vec<String> = forged.iter().map(u8::to_string).collect();
-    let query: Vec<String> = common::dns_query(5, "github.com").iter().map(u8::to_string).collect();
+    let (bytes, query) = (common::py_bytes(&forged), common::py_bytes(&common::dns_query(5, "github.com")));
     // The process resolves github.com as usual, then asks its own server on 127.0.0.1:53 (a real
     // query, so the answer matches it), which answers github.com with the exfiltration address;
     // it calls both.
@@ -543,8 +546,7 @@ async fn a_server_inside_the_pod_that_was_asked_still_names_nothing_and_a_contra
              fake.sendto(bytes([{}]), asker); victim.recv(2048)\n\
              socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('{exfil}', 443))\n\
              socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(real)\n",
-            query.join(","),
-            bytes.join(",")
+            query, bytes
         ),
     );
     let obs = agent.drain().await;
@@ -565,12 +567,7 @@ async fn a_nested_containers_answer_claiming_the_cluster_resolver_is_not_believe
     let pod = agent.pod(Layout::SystemdBurstable);
     let ns = NetNs::new();
     let dns = DnsServer::start(IpAddr::V4(ns.host_v4));
-    agent.pipeline = runwarden_agent::pipeline::Pipeline::new(runwarden_agent::pipeline::PipelineConfig {
-        attribute_pods: true,
-        trusted_resolvers: Some(vec![IpAddr::V4(ns.host_v4)]),
-        ..Default::default()
-    });
-    agent.rescan();
+    trust_only(&mut agent, ns.host_v4);
     let real = Ipv4Addr::new(198, 51, 100, 22);
     dns.set("github.com", Zone::Records(vec![("github.com".into(), RecordData::A(real))]));
     // The runner resolves github.com before any job: the answer comes in on the pod's uplink.
@@ -608,16 +605,15 @@ async fn a_nested_containers_answer_claiming_the_cluster_resolver_is_not_believe
     // own: the answer matches the query in all but the interface it came in on.
     let exfil = Ipv4Addr::new(203, 0, 113, 67);
     let forged = common::dns_response(9, "github.com", 1, &[("github.com", 300, RecordData::A(exfil))], true, false);
-    let query: Vec<String> = common::dns_query(9, "github.com").iter().map(u8::to_string).collect();
+    let query = common::py_bytes(&common::dns_query(9, "github.com"));
     let victim = {
         let (container, ns_name) = (pod.container.clone(), ns.name.clone());
         let host = ns.host_v4;
         let script = format!(
             "import socket\n\
              s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 45053)); s.settimeout(10)\n\
-             s.sendto(bytes([{}]), ('{host}', 53)); s.recv(2048)\n\
-             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('{exfil}', 443))\n",
-            query.join(",")
+             s.sendto(bytes([{query}]), ('{host}', 53)); s.recv(2048)\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('{exfil}', 443))\n"
         );
         std::thread::spawn(move || {
             let mut cmd = std::process::Command::new("sh");
@@ -626,13 +622,12 @@ async fn a_nested_containers_answer_claiming_the_cluster_resolver_is_not_believe
             cmd.output().unwrap()
         })
     };
-    let answer: Vec<String> = forged.iter().map(u8::to_string).collect();
     let spoof = format!(
         "import socket, time\ntime.sleep(0.5)\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('{}', 53))\n\
          s.sendto(bytes([{}]), ('172.30.0.1', 45053))\n",
         ns.host_v4,
-        answer.join(",")
+        common::py_bytes(&forged)
     );
     let out =
         std::process::Command::new("ip").args(["netns", "exec", &nested, "python3", "-c", &spoof]).output().unwrap();

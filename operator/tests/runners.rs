@@ -164,20 +164,8 @@ async fn a_non_arc_pod_labelled_for_monitoring_gets_its_baseline_where_an_admini
     };
     Api::<Pod>::namespaced(client.clone(), &elsewhere).create(&PostParams::default(), &pod("claims")).await.unwrap();
     cluster::allow_self_declared(&client, &ns).await;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {
-            "name": "self-hosted-runner-0",
-            "labels": {"runwarden.dev/monitor": "true"},
-            "annotations": {
-                "runwarden.dev/repository": "acme/api",
-                "runwarden.dev/workflow": ".github/workflows/release.yml",
-                "runwarden.dev/job": "publish (linux)"
-            }
-        },
-        "spec": {"containers": [{"name": "runner", "image": "runner:latest"}]}
-    }))
-    .unwrap();
-    Api::<Pod>::namespaced(client.clone(), &ns).create(&PostParams::default(), &pod).await.unwrap();
+    let runner = pod("self-hosted-runner-0");
+    Api::<Pod>::namespaced(client.clone(), &ns).create(&PostParams::default(), &runner).await.unwrap();
     let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &ns);
     for _ in 0..200 {
         let all = baselines.list(&Default::default()).await.unwrap().items;

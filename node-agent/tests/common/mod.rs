@@ -42,6 +42,11 @@ fn ip(args: &[&str]) {
     sh(Command::new("ip").args(args));
 }
 
+/// `bytes` as the list inside a Python `bytes([...])`.
+pub fn py_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// A DNS query for `name` (type A) with transaction id `id`.
 pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
     let mut m = id.to_be_bytes().to_vec();
