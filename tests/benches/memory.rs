@@ -114,7 +114,19 @@ async fn main() {
         if ready >= running.len() && calls >= (running.len() * 11) as u64 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(600), "{ready} pods running, {calls} calls after 600s");
+        if started.elapsed() >= Duration::from_secs(600) {
+            let mut phases = std::collections::BTreeMap::<String, usize>::new();
+            for p in &list {
+                *phases.entry(p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default()).or_default() += 1;
+            }
+            let stuck: Vec<String> = list
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running"))
+                .take(3)
+                .map(|p| format!("{}: {:?}", p.metadata.name.clone().unwrap_or_default(), p.status))
+                .collect();
+            panic!("{ready} pods running, {calls} calls after 600s; phases {phases:?}; e.g. {stuck:#?}");
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     eprintln!("{} runner pods running and their calls made in {:.1}s", running.len(), started.elapsed().as_secs_f64());

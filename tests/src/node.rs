@@ -21,7 +21,8 @@
 //! says who runs it. Teardown (at exit, and before a start, for a node whose process was killed)
 //! stops the kubelet, kills every container through the `kubepods` cgroup, stops containerd and
 //! its shims, unmounts what they mounted under the node's directory, removes the cgroups, the
-//! bridge and kube-proxy's rules, and restores the sysctls the CNI plugin changed.
+//! bridge and kube-proxy's rules, and restores the sysctls the CNI plugin changed and the
+//! neighbour-table limits it raised.
 
 use std::fs::File;
 use std::io::Write;
@@ -58,7 +59,23 @@ pub const TEST_ADDRESSES: std::ops::RangeInclusive<u8> = 200..=250;
 const LOCK: &str = "/run/runwarden-node.lock";
 /// The directory of the node last started on this machine, for teardown after a crash.
 const LAST_DIR: &str = "/run/runwarden-node.dir";
-const SYSCTLS: [&str; 2] = ["net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables"];
+const SYSCTLS: [&str; 5] = [
+    "net/ipv4/ip_forward",
+    "net/bridge/bridge-nf-call-iptables",
+    "net/ipv4/neigh/default/gc_thresh1",
+    "net/ipv4/neigh/default/gc_thresh2",
+    "net/ipv4/neigh/default/gc_thresh3",
+];
+
+/// The neighbour table's limits while the node runs (`gc_thresh1..3`). The table is one for
+/// every network namespace of the machine, and test pods reach the test's listeners on their
+/// own subnet (an entry per pod and listener): with the defaults (128/512/1,024), some 90 pods
+/// calling 10 listeners each overflowed it, and the next pods' lookups failed.
+const NEIGHBOUR_LIMITS: [(&str, u32); 3] = [
+    ("net/ipv4/neigh/default/gc_thresh1", 1024),
+    ("net/ipv4/neigh/default/gc_thresh2", 8192),
+    ("net/ipv4/neigh/default/gc_thresh3", 16384),
+];
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A running single-node cluster.
@@ -237,6 +254,9 @@ fn launch(dir: Option<PathBuf>) -> Result<Node> {
     let dir = dir.canonicalize().map_err(io("resolving the node directory"))?;
     write(Path::new(LAST_DIR), &dir.display().to_string())?;
     save_sysctls(&dir);
+    for (key, value) in NEIGHBOUR_LIMITS {
+        write(&Path::new("/proc/sys").join(key), &value.to_string())?;
+    }
     *NODE.lock().unwrap() = Some(NodeProcesses { dir: dir.clone(), children: Vec::new(), remove_dir, _lock: lock });
 
     // The bridge first: the apiserver binds its address.
