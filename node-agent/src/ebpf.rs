@@ -22,7 +22,8 @@ use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
-    ARMED, Budget, Config, DedupeKey, DedupeValue, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, names, stats,
+    ARMED, Budget, Config, DedupeKey, DedupeValue, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, RECENT_SLOTS, RecentCall,
+    names, stats,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -44,6 +45,12 @@ unsafe impl aya::Pod for Key {}
 struct Value(DedupeValue);
 // SAFETY: as above.
 unsafe impl aya::Pod for Value {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct Recent(RecentCall);
+// SAFETY: as above.
+unsafe impl aya::Pod for Recent {}
 
 #[repr(transparent)]
 #[derive(Clone, Copy)]
@@ -567,11 +574,28 @@ impl Probes {
         let boot_minus_monotonic =
             clock(libc::CLOCK_BOOTTIME).saturating_sub(clock(libc::CLOCK_MONOTONIC)).as_nanos() as u64;
         // Entries evicted or rewritten during the walk are skipped; the next walk sees them.
-        Ok(table
+        let mut entries: Vec<(DedupeKey, DedupeValue)> = table
             .iter()
             .filter_map(Result::ok)
             .map(|(k, v)| (k.0, DedupeValue { last_event_ns: v.0.last_event_ns + boot_minus_monotonic, ..v.0 }))
-            .collect())
+            .collect();
+        // Then the calls each CPU folded and has not added to the table yet (read after the
+        // table: a slot is emptied before its calls are added there, so none counts twice).
+        let recent: PerCpuArray<_, Recent> =
+            PerCpuArray::try_from(self.bpf.map(names::RECENT).ok_or_else(|| missing(names::RECENT))?)
+                .map_err(refused)?;
+        let mut pending: HashMap<DedupeKey, u64> = HashMap::new();
+        for slot in 0..RECENT_SLOTS {
+            for cpu in recent.get(&slot, 0).map_err(refused)?.iter() {
+                if cpu.0.pending > 0 {
+                    *pending.entry(cpu.0.key).or_default() += cpu.0.pending;
+                }
+            }
+        }
+        for (key, value) in &mut entries {
+            value.total += pending.get(key).copied().unwrap_or(0);
+        }
+        Ok(entries)
     }
 
     /// Takes the ring buffer out for a [`Reader`] (once; within a tokio runtime).

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket};
 use std::time::Duration;
 
@@ -249,6 +249,46 @@ async fn the_kernel_dedupe_sends_a_handful_of_records_and_counts_stay_exact() {
 
     let (records, calls, folded) = burst(Duration::ZERO).await;
     assert_eq!((records, calls, folded), (1000, 1000, 0), "dedupe off: a record per call");
+}
+
+/// The kernel counts a repeated call on the CPU that made it and moves the count to the shared
+/// table later (when the CPU's slot for it is taken over, or after the window): two processes
+/// on two CPUs calling more destinations than a CPU has slots, each several times within the
+/// window, and every call of every destination is counted once.
+#[tokio::test]
+async fn counts_stay_exact_across_cpus_and_when_destinations_share_a_slot() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).min(2);
+    python(
+        &pod.container,
+        None,
+        &format!(
+            "import os, socket
+kids = []
+for cpu in range({cpus}):
+  pid = os.fork()
+  if pid == 0:
+    os.sched_setaffinity(0, {{cpu}})
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(3):
+      for p in range(600):
+        s.connect(('127.0.0.1', 20000 + p))
+    os._exit(0)
+  kids.append(pid)
+for pid in kids:
+  os.waitpid(pid, 0)"
+        ),
+    );
+    agent.drain().await;
+    agent.totals().await;
+    let mut per_port: HashMap<u16, u64> = HashMap::new();
+    for c in agent.pipeline.calls() {
+        *per_port.entry(c.last.port).or_default() += c.calls;
+    }
+    assert_eq!(per_port.len(), 600, "every destination seen");
+    let wrong: Vec<_> = per_port.iter().filter(|(_, calls)| **calls != 3 * cpus as u64).collect();
+    assert!(wrong.is_empty(), "{} calls each expected; {wrong:?}", 3 * cpus);
 }
 
 #[tokio::test]

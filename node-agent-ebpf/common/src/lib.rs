@@ -176,6 +176,24 @@ pub struct DedupeValue {
     pub total: u64,
 }
 
+/// One slot of the per-CPU `RECENT` table: the destination a CPU last reported or folded a call
+/// to, with the calls folded on that CPU since (not yet added to the [`DedupeKey`]'s
+/// [`DedupeValue::total`]). A repeated call that finds itself here within the dedupe window
+/// costs one array index and a compare instead of a hash-table lookup and an atomic add.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecentCall {
+    /// The destination (its `pod_cgroup_id` too: the slot's calls are added to this key).
+    pub key: DedupeKey,
+    /// The key's `last_event_ns` when this CPU last looked at its dedupe entry.
+    pub last_event_ns: u64,
+    /// Calls folded here and not yet in the dedupe table's total.
+    pub pending: u64,
+}
+
+/// Slots per CPU in `RECENT` (a power of two: the slot is a hash's top bits).
+pub const RECENT_SLOTS: u32 = 256;
+
 /// Settings the agent writes into the one-entry `CONFIG` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -265,6 +283,8 @@ pub mod names {
     pub const STATS: &str = "STATS";
     /// [`super::DedupeKey`] → [`super::DedupeValue`], LRU.
     pub const DEDUPE: &str = "DEDUPE";
+    /// Per-CPU array of [`super::RecentCall`], [`super::RECENT_SLOTS`] slots.
+    pub const RECENT: &str = "RECENT";
     /// Pod cgroup id → [`super::Budget`], LRU.
     pub const BUDGETS: &str = "BUDGETS";
     /// The programs, one per hook.
@@ -278,6 +298,8 @@ const _: () = assert!(core::mem::size_of::<DnsEvent>() == 64 + DNS_CAPTURE);
 const _: () = assert!(core::mem::size_of::<DedupeKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + EXEC_PATH);
 const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);
+const _: () = assert!(core::mem::size_of::<RecentCall>() == 56);
+const _: () = assert!(RECENT_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<Config>() == 24 + 12 * MAX_POD_PARENTS);
 const _: () = assert!(core::mem::size_of::<Budget>() == 24);
 const _: () = assert!(DNS_CAPTURE.is_power_of_two());

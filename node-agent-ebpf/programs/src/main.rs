@@ -13,8 +13,8 @@
 //! The programs find the pod (or, for `trace`, the monitored cgroup) a caller belongs to from its
 //! ancestors at the levels `CONFIG` names: an index into the cgroup's ancestors, no walk, and no
 //! map lookup for a pod (the program runs only where the agent attached it). Repeated calls
-//! from one cgroup to one destination within the dedupe window are counted in `DEDUPE`, not
-//! reported. Each pod has a record budget (`BUDGETS`, a token bucket refilled at
+//! from one cgroup to one destination within the dedupe window are counted (in this CPU's
+//! `RECENT` slot, then in `DEDUPE`, see [`on_call`]), not reported. Each pod has a record budget (`BUDGETS`, a token bucket refilled at
 //! `CONFIG.budget_per_second`): past it the pod's records are counted, not written, so one pod
 //! cannot fill the ring buffer all pods share (its calls stay in `DEDUPE`, where the agent
 //! finds them). Records are submitted without waking the reader (it polls) unless the ring
@@ -44,7 +44,7 @@ use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
 use runwarden_ebpf_common::{
     ARMED, Budget, CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ExecEvent, FAMILY_IPV4,
     FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL,
-    MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, stats,
+    MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall, VERDICT_ALLOWED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -63,6 +63,8 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 #[map]
 static DEDUPE: LruHashMap<DedupeKey, DedupeValue> = LruHashMap::with_max_entries(65_536, 0);
+#[map]
+static RECENT: PerCpuArray<RecentCall> = PerCpuArray::with_max_entries(RECENT_SLOTS, 0);
 #[map]
 static BUDGETS: LruHashMap<u64, Budget> = LruHashMap::with_max_entries(16_384, 0);
 
@@ -204,46 +206,119 @@ fn wake_flags() -> u64 {
     }
 }
 
+/// Whether a slot of `RECENT` holds this caller's call to this destination (its pod follows
+/// from the cgroup, so it is not compared).
+#[inline(always)]
+fn same_call(key: &DedupeKey, cgroup_id: u64, addr: &[u8; 16], port: u16, family: u8, protocol: u8) -> bool {
+    // SAFETY: same size, any bytes are valid words; two compares instead of sixteen.
+    let (a, b) = unsafe {
+        (core::mem::transmute::<[u8; 16], [u64; 2]>(key.addr), core::mem::transmute::<[u8; 16], [u64; 2]>(*addr))
+    };
+    key.cgroup_id == cgroup_id && a == b && key.port == port && key.family == family && key.protocol == protocol
+}
+
+/// The `RECENT` slot of a call: a multiplicative hash of the caller's cgroup and destination.
+#[inline(always)]
+fn recent_slot(cgroup_id: u64, addr: &[u8; 16], port: u16) -> u32 {
+    // SAFETY: same size, any bytes are valid words.
+    let words = unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(*addr) };
+    let mixed = cgroup_id ^ words[0] ^ words[1].rotate_left(29) ^ (u64::from(port) << 48);
+    (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - RECENT_SLOTS.trailing_zeros())) as u32
+}
+
+/// Adds `calls` to `key`'s total in the dedupe table (gone when the LRU evicted it: then they
+/// are not counted).
+#[inline(always)]
+fn add_total(key: &DedupeKey, calls: u64) {
+    if let Some(value) = DEDUPE.get_ptr_mut(key) {
+        // SAFETY: a pointer into the map's element, valid for this program run.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*value).total, calls) };
+    }
+}
+
 /// Reports one call (after the dedupe). Always lets it go ahead.
+///
+/// The dedupe has two levels: this CPU's `RECENT` slot for the call (a repeat within the window
+/// is counted there: an array index, a compare, an add) and the `DEDUPE` table shared by all
+/// CPUs, which decides when a record is written and holds the totals. A slot's calls move to
+/// the table when the slot is taken over or looked at after the window; the slot is emptied
+/// before the table is added to, so a reader that takes the table and then the slots (the
+/// agent's `dedupe_table`) may count a call late but never twice.
 #[inline(always)]
 fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
     let Some(cfg) = config() else {
         return;
     };
+    // SAFETY: a helper without pointer arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let window = cfg.dedupe_window_ns;
+    // The coarse clock (the last tick's time, no clock read) is plenty for a window of seconds.
+    // SAFETY: a helper without pointer arguments.
+    let coarse = if window != 0 { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 };
+    let recent = if window != 0 { RECENT.get_ptr_mut(recent_slot(cgroup_id, &addr, port)) } else { None };
+    // Calls folded on this CPU for this very key, to add to its total below.
+    let mut carried = 0;
+    if let Some(slot) = recent {
+        // SAFETY: this CPU's slot, valid for this program run; programs on one CPU do not run
+        // concurrently in these hooks.
+        unsafe {
+            if same_call(&(*slot).key, cgroup_id, &addr, port, family, protocol) {
+                if coarse.wrapping_sub((*slot).last_event_ns) < window {
+                    (*slot).pending += 1;
+                    count(stats::CALLS_FOLDED);
+                    return;
+                }
+                carried = (*slot).pending;
+                (*slot).pending = 0;
+            } else if (*slot).pending != 0 {
+                let calls = (*slot).pending;
+                (*slot).pending = 0;
+                add_total(&(*slot).key, calls);
+            }
+        }
+    }
     let Some(pod) = current_pod(cfg, Pods::Attached) else {
         return;
     };
     let mut flags = FLAG_FIRST;
-    // SAFETY: a helper without pointer arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let key = DedupeKey { cgroup_id, pod_cgroup_id: pod, addr, port, family, protocol, _pad: [0; 4] };
-    let mut total = 1;
-    if cfg.dedupe_window_ns != 0 {
-        // The coarse clock (the last tick's time, no clock read) is plenty for a window of
-        // seconds, and a folded call reads no other.
-        // SAFETY: a helper without pointer arguments.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let mut total = 1 + carried;
+    if window != 0 {
         let mut entry = DEDUPE.get_ptr_mut(key);
         if entry.is_none() {
-            let fresh = DedupeValue { last_event_ns: now, total: 1 };
+            let fresh = DedupeValue { last_event_ns: coarse, total };
             if DEDUPE.insert(key, fresh, BPF_NOEXIST as u64).is_err() {
                 // Another CPU inserted it first: count on its entry.
                 entry = DEDUPE.get_ptr_mut(key);
             }
         }
+        let mut last_event_ns = coarse;
+        let mut folded = false;
         if let Some(value) = entry {
             // SAFETY: `value` points into the map's element, valid for this program run; the
             // counter is updated atomically, the timestamp is advisory.
             unsafe {
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*value).total, 1);
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*value).total, total);
                 total = (*value).total;
-                if now.wrapping_sub((*value).last_event_ns) < cfg.dedupe_window_ns {
-                    count(stats::CALLS_FOLDED);
-                    return;
+                if coarse.wrapping_sub((*value).last_event_ns) < window {
+                    last_event_ns = (*value).last_event_ns;
+                    folded = true;
+                } else {
+                    (*value).last_event_ns = coarse;
                 }
-                (*value).last_event_ns = now;
             }
             flags &= !FLAG_FIRST;
+        }
+        if let Some(slot) = recent {
+            // SAFETY: as above.
+            unsafe {
+                (*slot).key = key;
+                (*slot).last_event_ns = last_event_ns;
+            }
+        }
+        if folded {
+            count(stats::CALLS_FOLDED);
+            return;
         }
     }
     // SAFETY: a helper without pointer arguments.
