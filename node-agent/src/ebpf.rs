@@ -9,23 +9,26 @@
     reason = "aya::Pod marks the shared #[repr(C)] types as plain bytes; epoll on the ring buffer; BPF_PROG_QUERY"
 )]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
 use aya::programs::cgroup_skb::{CgroupSkbAttachType, CgroupSkbLink};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
-    ARMED, Budget, Config, DedupeKey, DedupeValue, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, RECENT_SLOTS, RecentCall,
-    names, stats,
+    ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, Config, DedupeKey, DedupeValue, ENFORCE_BLOCK,
+    FAMILY_IPV4, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall, names, stats,
 };
 use tokio::io::unix::AsyncFd;
+
+use crate::events::Proto;
 
 /// The kernel object, built for this agent.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/runwarden.bpf.o"));
@@ -51,6 +54,18 @@ unsafe impl aya::Pod for Value {}
 struct Recent(RecentCall);
 // SAFETY: as above.
 unsafe impl aya::Pod for Recent {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct AllowData(AllowKey);
+// SAFETY: as above.
+unsafe impl aya::Pod for AllowData {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct AllowEntry(AllowValue);
+// SAFETY: as above.
+unsafe impl aya::Pod for AllowEntry {}
 
 #[repr(transparent)]
 #[derive(Clone, Copy)]
@@ -215,6 +230,45 @@ impl Default for PodBudget {
     }
 }
 
+/// Destinations a pod in block mode may call: an address range, over one protocol or both, on
+/// some ports or every port, for a while or for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    /// The range's first address.
+    pub addr: IpAddr,
+    /// Its prefix length (at most 32 for IPv4, 128 for IPv6).
+    pub prefix: u8,
+    /// `None`: TCP and UDP.
+    pub protocol: Option<Proto>,
+    /// Empty: every port.
+    pub ports: Vec<u16>,
+    /// For how long from now: an address from a DNS answer, for its TTL; `None`: until taken
+    /// back.
+    pub ttl: Option<Duration>,
+}
+
+impl Allowed {
+    /// The trie's keys for this entry: one per protocol and port.
+    fn keys(&self, pod: u64) -> Vec<aya::maps::lpm_trie::Key<AllowData>> {
+        let (family, addr) = crate::events::to_wire(self.addr);
+        let prefix = u32::from(self.prefix).min(if family == FAMILY_IPV4 { 32 } else { 128 });
+        let protocols: &[u8] = match self.protocol {
+            Some(Proto::Tcp) => &[PROTO_TCP],
+            Some(Proto::Udp) => &[PROTO_UDP],
+            None => &[PROTO_TCP, PROTO_UDP],
+        };
+        let ports: &[u16] = if self.ports.is_empty() { &[0] } else { &self.ports };
+        let mut keys = Vec::with_capacity(protocols.len() * ports.len());
+        for &protocol in protocols {
+            for &port in ports {
+                let data = AllowKey { pod: pod.to_ne_bytes(), family, protocol, port: port.to_be_bytes(), addr };
+                keys.push(aya::maps::lpm_trie::Key::new(ALLOW_KEY_FIXED_BITS + prefix, AllowData(data)));
+            }
+        }
+        keys
+    }
+}
+
 /// The kernel's counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelStats {
@@ -257,7 +311,8 @@ pub struct Tampered {
     pub dir: PathBuf,
     /// The programs no longer attached to it, by name.
     pub detached: Vec<&'static str>,
-    /// Whether its mark was gone from the monitored set.
+    /// Whether its mark was gone from the monitored set, or its block mode from the
+    /// enforced set.
     pub unmarked: bool,
 }
 
@@ -271,6 +326,8 @@ pub struct Probes {
     links: HashMap<u64, CgroupLinks>,
     /// The kernel's ids of [`names::PROGRAMS`], in that order.
     program_ids: Vec<u32>,
+    /// Pods in block mode.
+    blocking: HashSet<u64>,
     config: Config,
 }
 
@@ -315,6 +372,7 @@ impl Probes {
             monitored: HashMap::new(),
             links: HashMap::new(),
             program_ids,
+            blocking: HashSet::new(),
             config,
         };
         probes.write_config()?;
@@ -418,6 +476,9 @@ impl Probes {
         let marks: BpfHashMap<_, u64, u32> =
             BpfHashMap::try_from(self.bpf.map(names::MONITORED).ok_or_else(|| missing(names::MONITORED))?)
                 .map_err(refused)?;
+        let policies: BpfHashMap<_, u64, u32> =
+            BpfHashMap::try_from(self.bpf.map(names::POLICIES).ok_or_else(|| missing(names::POLICIES))?)
+                .map_err(refused)?;
         let mut found = Vec::new();
         for (&id, links) in &self.links {
             let Ok(cgroup) = std::fs::File::open(&links.dir) else { continue };
@@ -431,7 +492,8 @@ impl Probes {
                     Err(e) => return Err(LoadError::Unsupported(format!("querying a cgroup's programs: {e}"))),
                 }
             }
-            let unmarked = marks.get(&id, 0).ok() != Some(self.mark_of(id));
+            let unmarked = marks.get(&id, 0).ok() != Some(self.mark_of(id))
+                || (self.blocking.contains(&id) && policies.get(&id, 0).ok() != Some(ENFORCE_BLOCK));
             // A cgroup being removed loses its programs with it: not tampering.
             if (!detached.is_empty() || unmarked) && links.dir.exists() {
                 found.push(Tampered { id, dir: links.dir.clone(), detached, unmarked });
@@ -449,6 +511,9 @@ impl Probes {
             let mark = self.mark_of(t.id);
             let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
             map.insert(t.id, mark, 0).map_err(refused)?;
+            if self.blocking.contains(&t.id) {
+                self.set_blocking(t.id, true)?;
+            }
         }
         Ok(found)
     }
@@ -461,6 +526,8 @@ impl Probes {
         let mut monitored: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
         let _ = monitored.remove(&id);
         self.links.remove(&id);
+        self.set_blocking(id, false)?;
+        self.disallow_all(id)?;
         let mut budgets: BpfHashMap<_, u64, BudgetValue> = map(&mut self.bpf, names::BUDGETS)?;
         let _ = budgets.remove(&id);
         self.forget_dedupe(id)
@@ -513,7 +580,63 @@ impl Probes {
         Ok(true)
     }
 
+    /// Puts the pod cgroup `id` in block mode (its calls to destinations it is not
+    /// [allowed](Self::allow) fail with `EPERM` and are reported refused) or takes it out
+    /// (every call goes ahead). Takes effect on the pod's next call.
+    pub fn set_blocking(&mut self, id: u64, block: bool) -> Result<(), LoadError> {
+        let mut policies: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::POLICIES)?;
+        if block {
+            policies.insert(id, ENFORCE_BLOCK, 0).map_err(refused)?;
+            if self.blocking.insert(id) {
+                self.write_config()?;
+            }
+        } else {
+            let _ = policies.remove(&id);
+            if self.blocking.remove(&id) {
+                self.write_config()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the pod cgroup `pod` call `allowed` while in block mode.
+    pub fn allow(&mut self, pod: u64, allowed: &Allowed) -> Result<(), LoadError> {
+        let mut trie: LpmTrie<_, AllowData, AllowEntry> = map(&mut self.bpf, names::ALLOW)?;
+        let expires_ns = match allowed.ttl {
+            None => 0,
+            // CLOCK_MONOTONIC (the programs read its coarse variant, at most a tick behind).
+            Some(ttl) => {
+                u64::try_from((crate::pipeline::clock(libc::CLOCK_MONOTONIC) + ttl).as_nanos()).unwrap_or(u64::MAX)
+            }
+        };
+        for key in allowed.keys(pod) {
+            trie.insert(&key, AllowEntry(AllowValue { expires_ns }), 0).map_err(refused)?;
+        }
+        Ok(())
+    }
+
+    /// Takes back what [`Self::allow`] allowed.
+    pub fn disallow(&mut self, pod: u64, allowed: &Allowed) -> Result<(), LoadError> {
+        let mut trie: LpmTrie<_, AllowData, AllowEntry> = map(&mut self.bpf, names::ALLOW)?;
+        for key in allowed.keys(pod) {
+            let _ = trie.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Takes back everything the pod cgroup `pod` was allowed.
+    pub fn disallow_all(&mut self, pod: u64) -> Result<(), LoadError> {
+        let mut trie: LpmTrie<_, AllowData, AllowEntry> = map(&mut self.bpf, names::ALLOW)?;
+        let pod = pod.to_ne_bytes();
+        let keys: Vec<_> = trie.keys().filter_map(Result::ok).filter(|k| k.data().0.pod == pod).collect();
+        for key in keys {
+            let _ = trie.remove(&key);
+        }
+        Ok(())
+    }
+
     fn write_config(&mut self) -> Result<(), LoadError> {
+        self.config.enforcing = u32::from(!self.blocking.is_empty());
         self.config.monitored_levels = self.monitored.values().fold(0, |bits, level| bits | 1 << level);
         let mut array: Array<_, Settings> = map(&mut self.bpf, names::CONFIG)?;
         array.set(0, Settings(self.config), 0).map_err(refused)

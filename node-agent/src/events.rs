@@ -223,6 +223,7 @@ pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
             let protocol = b.u8(offset_of!(CallEvent, protocol));
             let cgroup_id = b.u64(offset_of!(CallEvent, cgroup_id));
             let pod_cgroup_id = b.u64(offset_of!(CallEvent, pod_cgroup_id));
+            let verdict_byte = b.u8(offset_of!(CallEvent, verdict));
             Ok(Record::Call(Call {
                 timestamp_ns: b.u64(offset_of!(CallEvent, timestamp_ns)),
                 cgroup_id,
@@ -244,12 +245,17 @@ pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
                     HOOK_SENDMSG => Hook::Sendmsg,
                     _ => return Err(DecodeError::Field("hook")),
                 },
-                verdict: match b.u8(offset_of!(CallEvent, verdict)) {
-                    VERDICT_ALLOWED => Verdict::Allowed,
-                    VERDICT_DENIED => Verdict::Denied,
-                    _ => return Err(DecodeError::Field("verdict")),
+                verdict: verdict(verdict_byte).ok_or(DecodeError::Field("verdict"))?,
+                key: DedupeKey {
+                    cgroup_id,
+                    pod_cgroup_id,
+                    addr,
+                    port,
+                    family,
+                    protocol,
+                    verdict: verdict_byte,
+                    _pad: [0; 3],
                 },
-                key: DedupeKey { cgroup_id, pod_cgroup_id, addr, port, family, protocol, _pad: [0; 4] },
             }))
         }
         KIND_DNS | KIND_DNS_QUERY => {
@@ -303,7 +309,7 @@ pub fn encode_exec(exec: &Exec) -> Vec<u8> {
 }
 
 /// An address as the kernel writes it: family and 16 bytes, IPv4 in the first 4.
-fn to_wire(ip: IpAddr) -> (u8, [u8; 16]) {
+pub(crate) fn to_wire(ip: IpAddr) -> (u8, [u8; 16]) {
     match ip {
         IpAddr::V4(v4) => {
             let mut a = [0; 16];
@@ -361,12 +367,20 @@ pub fn encode_dns(answer: &DnsMessage) -> Vec<u8> {
     out
 }
 
-/// The kernel's dedupe key for a call from `cgroup_id` (below `pod_cgroup_id`) to `ip:port`
-/// over `proto` (IPv4 as an IPv4 socket reports it).
+/// The kernel's dedupe key for an allowed call from `cgroup_id` (below `pod_cgroup_id`) to
+/// `ip:port` over `proto` (IPv4 as an IPv4 socket reports it).
 pub fn dedupe_key(cgroup_id: u64, pod_cgroup_id: u64, ip: IpAddr, port: u16, proto: Proto) -> DedupeKey {
     let (family, addr) = to_wire(ip);
     let protocol = if proto == Proto::Tcp { PROTO_TCP } else { PROTO_UDP };
-    DedupeKey { cgroup_id, pod_cgroup_id, addr, port, family, protocol, _pad: [0; 4] }
+    DedupeKey { cgroup_id, pod_cgroup_id, addr, port, family, protocol, verdict: VERDICT_ALLOWED, _pad: [0; 3] }
+}
+
+fn verdict(byte: u8) -> Option<Verdict> {
+    match byte {
+        VERDICT_ALLOWED => Some(Verdict::Allowed),
+        VERDICT_DENIED => Some(Verdict::Denied),
+        _ => None,
+    }
 }
 
 /// The call a dedupe-table entry stands for, when its record was lost: no process, no hook
@@ -389,7 +403,7 @@ pub fn call_from_table(key: &DedupeKey, value: &DedupeValue) -> Option<Call> {
             _ => return None,
         },
         hook: Hook::Unknown,
-        verdict: Verdict::Allowed,
+        verdict: verdict(key.verdict)?,
         key: *key,
     })
 }

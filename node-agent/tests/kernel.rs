@@ -897,7 +897,7 @@ async fn programs_detached_a_mark_deleted_or_the_settings_rewritten_from_outside
     });
     let id = ours.expect("this agent's CONFIG map");
     let mut args = vec!["map", "update", "id", id.as_str(), "key", "0", "0", "0", "0", "value"];
-    args.extend(std::iter::repeat_n("0", 72));
+    args.extend(std::iter::repeat_n("0", size_of::<runwarden_ebpf_common::Config>()));
     let out = std::process::Command::new("bpftool").args(&args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     python(&pod.container, None, &script.replace("9901", "9903"));

@@ -160,8 +160,10 @@ pub struct DedupeKey {
     pub family: u8,
     /// `PROTO_*`.
     pub protocol: u8,
+    /// `VERDICT_*`: a destination's refused calls are counted apart from its allowed ones.
+    pub verdict: u8,
     /// Explicit padding (zero: keys are compared as bytes).
-    pub _pad: [u8; 4],
+    pub _pad: [u8; 3],
 }
 
 /// Value of the dedupe table.
@@ -221,6 +223,46 @@ pub struct Config {
     /// Records a pod may write in a burst. Past its budget a pod's records are not written and
     /// are counted in its [`Budget`]: one pod cannot fill the ring buffer the others share.
     pub budget_burst: u32,
+    /// Non-zero while some pod on the node has a `POLICIES` entry: only then do the call
+    /// programs look up the caller's pod's enforcement before the dedupe (other nodes pay
+    /// nothing for block mode).
+    pub enforcing: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// `POLICIES` value: the pod's calls to destinations not in `ALLOW` are refused (`EPERM`).
+pub const ENFORCE_BLOCK: u32 = 1;
+
+/// Key data of the `ALLOW` table (an LPM trie; its key is a prefix length and this): a pod, a
+/// protocol, a port, an address range. The trie matches these bytes from the first bit on, so
+/// everything but the address is matched whole and the address by prefix: the prefix length
+/// is [`ALLOW_KEY_FIXED_BITS`] plus the range's. Port 0 stands for every port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AllowKey {
+    /// The pod's cgroup id, native order.
+    pub pod: [u8; 8],
+    /// `FAMILY_*`.
+    pub family: u8,
+    /// `PROTO_*`.
+    pub protocol: u8,
+    /// Network order; 0: every port.
+    pub port: [u8; 2],
+    /// As in [`CallEvent::addr`].
+    pub addr: [u8; 16],
+}
+
+/// Bits of an [`AllowKey`] before its address.
+pub const ALLOW_KEY_FIXED_BITS: u32 = 8 * 12;
+
+/// Value of the `ALLOW` table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowValue {
+    /// When the entry stops allowing (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE); 0:
+    /// never (a range of the policy, not an address from a DNS answer).
+    pub expires_ns: u64,
 }
 
 /// A pod's record budget (value of `BUDGETS`, key: the pod's cgroup id): a token bucket.
@@ -285,6 +327,10 @@ pub mod names {
     pub const DEDUPE: &str = "DEDUPE";
     /// Per-CPU array of [`super::RecentCall`], [`super::RECENT_SLOTS`] slots.
     pub const RECENT: &str = "RECENT";
+    /// Pod cgroup id → `ENFORCE_*` (pods whose calls are checked against `ALLOW`).
+    pub const POLICIES: &str = "POLICIES";
+    /// (prefix length, [`super::AllowKey`]) → [`super::AllowValue`], LPM trie.
+    pub const ALLOW: &str = "ALLOW";
     /// Pod cgroup id → [`super::Budget`], LRU.
     pub const BUDGETS: &str = "BUDGETS";
     /// The programs, one per hook.
@@ -300,6 +346,8 @@ const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + EXEC_PATH);
 const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);
 const _: () = assert!(core::mem::size_of::<RecentCall>() == 56);
 const _: () = assert!(RECENT_SLOTS.is_power_of_two());
-const _: () = assert!(core::mem::size_of::<Config>() == 24 + 12 * MAX_POD_PARENTS);
+const _: () = assert!(core::mem::size_of::<Config>() == 32 + 12 * MAX_POD_PARENTS);
+const _: () = assert!(core::mem::size_of::<AllowKey>() == ALLOW_KEY_FIXED_BITS as usize / 8 + 16);
+const _: () = assert!(core::mem::align_of::<AllowKey>() == 1);
 const _: () = assert!(core::mem::size_of::<Budget>() == 24);
 const _: () = assert!(DNS_CAPTURE.is_power_of_two());

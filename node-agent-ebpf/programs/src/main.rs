@@ -39,12 +39,14 @@ use aya_ebpf::helpers::generated::{
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
 use aya_ebpf::macros::{btf_tracepoint, cgroup_skb, cgroup_sock_addr, map};
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
 use runwarden_ebpf_common::{
-    ARMED, Budget, CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ExecEvent, FAMILY_IPV4,
-    FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL,
-    MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall, VERDICT_ALLOWED, stats,
+    ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue,
+    DnsEvent, ENFORCE_BLOCK, ExecEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL,
+    KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS,
+    RecentCall, VERDICT_ALLOWED, VERDICT_DENIED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -65,6 +67,10 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
 static DEDUPE: LruHashMap<DedupeKey, DedupeValue> = LruHashMap::with_max_entries(65_536, 0);
 #[map]
 static RECENT: PerCpuArray<RecentCall> = PerCpuArray::with_max_entries(RECENT_SLOTS, 0);
+#[map]
+static POLICIES: HashMap<u64, u32> = HashMap::with_max_entries(16_384, 0);
+#[map]
+static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(262_144, 0);
 #[map]
 static BUDGETS: LruHashMap<u64, Budget> = LruHashMap::with_max_entries(16_384, 0);
 
@@ -209,12 +215,63 @@ fn wake_flags() -> u64 {
 /// Whether a slot of `RECENT` holds this caller's call to this destination (its pod follows
 /// from the cgroup, so it is not compared).
 #[inline(always)]
-fn same_call(key: &DedupeKey, cgroup_id: u64, addr: &[u8; 16], port: u16, family: u8, protocol: u8) -> bool {
+fn same_call(
+    key: &DedupeKey,
+    cgroup_id: u64,
+    addr: &[u8; 16],
+    port: u16,
+    family: u8,
+    protocol: u8,
+    verdict: u8,
+) -> bool {
     // SAFETY: same size, any bytes are valid words; two compares instead of sixteen.
     let (a, b) = unsafe {
         (core::mem::transmute::<[u8; 16], [u64; 2]>(key.addr), core::mem::transmute::<[u8; 16], [u64; 2]>(*addr))
     };
-    key.cgroup_id == cgroup_id && a == b && key.port == port && key.family == family && key.protocol == protocol
+    key.cgroup_id == cgroup_id
+        && a == b
+        && key.port == port
+        && key.family == family
+        && key.protocol == protocol
+        && key.verdict == verdict
+}
+
+/// Whether a block-mode pod may call this destination: an address in its own pod (loopback, or
+/// the unspecified address, which connects to the local host), or an unexpired `ALLOW` entry
+/// for its protocol and this port or every port.
+#[inline(always)]
+fn allowed(pod: u64, family: u8, protocol: u8, addr: &[u8; 16], port: u16, now: u64) -> bool {
+    // SAFETY: same size, any bytes are valid words.
+    let mut words = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) };
+    let mut family = family;
+    // An IPv4 address on an IPv6 socket (::ffff:a.b.c.d) is allowed as that IPv4 address.
+    if family == FAMILY_IPV6 && words[0] == 0 && words[1] == 0 && words[2] == u32::from_be(0xffff) {
+        family = FAMILY_IPV4;
+        words = [words[3], 0, 0, 0];
+    }
+    let bits = if family == FAMILY_IPV4 {
+        // 127.0.0.0/8 (network order: the first byte is the low byte of the word) or 0.0.0.0.
+        if words[0] & 0xff == 127 || words[0] == 0 {
+            return true;
+        }
+        32
+    } else {
+        // ::1 or ::.
+        if words[0] == 0 && words[1] == 0 && words[2] == 0 && (words[3] == 0 || words[3] == u32::from_be(1)) {
+            return true;
+        }
+        128
+    };
+    let mut key = Key::new(
+        ALLOW_KEY_FIXED_BITS + bits,
+        AllowKey { pod: pod.to_ne_bytes(), family, protocol, port: port.to_be_bytes(), addr: address(words) },
+    );
+    let live = |value: &AllowValue| value.expires_ns == 0 || now < value.expires_ns;
+    if ALLOW.get(&key).is_some_and(live) {
+        return true;
+    }
+    key.data.port = [0; 2];
+    ALLOW.get(&key).is_some_and(live)
 }
 
 /// The `RECENT` slot of a call: a multiplicative hash of the caller's cgroup and destination.
@@ -236,7 +293,8 @@ fn add_total(key: &DedupeKey, calls: u64) {
     }
 }
 
-/// Reports one call (after the dedupe). Always lets it go ahead.
+/// Reports one call (after the dedupe); whether it may go ahead: refused only when the caller's
+/// pod is in block mode (`POLICIES`) and the destination is not in its `ALLOW` entries.
 ///
 /// The dedupe has two levels: this CPU's `RECENT` slot for the call (a repeat within the window
 /// is counted there: an array index, a compare, an add) and the `DEDUPE` table shared by all
@@ -245,16 +303,34 @@ fn add_total(key: &DedupeKey, calls: u64) {
 /// before the table is added to, so a reader that takes the table and then the slots (the
 /// agent's `dedupe_table`) may count a call late but never twice.
 #[inline(always)]
-fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
+fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) -> bool {
     let Some(cfg) = config() else {
-        return;
+        return true;
     };
     // SAFETY: a helper without pointer arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let window = cfg.dedupe_window_ns;
-    // The coarse clock (the last tick's time, no clock read) is plenty for a window of seconds.
+    // The coarse clock (the last tick's time, no clock read) is plenty for a window of seconds
+    // and for the expiry of addresses from DNS answers.
     // SAFETY: a helper without pointer arguments.
-    let coarse = if window != 0 { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 };
+    let coarse = if window != 0 || cfg.enforcing != 0 { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 };
+    // The verdict comes first: a call is refused whatever the dedupe says. Only on a node with
+    // pods in block mode is the caller's pod looked up before the dedupe.
+    let mut pod = None;
+    let mut verdict = VERDICT_ALLOWED;
+    if cfg.enforcing != 0 {
+        let Some(id) = current_pod(cfg, Pods::Attached) else {
+            return true;
+        };
+        pod = Some(id);
+        // SAFETY: a pointer into the map's element, valid for this program run.
+        if POLICIES.get_ptr(id).is_some_and(|mode| unsafe { *mode } == ENFORCE_BLOCK)
+            && !allowed(id, family, protocol, &addr, port, coarse)
+        {
+            verdict = VERDICT_DENIED;
+        }
+    }
+    let allow = verdict == VERDICT_ALLOWED;
     let recent = if window != 0 { RECENT.get_ptr_mut(recent_slot(cgroup_id, &addr, port)) } else { None };
     // Calls folded on this CPU for this very key, to add to its total below.
     let mut carried = 0;
@@ -262,11 +338,11 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
         // SAFETY: this CPU's slot, valid for this program run; programs on one CPU do not run
         // concurrently in these hooks.
         unsafe {
-            if same_call(&(*slot).key, cgroup_id, &addr, port, family, protocol) {
+            if same_call(&(*slot).key, cgroup_id, &addr, port, family, protocol, verdict) {
                 if coarse.wrapping_sub((*slot).last_event_ns) < window {
                     (*slot).pending += 1;
                     count(stats::CALLS_FOLDED);
-                    return;
+                    return allow;
                 }
                 carried = (*slot).pending;
                 (*slot).pending = 0;
@@ -277,11 +353,11 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
             }
         }
     }
-    let Some(pod) = current_pod(cfg, Pods::Attached) else {
-        return;
+    let Some(pod) = pod.or_else(|| current_pod(cfg, Pods::Attached)) else {
+        return true;
     };
     let mut flags = FLAG_FIRST;
-    let key = DedupeKey { cgroup_id, pod_cgroup_id: pod, addr, port, family, protocol, _pad: [0; 4] };
+    let key = DedupeKey { cgroup_id, pod_cgroup_id: pod, addr, port, family, protocol, verdict, _pad: [0; 3] };
     let mut total = 1 + carried;
     if window != 0 {
         let mut entry = DEDUPE.get_ptr_mut(key);
@@ -318,24 +394,24 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
         }
         if folded {
             count(stats::CALLS_FOLDED);
-            return;
+            return allow;
         }
     }
     // SAFETY: a helper without pointer arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if !take_budget(cfg, pod, now) {
-        return;
+        return allow;
     }
     let Some(mut slot) = EVENTS.reserve::<CallEvent>(0) else {
         count(stats::LOST_CALLS);
-        return;
+        return allow;
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     slot.write(CallEvent {
         kind: KIND_CALL,
         flags,
         hook,
-        verdict: VERDICT_ALLOWED,
+        verdict,
         protocol,
         timestamp_ns: now,
         cgroup_id,
@@ -351,6 +427,7 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) {
     });
     slot.submit(wake_flags());
     count(stats::CALL_EVENTS);
+    allow
 }
 
 #[inline(always)]
@@ -399,32 +476,33 @@ fn ipv6(ctx: &SockAddrContext) -> [u8; 16] {
 
 /// The verdict, masked: newer LLVM may spill it so the verifier cannot see it is 0 or 1.
 #[inline(always)]
+fn verdict(allow: bool) -> i32 {
+    core::hint::black_box(i32::from(allow)) & 1
+}
+
+#[inline(always)]
 fn allow() -> i32 {
-    core::hint::black_box(1) & 1
+    verdict(true)
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    on_call(HOOK_CONNECT, FAMILY_IPV4, protocol(&ctx), ipv4(&ctx), port(&ctx));
-    allow()
+    verdict(on_call(HOOK_CONNECT, FAMILY_IPV4, protocol(&ctx), ipv4(&ctx), port(&ctx)))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    on_call(HOOK_CONNECT, FAMILY_IPV6, protocol(&ctx), ipv6(&ctx), port(&ctx));
-    allow()
+    verdict(on_call(HOOK_CONNECT, FAMILY_IPV6, protocol(&ctx), ipv6(&ctx), port(&ctx)))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    on_call(HOOK_SENDMSG, FAMILY_IPV4, PROTO_UDP, ipv4(&ctx), port(&ctx));
-    allow()
+    verdict(on_call(HOOK_SENDMSG, FAMILY_IPV4, PROTO_UDP, ipv4(&ctx), port(&ctx)))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    on_call(HOOK_SENDMSG, FAMILY_IPV6, PROTO_UDP, ipv6(&ctx), port(&ctx));
-    allow()
+    verdict(on_call(HOOK_SENDMSG, FAMILY_IPV6, PROTO_UDP, ipv6(&ctx), port(&ctx)))
 }
 
 #[cgroup_skb(ingress)]

@@ -1,0 +1,217 @@
+//! Block mode in the kernel: the real programs refuse a block-mode pod's calls to destinations
+//! it was not allowed, with real processes in a network namespace, and report them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, TcpListener};
+use std::time::Duration;
+
+use common::{Agent, Layout, NetNs, Pod, python};
+use runwarden_agent::ebpf::Allowed;
+use runwarden_agent::events::{Proto, Verdict};
+
+const WINDOW: Duration = Duration::from_secs(5);
+
+/// Python that tries each call and prints one line per call: `ok` or the errno's name.
+const TRY: &str = r#"
+import errno, socket
+def attempt(family, kind, addr, send=False):
+    s = socket.socket(family, kind)
+    s.settimeout(2)
+    try:
+        if send:
+            s.sendto(b"x", addr)
+        else:
+            s.connect(addr)
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        s.close()
+T, U, V4, V6 = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.AF_INET, socket.AF_INET6
+"#;
+
+/// Runs `calls` (lines of `print(attempt(...))`) in `pod`'s container inside `ns`; the outcomes.
+fn attempts(pod: &Pod, ns: &NetNs, calls: &[String]) -> Vec<String> {
+    let script =
+        format!("{TRY}\n{}", calls.iter().map(|c| format!("print(attempt({c}))")).collect::<Vec<_>>().join("\n"));
+    let out = python(&pod.container, Some(ns), &script);
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+fn range(addr: IpAddr, prefix: u8, protocol: Option<Proto>, ports: &[u16]) -> Allowed {
+    Allowed { addr, prefix, protocol, ports: ports.to_vec(), ttl: None }
+}
+
+#[tokio::test]
+async fn a_block_mode_pod_reaches_what_it_is_allowed_and_nothing_else() {
+    let mut agent = Agent::start(WINDOW);
+    let blocked = agent.pod(Layout::SystemdBurstable);
+    let audited = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    let (h4, h6) = (ns.host_v4, ns.host_v6);
+    let listen = |ip: IpAddr| TcpListener::bind((ip, 0)).unwrap();
+    let port = |l: &TcpListener| l.local_addr().unwrap().port();
+    let (a4, a6) = (listen(h4.into()), listen(h6.into()));
+    // A port nobody listens on.
+    let pb = port(&listen(h4.into()));
+    let (pa, p6) = (port(&a4), port(&a6));
+    agent.probes.set_blocking(blocked.cgroup_id, true).unwrap();
+    // TCP to one port of the host's IPv4 address; UDP to one port of its /24; anything to the
+    // host's IPv6 address.
+    let net = IpAddr::from([h4.octets()[0], h4.octets()[1], h4.octets()[2], 0]);
+    let rules = [
+        range(h4.into(), 32, Some(Proto::Tcp), &[pa]),
+        range(net, 24, Some(Proto::Udp), &[5353]),
+        range(h6.into(), 128, None, &[]),
+    ];
+    for rule in &rules {
+        agent.probes.allow(blocked.cgroup_id, rule).unwrap();
+    }
+    let calls = [
+        format!("V4, T, ('{h4}', {pa})"),       // allowed
+        format!("V4, T, ('{h4}', {pb})"),       // same address, another port
+        format!("V4, U, ('{h4}', {pa})"),       // same port, UDP
+        format!("V4, U, ('{h4}', 5353)"),       // UDP in the /24 (connect)
+        format!("V4, U, ('{h4}', 5353), True"), // and sent unconnected
+        format!("V4, U, ('{h4}', 5354), True"), // another UDP port, unconnected
+        format!("V6, T, ('{h6}', {p6})"),       // IPv6, every port and protocol
+        format!("V6, U, ('{h6}', 9), True"),
+        format!("V6, T, ('::ffff:{h4}', {pa})"), // the allowed IPv4 on an IPv6 socket
+        format!("V6, T, ('::ffff:{h4}', {pb})"),
+        "V4, U, ('198.51.100.7', 443)".to_string(), // elsewhere
+        "V6, U, ('2001:db8::7', 443), True".to_string(),
+        "V4, U, ('127.0.0.1', 9)".to_string(), // inside the pod: always
+        "V6, U, ('::1', 9)".to_string(),
+    ];
+    let got = attempts(&blocked, &ns, &calls);
+    let expected =
+        ["ok", "EPERM", "EPERM", "ok", "ok", "EPERM", "ok", "ok", "ok", "EPERM", "EPERM", "EPERM", "ok", "ok"];
+    assert_eq!(got, expected, "calls: {calls:#?}");
+
+    // The pod next to it is not in block mode: the same calls go ahead.
+    let got = attempts(&audited, &ns, &calls[1..3]);
+    assert_eq!(got, ["ECONNREFUSED", "ok"]);
+
+    // Each refused call is reported, refused; the allowed ones, allowed.
+    let obs = agent.drain().await;
+    let of = |verdict: Verdict| -> Vec<(IpAddr, u16, Proto)> {
+        let mut v: Vec<_> = obs
+            .iter()
+            .filter(|o| o.pod_cgroup_id == blocked.cgroup_id && o.verdict == verdict)
+            .map(|o| (o.ip, o.port, o.proto))
+            .collect();
+        v.sort();
+        v
+    };
+    // The IPv4 address on an IPv6 socket is reported as that IPv4 address (a second record:
+    // the kernel counts each family apart).
+    let mut refused = vec![
+        (IpAddr::from(h4), pb, Proto::Tcp),
+        (IpAddr::from(h4), pa, Proto::Udp),
+        (IpAddr::from(h4), 5354, Proto::Udp),
+        (IpAddr::from(h4), pb, Proto::Tcp),
+        ("198.51.100.7".parse().unwrap(), 443, Proto::Udp),
+        ("2001:db8::7".parse().unwrap(), 443, Proto::Udp),
+    ];
+    refused.sort();
+    assert_eq!(of(Verdict::Denied), refused);
+    let allowed = of(Verdict::Allowed);
+    for call in [
+        (IpAddr::from(h4), pa, Proto::Tcp),
+        (IpAddr::from(h4), 5353, Proto::Udp),
+        (IpAddr::from(h6), p6, Proto::Tcp),
+        (IpAddr::from(h6), 9, Proto::Udp),
+    ] {
+        assert!(allowed.contains(&call), "{call:?} not reported allowed: {allowed:#?}");
+    }
+    assert!(obs.iter().filter(|o| o.pod_cgroup_id == audited.cgroup_id).all(|o| o.verdict == Verdict::Allowed));
+
+    // Taken back: refused again on the next call.
+    agent.probes.disallow(blocked.cgroup_id, &rules[0]).unwrap();
+    assert_eq!(attempts(&blocked, &ns, &calls[..1]), ["EPERM"]);
+    drop((a4, a6));
+}
+
+#[tokio::test]
+async fn mode_changes_and_expiry_take_effect_on_the_next_call() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::CgroupfsBestEffort);
+    let ns = NetNs::new();
+    let listener = TcpListener::bind((ns.host_v4, 0)).unwrap();
+    let call = [format!("V4, T, ('{}', {})", ns.host_v4, listener.local_addr().unwrap().port())];
+
+    agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
+    assert_eq!(attempts(&pod, &ns, &call), ["EPERM"]);
+    // An address from a DNS answer, allowed for its TTL.
+    let answer = Allowed { ttl: Some(Duration::from_millis(1500)), ..range(ns.host_v4.into(), 32, None, &[]) };
+    agent.probes.allow(pod.cgroup_id, &answer).unwrap();
+    assert_eq!(attempts(&pod, &ns, &call), ["ok"]);
+    std::thread::sleep(Duration::from_millis(1800));
+    assert_eq!(attempts(&pod, &ns, &call), ["EPERM"], "expired");
+    // Out of block mode: everything goes ahead; back in: refused again.
+    agent.probes.set_blocking(pod.cgroup_id, false).unwrap();
+    assert_eq!(attempts(&pod, &ns, &call), ["ok"]);
+    agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
+    assert_eq!(attempts(&pod, &ns, &call), ["EPERM"]);
+}
+
+/// Refused calls are deduplicated like allowed ones (a retry loop does not flood the ring
+/// buffer) and counted apart from them: every call in the pipeline's totals, by verdict.
+#[tokio::test]
+async fn refused_calls_are_folded_and_counted_apart_from_allowed_ones() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdGuaranteed);
+    let ns = NetNs::new();
+    let h4 = ns.host_v4;
+    agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
+    let script = format!(
+        "{TRY}\nfrom collections import Counter\nprint(dict(Counter(attempt(V4, U, ('{h4}', 7000)) for _ in range(300))))"
+    );
+    let out = python(&pod.container, Some(&ns), &script);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "{'EPERM': 300}");
+    agent.probes.allow(pod.cgroup_id, &range(h4.into(), 32, Some(Proto::Udp), &[7000])).unwrap();
+    let out = python(&pod.container, Some(&ns), &script);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "{'ok': 300}");
+
+    let records = agent.drain().await.len();
+    assert!(records <= 4, "{records} records for 600 calls to one destination");
+    agent.totals().await;
+    let mut calls: HashMap<Verdict, u64> = HashMap::new();
+    for c in agent.pipeline.calls() {
+        if c.last.ip == IpAddr::from(h4) && c.last.port == 7000 {
+            *calls.entry(c.last.verdict).or_default() += c.calls;
+        }
+    }
+    assert_eq!(calls, HashMap::from([(Verdict::Denied, 300), (Verdict::Allowed, 300)]));
+}
+
+/// A privileged process can delete a pod's block mode from the kernel's map by id: the agent's
+/// periodic check notices and puts it back.
+#[tokio::test]
+async fn block_mode_deleted_from_outside_is_noticed_and_put_back() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    let call = [format!("V4, U, ('{}', 7001)", ns.host_v4)];
+    agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
+    assert_eq!(agent.probes.check_pods().unwrap(), []);
+
+    let maps = std::process::Command::new("bpftool").args(["-j", "map", "show"]).output().unwrap();
+    let maps: Vec<serde_json::Value> = serde_json::from_slice(&maps.stdout).unwrap();
+    let key: Vec<String> = pod.cgroup_id.to_ne_bytes().iter().map(|b| format!("0x{b:02x}")).collect();
+    let deleted = maps.iter().filter(|m| m["name"] == "POLICIES").any(|m| {
+        let id = m["id"].as_u64().unwrap().to_string();
+        let mut args = vec!["map", "delete", "id", id.as_str(), "key"];
+        args.extend(key.iter().map(String::as_str));
+        std::process::Command::new("bpftool").args(&args).output().unwrap().status.success()
+    });
+    assert!(deleted);
+    assert_eq!(attempts(&pod, &ns, &call), ["ok"], "unblocked from outside");
+    let found = agent.probes.check_pods().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].unmarked && found[0].detached.is_empty(), "{found:?}");
+    assert_eq!(attempts(&pod, &ns, &call), ["EPERM"], "blocked again");
+    assert_eq!(agent.probes.check_pods().unwrap(), []);
+}
