@@ -207,6 +207,30 @@ pub fn parse_query(msg: &[u8]) -> Result<Query, DnsError> {
     Ok(Query { id, questions })
 }
 
+/// The answer to `query` that says no (`rcode`: 5 REFUSED, 3 NXDOMAIN): its header with the
+/// response bit, recursion available and the code, and its question section; nothing else.
+pub fn refusal(query: &[u8], rcode: u8) -> Result<Vec<u8>, DnsError> {
+    let mut r = Reader { msg: query, pos: 0 };
+    let _id = r.u16()?;
+    let flags = r.u16()?;
+    if flags & 0x8000 != 0 {
+        return Err(DnsError::NotAQuery);
+    }
+    let qd = r.u16()?;
+    r.bytes(6)?;
+    for _ in 0..qd.min(MAX_RECORDS as u16) {
+        r.name()?;
+        r.bytes(4)?;
+    }
+    let mut out = query[..r.pos].to_vec();
+    // QR, the query's opcode and RD, RA, the code.
+    let flags = 0x8000 | (flags & 0x7900) | 0x0080 | u16::from(rcode & 0x0f);
+    out[2..4].copy_from_slice(&flags.to_be_bytes());
+    out[4..6].copy_from_slice(&qd.min(MAX_RECORDS as u16).to_be_bytes());
+    out[6..12].fill(0);
+    Ok(out)
+}
+
 fn parse_inner(msg: &[u8], cut: bool) -> Result<Message, DnsError> {
     let mut r = Reader { msg, pos: 0 };
     let id = r.u16()?;

@@ -230,6 +230,48 @@ impl Default for PodBudget {
     }
 }
 
+/// The kernel's table of what block-mode pods may call (`ALLOW`), shared.
+#[derive(Clone)]
+pub struct AllowList(std::sync::Arc<std::sync::Mutex<LpmTrie<MapData, AllowData, AllowEntry>>>);
+
+impl AllowList {
+    /// Lets the pod cgroup `pod` call `allowed`.
+    pub fn allow(&self, pod: u64, allowed: &Allowed) -> Result<(), LoadError> {
+        let expires_ns = match allowed.ttl {
+            None => 0,
+            // CLOCK_MONOTONIC (the programs read its coarse variant, at most a tick behind).
+            Some(ttl) => {
+                u64::try_from((crate::pipeline::clock(libc::CLOCK_MONOTONIC) + ttl).as_nanos()).unwrap_or(u64::MAX)
+            }
+        };
+        let mut trie = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for key in allowed.keys(pod) {
+            trie.insert(&key, AllowEntry(AllowValue { expires_ns }), 0).map_err(refused)?;
+        }
+        Ok(())
+    }
+
+    /// Takes back what [`Self::allow`] allowed.
+    pub fn disallow(&self, pod: u64, allowed: &Allowed) -> Result<(), LoadError> {
+        let mut trie = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for key in allowed.keys(pod) {
+            let _ = trie.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Takes back everything the pod cgroup `pod` was allowed.
+    pub fn disallow_all(&self, pod: u64) -> Result<(), LoadError> {
+        let mut trie = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pod = pod.to_ne_bytes();
+        let keys: Vec<_> = trie.keys().filter_map(Result::ok).filter(|k| k.data().0.pod == pod).collect();
+        for key in keys {
+            let _ = trie.remove(&key);
+        }
+        Ok(())
+    }
+}
+
 /// Destinations a pod in block mode may call: an address range, over one protocol or both, on
 /// some ports or every port, for a while or for good.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,6 +337,8 @@ struct CgroupLinks {
     dir: PathBuf,
     _calls: Vec<CgroupSockAddrLink>,
     _dns: [CgroupSkbLink; 2],
+    /// [`names::REWRITE_PROGRAMS`], while the pod is in block mode.
+    rewrite: Vec<CgroupSockAddrLink>,
 }
 
 /// The kernel's attach types of [`names::PROGRAMS`], in that order (`enum bpf_attach_type`:
@@ -328,6 +372,7 @@ pub struct Probes {
     program_ids: Vec<u32>,
     /// Pods in block mode.
     blocking: HashSet<u64>,
+    allow_list: AllowList,
     config: Config,
 }
 
@@ -354,11 +399,17 @@ impl Probes {
         for name in &names::PROGRAMS[4..] {
             program::<CgroupSkb>(&mut bpf, name)?.load().map_err(refused)?;
         }
+        for name in names::REWRITE_PROGRAMS {
+            program::<CgroupSockAddr>(&mut bpf, name)?.load().map_err(refused)?;
+        }
         let mut program_ids = Vec::with_capacity(names::PROGRAMS.len());
         for name in names::PROGRAMS {
             program_ids.push(bpf.program(name).ok_or_else(|| missing(name))?.info().map_err(refused)?.id());
         }
         let exec_filename_offset = attach_exec(&mut bpf).unwrap_or(0);
+        let allow = bpf.take_map(names::ALLOW).ok_or_else(|| missing(names::ALLOW))?;
+        let allow_list =
+            AllowList(std::sync::Arc::new(std::sync::Mutex::new(LpmTrie::try_from(allow).map_err(refused)?)));
         let config = Config {
             dedupe_window_ns: u64::try_from(options.dedupe_window.as_nanos()).unwrap_or(u64::MAX),
             exec_filename_offset,
@@ -373,6 +424,7 @@ impl Probes {
             links: HashMap::new(),
             program_ids,
             blocking: HashSet::new(),
+            allow_list,
             config,
         };
         probes.write_config()?;
@@ -464,7 +516,7 @@ impl Probes {
             // An error drops what is attached so far: all or nothing.
             calls.push(program.take_link(link).map_err(refused)?);
         }
-        self.links.insert(id, CgroupLinks { dir: dir.to_path_buf(), _calls: calls, _dns: dns });
+        self.links.insert(id, CgroupLinks { dir: dir.to_path_buf(), _calls: calls, _dns: dns, rewrite: Vec::new() });
         Ok(())
     }
 
@@ -583,7 +635,14 @@ impl Probes {
     /// Puts the pod cgroup `id` in block mode (its calls to destinations it is not
     /// [allowed](Self::allow) fail with `EPERM` and are reported refused) or takes it out
     /// (every call goes ahead). Takes effect on the pod's next call.
+    ///
+    /// In block mode the pod's DNS queries go to the agent's [resolver](Self::set_resolver),
+    /// and the programs that give its answers the address the pod asked are attached to the
+    /// pod (before the mode is set, so no redirected answer goes without).
     pub fn set_blocking(&mut self, id: u64, block: bool) -> Result<(), LoadError> {
+        if block {
+            self.attach_rewrite(id)?;
+        }
         let mut policies: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::POLICIES)?;
         if block {
             policies.insert(id, ENFORCE_BLOCK, 0).map_err(refused)?;
@@ -595,44 +654,66 @@ impl Probes {
             if self.blocking.remove(&id) {
                 self.write_config()?;
             }
+            if let Some(links) = self.links.get_mut(&id) {
+                links.rewrite.clear();
+            }
         }
         Ok(())
+    }
+
+    fn attach_rewrite(&mut self, id: u64) -> Result<(), LoadError> {
+        let Some(links) = self.links.get(&id) else {
+            return Err(LoadError::Unsupported(format!("cgroup {id} is not armed: block mode needs its programs")));
+        };
+        if !links.rewrite.is_empty() {
+            return Ok(());
+        }
+        let dir = links.dir.clone();
+        let cgroup =
+            std::fs::File::open(&dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?;
+        let mut rewrite = Vec::with_capacity(names::REWRITE_PROGRAMS.len());
+        for name in names::REWRITE_PROGRAMS {
+            let program: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
+            let link = program.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(refused)?;
+            rewrite.push(program.take_link(link).map_err(refused)?);
+        }
+        if let Some(links) = self.links.get_mut(&id) {
+            links.rewrite = rewrite;
+        }
+        Ok(())
+    }
+
+    /// Where block-mode pods' DNS queries go: the agent's resolver (an IPv4 address the pods
+    /// can reach, and its port), or nowhere (`None`: DNS is then refused to them unless
+    /// allowed like any destination).
+    pub fn set_resolver(&mut self, resolver: Option<std::net::SocketAddrV4>) -> Result<(), LoadError> {
+        (self.config.resolver_ip4, self.config.resolver_port) = match resolver {
+            // As `user_ip4` holds it: the octets in memory order.
+            Some(r) => (u32::from_ne_bytes(r.ip().octets()), r.port()),
+            None => (0, 0),
+        };
+        self.write_config()
     }
 
     /// Lets the pod cgroup `pod` call `allowed` while in block mode.
     pub fn allow(&mut self, pod: u64, allowed: &Allowed) -> Result<(), LoadError> {
-        let mut trie: LpmTrie<_, AllowData, AllowEntry> = map(&mut self.bpf, names::ALLOW)?;
-        let expires_ns = match allowed.ttl {
-            None => 0,
-            // CLOCK_MONOTONIC (the programs read its coarse variant, at most a tick behind).
-            Some(ttl) => {
-                u64::try_from((crate::pipeline::clock(libc::CLOCK_MONOTONIC) + ttl).as_nanos()).unwrap_or(u64::MAX)
-            }
-        };
-        for key in allowed.keys(pod) {
-            trie.insert(&key, AllowEntry(AllowValue { expires_ns }), 0).map_err(refused)?;
-        }
-        Ok(())
+        self.allow_list.allow(pod, allowed)
     }
 
     /// Takes back what [`Self::allow`] allowed.
     pub fn disallow(&mut self, pod: u64, allowed: &Allowed) -> Result<(), LoadError> {
-        let mut trie: LpmTrie<_, AllowData, AllowEntry> = map(&mut self.bpf, names::ALLOW)?;
-        for key in allowed.keys(pod) {
-            let _ = trie.remove(&key);
-        }
-        Ok(())
+        self.allow_list.disallow(pod, allowed)
     }
 
     /// Takes back everything the pod cgroup `pod` was allowed.
     pub fn disallow_all(&mut self, pod: u64) -> Result<(), LoadError> {
-        let mut trie: LpmTrie<_, AllowData, AllowEntry> = map(&mut self.bpf, names::ALLOW)?;
-        let pod = pod.to_ne_bytes();
-        let keys: Vec<_> = trie.keys().filter_map(Result::ok).filter(|k| k.data().0.pod == pod).collect();
-        for key in keys {
-            let _ = trie.remove(&key);
-        }
-        Ok(())
+        self.allow_list.disallow_all(pod)
+    }
+
+    /// The pods' allowed destinations, for a task of its own (the resolver adds the addresses
+    /// of the names it resolves).
+    pub fn allow_list(&self) -> AllowList {
+        self.allow_list.clone()
     }
 
     fn write_config(&mut self) -> Result<(), LoadError> {

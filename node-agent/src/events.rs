@@ -254,7 +254,8 @@ pub fn decode(record: &[u8]) -> Result<Record, DecodeError> {
                     family,
                     protocol,
                     verdict: verdict_byte,
-                    _pad: [0; 3],
+                    _pad: 0,
+                    _pad2: 0,
                 },
             }))
         }
@@ -372,7 +373,7 @@ pub fn encode_dns(answer: &DnsMessage) -> Vec<u8> {
 pub fn dedupe_key(cgroup_id: u64, pod_cgroup_id: u64, ip: IpAddr, port: u16, proto: Proto) -> DedupeKey {
     let (family, addr) = to_wire(ip);
     let protocol = if proto == Proto::Tcp { PROTO_TCP } else { PROTO_UDP };
-    DedupeKey { cgroup_id, pod_cgroup_id, addr, port, family, protocol, verdict: VERDICT_ALLOWED, _pad: [0; 3] }
+    DedupeKey { cgroup_id, pod_cgroup_id, addr, port, family, protocol, verdict: VERDICT_ALLOWED, _pad: 0, _pad2: 0 }
 }
 
 fn verdict(byte: u8) -> Option<Verdict> {

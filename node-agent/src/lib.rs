@@ -10,6 +10,8 @@
 //!   kubelet's systemd and cgroupfs layouts, every QoS class, containerd and CRI-O, and
 //!   cgroups nested below a container.
 //! - [`pipeline`]: records → named, attributed observations with exact call counts.
+//! - [`resolver`]: the DNS resolver of block-mode pods (refuses names they may not resolve,
+//!   allows the addresses of those they may before the answer reaches them).
 //! - [`trace`]: `runwarden-agent trace`, every outbound call of one command, no Kubernetes.
 //! - [`agent`]: the cluster mode the DaemonSet runs: [`node`] (pods, cgroups, runs: what each
 //!   call means), [`report`] (Events), [`metrics`] (Prometheus and health), [`rbac`].
@@ -25,4 +27,5 @@ pub mod node;
 pub mod pipeline;
 pub mod rbac;
 pub mod report;
+pub mod resolver;
 pub mod trace;

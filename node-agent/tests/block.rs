@@ -5,11 +5,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, TcpListener};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Agent, Layout, NetNs, Pod, python};
+use common::{Agent, DnsServer, Layout, NetNs, Pod, Zone, dns_query, py_bytes, python};
+use runwarden_agent::dns::RecordData;
 use runwarden_agent::ebpf::Allowed;
 use runwarden_agent::events::{Proto, Verdict};
+use runwarden_agent::resolver::{Gate, Resolver, Scope};
 
 const WINDOW: Duration = Duration::from_secs(5);
 
@@ -214,4 +217,111 @@ async fn block_mode_deleted_from_outside_is_noticed_and_put_back() {
     assert!(found[0].unmarked && found[0].detached.is_empty(), "{found:?}");
     assert_eq!(attempts(&pod, &ns, &call), ["EPERM"], "blocked again");
     assert_eq!(agent.probes.check_pods().unwrap(), []);
+}
+
+/// Names the test's pod may resolve: `allowed.test` (UDP port 443 there) and every name below
+/// `wild.test` (anything there); other clients may resolve nothing.
+struct TestGate {
+    client: IpAddr,
+    pod: u64,
+}
+
+impl Gate for TestGate {
+    fn decide(&self, client: IpAddr, name: &str) -> Option<(u64, Vec<Scope>)> {
+        if client != self.client {
+            return None;
+        }
+        if name == "allowed.test" {
+            return Some((self.pod, vec![Scope { protocol: Some(Proto::Udp), ports: vec![443] }]));
+        }
+        name.ends_with(".wild.test").then(|| (self.pod, vec![Scope { protocol: None, ports: vec![] }]))
+    }
+}
+
+/// A block-mode pod's DNS goes to the agent's resolver whatever server it asks; what it may
+/// resolve connects, what it may not is refused at DNS and at connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_are_allowed_through_the_agents_resolver_and_nothing_else_resolves() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    // The pod's resolv.conf names the host end, where the real server listens.
+    let upstream = DnsServer::start(ns.host_v4.into());
+    upstream.set("allowed.test", Zone::Records(vec![("allowed.test".into(), RecordData::A([192, 0, 2, 10].into()))]));
+    upstream.set("denied.test", Zone::Records(vec![("denied.test".into(), RecordData::A([192, 0, 2, 66].into()))]));
+    const LOOKUPS: u32 = 10_000;
+    for i in 0..LOOKUPS {
+        let name = format!("n{i}.wild.test");
+        let ip = [10, 201, (i >> 8) as u8, i as u8];
+        upstream.set(&name, Zone::Records(vec![(name.clone(), RecordData::A(ip.into()))]));
+    }
+    let socket = tokio::net::UdpSocket::bind((ns.host_v4, 0)).await.unwrap();
+    let std::net::SocketAddr::V4(listening) = socket.local_addr().unwrap() else { unreachable!() };
+    let resolver = Arc::new(Resolver {
+        gate: Arc::new(TestGate { client: ns.pod_v4.into(), pod: pod.cgroup_id }),
+        upstream: (ns.host_v4, 53).into(),
+        allow: agent.probes.allow_list(),
+        ttl_floor: Duration::from_secs(30),
+        refuse_rcode: 5,
+        timeout: Duration::from_secs(2),
+    });
+    tokio::spawn(resolver.serve_udp(socket));
+    agent.probes.set_resolver(Some(listening)).unwrap();
+    agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
+
+    let script = format!(
+        r#"{TRY}
+import time
+def resolve(name):
+    try:
+        return socket.getaddrinfo(name, 443, V4, U)[0][4][0]
+    except socket.gaierror as e:
+        return "unresolved"
+ip = resolve("allowed.test")
+print(ip)
+print(attempt(V4, U, (ip, 443)))
+print(attempt(V4, U, (ip, 444)))
+print(attempt(V4, T, (ip, 443)))
+print(resolve("denied.test"))
+print(attempt(V4, U, ("192.0.2.66", 443)))
+# What a DNS client sees of where answers come from: the server it asked.
+s = socket.socket(V4, U)
+s.settimeout(2)
+s.sendto(bytes([{query}]), ("{h4}", 53))
+print(s.recvfrom(512)[1])
+c = socket.socket(V4, U)
+c.connect(("{h4}", 53))
+print(c.getpeername())
+refused, start = 0, time.time()
+for i in range({LOOKUPS}):
+    ip = resolve("n%d.wild.test" % i)
+    if attempt(V4, U, (ip, 443)) != "ok":
+        refused += 1
+print(refused)
+print(int((time.time() - start) * 1e6 / {LOOKUPS}))
+"#,
+        query = py_bytes(&dns_query(7, "allowed.test")),
+        h4 = ns.host_v4,
+    );
+    // The resolver answers on another worker meanwhile.
+    let out = tokio::task::block_in_place(|| python(&pod.container, Some(&ns), &script));
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(
+        lines[..9],
+        [
+            "192.0.2.10".to_string(),
+            "ok".into(),
+            "EPERM".into(),
+            "EPERM".into(),
+            "unresolved".into(),
+            "EPERM".into(),
+            format!("('{}', 53)", ns.host_v4),
+            format!("('{}', 53)", ns.host_v4),
+            "0".into(),
+        ],
+        "allowed name and its scope; the other name unresolved and refused; no spurious refusal in {LOOKUPS} \
+         lookups each followed at once by a call: {lines:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("lookup and call through the resolver: {} µs each", lines[9]);
 }

@@ -188,3 +188,30 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_refusal_repeats_the_question_and_nothing_else() {
+    let mut query = common::dns_query(0x4242, "exfil.example.net");
+    // An EDNS OPT record in the additional section, as most resolver libraries send.
+    query[11] = 1;
+    query.extend([0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+    for rcode in [5, 3] {
+        let reply = runwarden_agent::dns::refusal(&query, rcode).unwrap();
+        let msg = parse(&reply).unwrap();
+        assert_eq!(
+            (msg.id, msg.rcode, msg.questions.as_slice()),
+            (0x4242, rcode, &["exfil.example.net".to_string()][..])
+        );
+        assert!(msg.answers.is_empty() && !msg.truncated);
+        assert_eq!(reply.len(), query.len() - 11, "the OPT record is not repeated");
+        assert_eq!(reply[2] & 0x01, query[2] & 0x01, "recursion desired, as asked");
+    }
+    assert_eq!(runwarden_agent::dns::refusal(&reply_of(&query), 5), Err(DnsError::NotAQuery));
+    assert!(runwarden_agent::dns::refusal(&query[..20], 5).is_err(), "cut in the question");
+}
+
+fn reply_of(query: &[u8]) -> Vec<u8> {
+    let mut r = query.to_vec();
+    r[2] |= 0x80;
+    r
+}

@@ -162,8 +162,11 @@ pub struct DedupeKey {
     pub protocol: u8,
     /// `VERDICT_*`: a destination's refused calls are counted apart from its allowed ones.
     pub verdict: u8,
-    /// Explicit padding (zero: keys are compared as bytes).
-    pub _pad: [u8; 3],
+    /// Explicit padding (zero: keys are compared as bytes; scalars, so the programs zero them
+    /// with two stores, not a byte-wise `memset`).
+    pub _pad: u8,
+    /// As `_pad`.
+    pub _pad2: u16,
 }
 
 /// Value of the dedupe table.
@@ -227,8 +230,30 @@ pub struct Config {
     /// programs look up the caller's pod's enforcement before the dedupe (other nodes pay
     /// nothing for block mode).
     pub enforcing: u32,
+    /// The agent's DNS resolver, where a block-mode pod's DNS queries (UDP and TCP to port 53,
+    /// anywhere but loopback) are sent instead: its IPv4 address as `user_ip4` holds it
+    /// (network order; IPv6 sockets reach it as `::ffff:` it), and its port, host order. Port 0:
+    /// no resolver, so DNS is a destination like any other (refused unless allowed).
+    pub resolver_ip4: u32,
+    /// See `resolver_ip4`.
+    pub resolver_port: u16,
     /// Explicit padding.
-    pub _pad: u32,
+    pub _pad: [u8; 6],
+}
+
+/// What a redirected DNS socket first asked for (`REDIRECTED`, by socket cookie), so the
+/// answers it receives, and its peer's name, can say they came from there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Redirected {
+    /// The address, as `user_ip4` (first word) or `user_ip6` hold it.
+    pub addr: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    /// `FAMILY_*` of the address asked for.
+    pub family: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 5],
 }
 
 /// `POLICIES` value: the pod's calls to destinations not in `ALLOW` are refused (`EPERM`).
@@ -331,10 +356,16 @@ pub mod names {
     pub const POLICIES: &str = "POLICIES";
     /// (prefix length, [`super::AllowKey`]) → [`super::AllowValue`], LPM trie.
     pub const ALLOW: &str = "ALLOW";
+    /// Socket cookie → [`super::Redirected`], LRU.
+    pub const REDIRECTED: &str = "REDIRECTED";
     /// Pod cgroup id → [`super::Budget`], LRU.
     pub const BUDGETS: &str = "BUDGETS";
-    /// The programs, one per hook.
+    /// The programs, one per hook, attached to every armed pod.
     pub const PROGRAMS: [&str; 6] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "dns_ingress", "dns_egress"];
+    /// The programs that give a block-mode pod's redirected DNS answers and peers their
+    /// original address, attached only to block-mode pods (while they are attached anywhere,
+    /// every UDP `recvfrom()` on the node takes its socket's lock around them).
+    pub const REWRITE_PROGRAMS: [&str; 4] = ["recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
     /// The `tp_btf/sched_process_exec` program (executable paths).
     pub const EXEC: &str = "sched_process_exec";
 }
@@ -346,7 +377,8 @@ const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + EXEC_PATH);
 const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);
 const _: () = assert!(core::mem::size_of::<RecentCall>() == 56);
 const _: () = assert!(RECENT_SLOTS.is_power_of_two());
-const _: () = assert!(core::mem::size_of::<Config>() == 32 + 12 * MAX_POD_PARENTS);
+const _: () = assert!(core::mem::size_of::<Config>() == 40 + 12 * MAX_POD_PARENTS);
+const _: () = assert!(core::mem::size_of::<Redirected>() == 24);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == ALLOW_KEY_FIXED_BITS as usize / 8 + 16);
 const _: () = assert!(core::mem::align_of::<AllowKey>() == 1);
 const _: () = assert!(core::mem::size_of::<Budget>() == 24);

@@ -33,8 +33,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns,
-    bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes,
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+    bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes,
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
@@ -46,7 +46,7 @@ use runwarden_ebpf_common::{
     ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue,
     DnsEvent, ENFORCE_BLOCK, ExecEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL,
     KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS,
-    RecentCall, VERDICT_ALLOWED, VERDICT_DENIED, stats,
+    RecentCall, Redirected, VERDICT_ALLOWED, VERDICT_DENIED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -71,6 +71,8 @@ static RECENT: PerCpuArray<RecentCall> = PerCpuArray::with_max_entries(RECENT_SL
 static POLICIES: HashMap<u64, u32> = HashMap::with_max_entries(16_384, 0);
 #[map]
 static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(262_144, 0);
+#[map]
+static REDIRECTED: LruHashMap<u64, Redirected> = LruHashMap::with_max_entries(65_536, 0);
 #[map]
 static BUDGETS: LruHashMap<u64, Budget> = LruHashMap::with_max_entries(16_384, 0);
 
@@ -236,32 +238,36 @@ fn same_call(
         && key.verdict == verdict
 }
 
-/// Whether a block-mode pod may call this destination: an address in its own pod (loopback, or
-/// the unspecified address, which connects to the local host), or an unexpired `ALLOW` entry
-/// for its protocol and this port or every port.
+/// A destination as the checks see it: an IPv4 address on an IPv6 socket (`::ffff:a.b.c.d`)
+/// as that IPv4 address.
 #[inline(always)]
-fn allowed(pod: u64, family: u8, protocol: u8, addr: &[u8; 16], port: u16, now: u64) -> bool {
+fn normalized(family: u8, addr: &[u8; 16]) -> (u8, [u32; 4]) {
     // SAFETY: same size, any bytes are valid words.
-    let mut words = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) };
-    let mut family = family;
-    // An IPv4 address on an IPv6 socket (::ffff:a.b.c.d) is allowed as that IPv4 address.
+    let words = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) };
     if family == FAMILY_IPV6 && words[0] == 0 && words[1] == 0 && words[2] == u32::from_be(0xffff) {
-        family = FAMILY_IPV4;
-        words = [words[3], 0, 0, 0];
+        return (FAMILY_IPV4, [words[3], 0, 0, 0]);
     }
-    let bits = if family == FAMILY_IPV4 {
+    (family, words)
+}
+
+/// Whether a (normalized) address is in the caller's own pod: loopback, or the unspecified
+/// address, which connects to the local host.
+#[inline(always)]
+fn local(family: u8, words: &[u32; 4]) -> bool {
+    if family == FAMILY_IPV4 {
         // 127.0.0.0/8 (network order: the first byte is the low byte of the word) or 0.0.0.0.
-        if words[0] & 0xff == 127 || words[0] == 0 {
-            return true;
-        }
-        32
+        words[0] & 0xff == 127 || words[0] == 0
     } else {
         // ::1 or ::.
-        if words[0] == 0 && words[1] == 0 && words[2] == 0 && (words[3] == 0 || words[3] == u32::from_be(1)) {
-            return true;
-        }
-        128
-    };
+        words[0] == 0 && words[1] == 0 && words[2] == 0 && (words[3] == 0 || words[3] == u32::from_be(1))
+    }
+}
+
+/// Whether a block-mode pod may call this (normalized, not local) destination: an unexpired
+/// `ALLOW` entry for its protocol and this port or every port.
+#[inline(always)]
+fn allowed(pod: u64, family: u8, protocol: u8, words: [u32; 4], port: u16, now: u64) -> bool {
+    let bits = if family == FAMILY_IPV4 { 32 } else { 128 };
     let mut key = Key::new(
         ALLOW_KEY_FIXED_BITS + bits,
         AllowKey { pod: pod.to_ne_bytes(), family, protocol, port: port.to_be_bytes(), addr: address(words) },
@@ -272,6 +278,84 @@ fn allowed(pod: u64, family: u8, protocol: u8, addr: &[u8; 16], port: u16, now: 
     }
     key.data.port = [0; 2];
     ALLOW.get(&key).is_some_and(live)
+}
+
+/// Sends a block-mode pod's DNS query to the agent's resolver instead of where it was going
+/// (the destination rewritten; the original kept by socket cookie for [`restore`]). False when
+/// the agent runs no resolver.
+#[inline(always)]
+fn redirect_dns(ctx: &SockAddrContext, cfg: &Config, family: u8, addr: &[u8; 16], port: u16) -> bool {
+    if cfg.resolver_port == 0 {
+        return false;
+    }
+    // SAFETY: same size, any bytes are valid words.
+    let words = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) };
+    // SAFETY: the context's socket, as the helper requires.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let original = Redirected { addr: words, port, family, _pad: [0; 5] };
+    if REDIRECTED.insert(cookie, original, 0).is_err() {
+        return false;
+    }
+    // SAFETY: the context the kernel passed in; these hooks may write the destination.
+    unsafe {
+        let sa = ctx.sock_addr;
+        if family == FAMILY_IPV4 {
+            (*sa).user_ip4 = cfg.resolver_ip4;
+        } else {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = u32::from_be(0xffff);
+            (*sa).user_ip6[3] = cfg.resolver_ip4;
+        }
+        (*sa).user_port = u32::from(cfg.resolver_port.to_be());
+    }
+    true
+}
+
+/// Gives an answer from the agent's resolver (or a redirected socket's peer) the address the
+/// pod's query was sent to, so its DNS client takes it as the answer of the server it asked.
+#[inline(always)]
+fn restore(ctx: &SockAddrContext, family: u8) {
+    let Some(cfg) = config() else {
+        return;
+    };
+    if cfg.resolver_port == 0 {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: the context the kernel passed in: the peer's address, readable and writable here.
+    unsafe {
+        if u16::from_be((*sa).user_port as u16) != cfg.resolver_port {
+            return;
+        }
+        let from_resolver = if family == FAMILY_IPV4 {
+            (*sa).user_ip4 == cfg.resolver_ip4
+        } else {
+            (*sa).user_ip6[0] == 0
+                && (*sa).user_ip6[1] == 0
+                && (*sa).user_ip6[2] == u32::from_be(0xffff)
+                && (*sa).user_ip6[3] == cfg.resolver_ip4
+        };
+        if !from_resolver {
+            return;
+        }
+        let cookie = bpf_get_socket_cookie(sa.cast());
+        let Some(original) = REDIRECTED.get(cookie) else {
+            return;
+        };
+        if original.family != family {
+            return;
+        }
+        if family == FAMILY_IPV4 {
+            (*sa).user_ip4 = original.addr[0];
+        } else {
+            (*sa).user_ip6[0] = original.addr[0];
+            (*sa).user_ip6[1] = original.addr[1];
+            (*sa).user_ip6[2] = original.addr[2];
+            (*sa).user_ip6[3] = original.addr[3];
+        }
+        (*sa).user_port = u32::from(original.port.to_be());
+    }
 }
 
 /// The `RECENT` slot of a call: a multiplicative hash of the caller's cgroup and destination.
@@ -303,7 +387,7 @@ fn add_total(key: &DedupeKey, calls: u64) {
 /// before the table is added to, so a reader that takes the table and then the slots (the
 /// agent's `dedupe_table`) may count a call late but never twice.
 #[inline(always)]
-fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) -> bool {
+fn on_call(ctx: &SockAddrContext, hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) -> bool {
     let Some(cfg) = config() else {
         return true;
     };
@@ -316,18 +400,24 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) -> boo
     let coarse = if window != 0 || cfg.enforcing != 0 { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 };
     // The verdict comes first: a call is refused whatever the dedupe says. Only on a node with
     // pods in block mode is the caller's pod looked up before the dedupe.
-    let mut pod = None;
+    // 0 until looked up (a plain integer: an `Option` here leaves LLVM free to move an
+    // undefined payload around, which the verifier refuses).
+    let mut pod = 0;
     let mut verdict = VERDICT_ALLOWED;
     if cfg.enforcing != 0 {
         let Some(id) = current_pod(cfg, Pods::Attached) else {
             return true;
         };
-        pod = Some(id);
+        pod = id;
         // SAFETY: a pointer into the map's element, valid for this program run.
-        if POLICIES.get_ptr(id).is_some_and(|mode| unsafe { *mode } == ENFORCE_BLOCK)
-            && !allowed(id, family, protocol, &addr, port, coarse)
-        {
-            verdict = VERDICT_DENIED;
+        if POLICIES.get_ptr(id).is_some_and(|mode| unsafe { *mode } == ENFORCE_BLOCK) {
+            let (checked_family, words) = normalized(family, &addr);
+            let ok = local(checked_family, &words)
+                || (port == 53 && redirect_dns(ctx, cfg, family, &addr, port))
+                || allowed(id, checked_family, protocol, words, port, coarse);
+            if !ok {
+                verdict = VERDICT_DENIED;
+            }
         }
     }
     let allow = verdict == VERDICT_ALLOWED;
@@ -353,11 +443,14 @@ fn on_call(hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) -> boo
             }
         }
     }
-    let Some(pod) = pod.or_else(|| current_pod(cfg, Pods::Attached)) else {
-        return true;
-    };
+    if pod == 0 {
+        let Some(id) = current_pod(cfg, Pods::Attached) else {
+            return true;
+        };
+        pod = id;
+    }
     let mut flags = FLAG_FIRST;
-    let key = DedupeKey { cgroup_id, pod_cgroup_id: pod, addr, port, family, protocol, verdict, _pad: [0; 3] };
+    let key = DedupeKey { cgroup_id, pod_cgroup_id: pod, addr, port, family, protocol, verdict, _pad: 0, _pad2: 0 };
     let mut total = 1 + carried;
     if window != 0 {
         let mut entry = DEDUPE.get_ptr_mut(key);
@@ -487,22 +580,46 @@ fn allow() -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    verdict(on_call(HOOK_CONNECT, FAMILY_IPV4, protocol(&ctx), ipv4(&ctx), port(&ctx)))
+    verdict(on_call(&ctx, HOOK_CONNECT, FAMILY_IPV4, protocol(&ctx), ipv4(&ctx), port(&ctx)))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    verdict(on_call(HOOK_CONNECT, FAMILY_IPV6, protocol(&ctx), ipv6(&ctx), port(&ctx)))
+    verdict(on_call(&ctx, HOOK_CONNECT, FAMILY_IPV6, protocol(&ctx), ipv6(&ctx), port(&ctx)))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    verdict(on_call(HOOK_SENDMSG, FAMILY_IPV4, PROTO_UDP, ipv4(&ctx), port(&ctx)))
+    verdict(on_call(&ctx, HOOK_SENDMSG, FAMILY_IPV4, PROTO_UDP, ipv4(&ctx), port(&ctx)))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    verdict(on_call(HOOK_SENDMSG, FAMILY_IPV6, PROTO_UDP, ipv6(&ctx), port(&ctx)))
+    verdict(on_call(&ctx, HOOK_SENDMSG, FAMILY_IPV6, PROTO_UDP, ipv6(&ctx), port(&ctx)))
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, FAMILY_IPV4);
+    allow()
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, FAMILY_IPV6);
+    allow()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, FAMILY_IPV4);
+    allow()
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, FAMILY_IPV6);
+    allow()
 }
 
 #[cgroup_skb(ingress)]

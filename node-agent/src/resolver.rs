@@ -1,0 +1,153 @@
+//! The agent's DNS resolver for block-mode pods. The kernel programs send every DNS query of a
+//! block-mode pod here instead of to the server it asked (UDP and TCP to port 53, see
+//! [`crate::ebpf::Probes::set_resolver`]); the resolver asks whether the pod may resolve the
+//! name ([`Gate`]): if not, the pod gets a refusal and learns no address; if so, the query goes
+//! to the real upstream server, and the answer's addresses for the name are put in the pod's
+//! allowed destinations ([`AllowList`]) *before* the answer is handed back, so the connect
+//! that follows the answer is never refused. Addresses stay allowed for the answer's TTL, at
+//! least [`Resolver::ttl_floor`] (clients keep answers a little longer than they say).
+//!
+//! Fail closed: a pod in block mode whose queries the resolver cannot answer (the agent is
+//! down, the upstream does not answer) gets no answer, never an unfiltered one.
+//!
+//! Only UDP is served so far; a block-mode pod's DNS over TCP reaches no listener and fails.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::dns;
+use crate::ebpf::{AllowList, Allowed};
+use crate::events::Proto;
+
+/// What a pod may call at the addresses of a name it may resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    /// `None`: TCP and UDP.
+    pub protocol: Option<Proto>,
+    /// Empty: every port.
+    pub ports: Vec<u16>,
+}
+
+/// Whether a pod may resolve a name, and what it may then call there.
+pub trait Gate: Send + Sync + 'static {
+    /// For the block-mode pod with address `client`: its cgroup id and what the addresses of
+    /// `name` (lowercase, no trailing dot) allow, or `None` to refuse the query (the client is
+    /// no block-mode pod, or the name is not allowed).
+    fn decide(&self, client: IpAddr, name: &str) -> Option<(u64, Vec<Scope>)>;
+}
+
+/// How the resolver answers.
+pub struct Resolver {
+    /// Decides each query.
+    pub gate: Arc<dyn Gate>,
+    /// The server that answers allowed queries.
+    pub upstream: SocketAddr,
+    /// Where the addresses go.
+    pub allow: AllowList,
+    /// Shortest time an address stays allowed, whatever the answer's TTL.
+    pub ttl_floor: Duration,
+    /// The code of a refusal: 5 (REFUSED) or 3 (NXDOMAIN).
+    pub refuse_rcode: u8,
+    /// How long to wait for the upstream.
+    pub timeout: Duration,
+}
+
+/// Queries in flight at once; past it a query is dropped (its client asks again).
+const IN_FLIGHT: usize = 256;
+
+impl Resolver {
+    /// Answers queries on `socket` until it fails.
+    pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket) {
+        let socket = Arc::new(socket);
+        let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            let (n, client) = match socket.recv_from(&mut buf).await {
+                Ok(got) => got,
+                Err(e) => {
+                    warn!(error = %e, "the DNS resolver's socket failed");
+                    return;
+                }
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                debug!(%client, "DNS query dropped: too many in flight");
+                continue;
+            };
+            let (query, me, socket) = (buf[..n].to_vec(), self.clone(), socket.clone());
+            tokio::spawn(async move {
+                if let Some(reply) = me.answer(&query, client.ip()).await {
+                    let _ = socket.send_to(&reply, client).await;
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// The reply to one query from `client`, or `None` to send nothing.
+    pub async fn answer(&self, query: &[u8], client: IpAddr) -> Option<Vec<u8>> {
+        let parsed = dns::parse_query(query).ok()?;
+        // One question, as every resolver library sends; anything else is refused.
+        let [name] = parsed.questions.as_slice() else {
+            return dns::refusal(query, 5).ok();
+        };
+        let Some((pod, scopes)) = self.gate.decide(client, name) else {
+            debug!(%client, name, "DNS query refused: not allowed");
+            return dns::refusal(query, self.refuse_rcode).ok();
+        };
+        let reply = self.ask_upstream(query, parsed.id).await?;
+        // Addresses first, then the answer: the pod's connect cannot overtake them.
+        if let Ok(message) = dns::parse(&reply) {
+            for resolution in dns::resolutions(&message) {
+                if resolution.names.first() != Some(name) {
+                    continue;
+                }
+                let ttl = Duration::from_secs(u64::from(resolution.ttl)).max(self.ttl_floor);
+                let prefix = if resolution.ip.is_ipv4() { 32 } else { 128 };
+                for scope in &scopes {
+                    let allowed = Allowed {
+                        addr: resolution.ip,
+                        prefix,
+                        protocol: scope.protocol,
+                        ports: scope.ports.clone(),
+                        ttl: Some(ttl),
+                    };
+                    if let Err(e) = self.allow.allow(pod, &allowed) {
+                        // Not allowed, so the pod's connect is refused: closed, and said.
+                        warn!(error = %e, ip = %resolution.ip, name, "could not allow a resolved address");
+                    }
+                }
+            }
+        }
+        Some(reply)
+    }
+
+    /// Sends `query` to the upstream from a fresh socket (a port of its own per query) and
+    /// waits for the reply with the same id.
+    async fn ask_upstream(&self, query: &[u8], id: u16) -> Option<Vec<u8>> {
+        let local: SocketAddr = if self.upstream.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+        let socket = UdpSocket::bind(local).await.ok()?;
+        socket.connect(self.upstream).await.ok()?;
+        socket.send(query).await.ok()?;
+        let mut buf = vec![0u8; 65_535];
+        let wait = async {
+            loop {
+                let n = socket.recv(&mut buf).await.ok()?;
+                if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
+                    return Some(buf[..n].to_vec());
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, wait).await {
+            Ok(reply) => reply,
+            Err(_) => {
+                debug!(upstream = %self.upstream, "the upstream DNS server did not answer in time");
+                None
+            }
+        }
+    }
+}
