@@ -10,13 +10,15 @@
 //! Fail closed: a pod in block mode whose queries the resolver cannot answer (the agent is
 //! down, the upstream does not answer) gets no answer, never an unfiltered one.
 //!
-//! Only UDP is served so far; a block-mode pod's DNS over TCP reaches no listener and fails.
+//! Served over UDP and TCP (the kernel sends both to one port): a query that came over TCP
+//! goes upstream over TCP.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
@@ -59,6 +61,19 @@ pub struct Resolver {
 
 /// Queries in flight at once; past it a query is dropped (its client asks again).
 const IN_FLIGHT: usize = 256;
+/// TCP connections at once; past it a connection is closed at once.
+const TCP_CONNECTIONS: usize = 64;
+/// How long a TCP connection may stay idle between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// How a query reached the resolver, and so how it goes upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// A datagram each way.
+    Udp,
+    /// Length-prefixed messages on a connection.
+    Tcp,
+}
 
 impl Resolver {
     /// Answers queries on `socket` until it fails.
@@ -80,7 +95,7 @@ impl Resolver {
             };
             let (query, me, socket) = (buf[..n].to_vec(), self.clone(), socket.clone());
             tokio::spawn(async move {
-                if let Some(reply) = me.answer(&query, client.ip()).await {
+                if let Some(reply) = me.answer(&query, client.ip(), Transport::Udp).await {
                     let _ = socket.send_to(&reply, client).await;
                 }
                 drop(permit);
@@ -88,8 +103,46 @@ impl Resolver {
         }
     }
 
+    /// Answers queries on TCP connections accepted from `listener` until it fails: each
+    /// length-prefixed, as many as the client sends, until it closes or idles.
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let permits = Arc::new(Semaphore::new(TCP_CONNECTIONS));
+        loop {
+            let (conn, client) = match listener.accept().await {
+                Ok(got) => got,
+                Err(e) => {
+                    warn!(error = %e, "the DNS resolver's TCP listener failed");
+                    return;
+                }
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                debug!(%client, "DNS connection closed: too many open");
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(600), me.connection(conn, client.ip())).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn connection(&self, mut conn: TcpStream, client: IpAddr) {
+        loop {
+            let Ok(Ok(query)) = tokio::time::timeout(TCP_IDLE, read_message(&mut conn)).await else {
+                return;
+            };
+            let Some(reply) = self.answer(&query, client, Transport::Tcp).await else {
+                return;
+            };
+            if write_message(&mut conn, &reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// The reply to one query from `client`, or `None` to send nothing.
-    pub async fn answer(&self, query: &[u8], client: IpAddr) -> Option<Vec<u8>> {
+    pub async fn answer(&self, query: &[u8], client: IpAddr, transport: Transport) -> Option<Vec<u8>> {
         let parsed = dns::parse_query(query).ok()?;
         // One question, as every resolver library sends; anything else is refused.
         let [name] = parsed.questions.as_slice() else {
@@ -99,7 +152,10 @@ impl Resolver {
             debug!(%client, name, "DNS query refused: not allowed");
             return dns::refusal(query, self.refuse_rcode).ok();
         };
-        let reply = self.ask_upstream(query, parsed.id).await?;
+        let reply = match transport {
+            Transport::Udp => self.ask_upstream(query, parsed.id).await?,
+            Transport::Tcp => self.ask_upstream_tcp(query, parsed.id).await?,
+        };
         // Addresses first, then the answer: the pod's connect cannot overtake them.
         if let Ok(message) = dns::parse(&reply) {
             for resolution in dns::resolutions(&message) {
@@ -150,4 +206,31 @@ impl Resolver {
             }
         }
     }
+
+    /// Sends `query` to the upstream over a TCP connection of its own and reads the reply.
+    async fn ask_upstream_tcp(&self, query: &[u8], id: u16) -> Option<Vec<u8>> {
+        let exchange = async {
+            let mut conn = TcpStream::connect(self.upstream).await.ok()?;
+            write_message(&mut conn, query).await.ok()?;
+            let reply = read_message(&mut conn).await.ok()?;
+            (reply.len() >= 2 && u16::from_be_bytes([reply[0], reply[1]]) == id).then_some(reply)
+        };
+        tokio::time::timeout(self.timeout, exchange).await.ok().flatten()
+    }
+}
+
+/// One length-prefixed DNS message from a TCP stream.
+async fn read_message(conn: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let len = conn.read_u16().await?;
+    let mut message = vec![0u8; usize::from(len)];
+    conn.read_exact(&mut message).await?;
+    Ok(message)
+}
+
+async fn write_message(conn: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(message.len()).map_err(|_| std::io::Error::other("a DNS message over 64 KiB"))?;
+    let mut framed = Vec::with_capacity(message.len() + 2);
+    framed.extend(len.to_be_bytes());
+    framed.extend(message);
+    conn.write_all(&framed).await
 }

@@ -248,6 +248,7 @@ async fn names_are_allowed_through_the_agents_resolver_and_nothing_else_resolves
     // The pod's resolv.conf names the host end, where the real server listens.
     let upstream = DnsServer::start(ns.host_v4.into());
     upstream.set("allowed.test", Zone::Records(vec![("allowed.test".into(), RecordData::A([192, 0, 2, 10].into()))]));
+    upstream.set("tcp.wild.test", Zone::Records(vec![("tcp.wild.test".into(), RecordData::A([10, 202, 0, 1].into()))]));
     upstream.set("denied.test", Zone::Records(vec![("denied.test".into(), RecordData::A([192, 0, 2, 66].into()))]));
     const LOOKUPS: u32 = 10_000;
     for i in 0..LOOKUPS {
@@ -255,7 +256,13 @@ async fn names_are_allowed_through_the_agents_resolver_and_nothing_else_resolves
         let ip = [10, 201, (i >> 8) as u8, i as u8];
         upstream.set(&name, Zone::Records(vec![(name.clone(), RecordData::A(ip.into()))]));
     }
-    let socket = tokio::net::UdpSocket::bind((ns.host_v4, 0)).await.unwrap();
+    // UDP and TCP on one port, as the kernel sends both there.
+    let (socket, tcp) = loop {
+        let socket = tokio::net::UdpSocket::bind((ns.host_v4, 0)).await.unwrap();
+        if let Ok(tcp) = tokio::net::TcpListener::bind(socket.local_addr().unwrap()).await {
+            break (socket, tcp);
+        }
+    };
     let std::net::SocketAddr::V4(listening) = socket.local_addr().unwrap() else { unreachable!() };
     let resolver = Arc::new(Resolver {
         gate: Arc::new(TestGate { client: ns.pod_v4.into(), pod: pod.cgroup_id }),
@@ -265,7 +272,8 @@ async fn names_are_allowed_through_the_agents_resolver_and_nothing_else_resolves
         refuse_rcode: 5,
         timeout: Duration::from_secs(2),
     });
-    tokio::spawn(resolver.serve_udp(socket));
+    tokio::spawn(resolver.clone().serve_udp(socket));
+    tokio::spawn(resolver.serve_tcp(tcp));
     agent.probes.set_resolver(Some(listening)).unwrap();
     agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
 
@@ -292,6 +300,20 @@ print(s.recvfrom(512)[1])
 c = socket.socket(V4, U)
 c.connect(("{h4}", 53))
 print(c.getpeername())
+# DNS over TCP: the same server, the same gate.
+def over_tcp(query):
+    t = socket.create_connection(("{h4}", 53), timeout=2)
+    peer = t.getpeername()
+    t.sendall(len(query).to_bytes(2, "big") + query)
+    n = int.from_bytes(t.recv(2), "big")
+    reply = b""
+    while len(reply) < n:
+        reply += t.recv(n - len(reply))
+    return peer, reply[3] & 15, reply[-4:]
+peer, rcode, last = over_tcp(bytes([{tcp_query}]))
+print(peer, rcode, ".".join(str(b) for b in last))
+print(attempt(V4, U, (".".join(str(b) for b in last), 443)))
+print(over_tcp(bytes([{tcp_denied}]))[1])
 refused, start = 0, time.time()
 for i in range({LOOKUPS}):
     ip = resolve("n%d.wild.test" % i)
@@ -301,13 +323,15 @@ print(refused)
 print(int((time.time() - start) * 1e6 / {LOOKUPS}))
 "#,
         query = py_bytes(&dns_query(7, "allowed.test")),
+        tcp_query = py_bytes(&dns_query(8, "tcp.wild.test")),
+        tcp_denied = py_bytes(&dns_query(9, "denied.test")),
         h4 = ns.host_v4,
     );
     // The resolver answers on another worker meanwhile.
     let out = tokio::task::block_in_place(|| python(&pod.container, Some(&ns), &script));
     let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
     assert_eq!(
-        lines[..9],
+        lines[..12],
         [
             "192.0.2.10".to_string(),
             "ok".into(),
@@ -317,11 +341,14 @@ print(int((time.time() - start) * 1e6 / {LOOKUPS}))
             "EPERM".into(),
             format!("('{}', 53)", ns.host_v4),
             format!("('{}', 53)", ns.host_v4),
+            format!("('{}', 53) 0 10.202.0.1", ns.host_v4),
+            "ok".into(),
+            "5".into(),
             "0".into(),
         ],
         "allowed name and its scope; the other name unresolved and refused; no spurious refusal in {LOOKUPS} \
          lookups each followed at once by a call: {lines:?}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    eprintln!("lookup and call through the resolver: {} µs each", lines[9]);
+    eprintln!("lookup and call through the resolver: {} µs each", lines[12]);
 }

@@ -6,6 +6,7 @@
 #![allow(dead_code, reason = "each test binary uses part of the harness")]
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -122,46 +123,79 @@ pub enum Zone {
     Garbage(Vec<u8>),
 }
 
-/// A DNS server on port 53 of a host-side address, answering from a table the test fills.
+/// A DNS server on port 53 (UDP and TCP) of a host-side address, answering from a table the
+/// test fills.
 pub struct DnsServer {
     pub zones: Arc<Mutex<HashMap<String, Zone>>>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// The test server's reply to `query`, from `zones`.
+fn zone_reply(zones: &Mutex<HashMap<String, Zone>>, query: &[u8]) -> Option<Vec<u8>> {
+    let (id, name, qtype) = question(query)?;
+    let zone = zones.lock().unwrap().get(&name).cloned();
+    Some(match zone {
+        Some(Zone::Garbage(bytes)) => bytes,
+        Some(Zone::Records(records)) => {
+            let answers: Vec<(&str, u32, RecordData)> = records
+                .iter()
+                .filter(|(_, d)| match d {
+                    RecordData::A(_) => qtype == 1,
+                    RecordData::Aaaa(_) => qtype == 28,
+                    _ => true,
+                })
+                .map(|(o, d)| (o.as_str(), 300, d.clone()))
+                .collect();
+            dns_response(id, &name, qtype, &answers, true, false)
+        }
+        None => dns_response(id, &name, qtype, &[], false, false),
+    })
 }
 
 impl DnsServer {
     pub fn start(addr: IpAddr) -> Self {
         let socket = UdpSocket::bind((addr, 53)).unwrap_or_else(|e| panic!("binding {addr}:53: {e}"));
         socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let tcp = std::net::TcpListener::bind((addr, 53)).unwrap_or_else(|e| panic!("binding {addr}:53/tcp: {e}"));
+        tcp.set_nonblocking(true).unwrap();
         let zones: Arc<Mutex<HashMap<String, Zone>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (z, s) = (zones.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
+        let udp = std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !s.load(Ordering::Relaxed) {
                 let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
-                let Some((id, name, qtype)) = question(&buf[..n]) else { continue };
-                let zone = z.lock().unwrap().get(&name).cloned();
-                let reply = match zone {
-                    Some(Zone::Garbage(bytes)) => bytes,
-                    Some(Zone::Records(records)) => {
-                        let answers: Vec<(&str, u32, RecordData)> = records
-                            .iter()
-                            .filter(|(_, d)| match d {
-                                RecordData::A(_) => qtype == 1,
-                                RecordData::Aaaa(_) => qtype == 28,
-                                _ => true,
-                            })
-                            .map(|(o, d)| (o.as_str(), 300, d.clone()))
-                            .collect();
-                        dns_response(id, &name, qtype, &answers, true, false)
-                    }
-                    None => dns_response(id, &name, qtype, &[], false, false),
-                };
-                let _ = socket.send_to(&reply, from);
+                if let Some(reply) = zone_reply(&z, &buf[..n]) {
+                    let _ = socket.send_to(&reply, from);
+                }
             }
         });
-        Self { zones, stop, thread: Some(thread) }
+        let (z, s) = (zones.clone(), stop.clone());
+        let tcp = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((mut conn, _)) = tcp.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                // One message each way, length-prefixed.
+                conn.set_nonblocking(false).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut len = [0u8; 2];
+                if conn.read_exact(&mut len).is_err() {
+                    continue;
+                }
+                let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if conn.read_exact(&mut query).is_err() {
+                    continue;
+                }
+                if let Some(reply) = zone_reply(&z, &query) {
+                    let _ = conn.write_all(&(reply.len() as u16).to_be_bytes());
+                    let _ = conn.write_all(&reply);
+                }
+            }
+        });
+        Self { zones, stop, threads: vec![udp, tcp] }
     }
 
     pub fn set(&self, name: &str, zone: Zone) {
@@ -172,7 +206,7 @@ impl DnsServer {
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
