@@ -147,6 +147,19 @@ pub fn applicable_to_job<'a>(
     }))
 }
 
+/// The policy that applies to a runner in `namespace` of scale set `scale_set` before its job is
+/// known: of the policies that select it on what is known (its scale set), the oldest. A
+/// policy that looks at repositories or workflows selects no runner whose job is not known.
+pub fn applicable_to_runner<'a>(
+    policies: impl IntoIterator<Item = &'a EgressPolicy>,
+    namespace: &str,
+    scale_set: Option<&str>,
+) -> Option<&'a EgressPolicy> {
+    oldest(policies.into_iter().filter(|p| {
+        p.metadata.namespace.as_deref() == Some(namespace) && p.spec.selector.selects_job(scale_set, None, None)
+    }))
+}
+
 /// `*` matches any run of characters; everything else matches itself.
 pub fn glob_match(glob: &str, value: &str) -> bool {
     let parts: Vec<&str> = glob.split('*').collect();

@@ -42,10 +42,12 @@ use tracing::{error, info, warn};
 
 use crate::cgroups;
 use crate::ebpf::{LoadError, Options, PodBudget, Probes};
+use crate::enforce::{self, Allowance, Covered, Enforcer};
 use crate::metrics::{Kind, Metrics, ResultLabel, VerdictLabel};
 use crate::node::{Action, Destination, Job, Node, ObjectRef, PodInfo, Role, Run, Scorer, Trust};
 use crate::pipeline::{Pipeline, PipelineConfig, since_boot};
 use crate::report::{Report, ReportConfig, Reporter};
+use crate::resolver::Resolver;
 
 /// The flags of the agent's cluster mode (the DaemonSet's container args).
 #[derive(clap::Args, Clone, Debug)]
@@ -104,6 +106,34 @@ pub struct AgentArgs {
     /// there (comma-separated; empty: cluster-wide). Checked at start.
     #[arg(long, value_delimiter = ',', env = "RUNWARDEN_RUNNER_NAMESPACES")]
     pub runner_namespaces: Vec<String>,
+    /// Block mode: runner pods an EgressPolicy in `Block` mode covers may call only what it
+    /// allows, and resolve only the names it allows (their DNS goes to this agent's resolver).
+    /// Experimental: while the agent restarts, its pods are not held.
+    #[arg(long, env = "RUNWARDEN_BLOCK_MODE")]
+    pub block_mode: bool,
+    /// This agent pod's IPv4 address, where block-mode pods reach its resolver (the DaemonSet
+    /// sets it from status.podIP).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::Ipv4Addr>,
+    /// Port of the resolver block-mode pods' DNS goes to (UDP and TCP).
+    #[arg(long, default_value_t = 10053)]
+    pub resolver_port: u16,
+    /// The DNS server the resolver asks (`address:port`). Default: the first nameserver of
+    /// the agent's /etc/resolv.conf (the cluster's DNS), port 53.
+    #[arg(long, env = "RUNWARDEN_DNS_UPSTREAM")]
+    pub dns_upstream: Option<std::net::SocketAddr>,
+    /// How the resolver answers a name block mode does not allow.
+    #[arg(long, value_enum, default_value_t = Refusal::Refused)]
+    pub refuse_dns_with: Refusal,
+}
+
+/// How a name that may not be resolved is answered.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// REFUSED: the server will not answer (clients try their next server, then fail).
+    Refused,
+    /// NXDOMAIN: no such name.
+    Nxdomain,
 }
 
 /// Why the agent stopped.
@@ -129,6 +159,9 @@ pub enum AgentError {
     /// Missing permissions.
     #[error("the agent lacks permissions: {}; apply node-agent/rbac.yaml (or the Helm chart's RBAC)", .0.join(", "))]
     MissingPermissions(Vec<String>),
+    /// Block mode cannot start.
+    #[error("--block-mode: {0}")]
+    BlockMode(String),
 }
 
 impl AgentError {
@@ -576,6 +609,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cgroup2 = %mount.display(), pod_parents = ?parents, exec_paths = probes.exec_paths(),
         abused_services = runwarden_detector::services::LISTS_VERSION, "programs attached"
     );
+    let mut enforcer = Enforcer::default();
+    let (answers_tx, mut answers_rx) = mpsc::channel::<(u64, Vec<u8>)>(4096);
+    if args.block_mode {
+        start_resolver(&args, &mut probes, &enforcer, answers_tx).await?;
+    }
 
     // Caches of baselines and policies (all namespaces), and this node's pods.
     let (baselines, baseline_writer) = reflector::store();
@@ -628,7 +666,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let pods_client = client.clone();
     tokio::spawn(async move {
         let config = watcher::Config::default().fields(&format!("spec.nodeName={pods_node}"));
-        let pods = watcher(Api::<PartialObjectMeta<Pod>>::all(pods_client), config).backoff(watch_backoff());
+        // Whole pods (their addresses are in the status), turned into PodInfo at once below.
+        let pods = watcher(Api::<Pod>::all(pods_client), config).backoff(watch_backoff());
         let mut pods = std::pin::pin!(pods);
         while let Some(event) = pods.next().await {
             match event {
@@ -724,6 +763,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }),
         _ => None,
     };
+    let mut allowances: HashMap<AllowanceKey, Arc<Allowance>> = HashMap::new();
     let mut pods_synced = false;
     let mut relisted: Option<std::collections::HashSet<String>> = None;
     let mut observations = Vec::new();
@@ -734,7 +774,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let mut tick = false;
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = reader.drain(|bytes| observations.extend(pipeline.record(bytes))) => {}
+            _ = reader.drain(|bytes| {
+                // The resolver's answers before the calls they name: it sends them before the
+                // pod has them, so before any call that follows.
+                while let Ok((pod, reply)) = answers_rx.try_recv() {
+                    pipeline.resolver_answer(pod, &reply);
+                }
+                observations.extend(pipeline.record(bytes));
+            }) => {}
             Some(e) = pod_rx.recv() => pod_events.push(e),
             Some(runner) = job_rx.recv() => {
                 let job = runner.status.as_ref().and_then(|s| s.identity().ok());
@@ -755,6 +802,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             node.trust.self_declared_namespaces = self_declared_namespaces();
         }
         let mut actions = Vec::new();
+        // Pods, jobs or cgroups changed: block mode follows at once (policies, every second).
+        let changed = pod_events_rescan || !pod_events.is_empty() || !runner_jobs_given.is_empty();
         if std::mem::take(&mut pod_events_rescan) {
             actions.push(Action::Rescan);
         }
@@ -764,7 +813,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     if let (Some(listed), Some(uid)) = (relisted.as_mut(), m.metadata.uid.as_ref()) {
                         listed.insert(uid.clone());
                     }
-                    if let Some(mut info) = PodInfo::from_meta(&m.metadata) {
+                    if let Some(mut info) = PodInfo::from_pod(&m) {
                         // Runners outside the runner namespaces the agent's RBAC is narrowed to
                         // are not its to report (it could not write their Events or baselines).
                         if !args.runner_namespaces.is_empty() && !args.runner_namespaces.contains(&info.pod.namespace) {
@@ -803,6 +852,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             actions.extend(node.runner_job(&runner, job, &caches));
         }
         for o in observations.drain(..) {
+            if o.verdict == crate::events::Verdict::Denied {
+                metrics.blocked_calls.inc();
+                let pod = node.run_of_cgroup(o.pod_cgroup_id).map(|r| format!("{}/{}", r.0.namespace, r.0.name));
+                warn!(pod, destination = %o.ip, port = o.port, proto = ?o.proto, hosts = ?o.hosts, process = %o.process, "call refused in block mode");
+            }
             actions.extend(node.observe(o, &caches));
         }
         if tick {
@@ -984,6 +1038,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 }
             }
         }
+        if args.block_mode && (tick || changed) {
+            let covered = covered(&node, &caches.policies, &caches.baselines, &mut allowances);
+            for (cgroup, e) in enforcer.apply(&mut probes, covered) {
+                let pod = node.run_of_cgroup(cgroup).map(|r| format!("{}/{}", r.0.namespace, r.0.name));
+                error!(pod, cgroup, error = %e, "could not put a pod in block mode");
+            }
+            metrics.pods_blocking.set(enforcer.blocking() as i64);
+        }
         for (uid, run) in node.take_dirty() {
             if let Err(e) = state.save(&uid, run.as_ref()) {
                 warn!(pod_uid = %uid, error = %e, "could not save a run in the state directory");
@@ -1005,6 +1067,94 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let _ = state.save(&run.pod.uid, Some(run));
     }
     Ok(())
+}
+
+/// Starts the resolver of block-mode pods and points the kernel at it.
+async fn start_resolver(
+    args: &AgentArgs,
+    probes: &mut Probes,
+    enforcer: &Enforcer,
+    answers: mpsc::Sender<(u64, Vec<u8>)>,
+) -> Result<(), AgentError> {
+    let pod_ip = args.pod_ip.ok_or_else(|| {
+        AgentError::BlockMode("the agent's pod address is not known (POD_IP from status.podIP, or --pod-ip)".into())
+    })?;
+    let upstream = match args.dns_upstream {
+        Some(u) => u,
+        None => nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+            .first()
+            .map(|ip| std::net::SocketAddr::new(*ip, 53))
+            .ok_or_else(|| AgentError::BlockMode("no nameserver in /etc/resolv.conf; set --dns-upstream".into()))?,
+    };
+    let port = args.resolver_port;
+    let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port))
+        .await
+        .map_err(|e| AgentError::BlockMode(format!("the resolver's UDP port {port}: {e}")))?;
+    let tcp = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .map_err(|e| AgentError::BlockMode(format!("the resolver's TCP port {port}: {e}")))?;
+    let resolver = Arc::new(Resolver {
+        gate: Arc::new(enforcer.gate.clone()),
+        upstream,
+        allow: probes.allow_list(),
+        ttl_floor: Duration::from_secs(30),
+        refuse_rcode: if args.refuse_dns_with == Refusal::Nxdomain { 3 } else { 5 },
+        timeout: Duration::from_secs(2),
+        answers: Some(answers),
+    });
+    tokio::spawn(resolver.clone().serve_udp(udp));
+    tokio::spawn(resolver.serve_tcp(tcp));
+    probes.set_resolver(Some(std::net::SocketAddrV4::new(pod_ip, port)))?;
+    info!(resolver = %std::net::SocketAddrV4::new(pod_ip, port), %upstream, "block mode: pods' DNS goes through this agent's resolver");
+    Ok(())
+}
+
+/// What an allowance is built from: the policy and the baseline, at their versions.
+type AllowanceKey = (String, Option<String>, Option<String>);
+
+/// The pods block mode covers now, with what each may call.
+fn covered(
+    node: &Node,
+    policies: &Store<EgressPolicy>,
+    baselines: &Store<WorkflowBaseline>,
+    cache: &mut HashMap<AllowanceKey, Arc<Allowance>>,
+) -> Vec<Covered> {
+    let all = policies.state();
+    let mut out = Vec::new();
+    for s in node.subjects() {
+        let policy = match &s.job {
+            Some(job) => runwarden_crds::policy::applicable_to_job(
+                all.iter().map(|p| p.as_ref()),
+                &s.namespace,
+                s.scale_set.as_deref(),
+                &job.repository,
+                &job.workflow,
+            ),
+            None => runwarden_crds::policy::applicable_to_runner(
+                all.iter().map(|p| p.as_ref()),
+                &s.namespace,
+                s.scale_set.as_deref(),
+            ),
+        };
+        let Some(policy) = policy.filter(|p| enforce::blocks(p)) else { continue };
+        let baseline = s
+            .job
+            .as_ref()
+            .filter(|_| policy.spec.include_baseline)
+            .and_then(|j| baselines.get(&StoreRef::new(&j.baseline).within(&s.namespace)));
+        let key = (
+            policy.metadata.uid.clone().unwrap_or_default(),
+            policy.metadata.resource_version.clone(),
+            baseline.as_ref().and_then(|b| b.metadata.resource_version.clone()),
+        );
+        if cache.len() > 1024 {
+            cache.clear();
+        }
+        let allowance =
+            cache.entry(key).or_insert_with(|| Arc::new(Allowance::build(policy, baseline.as_deref()))).clone();
+        out.push(Covered { cgroup: s.cgroup, ips: s.ips, allowance });
+    }
+    out
 }
 
 /// Attaches the programs to a pod cgroup; a pod that is gone already needs none.

@@ -10,6 +10,8 @@
 //!   kubelet's systemd and cgroupfs layouts, every QoS class, containerd and CRI-O, and
 //!   cgroups nested below a container.
 //! - [`pipeline`]: records → named, attributed observations with exact call counts.
+//! - [`enforce`]: block mode on the node: which pods a `Block` policy covers, what each may
+//!   call, kept in step with the kernel and the resolver.
 //! - [`resolver`]: the DNS resolver of block-mode pods (refuses names they may not resolve,
 //!   allows the addresses of those they may before the answer reaches them).
 //! - [`trace`]: `runwarden-agent trace`, every outbound call of one command, no Kubernetes.
@@ -21,6 +23,7 @@ pub mod btf;
 pub mod cgroups;
 pub mod dns;
 pub mod ebpf;
+pub mod enforce;
 pub mod events;
 pub mod metrics;
 pub mod node;

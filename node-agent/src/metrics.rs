@@ -90,6 +90,11 @@ pub struct Metrics {
     pub runs_unmerged: Gauge,
     /// Seconds from the call in the kernel to its Event accepted by the API server.
     pub detection_latency: Histogram,
+    /// Calls refused in block mode (a refused destination's repeats within the dedupe window
+    /// count once).
+    pub blocked_calls: Counter,
+    /// Pods held in block mode on this node.
+    pub pods_blocking: Gauge,
     ready: AtomicBool,
 }
 
@@ -115,6 +120,8 @@ impl Default for Metrics {
             runs_in_progress: Gauge::default(),
             runs_unmerged: Gauge::default(),
             detection_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            blocked_calls: Counter::default(),
+            pods_blocking: Gauge::default(),
             ready: AtomicBool::new(false),
         };
         // Every label value exists from the start at 0, so that increase() sees the first one.
@@ -180,6 +187,12 @@ impl Default for Metrics {
             "From a call in the kernel to its Event accepted by the API server",
             m.detection_latency.clone(),
         );
+        registry.register(
+            "blocked_calls",
+            "Calls refused in block mode (repeats of a destination within the dedupe window count once)",
+            m.blocked_calls.clone(),
+        );
+        registry.register("pods_blocking", "Pods held in block mode on this node", m.pods_blocking.clone());
         Self { registry, ..m }
     }
 }

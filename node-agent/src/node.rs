@@ -76,6 +76,9 @@ pub struct PodInfo {
     /// The job: a runner's from its `EphemeralRunner` (filled in by the caller, see
     /// [`Node::runner_job`]), a `Labelled` pod's from its own annotations.
     pub identity: Option<JobIdentity>,
+    /// Its addresses (`status.podIPs`, written by the kubelet; none for a pod on the host's
+    /// network): where its DNS queries come from in block mode.
+    pub ips: Vec<IpAddr>,
 }
 
 impl PodInfo {
@@ -107,7 +110,22 @@ impl PodInfo {
             Role::Labelled => meta.annotations.as_ref().and_then(|a| JobIdentity::from_annotations(a).ok()),
             _ => None,
         };
-        Some(Self { pod, role, scale_set, runner, identity })
+        Some(Self { pod, role, scale_set, runner, identity, ips: Vec::new() })
+    }
+
+    /// Reads a pod: its metadata as [`Self::from_meta`] does, and its addresses.
+    pub fn from_pod(pod: &k8s_openapi::api::core::v1::Pod) -> Option<Self> {
+        let mut info = Self::from_meta(&pod.metadata)?;
+        let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+        if !host_network {
+            info.ips = pod
+                .status
+                .iter()
+                .flat_map(|s| s.pod_ips.iter().flatten())
+                .filter_map(|ip| ip.ip.parse().ok())
+                .collect();
+        }
+        Some(info)
     }
 
     /// Whether its calls are monitored.
@@ -256,6 +274,21 @@ pub trait Scorer {
         started: i64,
         dest: &Destination,
     ) -> Option<Verdict>;
+}
+
+/// A monitored pod as block mode sees it (see [`Node::subjects`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject {
+    /// Its cgroup id.
+    pub cgroup: u64,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its run's scale set.
+    pub scale_set: Option<String>,
+    /// Its run's job, once known.
+    pub job: Option<Job>,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
 }
 
 /// What the agent must do.
@@ -531,6 +564,33 @@ impl Node {
                 Some((owner.pod.clone(), owner.runner.clone(), job))
             }
         }
+    }
+
+    /// Every monitored pod with a known cgroup that belongs to a run, with what picks its
+    /// policy: block mode covers these.
+    pub fn subjects(&self) -> Vec<Subject> {
+        let mut out = Vec::new();
+        for (&cgroup, uid) in &self.cgroups {
+            let Some(pod) = self.pods.get(uid) else { continue };
+            if matches!(pod.role, Role::Other | Role::Unidentified(_)) {
+                continue;
+            }
+            let Some(run_uid) = self.run_of(pod) else { continue };
+            let owner = self.pods.get(&run_uid).unwrap_or(pod);
+            let job = self
+                .runs
+                .get(&run_uid)
+                .and_then(|r| r.job.clone())
+                .or_else(|| owner.identity.as_ref().map(|i| Job::new(i, &owner.pod.uid)));
+            out.push(Subject {
+                cgroup,
+                namespace: pod.pod.namespace.clone(),
+                scale_set: owner.scale_set.clone(),
+                job,
+                ips: pod.ips.clone(),
+            });
+        }
+        out
     }
 
     /// The kernel counted `count` records of the pod cgroup `cgroup` not written (its budget was

@@ -371,6 +371,16 @@ impl Pipeline {
         found.and_then(|i| pending.remove(i)).is_some()
     }
 
+    /// A DNS answer the agent's own resolver gave the block-mode pod `pod_cgroup_id`: it names
+    /// the pod's calls like a trusted resolver's answer (the agent asked the upstream itself).
+    pub fn resolver_answer(&mut self, pod_cgroup_id: u64, reply: &[u8]) {
+        let Ok(message) = dns::parse(reply) else { return };
+        self.stats.dns_answers += 1;
+        let (ttl, max) = (self.config.ttl, self.config.max_addresses);
+        let cache = self.names.entry(pod_cgroup_id).or_insert_with(|| DnsCache::new(ttl, max));
+        cache.insert(&message, since_boot().as_secs());
+    }
+
     fn dns(&mut self, answer: &DnsMessage) {
         self.stats.dns_answers += 1;
         let whole = answer.length as usize <= answer.message.len();

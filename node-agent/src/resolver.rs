@@ -41,6 +41,9 @@ pub trait Gate: Send + Sync + 'static {
     /// `name` (lowercase, no trailing dot) allow, or `None` to refuse the query (the client is
     /// no block-mode pod, or the name is not allowed).
     fn decide(&self, client: IpAddr, name: &str) -> Option<(u64, Vec<Scope>)>;
+
+    /// The addresses of `name` allowed to `pod` just now, each for how long.
+    fn resolved(&self, _pod: u64, _name: &str, _ips: &[(IpAddr, Duration)]) {}
 }
 
 /// How the resolver answers.
@@ -57,6 +60,10 @@ pub struct Resolver {
     pub refuse_rcode: u8,
     /// How long to wait for the upstream.
     pub timeout: Duration,
+    /// Where the answers given to pods go (pod cgroup, the answer), before the pods get them:
+    /// the agent names their calls from them, as it names other pods' calls from the answers
+    /// the kernel copies. Full: the answer names nothing (the call is reported by address).
+    pub answers: Option<tokio::sync::mpsc::Sender<(u64, Vec<u8>)>>,
 }
 
 /// Queries in flight at once; past it a query is dropped (its client asks again).
@@ -157,6 +164,7 @@ impl Resolver {
             Transport::Tcp => self.ask_upstream_tcp(query, parsed.id).await?,
         };
         // Addresses first, then the answer: the pod's connect cannot overtake them.
+        let mut allowed_ips = Vec::new();
         if let Ok(message) = dns::parse(&reply) {
             for resolution in dns::resolutions(&message) {
                 if resolution.names.first() != Some(name) {
@@ -164,6 +172,7 @@ impl Resolver {
                 }
                 let ttl = Duration::from_secs(u64::from(resolution.ttl)).max(self.ttl_floor);
                 let prefix = if resolution.ip.is_ipv4() { 32 } else { 128 };
+                allowed_ips.push((resolution.ip, ttl));
                 for scope in &scopes {
                     let allowed = Allowed {
                         addr: resolution.ip,
@@ -178,6 +187,12 @@ impl Resolver {
                     }
                 }
             }
+        }
+        if !allowed_ips.is_empty() {
+            self.gate.resolved(pod, name, &allowed_ips);
+        }
+        if let Some(answers) = &self.answers {
+            let _ = answers.try_send((pod, reply.clone()));
         }
         Some(reply)
     }

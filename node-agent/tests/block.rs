@@ -271,6 +271,7 @@ async fn names_are_allowed_through_the_agents_resolver_and_nothing_else_resolves
         ttl_floor: Duration::from_secs(30),
         refuse_rcode: 5,
         timeout: Duration::from_secs(2),
+        answers: None,
     });
     tokio::spawn(resolver.clone().serve_udp(socket));
     tokio::spawn(resolver.serve_tcp(tcp));

@@ -50,10 +50,11 @@ impl AgentProcess {
 /// The DaemonSet's container args, as the operator renders them with its write permissions
 /// limited to `runner_namespaces` (and every list setting set, so the binary is shown to take
 /// each flag the DaemonSet can carry).
-fn daemonset_args(runner_namespaces: &[String]) -> Vec<String> {
+fn daemonset_args(runner_namespaces: &[String], block_mode: bool) -> Vec<String> {
     let ds = daemonset::desired(&AgentConfig {
         runner_namespaces: runner_namespaces.to_vec(),
         trusted_resolvers: vec!["127.0.0.53".into(), "10.96.0.10".into()],
+        block_mode,
         ..AgentConfig::default()
     });
     let args = &ds["spec"]["template"]["spec"]["containers"][0]["args"];
@@ -61,6 +62,18 @@ fn daemonset_args(runner_namespaces: &[String]) -> Vec<String> {
 }
 
 fn start_agent(kubeconfig: &Path, kubepods: &Path, state: &Path, log: PathBuf, runner_ns: &str) -> AgentProcess {
+    start_agent_with(kubeconfig, kubepods, state, log, runner_ns, false, &[])
+}
+
+fn start_agent_with(
+    kubeconfig: &Path,
+    kubepods: &Path,
+    state: &Path,
+    log: PathBuf,
+    runner_ns: &str,
+    block_mode: bool,
+    env: &[(&str, String)],
+) -> AgentProcess {
     let bin = env!("CARGO_BIN_EXE_runwarden-agent");
     // What the container sees: the host's /sys/fs/cgroup (hostPath) at /host/cgroup, the
     // state hostPath at /var/lib/runwarden.
@@ -70,7 +83,8 @@ fn start_agent(kubeconfig: &Path, kubepods: &Path, state: &Path, log: PathBuf, r
         .args(["--mount", "--propagation", "private", "sh", "-c", script])
         .arg(state)
         .arg(bin)
-        .args(daemonset_args(&[runner_ns.to_string()]))
+        .args(daemonset_args(&[runner_ns.to_string()], block_mode))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("KUBECONFIG", kubeconfig)
         .env("NODE_NAME", NODE)
         .env("RUNWARDEN_KUBEPODS_CGROUP", kubepods)
@@ -184,10 +198,13 @@ fn the_committed_rbac_is_what_the_code_uses() {
     );
 }
 
-#[tokio::test]
-async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseline() {
-    common::require_root();
-    let cp = ControlPlane::shared();
+/// One agent at a time: each serves its metrics on port 9090 of the machine.
+static ONE_AGENT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The CRDs (ARC's EphemeralRunner too), the agent's namespace and a runner namespace, and the
+/// agent's RBAC with its writes granted only in the runner namespace, as the chart renders it
+/// with `runnerNamespaces` set (the DaemonSet's args say so too).
+async fn setup(cp: &ControlPlane) -> (Client, String, String) {
     let admin = cp.client().await;
     cluster::ensure_crds(&admin).await;
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
@@ -202,13 +219,20 @@ async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseli
     cluster::wait_established(&crds, "ephemeralrunners.actions.github.com").await;
     let system = cluster::test_namespace(&admin, "runwarden-system").await;
     let ns = cluster::test_namespace(&admin, "arc-runners").await;
-    // The agent's RBAC with its writes granted only in the runner namespace, as the chart
-    // renders it with `runnerNamespaces` set; the DaemonSet's args say so too.
     let rbac = runwarden_agent::rbac::RBAC.manifests_for(&system, std::slice::from_ref(&ns));
     let stream: String = rbac.iter().map(|m| format!("---\n{}", serde_yaml::to_string(m).unwrap())).collect();
     let cluster_role = rbac.iter().find(|m| m["kind"] == "ClusterRole").unwrap();
     assert!(!cluster_role["rules"].to_string().contains("events"), "no write is cluster-wide: {cluster_role}");
     apply_yaml(cp, &stream);
+    (admin, system, ns)
+}
+
+#[tokio::test]
+async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseline() {
+    common::require_root();
+    let _one = ONE_AGENT.lock().await;
+    let cp = ControlPlane::shared();
+    let (admin, system, ns) = setup(cp).await;
 
     // kubelet's pod cgroups for this test, and a listener the runner calls.
     let mount = ebpf::cgroup2_mount().unwrap();
@@ -354,4 +378,175 @@ fn tempdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("runwarden-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Python in `cgroup` inside `ns` trying UDP connects and TCP connects and lookups; prints one
+/// line per step: `ok`, the errno's name, a resolved address or `unresolved`.
+fn try_in_pod(cgroup: &Path, ns: &common::NetNs, steps: &[String]) -> Vec<String> {
+    let script = format!(
+        r#"
+import errno, socket
+def attempt(kind, addr):
+    s = socket.socket(socket.AF_INET, kind)
+    s.settimeout(2)
+    try:
+        s.connect(addr)
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        s.close()
+def resolve(name):
+    try:
+        return socket.getaddrinfo(name, 443, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+    except socket.gaierror:
+        return "unresolved"
+U, T = socket.SOCK_DGRAM, socket.SOCK_STREAM
+{}
+"#,
+        steps.iter().map(|s| format!("print({s})")).collect::<Vec<_>>().join("\n")
+    );
+    let out = common::python(cgroup, Some(ns), &script);
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// Block mode as the DaemonSet runs it with `agent.blockMode` on: a runner pod an EgressPolicy
+/// in Block mode selects by its scale set (its job not known yet) may call and resolve only
+/// what the policy allows; a policy change reaches the running pod; Audit lets it go.
+#[tokio::test]
+async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
+    common::require_root();
+    let _one = ONE_AGENT.lock().await;
+    let cp = ControlPlane::shared();
+    let (admin, system, ns) = setup(cp).await;
+    let mount = ebpf::cgroup2_mount().unwrap();
+    let relative = PathBuf::from(format!("runwarden-test-{}-block", std::process::id()));
+    let kubepods = mount.join(&relative).join("kubepods");
+    std::fs::create_dir_all(kubepods.join("besteffort")).unwrap();
+
+    // The pod's network: a namespace whose resolv.conf names the host end, where the cluster's
+    // DNS (the test's server) listens; the agent's resolver is reached at the same address.
+    let net = common::NetNs::new();
+    let h4 = net.host_v4;
+    let dns = common::DnsServer::start(h4.into());
+    // Addresses that are only connected to over UDP (no packet leaves), and the host end.
+    for (name, ip) in
+        [("allowed.test", [192, 0, 2, 10]), ("denied.test", [192, 0, 2, 66]), ("a.wild.test", h4.octets())]
+    {
+        dns.set(name, common::Zone::Records(vec![(name.into(), runwarden_agent::dns::RecordData::A(ip.into()))]));
+    }
+    let listener = TcpListener::bind((h4, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+
+    let policy = |allowed_host: bool, mode: &str| {
+        let mut allowed = vec![
+            json!({"host": "*.wild.test"}),
+            json!({"cidr": format!("{h4}/32"), "ports": [port], "protocol": "TCP"}),
+        ];
+        if allowed_host {
+            allowed.push(json!({"host": "allowed.test", "ports": [443], "protocol": "UDP"}));
+        }
+        json!({
+            "apiVersion": "runwarden.dev/v1alpha1", "kind": "EgressPolicy",
+            "metadata": {"name": "arc-egress", "namespace": ns},
+            "spec": {"selector": {"scaleSets": ["arc"]}, "mode": mode, "includeBaseline": false, "allowedEndpoints": allowed}
+        })
+    };
+    let policies: Api<runwarden_crds::EgressPolicy> = Api::namespaced(admin.clone(), &ns);
+    let apply = PatchParams::apply("runwarden-tests").force();
+    policies.patch("arc-egress", &apply, &Patch::Apply(policy(true, "Block"))).await.unwrap();
+
+    let state = tempdir("agent-block-state");
+    let mut agent = start_agent_with(
+        &agent_kubeconfig(cp, &system),
+        &relative.join("kubepods"),
+        &state,
+        cp.dir.join("agent-block.log"),
+        &ns,
+        true,
+        &[("POD_IP", h4.to_string()), ("RUNWARDEN_DNS_UPSTREAM", format!("{h4}:53"))],
+    );
+    wait_ready(&mut agent).await;
+
+    // A runner pod on the node, its address in its status as kubelet writes it.
+    let (pod, _runner) = runner_pod(&admin, &ns, "runner-b").await;
+    let container = pod_cgroup(&kubepods, &pod.uid().unwrap());
+    let status = json!({"status": {"podIP": net.pod_v4.to_string(), "podIPs": [{"ip": net.pod_v4.to_string()}]}});
+    Api::<Pod>::namespaced(admin.clone(), &ns)
+        .patch_status("runner-b", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let elsewhere = "attempt(U, ('198.51.100.7', 443))".to_string();
+    let mut held = false;
+    for _ in 0..50 {
+        if try_in_pod(&container, &net, std::slice::from_ref(&elsewhere)) == ["EPERM"] {
+            held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(held, "the runner pod was not put in block mode: {}", agent.log());
+
+    let closed = port.wrapping_add(1).max(1);
+    let steps = [
+        "resolve('allowed.test')".to_string(),
+        "attempt(U, ('192.0.2.10', 443))".into(),
+        "attempt(U, ('192.0.2.10', 444))".into(),
+        "resolve('denied.test')".into(),
+        "attempt(U, ('192.0.2.66', 443))".into(),
+        format!("attempt(T, ('{h4}', {port}))"),
+        format!("attempt(T, ('{h4}', {closed}))"),
+        "resolve('a.wild.test')".into(),
+        format!("attempt(T, ('{h4}', {closed}))"),
+    ];
+    let got = try_in_pod(&container, &net, &steps);
+    let h4s = h4.to_string();
+    assert_eq!(
+        got,
+        ["192.0.2.10", "ok", "EPERM", "unresolved", "EPERM", "ok", "EPERM", h4s.as_str(), "ECONNREFUSED"]
+            .map(String::from),
+        "{steps:#?}\n{}",
+        agent.log()
+    );
+
+    // The policy no longer allows allowed.test: the address it resolved is taken back.
+    let changed = std::time::Instant::now();
+    policies.patch("arc-egress", &apply, &Patch::Apply(policy(false, "Block"))).await.unwrap();
+    let mut took = None;
+    for _ in 0..50 {
+        if try_in_pod(&container, &net, &steps[1..2]) == ["EPERM"] {
+            took = Some(changed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = took.unwrap_or_else(|| panic!("the policy change did not reach the pod: {}", agent.log()));
+    eprintln!("a policy change reached the running pod in {took:?}");
+    assert_eq!(try_in_pod(&container, &net, &steps[..1]), ["unresolved"]);
+
+    let (_, metrics) = http_get("/metrics").unwrap();
+    assert!(metrics.contains("runwarden_agent_pods_blocking 1"), "{metrics}");
+    let blocked: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("runwarden_agent_blocked_calls_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(blocked >= 4, "refused calls counted: {blocked}\n{metrics}");
+
+    // Audit: nothing is refused any more.
+    policies.patch("arc-egress", &apply, &Patch::Apply(policy(false, "Audit"))).await.unwrap();
+    let mut freed = false;
+    for _ in 0..50 {
+        if try_in_pod(&container, &net, std::slice::from_ref(&elsewhere)) == ["ok"] {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "Audit mode still refused: {}", agent.log());
+    assert_eq!(try_in_pod(&container, &net, &steps[3..4]), ["192.0.2.66"], "its DNS is its own again");
+    drop(agent);
+    drop(listener);
+    common::remove_tree(&mount.join(&relative));
+    let _ = std::fs::remove_dir_all(&state);
 }

@@ -70,7 +70,13 @@ pub struct AgentConfig {
     pub runner_namespaces: Vec<String>,
     /// DNS resolvers whose answers name destinations (empty: the agent pod's resolv.conf's).
     pub trusted_resolvers: Vec<String>,
+    /// Block mode (experimental): the agents hold runner pods an `EgressPolicy` in `Block` mode
+    /// covers to what it allows; their DNS goes to the agent's resolver on [`RESOLVER_PORT`].
+    pub block_mode: bool,
 }
+
+/// The port of the agent's resolver for block-mode pods (UDP and TCP).
+pub const RESOLVER_PORT: u16 = 10053;
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -90,6 +96,7 @@ impl Default for AgentConfig {
             owner: None,
             runner_namespaces: Vec::new(),
             trusted_resolvers: Vec::new(),
+            block_mode: false,
         }
     }
 }
@@ -107,6 +114,10 @@ fn args(config: &AgentConfig) -> Vec<String> {
         if !list.is_empty() {
             args.push(format!("--{flag}={}", list.join(",")));
         }
+    }
+    if config.block_mode {
+        args.push("--block-mode".into());
+        args.push(format!("--resolver-port={RESOLVER_PORT}"));
     }
     args
 }
@@ -141,6 +152,7 @@ pub fn desired(config: &AgentConfig) -> Value {
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                 {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                 {"name": "RUNWARDEN_LOG", "value": config.log_level},
             ],
             "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
@@ -167,6 +179,12 @@ pub fn desired(config: &AgentConfig) -> Value {
             {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
         ],
     });
+    if config.block_mode {
+        let ports = pod_spec["containers"][0]["ports"].as_array_mut().expect("ports are a list");
+        for protocol in ["UDP", "TCP"] {
+            ports.push(json!({"name": format!("dns-{}", protocol.to_lowercase()), "containerPort": RESOLVER_PORT, "protocol": protocol}));
+        }
+    }
     if let Some(pc) = &config.priority_class_name {
         pod_spec["priorityClassName"] = json!(pc);
     }

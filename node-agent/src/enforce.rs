@@ -1,0 +1,299 @@
+//! Block mode on this node: which pods an `EgressPolicy` in `Block` mode covers and what each
+//! may call, kept in step with the kernel ([`crate::ebpf::Probes::set_blocking`], the pods'
+//! allowed ranges) and with the resolver ([`Enforced`] is its [`Gate`]).
+//!
+//! A pod is covered by the policy that applies to it (the oldest of its namespace that selects
+//! it, as for anomaly reports): before its job is known, by what its scale set alone selects,
+//! so there is no window in which a runner is not held to the scale set's policy; once known,
+//! by the job's. What it may call: the policy's `allowedEndpoints`, its presets and, with
+//! `includeBaseline`, the endpoints its job's baseline learned or a person approved (hosts,
+//! rotating families, address blocks) and the baseline's `spec.approved`. Names are allowed
+//! through the resolver (their addresses for their TTL); ranges go into the kernel for good.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use runwarden_crds::{EgressPolicy, EndpointRule, EndpointState, PolicyMode, WorkflowBaseline};
+
+use crate::ebpf::{Allowed, LoadError, Probes};
+use crate::events::Proto;
+use crate::resolver::{Gate, Scope};
+
+/// A name rule: an exact name, every name below a suffix (`*.example.com`), or a rotating
+/// family's shape (learned by a baseline).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Name {
+    Exact(String),
+    Below(String),
+    Shape(String),
+}
+
+impl Name {
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            Name::Exact(n) => n == name,
+            Name::Below(suffix) => {
+                name.len() > suffix.len() + 1
+                    && name.ends_with(suffix.as_str())
+                    && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+            }
+            Name::Shape(shape) => runwarden_detector::host::family(name).is_some_and(|(s, _)| &s == shape),
+        }
+    }
+}
+
+/// What one pod may call in block mode.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allowance {
+    names: Vec<(Name, Scope)>,
+    /// Ranges allowed for good.
+    pub ranges: Vec<Allowed>,
+    /// The policy it comes from, `namespace/name`.
+    pub policy: String,
+}
+
+fn proto(p: Option<runwarden_crds::Protocol>) -> Option<Proto> {
+    p.map(|p| match p {
+        runwarden_crds::Protocol::Tcp => Proto::Tcp,
+        runwarden_crds::Protocol::Udp => Proto::Udp,
+    })
+}
+
+/// An address range from a rule's `cidr` (validated by the API server; anything else is
+/// skipped, so a bad entry allows nothing).
+fn range(cidr: &str, scope: &Scope) -> Option<Allowed> {
+    let (addr, prefix) = cidr.split_once('/')?;
+    let addr: IpAddr = addr.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok()?;
+    (prefix <= if addr.is_ipv4() { 32 } else { 128 }).then(|| Allowed {
+        addr,
+        prefix,
+        protocol: scope.protocol,
+        ports: scope.ports.clone(),
+        ttl: None,
+    })
+}
+
+impl Allowance {
+    /// What `policy` allows a pod whose job's baseline is `baseline` (if known).
+    pub fn build(policy: &EgressPolicy, baseline: Option<&WorkflowBaseline>) -> Self {
+        let mut out = Allowance {
+            policy: format!(
+                "{}/{}",
+                policy.metadata.namespace.as_deref().unwrap_or_default(),
+                policy.metadata.name.as_deref().unwrap_or_default()
+            ),
+            ..Allowance::default()
+        };
+        let mut rules: Vec<EndpointRule> = policy.spec.allowed_endpoints.clone();
+        for preset in &policy.spec.presets {
+            rules.extend(preset.endpoints());
+        }
+        if policy.spec.include_baseline
+            && let Some(baseline) = baseline
+        {
+            rules.extend(baseline.spec.approved.iter().cloned());
+            for e in baseline.status.iter().flat_map(|s| &s.endpoints) {
+                if !matches!(e.state, EndpointState::Learned | EndpointState::Approved) {
+                    continue;
+                }
+                let scope = Scope { protocol: proto(Some(e.protocol)), ports: vec![e.port] };
+                if let Some(host) = &e.host {
+                    out.names.push((Name::Exact(host.clone()), scope));
+                } else if let Some(shape) = &e.pattern {
+                    out.names.push((Name::Shape(shape.clone()), scope));
+                } else if let Some(r) = e.cidr.as_deref().and_then(|c| range(c, &scope)) {
+                    out.ranges.push(r);
+                }
+            }
+        }
+        for rule in rules {
+            let scope = Scope { protocol: proto(rule.protocol), ports: rule.ports.clone() };
+            if let Some(host) = rule.host {
+                let name = match host.strip_prefix("*.") {
+                    Some(suffix) => Name::Below(suffix.to_string()),
+                    None => Name::Exact(host),
+                };
+                out.names.push((name, scope));
+            } else if let Some(r) = rule.cidr.as_deref().and_then(|c| range(c, &scope)) {
+                out.ranges.push(r);
+            }
+        }
+        out
+    }
+
+    /// What the addresses of `name` allow (empty: the name may not be resolved).
+    pub fn scopes(&self, name: &str) -> Vec<Scope> {
+        let mut scopes: Vec<Scope> = Vec::new();
+        for (n, scope) in &self.names {
+            if n.matches(name) && !scopes.contains(scope) {
+                scopes.push(scope.clone());
+            }
+        }
+        scopes
+    }
+}
+
+/// An address the resolver allowed a pod, and until when.
+#[derive(Clone, Debug)]
+struct Resolved {
+    name: String,
+    ip: IpAddr,
+    until: Instant,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// Pod address → its cgroup.
+    by_ip: HashMap<IpAddr, u64>,
+    /// cgroup → what it may call.
+    allowances: HashMap<u64, Arc<Allowance>>,
+    /// cgroup → addresses the resolver allowed it (to take back those of names a policy change
+    /// no longer allows).
+    resolved: HashMap<u64, Vec<Resolved>>,
+}
+
+/// Most resolved addresses remembered per pod; past it the oldest are forgotten (they still
+/// expire in the kernel).
+const MAX_RESOLVED_PER_POD: usize = 4096;
+
+/// The pods in block mode, shared by the agent's loop (which keeps it) and the resolver
+/// (which asks it).
+#[derive(Clone, Debug, Default)]
+pub struct Enforced(Arc<RwLock<GateState>>);
+
+impl Gate for Enforced {
+    fn decide(&self, client: IpAddr, name: &str) -> Option<(u64, Vec<Scope>)> {
+        let state = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        let pod = *state.by_ip.get(&client)?;
+        let scopes = state.allowances.get(&pod)?.scopes(name);
+        (!scopes.is_empty()).then_some((pod, scopes))
+    }
+
+    fn resolved(&self, pod: u64, name: &str, ips: &[(IpAddr, Duration)]) {
+        let mut state = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let list = state.resolved.entry(pod).or_default();
+        let now = Instant::now();
+        list.retain(|r| r.until > now);
+        for (ip, ttl) in ips {
+            list.push(Resolved { name: name.to_string(), ip: *ip, until: now + *ttl });
+        }
+        if list.len() > MAX_RESOLVED_PER_POD {
+            let extra = list.len() - MAX_RESOLVED_PER_POD;
+            list.drain(..extra);
+        }
+    }
+}
+
+/// A pod block mode should cover: its cgroup, its addresses and what it may call.
+#[derive(Clone, Debug)]
+pub struct Covered {
+    /// The pod's cgroup id.
+    pub cgroup: u64,
+    /// Its addresses (where its DNS queries come from).
+    pub ips: Vec<IpAddr>,
+    /// What it may call.
+    pub allowance: Arc<Allowance>,
+}
+
+/// Keeps the kernel and the gate in step with the pods block mode covers.
+#[derive(Debug, Default)]
+pub struct Enforcer {
+    /// The gate the resolver asks.
+    pub gate: Enforced,
+    applied: HashMap<u64, Covered>,
+}
+
+impl Enforcer {
+    /// Pods in block mode now.
+    pub fn blocking(&self) -> usize {
+        self.applied.len()
+    }
+
+    /// Puts `covered` in block mode with what each may call and takes every other pod out.
+    /// A change of what a pod may call takes effect at once: ranges and resolved addresses it
+    /// no longer may call are taken back (what it still may stays, no call is refused in between).
+    pub fn apply(&mut self, probes: &mut Probes, covered: Vec<Covered>) -> Vec<(u64, LoadError)> {
+        let mut errors = Vec::new();
+        let wanted: HashMap<u64, Covered> = covered.into_iter().map(|c| (c.cgroup, c)).collect();
+        let gone: Vec<u64> = self.applied.keys().filter(|id| !wanted.contains_key(id)).copied().collect();
+        for id in gone {
+            let _ = probes.set_blocking(id, false);
+            let _ = probes.disallow_all(id);
+            self.applied.remove(&id);
+            let mut state = self.gate.0.write().unwrap_or_else(PoisonError::into_inner);
+            state.allowances.remove(&id);
+            state.resolved.remove(&id);
+            state.by_ip.retain(|_, pod| *pod != id);
+        }
+        for (id, want) in wanted {
+            let before = self.applied.get(&id);
+            if before.is_some_and(|b| b.allowance == want.allowance && b.ips == want.ips) {
+                continue;
+            }
+            let result = (|| -> Result<(), LoadError> {
+                // New ranges first, then block mode: nothing allowed is refused in between.
+                for r in &want.allowance.ranges {
+                    if before.is_none_or(|b| !b.allowance.ranges.contains(r)) {
+                        probes.allow(id, r)?;
+                    }
+                }
+                if let Some(b) = before {
+                    for r in &b.allowance.ranges {
+                        if !want.allowance.ranges.contains(r) {
+                            probes.disallow(id, r)?;
+                        }
+                    }
+                }
+                {
+                    let mut state = self.gate.0.write().unwrap_or_else(PoisonError::into_inner);
+                    state.allowances.insert(id, want.allowance.clone());
+                    state.by_ip.retain(|_, pod| *pod != id);
+                    for ip in &want.ips {
+                        state.by_ip.insert(*ip, id);
+                    }
+                    // Addresses of names no longer allowed: taken back now, not at their TTL.
+                    let now = Instant::now();
+                    let resolved = state.resolved.remove(&id).unwrap_or_default();
+                    let mut kept = Vec::new();
+                    for r in resolved {
+                        if r.until <= now {
+                            continue;
+                        }
+                        let still = want.allowance.scopes(&r.name);
+                        let was = before.map(|b| b.allowance.scopes(&r.name)).unwrap_or_default();
+                        for scope in was.iter().filter(|s| !still.contains(s)) {
+                            let entry = Allowed {
+                                addr: r.ip,
+                                prefix: if r.ip.is_ipv4() { 32 } else { 128 },
+                                protocol: scope.protocol,
+                                ports: scope.ports.clone(),
+                                ttl: None,
+                            };
+                            probes.disallow(id, &entry)?;
+                        }
+                        if !still.is_empty() {
+                            kept.push(r);
+                        }
+                    }
+                    state.resolved.insert(id, kept);
+                }
+                probes.set_blocking(id, true)
+            })();
+            match result {
+                Ok(()) => {
+                    self.applied.insert(id, want);
+                }
+                Err(e) => errors.push((id, e)),
+            }
+        }
+        errors
+    }
+}
+
+/// Whether `policy` holds the pods it applies to in block mode.
+pub fn blocks(policy: &EgressPolicy) -> bool {
+    policy.spec.mode == PolicyMode::Block
+}
