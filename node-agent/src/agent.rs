@@ -125,6 +125,10 @@ pub struct AgentArgs {
     /// How the resolver answers a name block mode does not allow.
     #[arg(long, value_enum, default_value_t = Refusal::Refused)]
     pub refuse_dns_with: Refusal,
+    /// The node's BPF filesystem (a hostPath of /sys/fs/bpf): block mode keeps its state and
+    /// its pods' links in `runwarden/` there, so a restarted agent finds its pods still held.
+    #[arg(long, env = "RUNWARDEN_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
 }
 
 /// How a name that may not be resolved is answered.
@@ -595,7 +599,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         warn!(cgroup2 = %mount.display(), kubepods = ?args.kubepods_cgroup, "no kubelet pod cgroups found (kubepods, kubepods.slice); looking again in 5 s");
         tokio::time::sleep(Duration::from_secs(5)).await;
     };
-    let mut probes = Probes::load(&Options { mount: mount.clone(), dedupe_window, pod_budget })?;
+    let pin_dir = args.block_mode.then(|| args.bpffs.join("runwarden"));
+    let mut probes = Probes::load(&Options { mount: mount.clone(), dedupe_window, pod_budget, pin_dir })?;
     let mut reader = probes.reader()?;
     probes.watch_pods(&parents)?;
     // Pods made from now on are armed as their cgroup appears; those already there (running
@@ -1038,12 +1043,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 }
             }
         }
-        if args.block_mode && (tick || changed) {
+        // Only once every pod, policy and baseline has been read: until then what an earlier
+        // agent left in the kernel holds (a half-read cluster would let pods go).
+        let synced = pods_synced && caches_ready.load(std::sync::atomic::Ordering::Relaxed);
+        if args.block_mode && synced && (tick || changed) {
             let covered = covered(&node, &caches.policies, &caches.baselines, &mut allowances);
             for (cgroup, e) in enforcer.apply(&mut probes, covered) {
                 let pod = node.run_of_cgroup(cgroup).map(|r| format!("{}/{}", r.0.namespace, r.0.name));
                 error!(pod, cgroup, error = %e, "could not put a pod in block mode");
             }
+            probes.let_go_of_the_past();
             metrics.pods_blocking.set(enforcer.blocking() as i64);
         }
         for (uid, run) in node.take_dirty() {

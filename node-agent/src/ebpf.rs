@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
-use aya::programs::cgroup_skb::{CgroupSkbAttachType, CgroupSkbLink};
-use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
+use aya::programs::cgroup_skb::CgroupSkbAttachType;
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
@@ -27,6 +27,7 @@ use runwarden_ebpf_common::{
     FAMILY_IPV4, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall, names, stats,
 };
 use tokio::io::unix::AsyncFd;
+use tracing::warn;
 
 use crate::events::Proto;
 
@@ -203,6 +204,9 @@ pub struct Options {
     pub dedupe_window: Duration,
     /// Each pod's record budget.
     pub pod_budget: PodBudget,
+    /// A directory on the BPF filesystem where block mode's state is kept across restarts
+    /// (`None`: nothing outlives the process). See [`Probes::load`].
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// How many records one pod may write into the ring buffer all pods share: a token bucket per
@@ -332,14 +336,34 @@ pub struct KernelStats {
     pub throttled: u64,
 }
 
-/// The programs attached to one cgroup; dropping it detaches them.
+/// A link of a program to a cgroup: held by this process (detached when dropped), or pinned on
+/// the BPF filesystem (attached until unpinned, whatever happens to the process).
+enum Held {
+    Attached(FdLink),
+    Pinned(PinnedLink),
+}
+
+/// The programs attached to one cgroup; dropping it detaches those not pinned.
 struct CgroupLinks {
     dir: PathBuf,
-    _calls: Vec<CgroupSockAddrLink>,
-    _dns: [CgroupSkbLink; 2],
-    /// [`names::REWRITE_PROGRAMS`], while the pod is in block mode.
-    rewrite: Vec<CgroupSockAddrLink>,
+    /// Program name and link: [`names::PROGRAMS`], then [`names::REWRITE_PROGRAMS`] while the
+    /// pod is in block mode.
+    links: Vec<(&'static str, Held)>,
 }
+
+/// The links of a block-mode pod pinned by an agent before this one, by cgroup id.
+type Inherited = HashMap<u64, Vec<(PathBuf, PinnedLink)>>;
+
+/// A stable hash of the kernel object (FNV-1a): block mode's maps are shared with an agent of
+/// the same build only (another build may lay them out otherwise).
+fn object_version() -> String {
+    let hash = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+    format!("{hash:016x}")
+}
+
+/// Block mode's maps, kept on the BPF filesystem so that a restarted agent's programs and the
+/// programs its predecessor pinned share them.
+const PINNED_MAPS: [&str; 4] = [names::CONFIG, names::POLICIES, names::ALLOW, names::REDIRECTED];
 
 /// The kernel's attach types of [`names::PROGRAMS`], in that order (`enum bpf_attach_type`:
 /// `BPF_CGROUP_INET4_CONNECT`, `..._INET6_CONNECT`, `BPF_CGROUP_UDP4_SENDMSG`,
@@ -373,6 +397,12 @@ pub struct Probes {
     /// Pods in block mode.
     blocking: HashSet<u64>,
     allow_list: AllowList,
+    /// Where block mode's state is pinned: `<pin dir>/<object version>`.
+    pins: Option<PathBuf>,
+    /// Links pinned by earlier agents, let go once this agent's own are attached.
+    inherited: Inherited,
+    /// Names this process's pins apart from earlier agents' (its start, in ns since the epoch).
+    instance: u128,
     config: Config,
 }
 
@@ -392,7 +422,33 @@ impl Probes {
         if !lacking.is_empty() {
             return Err(LoadError::NotPermitted(lacking));
         }
-        let mut bpf = EbpfLoader::new().load(OBJECT).map_err(refused)?;
+        let pins = match &options.pin_dir {
+            Some(dir) => {
+                let pins = dir.join(object_version());
+                std::fs::create_dir_all(pins.join("links")).map_err(|e| {
+                    LoadError::Unsupported(format!(
+                        "block mode keeps its state in {}: {e} (it must be on the BPF filesystem: the node's /sys/fs/bpf, \
+                         mounted into the agent's container)",
+                        pins.display()
+                    ))
+                })?;
+                Some(pins)
+            }
+            None => None,
+        };
+        let mut loader = EbpfLoader::new();
+        if let Some(pins) = &pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, pins.join(name));
+            }
+        }
+        let mut bpf = loader.load(OBJECT).map_err(|e| match &pins {
+            Some(p) => LoadError::Unsupported(format!(
+                "loading the programs with block mode's state in {}: {e} (it must be on the BPF filesystem)",
+                p.display()
+            )),
+            None => refused(e),
+        })?;
         for name in &names::PROGRAMS[..4] {
             program::<CgroupSockAddr>(&mut bpf, name)?.load().map_err(refused)?;
         }
@@ -407,6 +463,20 @@ impl Probes {
             program_ids.push(bpf.program(name).ok_or_else(|| missing(name))?.info().map_err(refused)?.id());
         }
         let exec_filename_offset = attach_exec(&mut bpf).unwrap_or(0);
+        // Pods an earlier agent put in block mode stay so until this one decides otherwise.
+        let blocking: HashSet<u64> = match &pins {
+            Some(_) => {
+                let policies: BpfHashMap<_, u64, u32> =
+                    BpfHashMap::try_from(bpf.map(names::POLICIES).ok_or_else(|| missing(names::POLICIES))?)
+                        .map_err(refused)?;
+                policies.keys().filter_map(Result::ok).collect()
+            }
+            None => HashSet::new(),
+        };
+        let inherited = match &options.pin_dir {
+            Some(dir) => inherited_links(dir),
+            None => Inherited::new(),
+        };
         let allow = bpf.take_map(names::ALLOW).ok_or_else(|| missing(names::ALLOW))?;
         let allow_list =
             AllowList(std::sync::Arc::new(std::sync::Mutex::new(LpmTrie::try_from(allow).map_err(refused)?)));
@@ -423,8 +493,11 @@ impl Probes {
             monitored: HashMap::new(),
             links: HashMap::new(),
             program_ids,
-            blocking: HashSet::new(),
+            blocking,
             allow_list,
+            pins,
+            inherited,
+            instance: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
             config,
         };
         probes.write_config()?;
@@ -499,25 +572,112 @@ impl Probes {
         }
         let cgroup =
             std::fs::File::open(dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?;
-        let mut filter = |name: &str, attach_type: CgroupSkbAttachType| -> Result<CgroupSkbLink, LoadError> {
+        // An error drops what is attached so far: all or nothing.
+        let mut links = Vec::with_capacity(names::PROGRAMS.len() + names::REWRITE_PROGRAMS.len());
+        for (name, attach_type) in
+            [(names::PROGRAMS[4], CgroupSkbAttachType::Ingress), (names::PROGRAMS[5], CgroupSkbAttachType::Egress)]
+        {
             let dns: &mut CgroupSkb = program(&mut self.bpf, name)?;
             // Links always stack on a cgroup; "Single" is how aya asks for a plain link.
             let link = dns.attach(cgroup.as_fd(), attach_type, CgroupAttachMode::Single).map_err(refused)?;
-            dns.take_link(link).map_err(refused)
-        };
-        let dns = [
-            filter(names::PROGRAMS[4], CgroupSkbAttachType::Ingress)?,
-            filter(names::PROGRAMS[5], CgroupSkbAttachType::Egress)?,
-        ];
-        let mut calls = Vec::with_capacity(4);
-        for name in &names::PROGRAMS[..4] {
-            let program: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
-            let link = program.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(refused)?;
-            // An error drops what is attached so far: all or nothing.
-            calls.push(program.take_link(link).map_err(refused)?);
+            let link = FdLink::try_from(dns.take_link(link).map_err(refused)?).map_err(refused)?;
+            links.push((name, Held::Attached(link)));
         }
-        self.links.insert(id, CgroupLinks { dir: dir.to_path_buf(), _calls: calls, _dns: dns, rewrite: Vec::new() });
+        for name in &names::PROGRAMS[..4] {
+            links.push((name, Held::Attached(sock_addr_link(&mut self.bpf, name, &cgroup)?)));
+        }
+        self.links.insert(id, CgroupLinks { dir: dir.to_path_buf(), links });
+        if self.blocking.contains(&id) {
+            // In block mode before this agent started: its rewrite programs too, pinned, and
+            // then the earlier agent's links can go (one or the other holds it all along).
+            self.attach_rewrite(id)?;
+            self.pin(id)?;
+            self.let_go_inherited(id);
+        }
         Ok(())
+    }
+
+    /// Pins the pod's links: they stay attached if this process ends.
+    fn pin(&mut self, id: u64) -> Result<(), LoadError> {
+        let Some(pins) = self.pins.clone() else { return Ok(()) };
+        let Some(links) = self.links.get_mut(&id) else { return Ok(()) };
+        let dir = pins.join("links").join(id.to_string());
+        std::fs::create_dir_all(&dir).map_err(|e| LoadError::Unsupported(format!("{}: {e}", dir.display())))?;
+        let mut result = Ok(());
+        for (name, held) in std::mem::take(&mut links.links) {
+            let held = match held {
+                Held::Attached(link) if result.is_ok() => {
+                    // Named for this process: an earlier agent's pin of the same program stays
+                    // until this one is in place.
+                    let path = dir.join(format!("{name}-{}", self.instance));
+                    let _ = std::fs::remove_file(&path);
+                    match link.pin(&path) {
+                        Ok(pinned) => Held::Pinned(pinned),
+                        // The link went with the error: the periodic check attaches it again.
+                        Err(e) => {
+                            result = Err(refused(e));
+                            continue;
+                        }
+                    }
+                }
+                other => other,
+            };
+            links.links.push((name, held));
+        }
+        result
+    }
+
+    /// Unpins the pod's links (they stay attached while this process holds them).
+    fn unpin(&mut self, id: u64) {
+        let Some(links) = self.links.get_mut(&id) else { return };
+        for (name, held) in std::mem::take(&mut links.links) {
+            let held = match held {
+                Held::Pinned(pinned) => match pinned.unpin() {
+                    Ok(link) => Held::Attached(link),
+                    Err(e) => {
+                        warn!(program = name, error = %e, "could not unpin a link");
+                        continue;
+                    }
+                },
+                other => other,
+            };
+            links.links.push((name, held));
+        }
+        if let Some(pins) = &self.pins {
+            let _ = std::fs::remove_dir(pins.join("links").join(id.to_string()));
+        }
+    }
+
+    /// Lets go of the links earlier agents pinned for the pod cgroup `id`.
+    fn let_go_inherited(&mut self, id: u64) {
+        for (path, link) in self.inherited.remove(&id).unwrap_or_default() {
+            if let Err(e) = link.unpin() {
+                warn!(path = %path.display(), error = %e, "could not unpin an earlier agent's link");
+            }
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+
+    /// Lets go of every link earlier agents pinned that this one has not taken over (pods
+    /// gone, or no longer in block mode), and of their state: once this agent has read every
+    /// pod and policy.
+    pub fn let_go_of_the_past(&mut self) {
+        let ids: Vec<u64> = self.inherited.keys().copied().collect();
+        for id in ids {
+            self.let_go_inherited(id);
+        }
+        // Another build's maps: nothing of it is attached any more.
+        if let Some(ours) = &self.pins
+            && let Some(parent) = ours.parent()
+        {
+            for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+                if entry.path() != *ours {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
     }
 
     /// Checks that every armed pod still has each program attached to its cgroup and its mark
@@ -577,8 +737,9 @@ impl Probes {
     pub fn forget_pod(&mut self, id: u64) -> Result<(), LoadError> {
         let mut monitored: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
         let _ = monitored.remove(&id);
-        self.links.remove(&id);
+        // Out of block mode first: its links are unpinned, and go with the rest.
         self.set_blocking(id, false)?;
+        self.links.remove(&id);
         self.disallow_all(id)?;
         let mut budgets: BpfHashMap<_, u64, BudgetValue> = map(&mut self.bpf, names::BUDGETS)?;
         let _ = budgets.remove(&id);
@@ -642,6 +803,9 @@ impl Probes {
     pub fn set_blocking(&mut self, id: u64, block: bool) -> Result<(), LoadError> {
         if block {
             self.attach_rewrite(id)?;
+            // Pinned first: from the moment the pod is in block mode, it stays held if this
+            // process ends.
+            self.pin(id)?;
         }
         let mut policies: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::POLICIES)?;
         if block {
@@ -654,9 +818,11 @@ impl Probes {
             if self.blocking.remove(&id) {
                 self.write_config()?;
             }
+            self.unpin(id);
             if let Some(links) = self.links.get_mut(&id) {
-                links.rewrite.clear();
+                links.links.retain(|(name, _)| !names::REWRITE_PROGRAMS.contains(name));
             }
+            self.let_go_inherited(id);
         }
         Ok(())
     }
@@ -665,7 +831,7 @@ impl Probes {
         let Some(links) = self.links.get(&id) else {
             return Err(LoadError::Unsupported(format!("cgroup {id} is not armed: block mode needs its programs")));
         };
-        if !links.rewrite.is_empty() {
+        if links.links.iter().any(|(name, _)| names::REWRITE_PROGRAMS.contains(name)) {
             return Ok(());
         }
         let dir = links.dir.clone();
@@ -673,12 +839,10 @@ impl Probes {
             std::fs::File::open(&dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?;
         let mut rewrite = Vec::with_capacity(names::REWRITE_PROGRAMS.len());
         for name in names::REWRITE_PROGRAMS {
-            let program: &mut CgroupSockAddr = program(&mut self.bpf, name)?;
-            let link = program.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(refused)?;
-            rewrite.push(program.take_link(link).map_err(refused)?);
+            rewrite.push((name, Held::Attached(sock_addr_link(&mut self.bpf, name, &cgroup)?)));
         }
         if let Some(links) = self.links.get_mut(&id) {
-            links.rewrite = rewrite;
+            links.links.extend(rewrite);
         }
         Ok(())
     }
@@ -693,6 +857,11 @@ impl Probes {
             None => (0, 0),
         };
         self.write_config()
+    }
+
+    /// The pods in block mode (those an earlier agent left so included).
+    pub fn blocking_pods(&self) -> Vec<u64> {
+        self.blocking.iter().copied().collect()
     }
 
     /// Lets the pod cgroup `pod` call `allowed` while in block mode.
@@ -812,6 +981,36 @@ impl Probes {
             .map_err(|e| LoadError::Unsupported(format!("polling the ring buffer: {}", std::io::Error::from(e))))?;
         Ok(Reader { fd })
     }
+}
+
+/// Attaches the sock_addr program `name` to `cgroup`.
+fn sock_addr_link(bpf: &mut Ebpf, name: &str, cgroup: &std::fs::File) -> Result<FdLink, LoadError> {
+    let program: &mut CgroupSockAddr = program(bpf, name)?;
+    let link = program.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(refused)?;
+    FdLink::try_from(program.take_link(link).map_err(refused)?).map_err(refused)
+}
+
+/// The links earlier agents (of any build) pinned below `pin_dir`: `<version>/links/<cgroup
+/// id>/<program>-<agent instance>` (the BPF filesystem takes no `.` in a name).
+fn inherited_links(pin_dir: &Path) -> Inherited {
+    let mut found = Inherited::new();
+    let dirs = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d).map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default()
+    };
+    for version in dirs(pin_dir) {
+        for pod in dirs(&version.join("links")) {
+            let Some(id) = pod.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            for path in dirs(&pod) {
+                match PinnedLink::from_pin(&path) {
+                    Ok(link) => found.entry(id).or_default().push((path, link)),
+                    Err(e) => warn!(path = %path.display(), error = %e, "not a pinned link; left alone"),
+                }
+            }
+        }
+    }
+    found
 }
 
 /// Loads and attaches the `sched_process_exec` program; the offset of `linux_binprm.filename`

@@ -218,7 +218,13 @@ impl Enforcer {
     pub fn apply(&mut self, probes: &mut Probes, covered: Vec<Covered>) -> Vec<(u64, LoadError)> {
         let mut errors = Vec::new();
         let wanted: HashMap<u64, Covered> = covered.into_iter().map(|c| (c.cgroup, c)).collect();
-        let gone: Vec<u64> = self.applied.keys().filter(|id| !wanted.contains_key(id)).copied().collect();
+        // Those this agent put in block mode, and those an earlier agent left so.
+        let mut gone: Vec<u64> = self.applied.keys().filter(|id| !wanted.contains_key(id)).copied().collect();
+        for id in probes.blocking_pods() {
+            if !wanted.contains_key(&id) && !gone.contains(&id) {
+                gone.push(id);
+            }
+        }
         for id in gone {
             let _ = probes.set_blocking(id, false);
             let _ = probes.disallow_all(id);

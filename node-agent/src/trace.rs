@@ -102,7 +102,12 @@ pub async fn run(args: &Args, out: &mut dyn Write) -> Result<i32, TraceError> {
 }
 
 async fn trace(args: &Args, mount: &Path, cgroup: &Path, out: &mut dyn Write) -> Result<i32, TraceError> {
-    let options = Options { mount: mount.to_path_buf(), dedupe_window: args.dedupe_window, pod_budget: PodBudget::OFF };
+    let options = Options {
+        mount: mount.to_path_buf(),
+        dedupe_window: args.dedupe_window,
+        pod_budget: PodBudget::OFF,
+        pin_dir: None,
+    };
     let mut probes = Probes::load(&options)?;
     probes.monitor(cgroup)?;
     let mut reader = probes.reader()?;

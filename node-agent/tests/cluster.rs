@@ -139,13 +139,18 @@ fn apply_yaml(cp: &ControlPlane, yaml: &str) {
 
 /// A runner pod of scale set `arc` on the test node, owned by an EphemeralRunner.
 async fn runner_pod(client: &Client, ns: &str, name: &str) -> (Pod, EphemeralRunner) {
+    runner_pod_of(client, ns, name, "arc").await
+}
+
+/// A runner pod of `scale_set` on the test node, owned by an EphemeralRunner.
+async fn runner_pod_of(client: &Client, ns: &str, name: &str, scale_set: &str) -> (Pod, EphemeralRunner) {
     let runners: Api<EphemeralRunner> = Api::namespaced(client.clone(), ns);
     let runner = runners
         .create(&PostParams::default(), &EphemeralRunner::new(name, EphemeralRunnerSpec::default()))
         .await
         .unwrap();
     let mut pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"actions.github.com/scale-set-name": "arc"}},
+        "metadata": {"name": name, "labels": {"actions.github.com/scale-set-name": scale_set}},
         "spec": {"nodeName": NODE, "containers": [{"name": "runner", "image": "runner"}]}
     }))
     .unwrap();
@@ -456,16 +461,29 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     let apply = PatchParams::apply("runwarden-tests").force();
     policies.patch("arc-egress", &apply, &Patch::Apply(policy(true, "Block"))).await.unwrap();
 
+    // The node's BPF filesystem (the DaemonSet mounts the host's /sys/fs/bpf): one of the
+    // test's own, outliving each agent process as the node's does.
+    let bpffs = tempdir("agent-block-bpffs");
+    std::fs::create_dir_all(&bpffs).unwrap();
+    assert!(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs).status().unwrap().success());
+    let env = [
+        ("POD_IP", h4.to_string()),
+        ("RUNWARDEN_DNS_UPSTREAM", format!("{h4}:53")),
+        ("RUNWARDEN_BPFFS", bpffs.display().to_string()),
+    ];
     let state = tempdir("agent-block-state");
-    let mut agent = start_agent_with(
-        &agent_kubeconfig(cp, &system),
-        &relative.join("kubepods"),
-        &state,
-        cp.dir.join("agent-block.log"),
-        &ns,
-        true,
-        &[("POD_IP", h4.to_string()), ("RUNWARDEN_DNS_UPSTREAM", format!("{h4}:53"))],
-    );
+    let start = |log: &str| {
+        start_agent_with(
+            &agent_kubeconfig(cp, &system),
+            &relative.join("kubepods"),
+            &state,
+            cp.dir.join(log),
+            &ns,
+            true,
+            &env,
+        )
+    };
+    let mut agent = start("agent-block.log");
     wait_ready(&mut agent).await;
 
     // A runner pod on the node, its address in its status as kubelet writes it.
@@ -509,6 +527,33 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
         agent.log()
     );
 
+    // A runner the policy does not select (another scale set): in Audit, nothing refused.
+    let (audited, _) = runner_pod_of(&admin, &ns, "runner-c", "other").await;
+    let audited = pod_cgroup(&kubepods, &audited.uid().unwrap());
+    assert_eq!(try_in_pod(&audited, &net, std::slice::from_ref(&elsewhere)), ["ok"]);
+
+    // The agent dies: the block-mode pod stays held (its programs and state are pinned), gets no
+    // DNS answer (fail closed) but keeps what it resolved; the audited pod is not touched.
+    drop(agent);
+    let without_agent = [elsewhere.clone(), steps[1].clone(), steps[0].clone()];
+    assert_eq!(try_in_pod(&container, &net, &without_agent), ["EPERM", "ok", "unresolved"]);
+    assert_eq!(try_in_pod(&audited, &net, std::slice::from_ref(&elsewhere)), ["ok"]);
+    // A new agent takes over without letting go: held all along, and DNS answers again.
+    let mut agent = start("agent-block-2.log");
+    wait_ready(&mut agent).await;
+    assert_eq!(try_in_pod(&container, &net, &without_agent), ["EPERM", "ok", "192.0.2.10"], "{}", agent.log());
+    // Once it has read the cluster, only its own links hold the pod (the old ones let go).
+    let mut pinned = Vec::new();
+    for _ in 0..30 {
+        pinned = walk(&bpffs).into_iter().filter(|p| p.to_string_lossy().contains("/links/")).collect();
+        if pinned.len() == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pinned.len(), 10, "one pinned link per program of the one block-mode pod: {pinned:#?}");
+    assert_eq!(try_in_pod(&audited, &net, std::slice::from_ref(&elsewhere)), ["ok"]);
+
     // The policy no longer allows allowed.test: the address it resolved is taken back.
     let changed = std::time::Instant::now();
     policies.patch("arc-egress", &apply, &Patch::Apply(policy(false, "Block"))).await.unwrap();
@@ -531,7 +576,9 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
         .find_map(|l| l.strip_prefix("runwarden_agent_blocked_calls_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    assert!(blocked >= 4, "refused calls counted: {blocked}\n{metrics}");
+    // This agent's since it started: the refused call before the policy change, and the one
+    // after it.
+    assert!(blocked >= 2, "refused calls counted: {blocked}\n{metrics}");
 
     // Audit: nothing is refused any more.
     policies.patch("arc-egress", &apply, &Patch::Apply(policy(false, "Audit"))).await.unwrap();
@@ -545,8 +592,27 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     }
     assert!(freed, "Audit mode still refused: {}", agent.log());
     assert_eq!(try_in_pod(&container, &net, &steps[3..4]), ["192.0.2.66"], "its DNS is its own again");
+    // Audit took the pod out of block mode: nothing of it stays pinned.
+    let pinned: Vec<PathBuf> = walk(&bpffs).into_iter().filter(|p| p.to_string_lossy().contains("/links/")).collect();
+    assert!(pinned.is_empty(), "{pinned:#?}");
     drop(agent);
     drop(listener);
     common::remove_tree(&mount.join(&relative));
     let _ = std::fs::remove_dir_all(&state);
+    let _ = Command::new("umount").arg(&bpffs).status();
+    let _ = std::fs::remove_dir_all(&bpffs);
+}
+
+/// Every file below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

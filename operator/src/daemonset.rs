@@ -184,6 +184,16 @@ pub fn desired(config: &AgentConfig) -> Value {
         for protocol in ["UDP", "TCP"] {
             ports.push(json!({"name": format!("dns-{}", protocol.to_lowercase()), "containerPort": RESOLVER_PORT, "protocol": protocol}));
         }
+        // Block mode's state and its pods' links are pinned on the node's BPF filesystem, so
+        // they outlive an agent restart.
+        pod_spec["containers"][0]["volumeMounts"]
+            .as_array_mut()
+            .expect("mounts are a list")
+            .push(json!({"name": "bpffs", "mountPath": "/sys/fs/bpf"}));
+        pod_spec["volumes"]
+            .as_array_mut()
+            .expect("volumes are a list")
+            .push(json!({"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}}));
     }
     if let Some(pc) = &config.priority_class_name {
         pod_spec["priorityClassName"] = json!(pc);

@@ -173,7 +173,8 @@ pub async fn run(
     let arc = arc_installed(&client).await;
     let monitored = runners::run_monitored_pods(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
     let lifecycle = lifecycle::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
-    let policies = policy::run(client.clone(), metrics.clone(), scope.clone(), arc, shutdown.clone());
+    let policies =
+        policy::run(client.clone(), metrics.clone(), scope.clone(), arc, config.agent.block_mode, shutdown.clone());
     let notifiers = notify::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
     let runners = async {
         if arc {

@@ -9,9 +9,10 @@
 //! - Policies of one namespace whose selectors can select the same runner overlap. For such a
 //!   runner the oldest policy applies (by creation time, then name); a newer overlapping policy
 //!   is `Ready=True` with reason `Overlapping` and a message naming the policy that wins.
-//! - What this version does not do yet is never reported as Ready: a `Block` policy is
+//! - What the installation does not do is never reported as Ready: a `Block` policy is
 //!   `Ready=False`, reason `NotEnforced` (calls are reported as in `Audit` mode; none is
-//!   refused). The policy still applies to anomaly detection.
+//!   refused) unless the node agents enforce block mode (the agent configuration's
+//!   `blockMode`, Helm value `agent.blockMode`). The policy still applies to anomaly detection.
 //! - `status.matchedRunners` counts the runner pods (ARC's, or labelled
 //!   `runwarden.dev/monitor=true`) the selector covers and for which this policy wins: an ARC
 //!   runner by its scale-set label and the job its `EphemeralRunner` was given, a labelled pod
@@ -48,6 +49,8 @@ struct Ctx {
     scope: Scope,
     /// Whether ARC's `EphemeralRunner` API is installed (runners' jobs can be read).
     arc: bool,
+    /// Whether the node agents enforce block mode (the agent configuration's `blockMode`).
+    block_mode: bool,
 }
 
 /// Runs the `EgressPolicy` controller until `shutdown` completes (`arc`: whether ARC's
@@ -57,6 +60,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     scope: Scope,
     arc: bool,
+    block_mode: bool,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let policies: Api<EgressPolicy> = Api::all(client.clone());
@@ -96,7 +100,7 @@ pub async fn run(
                 instrumented(&ctx.metrics.clone(), "policies", reconcile(p, ctx)).await
             },
             error_policy,
-            Arc::new(Ctx { client, policies: store, recorder, metrics, scope, arc }),
+            Arc::new(Ctx { client, policies: store, recorder, metrics, scope, arc, block_mode }),
         )
         .for_each(|_| async {})
         .await;
@@ -109,11 +113,11 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
 
     let (status, reason, message) = match missing_secret(&ctx.client, &ns, &policy).await? {
         Some((reason, problem)) => (ConditionStatus::False, reason, problem),
-        None if policy.spec.mode == PolicyMode::Block => (
+        None if not_enforced(&policy, ctx.block_mode) => (
             ConditionStatus::False,
             "NotEnforced",
-            "mode Block is not enforced by this version of runwarden: calls that are not allowed are reported \
-             as in Audit mode and none is refused"
+            "mode Block is off in this installation (Helm value agent.blockMode): calls that are not allowed are \
+             reported as in Audit mode and none is refused"
                 .to_string(),
         ),
         None => match winner_over(&policy, &ctx.policies) {
@@ -184,12 +188,21 @@ async fn publish_invalid(
     }
 }
 
+/// Whether the policy asks for what this installation does not do: Block with block mode off.
+fn not_enforced(policy: &EgressPolicy, block_mode: bool) -> bool {
+    policy.spec.mode == PolicyMode::Block && !block_mode
+}
+
 /// What a valid policy allows, with its presets resolved.
 fn allowance(policy: &EgressPolicy) -> String {
     let from_presets: usize = policy.spec.presets.iter().map(|p| p.endpoints().len()).sum();
     let baseline = if policy.spec.include_baseline { " plus what each job's baseline learned" } else { "" };
+    let mode = match policy.spec.mode {
+        PolicyMode::Block => "; calls to anything else are refused",
+        PolicyMode::Audit => "",
+    };
     format!(
-        "valid; allows {} endpoints ({} from presets){baseline}",
+        "valid; allows {} endpoints ({} from presets){baseline}{mode}",
         policy.spec.allowed_endpoints.len() + from_presets,
         from_presets
     )
@@ -335,6 +348,23 @@ fn error_policy(_: Arc<EgressPolicy>, error: &Error, _: Arc<Ctx>) -> Action {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy(mode: &str) -> EgressPolicy {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "runwarden.dev/v1alpha1", "kind": "EgressPolicy", "metadata": {"name": "p"},
+            "spec": {"mode": mode, "presets": ["github-actions"]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_block_policy_is_ready_only_where_the_agents_enforce_block_mode() {
+        assert!(not_enforced(&policy("Block"), false));
+        assert!(!not_enforced(&policy("Block"), true));
+        assert!(!not_enforced(&policy("Audit"), false));
+        assert!(allowance(&policy("Block")).ends_with("calls to anything else are refused"));
+        assert!(!allowance(&policy("Audit")).contains("refused"));
+    }
 
     fn sel(scale_sets: &[&str], repositories: &[&str]) -> RunnerSelector {
         RunnerSelector {

@@ -118,7 +118,7 @@ async fn a_policy_naming_a_missing_secret_is_not_ready_and_says_which_field() {
 }
 
 #[tokio::test]
-async fn a_block_policy_is_not_ready_because_nothing_blocks_yet() {
+async fn a_block_policy_is_not_ready_where_block_mode_is_off() {
     let (client, ns, _stop) = setup("policy-block").await;
     create_policy(&client, &ns, "block", json!({"mode": "Block", "presets": ["github-actions"]})).await;
     let (status, message, _) = ready(&client, &ns, "block", "NotEnforced").await;

@@ -63,7 +63,7 @@ impl AgentThread {
 
     fn start_with(dedupe_window: Duration, setup: impl FnOnce(&mut Probes) + Send + 'static) -> Self {
         let mount = ebpf::cgroup2_mount().expect("cgroup v2");
-        let options = Options { mount, dedupe_window, pod_budget: PodBudget::OFF };
+        let options = Options { mount, dedupe_window, pod_budget: PodBudget::OFF, pin_dir: None };
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(AgentReport::default()));
         let (ready_tx, ready_rx) = mpsc::channel();

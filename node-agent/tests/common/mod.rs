@@ -355,7 +355,7 @@ impl Agent {
         sweep_stale_cgroups(&mount);
         let root = mount.join(format!("runwarden-test-{}-{}", std::process::id(), next()));
         std::fs::create_dir(&root).unwrap();
-        let options = Options { mount: mount.clone(), dedupe_window, pod_budget };
+        let options = Options { mount: mount.clone(), dedupe_window, pod_budget, pin_dir: None };
         let mut probes = Probes::load(&options).unwrap_or_else(|e| {
             remove_tree(&root);
             panic!("loading the programs: {e}")
