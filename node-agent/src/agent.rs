@@ -769,6 +769,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         _ => None,
     };
     let mut allowances: HashMap<AllowanceKey, Arc<Allowance>> = HashMap::new();
+    // When each (pod cgroup, destination)'s refusal was last said in an Event.
+    let mut blocked_said: HashMap<(u64, String), Instant> = HashMap::new();
     let mut pods_synced = false;
     let mut relisted: Option<std::collections::HashSet<String>> = None;
     let mut observations = Vec::new();
@@ -857,10 +859,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             actions.extend(node.runner_job(&runner, job, &caches));
         }
         for o in observations.drain(..) {
+            // A refused call is said as such, and is no destination of the run: a baseline
+            // never learns what block mode refused (with includeBaseline it would allow it next).
             if o.verdict == crate::events::Verdict::Denied {
-                metrics.blocked_calls.inc();
-                let pod = node.run_of_cgroup(o.pod_cgroup_id).map(|r| format!("{}/{}", r.0.namespace, r.0.name));
-                warn!(pod, destination = %o.ip, port = o.port, proto = ?o.proto, hosts = ?o.hosts, process = %o.process, "call refused in block mode");
+                say_blocked(&o, &node, &enforcer, &mut blocked_said, &metrics, &client, &node_name);
+                continue;
             }
             actions.extend(node.observe(o, &caches));
         }
@@ -1116,6 +1119,51 @@ async fn start_resolver(
     probes.set_resolver(Some(std::net::SocketAddrV4::new(pod_ip, port)))?;
     info!(resolver = %std::net::SocketAddrV4::new(pod_ip, port), %upstream, "block mode: pods' DNS goes through this agent's resolver");
     Ok(())
+}
+
+/// Counts and logs a call block mode refused, and says it in an Event on the runner pod and
+/// its `EphemeralRunner`: once per pod and destination every ten minutes (the metric counts
+/// every record).
+fn say_blocked(
+    o: &crate::pipeline::Observation,
+    node: &Node,
+    enforcer: &Enforcer,
+    said: &mut HashMap<(u64, String), Instant>,
+    metrics: &Metrics,
+    client: &Client,
+    node_name: &str,
+) {
+    metrics.blocked_calls.inc();
+    let runner = node.run_of_cgroup(o.pod_cgroup_id);
+    let proto = if o.proto == crate::events::Proto::Tcp { "TCP" } else { "UDP" };
+    let destination = std::net::SocketAddr::new(o.ip, o.port).to_string() + "/" + proto;
+    let policy = enforcer.policy_of(o.pod_cgroup_id).unwrap_or_default().to_string();
+    warn!(
+        pod = runner.as_ref().map(|r| format!("{}/{}", r.0.namespace, r.0.name)), %destination, hosts = ?o.hosts,
+        process = %o.process, %policy, "call refused in block mode"
+    );
+    let now = Instant::now();
+    let key = (o.pod_cgroup_id, destination.clone());
+    let due = said.get(&key).is_none_or(|last| now.duration_since(*last) >= Duration::from_secs(600));
+    let Some(runner) = runner.filter(|_| due) else { return };
+    said.insert(key, now);
+    if said.len() > 4096 {
+        said.retain(|_, last| now.duration_since(*last) < Duration::from_secs(600));
+    }
+    let blocked = crate::report::Blocked {
+        destination,
+        host: o.hosts.first().cloned(),
+        port: o.port,
+        protocol: proto,
+        process: o.process.clone(),
+        policy,
+    };
+    let (client, node_name) = (client.clone(), node_name.to_string());
+    let at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 600;
+    tokio::spawn(async move {
+        let runner = (&runner.0, runner.1.as_ref(), runner.2.as_ref());
+        crate::report::retrying(|| crate::report::blocked(&client, &node_name, runner, &blocked, at)).await;
+    });
 }
 
 /// What an allowance is built from: the policy and the baseline, at their versions.

@@ -212,6 +212,11 @@ impl Enforcer {
         self.applied.len()
     }
 
+    /// The policy holding the pod cgroup `cgroup`, `namespace/name`.
+    pub fn policy_of(&self, cgroup: u64) -> Option<&str> {
+        self.applied.get(&cgroup).map(|c| c.allowance.policy.as_str())
+    }
+
     /// Puts `covered` in block mode with what each may call and takes every other pod out.
     /// A change of what a pod may call takes effect at once: ranges and resolved addresses it
     /// no longer may call are taken back (what it still may stays, no call is refused in between).

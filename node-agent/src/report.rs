@@ -47,6 +47,8 @@ pub const TAMPERED: &str = "AgentTampered";
 pub const UNIDENTIFIED: &str = "UnidentifiedPod";
 /// Reason of the Events saying a pod received a DNS answer that looks forged.
 pub const SUSPICIOUS_DNS: &str = "SuspiciousDNS";
+/// Event reason: block mode refused a runner pod's call.
+pub const EGRESS_BLOCKED: &str = "EgressBlocked";
 /// `reportingController` of the Events.
 pub const CONTROLLER: &str = "runwarden.dev/agent";
 /// Least time between two series updates of one Event.
@@ -377,6 +379,72 @@ pub async fn suspicious_dns(
         list(&s.trusted)
     );
     about_runner(client, node, SUSPICIOUS_DNS, "Resolve", &note, runner, None, &format!("{}\n{at}", s.name)).await
+}
+
+/// A call block mode refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blocked {
+    /// `ip:port/PROTO`.
+    pub destination: String,
+    /// The name the pod looked the address up by, if any.
+    pub host: Option<String>,
+    /// Port and protocol, for the rule that would allow it.
+    pub port: u16,
+    /// `TCP` or `UDP`.
+    pub protocol: &'static str,
+    /// The process that called.
+    pub process: String,
+    /// The policy that holds the pod, `namespace/name`.
+    pub policy: String,
+}
+
+/// Says that block mode refused a runner pod's call: a Warning Event (`EgressBlocked`) on the
+/// pod and its `EphemeralRunner`, once per destination and `at`, naming the process, the policy
+/// and the rule that would allow it.
+pub async fn blocked(
+    client: &Client,
+    node: &str,
+    runner: (&ObjectRef, Option<&ObjectRef>, Option<&Job>),
+    b: &Blocked,
+    at: u64,
+) -> Delivery {
+    let (pod, _, job) = runner;
+    let what = match &b.host {
+        Some(host) => format!("{host} ({})", b.destination),
+        None => b.destination.clone(),
+    };
+    let rule = match &b.host {
+        Some(host) => format!("{{host: {host}, ports: [{}], protocol: {}}}", b.port, b.protocol),
+        None => {
+            let ip = b.destination.rsplit_once(':').map_or(b.destination.as_str(), |(ip, _)| ip);
+            let bits = if ip.contains(':') { 128 } else { 32 };
+            format!("{{cidr: {}/{bits}, ports: [{}], protocol: {}}}", ip.trim_matches(['[', ']']), b.port, b.protocol)
+        }
+    };
+    let (ns, name) = b.policy.split_once('/').unwrap_or(("", b.policy.as_str()));
+    let note = format!(
+        "refused a call of runner pod {}/{}{} to {what} by {}: EgressPolicy {} (mode Block) does not allow it. To          allow it, add {rule} to spec.allowedEndpoints (kubectl edit egresspolicy {name} -n {ns}, or the manifest in Git)",
+        pod.namespace,
+        pod.name,
+        job_text(job),
+        if b.process.is_empty() { "a process" } else { b.process.as_str() },
+        b.policy,
+    );
+    about_runner(
+        client,
+        node,
+        EGRESS_BLOCKED,
+        "Connect",
+        &note,
+        runner,
+        None,
+        &format!(
+            "{}
+{at}",
+            b.destination
+        ),
+    )
+    .await
 }
 
 fn job_text(job: Option<&Job>) -> String {

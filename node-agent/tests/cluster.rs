@@ -175,6 +175,10 @@ fn connect_from(cgroup: &Path, port: u16) {
 }
 
 async fn events_for(client: &Client, ns: &str, kind: &str, name: &str) -> Vec<Event> {
+    events_of(client, ns, "AnomalousEgress", kind, name).await
+}
+
+async fn events_of(client: &Client, ns: &str, reason: &str, kind: &str, name: &str) -> Vec<Event> {
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
     events
         .list(&Default::default())
@@ -182,7 +186,7 @@ async fn events_for(client: &Client, ns: &str, kind: &str, name: &str) -> Vec<Ev
         .unwrap()
         .items
         .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("AnomalousEgress"))
+        .filter(|e| e.reason.as_deref() == Some(reason))
         .filter(|e| {
             e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name))
         })
@@ -525,6 +529,31 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
             .map(String::from),
         "{steps:#?}\n{}",
         agent.log()
+    );
+
+    // Each refusal said once on the pod and its EphemeralRunner, with the rule that allows it;
+    // no anomaly for it (a refused call is no destination of the run).
+    let mut blocked = Vec::new();
+    for _ in 0..50 {
+        blocked = events_of(&admin, &ns, "EgressBlocked", "Pod", "runner-b").await;
+        if blocked.iter().any(|e| e.note.as_deref().is_some_and(|n| n.contains("192.0.2.66:443/UDP"))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let note = blocked
+        .iter()
+        .filter_map(|e| e.note.clone())
+        .find(|n| n.contains("192.0.2.66:443/UDP"))
+        .unwrap_or_else(|| panic!("an EgressBlocked Event for 192.0.2.66: {blocked:?}\n{}", agent.log()));
+    assert!(note.contains(&format!("EgressPolicy {ns}/arc-egress")) && note.contains("python3"), "{note}");
+    assert!(note.contains("{cidr: 192.0.2.66/32, ports: [443], protocol: UDP}"), "{note}");
+    assert!(!events_of(&admin, &ns, "EgressBlocked", "EphemeralRunner", "runner-b").await.is_empty());
+    assert!(
+        events_for(&admin, &ns, "Pod", "runner-b")
+            .await
+            .iter()
+            .all(|e| { !e.note.as_deref().unwrap_or_default().contains("192.0.2.66") })
     );
 
     // A runner the policy does not select (another scale set): in Audit, nothing refused.
