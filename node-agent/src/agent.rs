@@ -614,7 +614,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cgroup2 = %mount.display(), pod_parents = ?parents, exec_paths = probes.exec_paths(),
         abused_services = runwarden_detector::services::LISTS_VERSION, "programs attached"
     );
-    let mut enforcer = Enforcer::default();
+    let mut enforcer = Enforcer::new(probes.clients());
     let (answers_tx, mut answers_rx) = mpsc::channel::<(u64, Vec<u8>)>(4096);
     if args.block_mode {
         start_resolver(&args, &mut probes, &enforcer, answers_tx).await?;
@@ -671,8 +671,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let pods_client = client.clone();
     tokio::spawn(async move {
         let config = watcher::Config::default().fields(&format!("spec.nodeName={pods_node}"));
-        // Whole pods (their addresses are in the status), turned into PodInfo at once below.
-        let pods = watcher(Api::<Pod>::all(pods_client), config).backoff(watch_backoff());
+        let pods = watcher(Api::<PartialObjectMeta<Pod>>::all(pods_client), config).backoff(watch_backoff());
         let mut pods = std::pin::pin!(pods);
         while let Some(event) = pods.next().await {
             match event {
@@ -820,7 +819,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     if let (Some(listed), Some(uid)) = (relisted.as_mut(), m.metadata.uid.as_ref()) {
                         listed.insert(uid.clone());
                     }
-                    if let Some(mut info) = PodInfo::from_pod(&m) {
+                    if let Some(mut info) = PodInfo::from_meta(&m.metadata) {
                         // Runners outside the runner namespaces the agent's RBAC is narrowed to
                         // are not its to report (it could not write their Events or baselines).
                         if !args.runner_namespaces.is_empty() && !args.runner_namespaces.contains(&info.pod.namespace) {
@@ -1209,7 +1208,7 @@ fn covered(
         }
         let allowance =
             cache.entry(key).or_insert_with(|| Arc::new(Allowance::build(policy, baseline.as_deref()))).clone();
-        out.push(Covered { cgroup: s.cgroup, ips: s.ips, allowance });
+        out.push(Covered { cgroup: s.cgroup, allowance });
     }
     out
 }

@@ -23,8 +23,9 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
-    ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, Config, DedupeKey, DedupeValue, ENFORCE_BLOCK,
-    FAMILY_IPV4, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall, names, stats,
+    ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, ClientKey, Config, DedupeKey, DedupeValue,
+    ENFORCE_BLOCK, FAMILY_IPV4, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall,
+    names, stats,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -55,6 +56,12 @@ unsafe impl aya::Pod for Value {}
 struct Recent(RecentCall);
 // SAFETY: as above.
 unsafe impl aya::Pod for Recent {}
+
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct Client(ClientKey);
+// SAFETY: as above.
+unsafe impl aya::Pod for Client {}
 
 #[repr(transparent)]
 #[derive(Clone, Copy)]
@@ -276,6 +283,24 @@ impl AllowList {
     }
 }
 
+/// The kernel's record of which pod sent each query to the agent's resolver (`CLIENTS`),
+/// shared with the resolver.
+#[derive(Clone)]
+pub struct Clients(std::sync::Arc<std::sync::Mutex<BpfHashMap<MapData, Client, u64>>>);
+
+impl Clients {
+    /// The pod cgroup that sent a query from `from` over `protocol`, if a block-mode pod did.
+    pub fn pod_of(&self, from: std::net::SocketAddr, protocol: Proto) -> Option<u64> {
+        let addr = match from.ip() {
+            IpAddr::V4(v4) => v4.octets(),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped()?.octets(),
+        };
+        let protocol = if protocol == Proto::Tcp { PROTO_TCP } else { PROTO_UDP };
+        let key = Client(ClientKey { addr, port: from.port(), protocol, _pad: 0 });
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key, 0).ok()
+    }
+}
+
 /// Destinations a pod in block mode may call: an address range, over one protocol or both, on
 /// some ports or every port, for a while or for good.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -397,6 +422,7 @@ pub struct Probes {
     /// Pods in block mode.
     blocking: HashSet<u64>,
     allow_list: AllowList,
+    clients: Clients,
     /// Where block mode's state is pinned: `<pin dir>/<object version>`.
     pins: Option<PathBuf>,
     /// Links pinned by earlier agents, let go once this agent's own are attached.
@@ -477,6 +503,9 @@ impl Probes {
             Some(dir) => inherited_links(dir),
             None => Inherited::new(),
         };
+        let taken = bpf.take_map(names::CLIENTS).ok_or_else(|| missing(names::CLIENTS))?;
+        let clients =
+            Clients(std::sync::Arc::new(std::sync::Mutex::new(BpfHashMap::try_from(taken).map_err(refused)?)));
         let allow = bpf.take_map(names::ALLOW).ok_or_else(|| missing(names::ALLOW))?;
         let allow_list =
             AllowList(std::sync::Arc::new(std::sync::Mutex::new(LpmTrie::try_from(allow).map_err(refused)?)));
@@ -495,6 +524,7 @@ impl Probes {
             program_ids,
             blocking,
             allow_list,
+            clients,
             pins,
             inherited,
             instance: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
@@ -883,6 +913,11 @@ impl Probes {
     /// of the names it resolves).
     pub fn allow_list(&self) -> AllowList {
         self.allow_list.clone()
+    }
+
+    /// Which pod sent each query to the resolver, for a task of its own (the resolver).
+    pub fn clients(&self) -> Clients {
+        self.clients.clone()
     }
 
     fn write_config(&mut self) -> Result<(), LoadError> {

@@ -11,15 +11,15 @@
 //! through the resolver (their addresses for their TTL); ranges go into the kernel for good.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use runwarden_crds::{EgressPolicy, EndpointRule, EndpointState, PolicyMode, WorkflowBaseline};
 
-use crate::ebpf::{Allowed, LoadError, Probes};
+use crate::ebpf::{Allowed, Clients, LoadError, Probes};
 use crate::events::Proto;
-use crate::resolver::{Gate, Scope};
+use crate::resolver::{Gate, Scope, Transport};
 
 /// A name rule: an exact name, every name below a suffix (`*.example.com`), or a rotating
 /// family's shape (learned by a baseline).
@@ -146,8 +146,6 @@ struct Resolved {
 
 #[derive(Debug, Default)]
 struct GateState {
-    /// Pod address → its cgroup.
-    by_ip: HashMap<IpAddr, u64>,
     /// cgroup → what it may call.
     allowances: HashMap<u64, Arc<Allowance>>,
     /// cgroup → addresses the resolver allowed it (to take back those of names a policy change
@@ -160,20 +158,25 @@ struct GateState {
 const MAX_RESOLVED_PER_POD: usize = 4096;
 
 /// The pods in block mode, shared by the agent's loop (which keeps it) and the resolver
-/// (which asks it).
-#[derive(Clone, Debug, Default)]
-pub struct Enforced(Arc<RwLock<GateState>>);
+/// (which asks it): the kernel says which pod sent a query ([`Clients`]), this what it may
+/// resolve.
+#[derive(Clone)]
+pub struct Enforced {
+    state: Arc<RwLock<GateState>>,
+    clients: Clients,
+}
 
 impl Gate for Enforced {
-    fn decide(&self, client: IpAddr, name: &str) -> Option<(u64, Vec<Scope>)> {
-        let state = self.0.read().unwrap_or_else(PoisonError::into_inner);
-        let pod = *state.by_ip.get(&client)?;
+    fn decide(&self, client: SocketAddr, transport: Transport, name: &str) -> Option<(u64, Vec<Scope>)> {
+        let proto = if transport == Transport::Tcp { Proto::Tcp } else { Proto::Udp };
+        let pod = self.clients.pod_of(client, proto)?;
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
         let scopes = state.allowances.get(&pod)?.scopes(name);
         (!scopes.is_empty()).then_some((pod, scopes))
     }
 
     fn resolved(&self, pod: u64, name: &str, ips: &[(IpAddr, Duration)]) {
-        let mut state = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         let list = state.resolved.entry(pod).or_default();
         let now = Instant::now();
         list.retain(|r| r.until > now);
@@ -187,19 +190,16 @@ impl Gate for Enforced {
     }
 }
 
-/// A pod block mode should cover: its cgroup, its addresses and what it may call.
+/// A pod block mode should cover: its cgroup and what it may call.
 #[derive(Clone, Debug)]
 pub struct Covered {
     /// The pod's cgroup id.
     pub cgroup: u64,
-    /// Its addresses (where its DNS queries come from).
-    pub ips: Vec<IpAddr>,
     /// What it may call.
     pub allowance: Arc<Allowance>,
 }
 
 /// Keeps the kernel and the gate in step with the pods block mode covers.
-#[derive(Debug, Default)]
 pub struct Enforcer {
     /// The gate the resolver asks.
     pub gate: Enforced,
@@ -207,6 +207,11 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
+    /// An enforcer whose gate finds a query's pod in `clients`.
+    pub fn new(clients: Clients) -> Self {
+        Self { gate: Enforced { state: Arc::default(), clients }, applied: HashMap::new() }
+    }
+
     /// Pods in block mode now.
     pub fn blocking(&self) -> usize {
         self.applied.len()
@@ -234,14 +239,13 @@ impl Enforcer {
             let _ = probes.set_blocking(id, false);
             let _ = probes.disallow_all(id);
             self.applied.remove(&id);
-            let mut state = self.gate.0.write().unwrap_or_else(PoisonError::into_inner);
+            let mut state = self.gate.state.write().unwrap_or_else(PoisonError::into_inner);
             state.allowances.remove(&id);
             state.resolved.remove(&id);
-            state.by_ip.retain(|_, pod| *pod != id);
         }
         for (id, want) in wanted {
             let before = self.applied.get(&id);
-            if before.is_some_and(|b| b.allowance == want.allowance && b.ips == want.ips) {
+            if before.is_some_and(|b| b.allowance == want.allowance) {
                 continue;
             }
             let result = (|| -> Result<(), LoadError> {
@@ -259,12 +263,8 @@ impl Enforcer {
                     }
                 }
                 {
-                    let mut state = self.gate.0.write().unwrap_or_else(PoisonError::into_inner);
+                    let mut state = self.gate.state.write().unwrap_or_else(PoisonError::into_inner);
                     state.allowances.insert(id, want.allowance.clone());
-                    state.by_ip.retain(|_, pod| *pod != id);
-                    for ip in &want.ips {
-                        state.by_ip.insert(*ip, id);
-                    }
                     // Addresses of names no longer allowed: taken back now, not at their TTL.
                     let now = Instant::now();
                     let resolved = state.resolved.remove(&id).unwrap_or_default();

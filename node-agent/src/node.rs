@@ -76,9 +76,6 @@ pub struct PodInfo {
     /// The job: a runner's from its `EphemeralRunner` (filled in by the caller, see
     /// [`Node::runner_job`]), a `Labelled` pod's from its own annotations.
     pub identity: Option<JobIdentity>,
-    /// Its addresses (`status.podIPs`, written by the kubelet; none for a pod on the host's
-    /// network): where its DNS queries come from in block mode.
-    pub ips: Vec<IpAddr>,
 }
 
 impl PodInfo {
@@ -110,22 +107,7 @@ impl PodInfo {
             Role::Labelled => meta.annotations.as_ref().and_then(|a| JobIdentity::from_annotations(a).ok()),
             _ => None,
         };
-        Some(Self { pod, role, scale_set, runner, identity, ips: Vec::new() })
-    }
-
-    /// Reads a pod: its metadata as [`Self::from_meta`] does, and its addresses.
-    pub fn from_pod(pod: &k8s_openapi::api::core::v1::Pod) -> Option<Self> {
-        let mut info = Self::from_meta(&pod.metadata)?;
-        let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
-        if !host_network {
-            info.ips = pod
-                .status
-                .iter()
-                .flat_map(|s| s.pod_ips.iter().flatten())
-                .filter_map(|ip| ip.ip.parse().ok())
-                .collect();
-        }
-        Some(info)
+        Some(Self { pod, role, scale_set, runner, identity })
     }
 
     /// Whether its calls are monitored.
@@ -287,8 +269,6 @@ pub struct Subject {
     pub scale_set: Option<String>,
     /// Its run's job, once known.
     pub job: Option<Job>,
-    /// Its addresses.
-    pub ips: Vec<IpAddr>,
 }
 
 /// What the agent must do.
@@ -582,13 +562,7 @@ impl Node {
                 .get(&run_uid)
                 .and_then(|r| r.job.clone())
                 .or_else(|| owner.identity.as_ref().map(|i| Job::new(i, &owner.pod.uid)));
-            out.push(Subject {
-                cgroup,
-                namespace: pod.pod.namespace.clone(),
-                scale_set: owner.scale_set.clone(),
-                job,
-                ips: pod.ips.clone(),
-            });
+            out.push(Subject { cgroup, namespace: pod.pod.namespace.clone(), scale_set: owner.scale_set.clone(), job });
         }
         out
     }

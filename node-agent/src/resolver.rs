@@ -1,7 +1,8 @@
 //! The agent's DNS resolver for block-mode pods. The kernel programs send every DNS query of a
 //! block-mode pod here instead of to the server it asked (UDP and TCP to port 53, see
-//! [`crate::ebpf::Probes::set_resolver`]); the resolver asks whether the pod may resolve the
-//! name ([`Gate`]): if not, the pod gets a refusal and learns no address; if so, the query goes
+//! [`crate::ebpf::Probes::set_resolver`]) and note which pod sent it (by the packet's source
+//! address and port, before it leaves the pod: [`crate::ebpf::Clients`]); the resolver asks
+//! whether that pod may resolve the name ([`Gate`]): if not, the pod gets a refusal and learns no address; if so, the query goes
 //! to the real upstream server, and the answer's addresses for the name are put in the pod's
 //! allowed destinations ([`AllowList`]) *before* the answer is handed back, so the connect
 //! that follows the answer is never refused. Addresses stay allowed for the answer's TTL, at
@@ -37,10 +38,10 @@ pub struct Scope {
 
 /// Whether a pod may resolve a name, and what it may then call there.
 pub trait Gate: Send + Sync + 'static {
-    /// For the block-mode pod with address `client`: its cgroup id and what the addresses of
-    /// `name` (lowercase, no trailing dot) allow, or `None` to refuse the query (the client is
-    /// no block-mode pod, or the name is not allowed).
-    fn decide(&self, client: IpAddr, name: &str) -> Option<(u64, Vec<Scope>)>;
+    /// For the query from `client` over `transport`: the block-mode pod that sent it (its cgroup
+    /// id) and what the addresses of `name` (lowercase, no trailing dot) allow, or `None` to
+    /// refuse it (no block-mode pod sent it, or the name is not allowed).
+    fn decide(&self, client: SocketAddr, transport: Transport, name: &str) -> Option<(u64, Vec<Scope>)>;
 
     /// The addresses of `name` allowed to `pod` just now, each for how long.
     fn resolved(&self, _pod: u64, _name: &str, _ips: &[(IpAddr, Duration)]) {}
@@ -102,7 +103,7 @@ impl Resolver {
             };
             let (query, me, socket) = (buf[..n].to_vec(), self.clone(), socket.clone());
             tokio::spawn(async move {
-                if let Some(reply) = me.answer(&query, client.ip(), Transport::Udp).await {
+                if let Some(reply) = me.answer(&query, client, Transport::Udp).await {
                     let _ = socket.send_to(&reply, client).await;
                 }
                 drop(permit);
@@ -128,13 +129,13 @@ impl Resolver {
             };
             let me = self.clone();
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(600), me.connection(conn, client.ip())).await;
+                let _ = tokio::time::timeout(Duration::from_secs(600), me.connection(conn, client)).await;
                 drop(permit);
             });
         }
     }
 
-    async fn connection(&self, mut conn: TcpStream, client: IpAddr) {
+    async fn connection(&self, mut conn: TcpStream, client: SocketAddr) {
         loop {
             let Ok(Ok(query)) = tokio::time::timeout(TCP_IDLE, read_message(&mut conn)).await else {
                 return;
@@ -149,13 +150,13 @@ impl Resolver {
     }
 
     /// The reply to one query from `client`, or `None` to send nothing.
-    pub async fn answer(&self, query: &[u8], client: IpAddr, transport: Transport) -> Option<Vec<u8>> {
+    pub async fn answer(&self, query: &[u8], client: SocketAddr, transport: Transport) -> Option<Vec<u8>> {
         let parsed = dns::parse_query(query).ok()?;
         // One question, as every resolver library sends; anything else is refused.
         let [name] = parsed.questions.as_slice() else {
             return dns::refusal(query, 5).ok();
         };
-        let Some((pod, scopes)) = self.gate.decide(client, name) else {
+        let Some((pod, scopes)) = self.gate.decide(client, transport, name) else {
             debug!(%client, name, "DNS query refused: not allowed");
             return dns::refusal(query, self.refuse_rcode).ok();
         };

@@ -4,15 +4,15 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Agent, DnsServer, Layout, NetNs, Pod, Zone, dns_query, py_bytes, python};
 use runwarden_agent::dns::RecordData;
-use runwarden_agent::ebpf::Allowed;
+use runwarden_agent::ebpf::{Allowed, Clients};
 use runwarden_agent::events::{Proto, Verdict};
-use runwarden_agent::resolver::{Gate, Resolver, Scope};
+use runwarden_agent::resolver::{Gate, Resolver, Scope, Transport};
 
 const WINDOW: Duration = Duration::from_secs(5);
 
@@ -220,21 +220,22 @@ async fn block_mode_deleted_from_outside_is_noticed_and_put_back() {
 }
 
 /// Names the test's pod may resolve: `allowed.test` (UDP port 443 there) and every name below
-/// `wild.test` (anything there); other clients may resolve nothing.
+/// `wild.test` (anything there). The query's pod is what the kernel noted for its source; a
+/// query from anything but the test's pod is refused.
 struct TestGate {
-    client: IpAddr,
+    clients: Clients,
     pod: u64,
 }
 
 impl Gate for TestGate {
-    fn decide(&self, client: IpAddr, name: &str) -> Option<(u64, Vec<Scope>)> {
-        if client != self.client {
-            return None;
-        }
+    fn decide(&self, client: SocketAddr, transport: Transport, name: &str) -> Option<(u64, Vec<Scope>)> {
+        let proto = if transport == Transport::Tcp { Proto::Tcp } else { Proto::Udp };
+        let pod = self.clients.pod_of(client, proto)?;
+        assert_eq!(pod, self.pod, "the kernel names the query's pod");
         if name == "allowed.test" {
-            return Some((self.pod, vec![Scope { protocol: Some(Proto::Udp), ports: vec![443] }]));
+            return Some((pod, vec![Scope { protocol: Some(Proto::Udp), ports: vec![443] }]));
         }
-        name.ends_with(".wild.test").then(|| (self.pod, vec![Scope { protocol: None, ports: vec![] }]))
+        name.ends_with(".wild.test").then(|| (pod, vec![Scope { protocol: None, ports: vec![] }]))
     }
 }
 
@@ -265,7 +266,7 @@ async fn names_are_allowed_through_the_agents_resolver_and_nothing_else_resolves
     };
     let std::net::SocketAddr::V4(listening) = socket.local_addr().unwrap() else { unreachable!() };
     let resolver = Arc::new(Resolver {
-        gate: Arc::new(TestGate { client: ns.pod_v4.into(), pod: pod.cgroup_id }),
+        gate: Arc::new(TestGate { clients: agent.probes.clients(), pod: pod.cgroup_id }),
         upstream: (ns.host_v4, 53).into(),
         allow: agent.probes.allow_list(),
         ttl_floor: Duration::from_secs(30),

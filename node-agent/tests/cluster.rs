@@ -490,14 +490,10 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     let mut agent = start("agent-block.log");
     wait_ready(&mut agent).await;
 
-    // A runner pod on the node, its address in its status as kubelet writes it.
+    // A runner pod on the node (no address in its status: the kernel says which pod a query
+    // comes from).
     let (pod, _runner) = runner_pod(&admin, &ns, "runner-b").await;
     let container = pod_cgroup(&kubepods, &pod.uid().unwrap());
-    let status = json!({"status": {"podIP": net.pod_v4.to_string(), "podIPs": [{"ip": net.pod_v4.to_string()}]}});
-    Api::<Pod>::namespaced(admin.clone(), &ns)
-        .patch_status("runner-b", &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap();
     let elsewhere = "attempt(U, ('198.51.100.7', 443))".to_string();
     let mut held = false;
     for _ in 0..50 {

@@ -54,6 +54,11 @@ pub fn kubectl_stdin(node: &Node, args: &[&str], input: &str) -> String {
 
 /// Installs runwarden and waits until it runs. Panics with what went wrong.
 pub async fn runwarden(node: &Node) {
+    runwarden_with(node, &[]).await;
+}
+
+/// As [`runwarden`], with more `helm install` arguments (`--set`s).
+pub async fn runwarden_with(node: &Node, extra: &[&str]) {
     for image in ["runwarden-agent.tar", "runwarden-operator.tar"] {
         node.import_image(&crate::node::image_dir().join(image)).unwrap_or_else(|e| panic!("{e} (run `make images`)"));
     }
@@ -80,7 +85,10 @@ pub async fn runwarden(node: &Node) {
             &chart.join("ci/local-values.yaml").display().to_string(),
             "--set",
             &format!("agent.stateDir={}", state.display()),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
     );
     wait_installed(node, &client).await;
 }

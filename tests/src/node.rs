@@ -10,6 +10,8 @@
 //! - kube-proxy (iptables mode) so that in-cluster clients reach `kubernetes.default`, as on a
 //!   real node; the kubelet's `clusterDNS` is [`NODE_IP`]: a test's DNS server on port 53 there
 //!   answers every pod (there is no cluster DNS add-on).
+//! - The BPF filesystem at `/sys/fs/bpf` (mounted if the machine has none), where the agent
+//!   pins block mode's state, as on real nodes.
 //! - containerd with `restrict_oom_score_adj` and `netns_mounts_under_state_dir`, the sandbox
 //!   image built locally (no registry); images are imported from OCI archives (`make images`)
 //!   and pods use `imagePullPolicy: Never`; image GC never collects them.
@@ -254,6 +256,7 @@ fn launch(dir: Option<PathBuf>) -> Result<Node> {
     let dir = dir.canonicalize().map_err(io("resolving the node directory"))?;
     write(Path::new(LAST_DIR), &dir.display().to_string())?;
     save_sysctls(&dir);
+    mount_bpffs(&dir)?;
     for (key, value) in NEIGHBOUR_LIMITS {
         write(&Path::new("/proc/sys").join(key), &value.to_string())?;
     }
@@ -530,6 +533,8 @@ pub fn teardown(dir: &Path) {
             }
         }
     }
+    // Links runwarden pinned hold the pods' cgroups: gone first.
+    unmount_bpffs(dir);
     // Cgroups in every hierarchy, once their processes are gone.
     let mut roots = vec![kubepods];
     if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
@@ -610,6 +615,31 @@ fn kill_matching(matches: impl Fn(&str, &str) -> bool) {
         }
     }
 }
+
+/// The node's BPF filesystem at `/sys/fs/bpf`, as systemd mounts it on real nodes (the agent
+/// keeps block mode's state there): mounted if the machine has none, and unmounted at teardown.
+fn mount_bpffs(dir: &Path) -> Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(BPFFS) && l.contains(" - bpf "));
+    if !mounted {
+        run("mounting the BPF filesystem", Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+        write(&dir.join("bpffs.mounted"), "")?;
+    }
+    Ok(())
+}
+
+/// Removes what runwarden's agents pinned, and the BPF filesystem if the node mounted it.
+fn unmount_bpffs(dir: &Path) {
+    let _ = std::fs::remove_dir_all(Path::new(BPFFS).join("runwarden"));
+    if dir.join("bpffs.mounted").exists() {
+        let _ = Command::new("umount").arg(BPFFS).status();
+    }
+}
+
+/// Where the node's BPF filesystem is.
+const BPFFS: &str = "/sys/fs/bpf";
 
 fn save_sysctls(dir: &Path) {
     let saved: Vec<String> = SYSCTLS

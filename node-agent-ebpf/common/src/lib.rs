@@ -241,6 +241,21 @@ pub struct Config {
     pub _pad: [u8; 6],
 }
 
+/// Key of `CLIENTS`: where a query to the agent's resolver comes from, as the resolver sees it
+/// (the IPv4 source address and port of the packet, and its protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// Source address, as the packet holds it (network order).
+    pub addr: [u8; 4],
+    /// Source port, host order.
+    pub port: u16,
+    /// `PROTO_*`.
+    pub protocol: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+}
+
 /// What a redirected DNS socket first asked for (`REDIRECTED`, by socket cookie), so the
 /// answers it receives, and its peer's name, can say they came from there.
 #[repr(C)]
@@ -358,6 +373,8 @@ pub mod names {
     pub const ALLOW: &str = "ALLOW";
     /// Socket cookie → [`super::Redirected`], LRU.
     pub const REDIRECTED: &str = "REDIRECTED";
+    /// [`super::ClientKey`] → the pod cgroup that sent a query to the agent's resolver, LRU.
+    pub const CLIENTS: &str = "CLIENTS";
     /// Pod cgroup id → [`super::Budget`], LRU.
     pub const BUDGETS: &str = "BUDGETS";
     /// The programs, one per hook, attached to every armed pod.
@@ -379,6 +396,7 @@ const _: () = assert!(core::mem::size_of::<RecentCall>() == 56);
 const _: () = assert!(RECENT_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<Config>() == 40 + 12 * MAX_POD_PARENTS);
 const _: () = assert!(core::mem::size_of::<Redirected>() == 24);
+const _: () = assert!(core::mem::size_of::<ClientKey>() == 8);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == ALLOW_KEY_FIXED_BITS as usize / 8 + 16);
 const _: () = assert!(core::mem::align_of::<AllowKey>() == 1);
 const _: () = assert!(core::mem::size_of::<Budget>() == 24);

@@ -43,10 +43,10 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
 use runwarden_ebpf_common::{
-    ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, CallEvent, Config, DNS_CAPTURE, DedupeKey, DedupeValue,
-    DnsEvent, ENFORCE_BLOCK, ExecEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL,
-    KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS,
-    RecentCall, Redirected, VERDICT_ALLOWED, VERDICT_DENIED, stats,
+    ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, CallEvent, ClientKey, Config, DNS_CAPTURE, DedupeKey,
+    DedupeValue, DnsEvent, ENFORCE_BLOCK, ExecEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG,
+    KIND_CALL, KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP,
+    RECENT_SLOTS, RecentCall, Redirected, VERDICT_ALLOWED, VERDICT_DENIED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -71,6 +71,8 @@ static RECENT: PerCpuArray<RecentCall> = PerCpuArray::with_max_entries(RECENT_SL
 static POLICIES: HashMap<u64, u32> = HashMap::with_max_entries(16_384, 0);
 #[map]
 static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(262_144, 0);
+#[map]
+static CLIENTS: LruHashMap<ClientKey, u64> = LruHashMap::with_max_entries(65_536, 0);
 #[map]
 static REDIRECTED: LruHashMap<u64, Redirected> = LruHashMap::with_max_entries(65_536, 0);
 #[map]
@@ -665,6 +667,9 @@ fn on_packet(ctx: &SkBuffContext, direction: Direction) -> Option<()> {
     // check would compile to a compare the verifier does not take as a bound.)
     let header = peek::<20>(data, end, 0)?;
     let first = header[0];
+    if direction == Direction::Query && first >> 4 == 4 {
+        note_resolver_client(ctx, data, end, &header);
+    }
     let (family, udp, server) = match first >> 4 {
         4 => {
             // UDP, and the first fragment (only it carries the UDP header).
@@ -742,6 +747,38 @@ fn on_packet(ctx: &SkBuffContext, direction: Direction) -> Option<()> {
     if length > DNS_CAPTURE {
         count(stats::DNS_CUT);
     }
+    Some(())
+}
+
+/// A block-mode pod's query to the agent's resolver (an IPv4 packet, UDP or TCP, to its address
+/// and port): which pod sent it, by source address and port, so the resolver knows whose query
+/// it answers. Written before the packet leaves the pod, so before the resolver reads it.
+#[inline(always)]
+fn note_resolver_client(ctx: &SkBuffContext, data: usize, end: usize, header: &[u8; 20]) -> Option<()> {
+    let cfg = config()?;
+    if cfg.resolver_port == 0
+        || u32::from_ne_bytes([header[16], header[17], header[18], header[19]]) != cfg.resolver_ip4
+    {
+        return None;
+    }
+    let protocol = header[9];
+    if protocol != PROTO_UDP && protocol != PROTO_TCP {
+        return None;
+    }
+    let ports = peek::<4>(data, end, usize::from(header[0] & 0x0f) * 4)?;
+    if u16::from_be_bytes([ports[2], ports[3]]) != cfg.resolver_port {
+        return None;
+    }
+    let skb = ctx.skb.skb;
+    // SAFETY: the skb pointer the kernel passed in.
+    let pod = monitored_ancestor(cfg, Pods::Attached, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;
+    let key = ClientKey {
+        addr: [header[12], header[13], header[14], header[15]],
+        port: u16::from_be_bytes([ports[0], ports[1]]),
+        protocol,
+        _pad: 0,
+    };
+    let _ = CLIENTS.insert(key, pod, 0);
     Some(())
 }
 
