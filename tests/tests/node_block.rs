@@ -156,8 +156,7 @@ async fn a_block_policy_holds_its_runners_from_their_first_instruction_and_acros
     };
     wait_until(node, "no new agent is ready", Duration::from_secs(90), replaced).await;
     assert!(exec(node, &job.ns, &runner, &probe).contains("IP-REFUSED"), "held by the new agent");
-    let allowed =
-        "wget -q -O /dev/null http://allowed.packages.test:443/ && echo ALLOWED-OK || echo ALLOWED-FAILED";
+    let allowed = "wget -q -O /dev/null http://allowed.packages.test:443/ && echo ALLOWED-OK || echo ALLOWED-FAILED";
     let resolves = || async { exec(node, &job.ns, &runner, allowed).contains("ALLOWED-OK") };
     wait_until(node, "the new agent does not answer the runner's DNS", Duration::from_secs(30), resolves).await;
     assert_eq!(listeners[2].2.count(), 0, "nothing reached the denied host");
