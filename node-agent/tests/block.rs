@@ -16,31 +16,11 @@ use runwarden_agent::resolver::{Gate, Resolver, Scope, Transport};
 
 const WINDOW: Duration = Duration::from_secs(5);
 
-/// Python that tries each call and prints one line per call: `ok` or the errno's name.
-const TRY: &str = r#"
-import errno, socket
-def attempt(family, kind, addr, send=False):
-    s = socket.socket(family, kind)
-    s.settimeout(2)
-    try:
-        if send:
-            s.sendto(b"x", addr)
-        else:
-            s.connect(addr)
-        return "ok"
-    except OSError as e:
-        return errno.errorcode.get(e.errno, str(e.errno))
-    finally:
-        s.close()
-T, U, V4, V6 = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.AF_INET, socket.AF_INET6
-"#;
-
-/// Runs `calls` (lines of `print(attempt(...))`) in `pod`'s container inside `ns`; the outcomes.
+/// Runs `calls` (the arguments of `attempt`, see [`common::STEPS_PRELUDE`]) in `pod`'s container
+/// inside `ns`; the outcomes.
 fn attempts(pod: &Pod, ns: &NetNs, calls: &[String]) -> Vec<String> {
-    let script =
-        format!("{TRY}\n{}", calls.iter().map(|c| format!("print(attempt({c}))")).collect::<Vec<_>>().join("\n"));
-    let out = python(&pod.container, Some(ns), &script);
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    let steps: Vec<String> = calls.iter().map(|c| format!("attempt({c})")).collect();
+    common::steps(&pod.container, ns, &steps)
 }
 
 fn range(addr: IpAddr, prefix: u8, protocol: Option<Proto>, ports: &[u16]) -> Allowed {
@@ -170,7 +150,8 @@ async fn refused_calls_are_folded_and_counted_apart_from_allowed_ones() {
     let h4 = ns.host_v4;
     agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
     let script = format!(
-        "{TRY}\nfrom collections import Counter\nprint(dict(Counter(attempt(V4, U, ('{h4}', 7000)) for _ in range(300))))"
+        "{}\nfrom collections import Counter\nprint(dict(Counter(attempt(V4, U, ('{h4}', 7000)) for _ in range(300))))",
+        common::STEPS_PRELUDE
     );
     let out = python(&pod.container, Some(&ns), &script);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "{'EPERM': 300}");
@@ -201,16 +182,7 @@ async fn block_mode_deleted_from_outside_is_noticed_and_put_back() {
     agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
     assert_eq!(agent.probes.check_pods().unwrap(), []);
 
-    let maps = std::process::Command::new("bpftool").args(["-j", "map", "show"]).output().unwrap();
-    let maps: Vec<serde_json::Value> = serde_json::from_slice(&maps.stdout).unwrap();
-    let key: Vec<String> = pod.cgroup_id.to_ne_bytes().iter().map(|b| format!("0x{b:02x}")).collect();
-    let deleted = maps.iter().filter(|m| m["name"] == "POLICIES").any(|m| {
-        let id = m["id"].as_u64().unwrap().to_string();
-        let mut args = vec!["map", "delete", "id", id.as_str(), "key"];
-        args.extend(key.iter().map(String::as_str));
-        std::process::Command::new("bpftool").args(&args).output().unwrap().status.success()
-    });
-    assert!(deleted);
+    assert!(common::delete_from_maps_named("POLICIES", &pod.cgroup_id.to_ne_bytes()));
     assert_eq!(attempts(&pod, &ns, &call), ["ok"], "unblocked from outside");
     let found = agent.probes.check_pods().unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
@@ -280,13 +252,8 @@ async fn names_are_allowed_through_the_agents_resolver_and_nothing_else_resolves
     agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
 
     let script = format!(
-        r#"{TRY}
+        r#"{prelude}
 import time
-def resolve(name):
-    try:
-        return socket.getaddrinfo(name, 443, V4, U)[0][4][0]
-    except socket.gaierror as e:
-        return "unresolved"
 ip = resolve("allowed.test")
 print(ip)
 print(attempt(V4, U, (ip, 443)))
@@ -324,6 +291,7 @@ for i in range({LOOKUPS}):
 print(refused)
 print(int((time.time() - start) * 1e6 / {LOOKUPS}))
 "#,
+        prelude = common::STEPS_PRELUDE,
         query = py_bytes(&dns_query(7, "allowed.test")),
         tcp_query = py_bytes(&dns_query(8, "tcp.wild.test")),
         tcp_denied = py_bytes(&dns_query(9, "denied.test")),

@@ -389,36 +389,6 @@ fn tempdir(name: &str) -> PathBuf {
     dir
 }
 
-/// Python in `cgroup` inside `ns` trying UDP connects and TCP connects and lookups; prints one
-/// line per step: `ok`, the errno's name, a resolved address or `unresolved`.
-fn try_in_pod(cgroup: &Path, ns: &common::NetNs, steps: &[String]) -> Vec<String> {
-    let script = format!(
-        r#"
-import errno, socket
-def attempt(kind, addr):
-    s = socket.socket(socket.AF_INET, kind)
-    s.settimeout(2)
-    try:
-        s.connect(addr)
-        return "ok"
-    except OSError as e:
-        return errno.errorcode.get(e.errno, str(e.errno))
-    finally:
-        s.close()
-def resolve(name):
-    try:
-        return socket.getaddrinfo(name, 443, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
-    except socket.gaierror:
-        return "unresolved"
-U, T = socket.SOCK_DGRAM, socket.SOCK_STREAM
-{}
-"#,
-        steps.iter().map(|s| format!("print({s})")).collect::<Vec<_>>().join("\n")
-    );
-    let out = common::python(cgroup, Some(ns), &script);
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
-}
-
 /// Block mode as the DaemonSet runs it with `agent.blockMode` on: a runner pod an EgressPolicy
 /// in Block mode selects by its scale set (its job not known yet) may call and resolve only
 /// what the policy allows; a policy change reaches the running pod; Audit lets it go.
@@ -494,10 +464,10 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     // comes from).
     let (pod, _runner) = runner_pod(&admin, &ns, "runner-b").await;
     let container = pod_cgroup(&kubepods, &pod.uid().unwrap());
-    let elsewhere = "attempt(U, ('198.51.100.7', 443))".to_string();
+    let elsewhere = "attempt(V4, U, ('198.51.100.7', 443))".to_string();
     let mut held = false;
     for _ in 0..50 {
-        if try_in_pod(&container, &net, std::slice::from_ref(&elsewhere)) == ["EPERM"] {
+        if common::steps(&container, &net, std::slice::from_ref(&elsewhere)) == ["EPERM"] {
             held = true;
             break;
         }
@@ -508,16 +478,16 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     let closed = port.wrapping_add(1).max(1);
     let steps = [
         "resolve('allowed.test')".to_string(),
-        "attempt(U, ('192.0.2.10', 443))".into(),
-        "attempt(U, ('192.0.2.10', 444))".into(),
+        "attempt(V4, U, ('192.0.2.10', 443))".into(),
+        "attempt(V4, U, ('192.0.2.10', 444))".into(),
         "resolve('denied.test')".into(),
-        "attempt(U, ('192.0.2.66', 443))".into(),
-        format!("attempt(T, ('{h4}', {port}))"),
-        format!("attempt(T, ('{h4}', {closed}))"),
+        "attempt(V4, U, ('192.0.2.66', 443))".into(),
+        format!("attempt(V4, T, ('{h4}', {port}))"),
+        format!("attempt(V4, T, ('{h4}', {closed}))"),
         "resolve('a.wild.test')".into(),
-        format!("attempt(T, ('{h4}', {closed}))"),
+        format!("attempt(V4, T, ('{h4}', {closed}))"),
     ];
-    let got = try_in_pod(&container, &net, &steps);
+    let got = common::steps(&container, &net, &steps);
     let h4s = h4.to_string();
     assert_eq!(
         got,
@@ -555,18 +525,18 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     // A runner the policy does not select (another scale set): in Audit, nothing refused.
     let (audited, _) = runner_pod_of(&admin, &ns, "runner-c", "other").await;
     let audited = pod_cgroup(&kubepods, &audited.uid().unwrap());
-    assert_eq!(try_in_pod(&audited, &net, std::slice::from_ref(&elsewhere)), ["ok"]);
+    assert_eq!(common::steps(&audited, &net, std::slice::from_ref(&elsewhere)), ["ok"]);
 
     // The agent dies: the block-mode pod stays held (its programs and state are pinned), gets no
     // DNS answer (fail closed) but keeps what it resolved; the audited pod is not touched.
     drop(agent);
     let without_agent = [elsewhere.clone(), steps[1].clone(), steps[0].clone()];
-    assert_eq!(try_in_pod(&container, &net, &without_agent), ["EPERM", "ok", "unresolved"]);
-    assert_eq!(try_in_pod(&audited, &net, std::slice::from_ref(&elsewhere)), ["ok"]);
+    assert_eq!(common::steps(&container, &net, &without_agent), ["EPERM", "ok", "unresolved"]);
+    assert_eq!(common::steps(&audited, &net, std::slice::from_ref(&elsewhere)), ["ok"]);
     // A new agent takes over without letting go: held all along, and DNS answers again.
     let mut agent = start("agent-block-2.log");
     wait_ready(&mut agent).await;
-    assert_eq!(try_in_pod(&container, &net, &without_agent), ["EPERM", "ok", "192.0.2.10"], "{}", agent.log());
+    assert_eq!(common::steps(&container, &net, &without_agent), ["EPERM", "ok", "192.0.2.10"], "{}", agent.log());
     // Once it has read the cluster, only its own links hold the pod (the old ones let go).
     let mut pinned = Vec::new();
     for _ in 0..30 {
@@ -577,14 +547,14 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(pinned.len(), 10, "one pinned link per program of the one block-mode pod: {pinned:#?}");
-    assert_eq!(try_in_pod(&audited, &net, std::slice::from_ref(&elsewhere)), ["ok"]);
+    assert_eq!(common::steps(&audited, &net, std::slice::from_ref(&elsewhere)), ["ok"]);
 
     // The policy no longer allows allowed.test: the address it resolved is taken back.
     let changed = std::time::Instant::now();
     policies.patch("arc-egress", &apply, &Patch::Apply(policy(false, "Block"))).await.unwrap();
     let mut took = None;
     for _ in 0..50 {
-        if try_in_pod(&container, &net, &steps[1..2]) == ["EPERM"] {
+        if common::steps(&container, &net, &steps[1..2]) == ["EPERM"] {
             took = Some(changed.elapsed());
             break;
         }
@@ -592,7 +562,7 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     }
     let took = took.unwrap_or_else(|| panic!("the policy change did not reach the pod: {}", agent.log()));
     eprintln!("a policy change reached the running pod in {took:?}");
-    assert_eq!(try_in_pod(&container, &net, &steps[..1]), ["unresolved"]);
+    assert_eq!(common::steps(&container, &net, &steps[..1]), ["unresolved"]);
 
     let (_, metrics) = http_get("/metrics").unwrap();
     assert!(metrics.contains("runwarden_agent_pods_blocking 1"), "{metrics}");
@@ -609,14 +579,14 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     policies.patch("arc-egress", &apply, &Patch::Apply(policy(false, "Audit"))).await.unwrap();
     let mut freed = false;
     for _ in 0..50 {
-        if try_in_pod(&container, &net, std::slice::from_ref(&elsewhere)) == ["ok"] {
+        if common::steps(&container, &net, std::slice::from_ref(&elsewhere)) == ["ok"] {
             freed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(freed, "Audit mode still refused: {}", agent.log());
-    assert_eq!(try_in_pod(&container, &net, &steps[3..4]), ["192.0.2.66"], "its DNS is its own again");
+    assert_eq!(common::steps(&container, &net, &steps[3..4]), ["192.0.2.66"], "its DNS is its own again");
     // Audit took the pod out of block mode: nothing of it stays pinned.
     let pinned: Vec<PathBuf> = walk(&bpffs).into_iter().filter(|p| p.to_string_lossy().contains("/links/")).collect();
     assert!(pinned.is_empty(), "{pinned:#?}");

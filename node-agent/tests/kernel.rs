@@ -869,16 +869,9 @@ async fn programs_detached_a_mark_deleted_or_the_settings_rewritten_from_outside
     assert_eq!(agent.probes.check_pods().unwrap(), [], "and nothing wrong any more");
 
     // Or delete a pod's mark from the monitored set by map id (only this agent's map has it).
+    assert!(common::delete_from_maps_named("MONITORED", &quiet.cgroup_id.to_ne_bytes()));
     let maps = std::process::Command::new("bpftool").args(["-j", "map", "show"]).output().unwrap();
     let maps: Vec<serde_json::Value> = serde_json::from_slice(&maps.stdout).unwrap();
-    let key: Vec<String> = quiet.cgroup_id.to_ne_bytes().iter().map(|b| format!("0x{b:02x}")).collect();
-    let deleted = maps.iter().filter(|m| m["name"] == "MONITORED").any(|m| {
-        let id = m["id"].as_u64().unwrap().to_string();
-        let mut args = vec!["map", "delete", "id", id.as_str(), "key"];
-        args.extend(key.iter().map(String::as_str));
-        std::process::Command::new("bpftool").args(&args).output().unwrap().status.success()
-    });
-    assert!(deleted);
     let found = agent.probes.check_pods().unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!((found[0].id, found[0].detached.is_empty(), found[0].unmarked), (quiet.cgroup_id, true, true));

@@ -43,6 +43,54 @@ fn ip(args: &[&str]) {
     sh(Command::new("ip").args(args));
 }
 
+/// Python defining what [`steps`] scripts call: `attempt(family, kind, addr, send=False)` (a
+/// connect, or a datagram sent, with a 2 s timeout: `ok` or the errno's name), `resolve(name)`
+/// (its first IPv4 address through the libc resolver, or `unresolved`), and `T`, `U`, `V4`, `V6`.
+pub const STEPS_PRELUDE: &str = r#"
+import errno, socket
+def attempt(family, kind, addr, send=False):
+    s = socket.socket(family, kind)
+    s.settimeout(2)
+    try:
+        if send:
+            s.sendto(b"x", addr)
+        else:
+            s.connect(addr)
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        s.close()
+def resolve(name):
+    try:
+        return socket.getaddrinfo(name, 443, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+    except socket.gaierror:
+        return "unresolved"
+T, U, V4, V6 = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.AF_INET, socket.AF_INET6
+"#;
+
+/// Runs Python `steps` (expressions using [`STEPS_PRELUDE`]) in `cgroup` inside `ns`, printing
+/// each; the printed lines.
+pub fn steps(cgroup: &Path, ns: &NetNs, steps: &[String]) -> Vec<String> {
+    let body: Vec<String> = steps.iter().map(|s| format!("print({s})")).collect();
+    let out = python(cgroup, Some(ns), &format!("{STEPS_PRELUDE}\n{}", body.join("\n")));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// Deletes `key` from this machine's BPF maps named `name` by map id (bpftool), as a privileged
+/// process could; whether one held it.
+pub fn delete_from_maps_named(name: &str, key: &[u8]) -> bool {
+    let maps = Command::new("bpftool").args(["-j", "map", "show"]).output().unwrap();
+    let maps: Vec<serde_json::Value> = serde_json::from_slice(&maps.stdout).unwrap();
+    let key: Vec<String> = key.iter().map(|b| format!("0x{b:02x}")).collect();
+    maps.iter().filter(|m| m["name"] == name).any(|m| {
+        let id = m["id"].as_u64().unwrap().to_string();
+        let mut args = vec!["map", "delete", "id", id.as_str(), "key"];
+        args.extend(key.iter().map(String::as_str));
+        Command::new("bpftool").args(&args).output().unwrap().status.success()
+    })
+}
+
 /// `bytes` as the list inside a Python `bytes([...])`.
 pub fn py_bytes(bytes: &[u8]) -> String {
     bytes.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
