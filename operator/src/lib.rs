@@ -6,6 +6,7 @@
 //! - [`arc`]: the part of ARC's `EphemeralRunner` API runwarden reads.
 //! - [`runners`]: the controllers that annotate runner pods and create baselines.
 //! - [`baselines`]: creating a job's `WorkflowBaseline` exactly once.
+//! - [`cli`]: `kubectl runwarden`: a baseline as an `EgressPolicy` for Git, a policy's diff, approvals.
 //! - [`daemonset`]: the node-agent DaemonSet, applied and kept as configured.
 //! - [`lifecycle`]: each `WorkflowBaseline`'s phase, approvals, expiry and conditions.
 //! - [`policy`]: `EgressPolicy` validation beyond the schema, overlaps, matched runners.
@@ -17,6 +18,7 @@
 pub use runwarden_crds::arc;
 pub use runwarden_crds::identity;
 pub mod baselines;
+pub mod cli;
 pub mod daemonset;
 pub mod leader;
 pub mod lifecycle;

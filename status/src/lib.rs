@@ -80,6 +80,20 @@ pub fn config(spec: &WorkflowBaselineSpec, min_severity: Severity) -> Result<Con
     })
 }
 
+/// Whether any of `rules` (a policy's allowed endpoints, a baseline's approvals) covers a call
+/// to `host` (the name looked up, if any) at `ip`, `port`, `protocol`. A rule that is not valid
+/// covers nothing.
+pub fn rules_allow(
+    rules: &[EndpointRule],
+    host: Option<&str>,
+    ip: Option<IpAddr>,
+    port: u16,
+    protocol: Protocol,
+) -> bool {
+    let call = runwarden_detector::Call { host, ip, port, proto: proto(protocol), process: None };
+    rules.iter().enumerate().filter_map(|(i, r)| approved_rule(i, r).ok()).any(|r| r.matches(&call))
+}
+
 fn approved_rule(index: usize, rule: &EndpointRule) -> Result<ApprovedRule> {
     let invalid = |reason: String| Error::InvalidApproved { index, reason };
     let target = match (&rule.host, &rule.cidr) {
