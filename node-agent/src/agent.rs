@@ -770,6 +770,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut allowances: HashMap<AllowanceKey, Arc<Allowance>> = HashMap::new();
     // When each (pod cgroup, destination)'s refusal was last said in an Event.
     let mut blocked_said: HashMap<(u64, String), Instant> = HashMap::new();
+    // Pods whose policy lists what they may call without refusing it: cgroup → what it lists.
+    let mut audited: HashMap<u64, Arc<Allowance>> = HashMap::new();
     let mut pods_synced = false;
     let mut relisted: Option<std::collections::HashSet<String>> = None;
     let mut observations = Vec::new();
@@ -861,8 +863,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             // A refused call is said as such, and is no destination of the run: a baseline
             // never learns what block mode refused (with includeBaseline it would allow it next).
             if o.verdict == crate::events::Verdict::Denied {
-                say_blocked(&o, &node, &enforcer, &mut blocked_said, &metrics, &client, &node_name);
+                let policy = enforcer.policy_of(o.pod_cgroup_id).unwrap_or_default().to_string();
+                say_blocked(&o, &node, &policy, false, &mut blocked_said, &metrics, &client, &node_name);
                 continue;
+            }
+            if let Some(allowance) = audited.get(&o.pod_cgroup_id)
+                && !allowance.allows(&o.hosts, o.ip, o.port, o.proto)
+            {
+                let policy = allowance.policy.clone();
+                say_blocked(&o, &node, &policy, true, &mut blocked_said, &metrics, &client, &node_name);
             }
             actions.extend(node.observe(o, &caches));
         }
@@ -1048,14 +1057,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         // Only once every pod, policy and baseline has been read: until then what an earlier
         // agent left in the kernel holds (a half-read cluster would let pods go).
         let synced = pods_synced && caches_ready.load(std::sync::atomic::Ordering::Relaxed);
-        if args.block_mode && synced && (tick || changed) {
-            let covered = covered(&node, &caches.policies, &caches.baselines, &mut allowances);
-            for (cgroup, e) in enforcer.apply(&mut probes, covered) {
-                let pod = node.run_of_cgroup(cgroup).map(|r| format!("{}/{}", r.0.namespace, r.0.name));
-                error!(pod, cgroup, error = %e, "could not put a pod in block mode");
+        if synced && (tick || changed) {
+            let (block, audit) = covered(&node, &caches.policies, &caches.baselines, &mut allowances, args.block_mode);
+            audited = audit;
+            if args.block_mode {
+                for (cgroup, e) in enforcer.apply(&mut probes, block) {
+                    let pod = node.run_of_cgroup(cgroup).map(|r| format!("{}/{}", r.0.namespace, r.0.name));
+                    error!(pod, cgroup, error = %e, "could not put a pod in block mode");
+                }
+                probes.let_go_of_the_past();
+                metrics.pods_blocking.set(enforcer.blocking() as i64);
             }
-            probes.let_go_of_the_past();
-            metrics.pods_blocking.set(enforcer.blocking() as i64);
         }
         for (uid, run) in node.take_dirty() {
             if let Err(e) = state.save(&uid, run.as_ref()) {
@@ -1120,29 +1132,38 @@ async fn start_resolver(
     Ok(())
 }
 
-/// Counts and logs a call block mode refused, and says it in an Event on the runner pod and
-/// its `EphemeralRunner`: once per pod and destination every ten minutes (the metric counts
-/// every record).
+/// Counts and logs a call block mode refused (or, `would`, that it would refuse: the policy
+/// lists what its pods may call but does not refuse), and says it in an Event on the runner pod
+/// and its `EphemeralRunner`: once per pod and destination every ten minutes (the metric
+/// counts every record).
+#[allow(clippy::too_many_arguments, reason = "one call site per kind; the arguments are the Event")]
 fn say_blocked(
     o: &crate::pipeline::Observation,
     node: &Node,
-    enforcer: &Enforcer,
+    policy: &str,
+    would: bool,
     said: &mut HashMap<(u64, String), Instant>,
     metrics: &Metrics,
     client: &Client,
     node_name: &str,
 ) {
-    metrics.blocked_calls.inc();
+    if would {
+        metrics.would_block_calls.inc();
+    } else {
+        metrics.blocked_calls.inc();
+    }
     let runner = node.run_of_cgroup(o.pod_cgroup_id);
     let proto = if o.proto == crate::events::Proto::Tcp { "TCP" } else { "UDP" };
     let destination = std::net::SocketAddr::new(o.ip, o.port).to_string() + "/" + proto;
-    let policy = enforcer.policy_of(o.pod_cgroup_id).unwrap_or_default().to_string();
+    let policy = policy.to_string();
+    let what = if would { "call its policy does not allow (not refused: Audit)" } else { "call refused in block mode" };
     warn!(
         pod = runner.as_ref().map(|r| format!("{}/{}", r.0.namespace, r.0.name)), %destination, hosts = ?o.hosts,
-        process = %o.process, %policy, "call refused in block mode"
+        process = %o.process, %policy, "{what}"
     );
     let now = Instant::now();
-    let key = (o.pod_cgroup_id, destination.clone());
+    // Refused and let through are said apart (a policy switched to Audit says its first).
+    let key = (o.pod_cgroup_id, format!("{}{destination}", if would { "~" } else { "" }));
     let due = said.get(&key).is_none_or(|last| now.duration_since(*last) >= Duration::from_secs(600));
     let Some(runner) = runner.filter(|_| due) else { return };
     said.insert(key, now);
@@ -1156,6 +1177,7 @@ fn say_blocked(
         protocol: proto,
         process: o.process.clone(),
         policy,
+        would,
     };
     let (client, node_name) = (client.clone(), node_name.to_string());
     let at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 600;
@@ -1168,15 +1190,19 @@ fn say_blocked(
 /// What an allowance is built from: the policy and the baseline, at their versions.
 type AllowanceKey = (String, Option<String>, Option<String>);
 
-/// The pods block mode covers now, with what each may call.
+/// The pods block mode covers now, with what each may call (`block_mode`: the agent enforces
+/// it), and the pods whose policy lists what they may call without refusing anything (`Audit`,
+/// or `Block` where block mode is off): for those, what it would refuse is reported.
 fn covered(
     node: &Node,
     policies: &Store<EgressPolicy>,
     baselines: &Store<WorkflowBaseline>,
     cache: &mut HashMap<AllowanceKey, Arc<Allowance>>,
-) -> Vec<Covered> {
+    block_mode: bool,
+) -> (Vec<Covered>, HashMap<u64, Arc<Allowance>>) {
     let all = policies.state();
     let mut out = Vec::new();
+    let mut audited = HashMap::new();
     for s in node.subjects() {
         let policy = match &s.job {
             Some(job) => runwarden_crds::policy::applicable_to_job(
@@ -1192,7 +1218,11 @@ fn covered(
                 s.scale_set.as_deref(),
             ),
         };
-        let Some(policy) = policy.filter(|p| enforce::blocks(p)) else { continue };
+        let Some(policy) = policy else { continue };
+        let enforced = block_mode && enforce::blocks(policy);
+        if !enforced && !enforce::lists_endpoints(policy) {
+            continue;
+        }
         let baseline = s
             .job
             .as_ref()
@@ -1208,9 +1238,13 @@ fn covered(
         }
         let allowance =
             cache.entry(key).or_insert_with(|| Arc::new(Allowance::build(policy, baseline.as_deref()))).clone();
-        out.push(Covered { cgroup: s.cgroup, allowance });
+        if enforced {
+            out.push(Covered { cgroup: s.cgroup, allowance });
+        } else {
+            audited.insert(s.cgroup, allowance);
+        }
     }
-    out
+    (out, audited)
 }
 
 /// Attaches the programs to a pod cgroup; a pod that is gone already needs none.

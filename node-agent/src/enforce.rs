@@ -124,6 +124,24 @@ impl Allowance {
         out
     }
 
+    /// Whether a call to `ip`:`port` over `proto`, looked up as one of `hosts`, is allowed, as
+    /// the kernel and the resolver would judge it in block mode: an address in the pod, DNS (it
+    /// goes to the resolver), a range, or a name the resolver would have allowed for it.
+    pub fn allows(&self, hosts: &[String], ip: IpAddr, port: u16, proto: Proto) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if ip.is_loopback() || ip.is_unspecified() || port == 53 {
+            return true;
+        }
+        let fits = |protocol: Option<Proto>, ports: &[u16]| {
+            protocol.is_none_or(|p| p == proto) && (ports.is_empty() || ports.contains(&port))
+        };
+        hosts.iter().any(|h| self.names.iter().any(|(n, s)| n.matches(h) && fits(s.protocol, &s.ports)))
+            || self.ranges.iter().any(|r| in_range(ip, r.addr, r.prefix) && fits(r.protocol, &r.ports))
+    }
+
     /// What the addresses of `name` allow (empty: the name may not be resolved).
     pub fn scopes(&self, name: &str) -> Vec<Scope> {
         let mut scopes: Vec<Scope> = Vec::new();
@@ -134,6 +152,20 @@ impl Allowance {
         }
         scopes
     }
+}
+
+/// Whether `ip` is in `net`/`prefix` (of the same family).
+fn in_range(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    let bits = |a: IpAddr| match a {
+        IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32),
+        IpAddr::V6(v6) => (u128::from(v6), 128),
+    };
+    let ((a, fa), (b, fb)) = (bits(ip), bits(net));
+    if fa != fb {
+        return false;
+    }
+    let prefix = u32::from(prefix).min(fa);
+    prefix == 0 || (a ^ b) >> (128 - prefix) == 0
 }
 
 /// An address the resolver allowed a pod, and until when.
@@ -307,4 +339,46 @@ impl Enforcer {
 /// Whether `policy` holds the pods it applies to in block mode.
 pub fn blocks(policy: &EgressPolicy) -> bool {
     policy.spec.mode == PolicyMode::Block
+}
+
+/// Whether `policy` lists what its pods may call (allowed endpoints or presets): in `Audit`
+/// mode (or `Block` where block mode is off) what it would refuse is reported.
+pub fn lists_endpoints(policy: &EgressPolicy) -> bool {
+    !policy.spec.allowed_endpoints.is_empty() || !policy.spec.presets.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowance() -> Allowance {
+        let policy: EgressPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "runwarden.dev/v1alpha1", "kind": "EgressPolicy", "metadata": {"name": "p", "namespace": "n"},
+            "spec": {"mode": "Audit", "includeBaseline": false, "allowedEndpoints": [
+                {"host": "api.example.com", "ports": [443], "protocol": "TCP"},
+                {"host": "*.cdn.example.net"},
+                {"cidr": "10.1.0.0/16", "ports": [5432]}
+            ]}
+        }))
+        .unwrap();
+        Allowance::build(&policy, None)
+    }
+
+    #[test]
+    fn a_call_is_judged_as_block_mode_would_judge_it() {
+        let a = allowance();
+        let ip: IpAddr = "203.0.113.9".parse().unwrap();
+        let host = |h: &str| vec![h.to_string()];
+        assert!(a.allows(&host("api.example.com"), ip, 443, Proto::Tcp));
+        assert!(!a.allows(&host("api.example.com"), ip, 80, Proto::Tcp), "another port");
+        assert!(!a.allows(&host("api.example.com"), ip, 443, Proto::Udp), "another protocol");
+        assert!(a.allows(&host("x.cdn.example.net"), ip, 8443, Proto::Udp), "a wildcard, any port");
+        assert!(!a.allows(&host("cdn.example.net"), ip, 443, Proto::Tcp), "the wildcard's parent is not below it");
+        assert!(!a.allows(&[], ip, 443, Proto::Tcp), "an address without a name");
+        assert!(a.allows(&[], "10.1.200.3".parse().unwrap(), 5432, Proto::Tcp));
+        assert!(a.allows(&[], "::ffff:10.1.200.3".parse().unwrap(), 5432, Proto::Tcp), "v4-mapped");
+        assert!(!a.allows(&[], "10.2.0.1".parse().unwrap(), 5432, Proto::Tcp));
+        assert!(a.allows(&[], "127.0.0.1".parse().unwrap(), 9, Proto::Udp), "in the pod");
+        assert!(a.allows(&[], "10.96.0.10".parse().unwrap(), 53, Proto::Udp), "DNS goes to the resolver");
+    }
 }

@@ -93,6 +93,9 @@ pub struct Metrics {
     /// Calls refused in block mode (a refused destination's repeats within the dedupe window
     /// count once).
     pub blocked_calls: Counter,
+    /// Calls of pods whose policy lists what they may call, to something it does not list, let
+    /// through (the policy is in Audit mode, or block mode is off).
+    pub would_block_calls: Counter,
     /// Pods held in block mode on this node.
     pub pods_blocking: Gauge,
     ready: AtomicBool,
@@ -121,6 +124,7 @@ impl Default for Metrics {
             runs_unmerged: Gauge::default(),
             detection_latency: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             blocked_calls: Counter::default(),
+            would_block_calls: Counter::default(),
             pods_blocking: Gauge::default(),
             ready: AtomicBool::new(false),
         };
@@ -191,6 +195,11 @@ impl Default for Metrics {
             "blocked_calls",
             "Calls refused in block mode (repeats of a destination within the dedupe window count once)",
             m.blocked_calls.clone(),
+        );
+        registry.register(
+            "would_block_calls",
+            "Calls to what a runner's policy does not list, let through (Audit, or block mode off)",
+            m.would_block_calls.clone(),
         );
         registry.register("pods_blocking", "Pods held in block mode on this node", m.pods_blocking.clone());
         Self { registry, ..m }

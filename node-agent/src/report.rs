@@ -49,6 +49,9 @@ pub const UNIDENTIFIED: &str = "UnidentifiedPod";
 pub const SUSPICIOUS_DNS: &str = "SuspiciousDNS";
 /// Event reason: block mode refused a runner pod's call.
 pub const EGRESS_BLOCKED: &str = "EgressBlocked";
+/// Event reason: a runner pod called what its policy does not list, and went ahead (the
+/// policy does not refuse: `Audit`, or block mode is off).
+pub const EGRESS_NOT_ALLOWED: &str = "EgressNotAllowed";
 /// `reportingController` of the Events.
 pub const CONTROLLER: &str = "runwarden.dev/agent";
 /// Least time between two series updates of one Event.
@@ -396,6 +399,8 @@ pub struct Blocked {
     pub process: String,
     /// The policy that holds the pod, `namespace/name`.
     pub policy: String,
+    /// Whether the call went ahead (the policy would refuse it in block mode).
+    pub would: bool,
 }
 
 /// Says that block mode refused a runner pod's call: a Warning Event (`EgressBlocked`) on the
@@ -422,29 +427,21 @@ pub async fn blocked(
         }
     };
     let (ns, name) = b.policy.split_once('/').unwrap_or(("", b.policy.as_str()));
+    let (verb, outcome, reason) = if b.would {
+        ("let through", "would refuse it in mode Block", EGRESS_NOT_ALLOWED)
+    } else {
+        ("refused", "(mode Block) does not allow it", EGRESS_BLOCKED)
+    };
     let note = format!(
-        "refused a call of runner pod {}/{}{} to {what} by {}: EgressPolicy {} (mode Block) does not allow it. To          allow it, add {rule} to spec.allowedEndpoints (kubectl edit egresspolicy {name} -n {ns}, or the manifest in Git)",
+        "{verb} a call of runner pod {}/{}{} to {what} by {}: EgressPolicy {} {outcome}. To allow it, add {rule} \
+         to spec.allowedEndpoints (kubectl edit egresspolicy {name} -n {ns}, or the manifest in Git)",
         pod.namespace,
         pod.name,
         job_text(job),
         if b.process.is_empty() { "a process" } else { b.process.as_str() },
         b.policy,
     );
-    about_runner(
-        client,
-        node,
-        EGRESS_BLOCKED,
-        "Connect",
-        &note,
-        runner,
-        None,
-        &format!(
-            "{}
-{at}",
-            b.destination
-        ),
-    )
-    .await
+    about_runner(client, node, reason, "Connect", &note, runner, None, &format!("{}\n{at}", b.destination)).await
 }
 
 fn job_text(job: Option<&Job>) -> String {

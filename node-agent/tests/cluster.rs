@@ -587,6 +587,24 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     }
     assert!(freed, "Audit mode still refused: {}", agent.log());
     assert_eq!(common::steps(&container, &net, &steps[3..4]), ["192.0.2.66"], "its DNS is its own again");
+    // In Audit, what the policy does not list goes ahead, and is said.
+    assert_eq!(common::steps(&container, &net, &steps[4..5]), ["ok"]);
+    let mut said = Vec::new();
+    for _ in 0..50 {
+        said = events_of(&admin, &ns, "EgressNotAllowed", "Pod", "runner-b").await;
+        if said.iter().any(|e| e.note.as_deref().is_some_and(|n| n.contains("192.0.2.66:443/UDP"))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let note = said
+        .iter()
+        .filter_map(|e| e.note.clone())
+        .find(|n| n.contains("192.0.2.66:443/UDP"))
+        .unwrap_or_else(|| panic!("an EgressNotAllowed Event for 192.0.2.66: {said:?}\n{}", agent.log()));
+    assert!(note.starts_with("let through") && note.contains("would refuse it in mode Block"), "{note}");
+    let (_, metrics) = http_get("/metrics").unwrap();
+    assert!(!metrics.contains("runwarden_agent_would_block_calls_total 0"), "{metrics}");
     // Audit took the pod out of block mode: nothing of it stays pinned.
     let pinned: Vec<PathBuf> = walk(&bpffs).into_iter().filter(|p| p.to_string_lossy().contains("/links/")).collect();
     assert!(pinned.is_empty(), "{pinned:#?}");
