@@ -66,6 +66,7 @@ bench: setup images
 	cargo bench --locked -p runwarden-operator --bench scale
 	cargo bench --locked -p runwarden-agent --bench pipeline
 	cargo bench --locked -p runwarden-agent --bench connect
+	cargo bench --locked -p runwarden-agent --bench block
 	cargo bench --locked -p runwarden-agent --bench storm
 	cargo bench --locked -p runwarden-tests --bench latency
 	cargo bench --locked -p runwarden-tests --bench memory
