@@ -1178,6 +1178,7 @@ fn say_blocked(
         process: o.process.clone(),
         policy,
         would,
+        unidentified: node.unidentified(o.pod_cgroup_id),
     };
     let (client, node_name) = (client.clone(), node_name.to_string());
     let at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 600;
@@ -1204,6 +1205,17 @@ fn covered(
     let mut out = Vec::new();
     let mut audited = HashMap::new();
     for s in node.subjects() {
+        if s.unidentified {
+            // Held to nothing where a policy of its namespace blocks: no way out for a job.
+            let blocking = all
+                .iter()
+                .find(|p| p.metadata.namespace.as_deref() == Some(s.namespace.as_str()) && enforce::blocks(p));
+            if block_mode && let Some(p) = blocking {
+                let name = format!("{}/{}", s.namespace, p.name_any());
+                out.push(Covered { cgroup: s.cgroup, allowance: Arc::new(Allowance::nothing(name)) });
+            }
+            continue;
+        }
         let policy = match &s.job {
             Some(job) => runwarden_crds::policy::applicable_to_job(
                 all.iter().map(|p| p.as_ref()),

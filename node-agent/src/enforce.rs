@@ -77,6 +77,13 @@ fn range(cidr: &str, scope: &Scope) -> Option<Allowed> {
 }
 
 impl Allowance {
+    /// Nothing at all but the pod's own addresses (and DNS, which the resolver refuses): for a
+    /// pod of a runner namespace that is no runner's, where a policy blocks (code in a job can
+    /// make pods with the runner's ServiceAccount: they must not be a way out).
+    pub fn nothing(policy: String) -> Self {
+        Allowance { policy, ..Allowance::default() }
+    }
+
     /// What `policy` allows a pod whose job's baseline is `baseline` (if known).
     pub fn build(policy: &EgressPolicy, baseline: Option<&WorkflowBaseline>) -> Self {
         let mut out = Allowance {

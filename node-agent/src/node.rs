@@ -269,6 +269,8 @@ pub struct Subject {
     pub scale_set: Option<String>,
     /// Its run's job, once known.
     pub job: Option<Job>,
+    /// A pod of a runner namespace that is no runner's (code in a job may have made it).
+    pub unidentified: bool,
 }
 
 /// What the agent must do.
@@ -546,14 +548,20 @@ impl Node {
         }
     }
 
-    /// Every monitored pod with a known cgroup that belongs to a run, with what picks its
-    /// policy: block mode covers these.
+    /// Every monitored pod with a known cgroup, with what picks its policy: block mode covers
+    /// these (runners and their job pods by their policy, unidentified pods by their namespace's).
     pub fn subjects(&self) -> Vec<Subject> {
         let mut out = Vec::new();
         for (&cgroup, uid) in &self.cgroups {
             let Some(pod) = self.pods.get(uid) else { continue };
-            if matches!(pod.role, Role::Other | Role::Unidentified(_)) {
-                continue;
+            match pod.role {
+                Role::Other => continue,
+                Role::Unidentified(_) => {
+                    let namespace = pod.pod.namespace.clone();
+                    out.push(Subject { cgroup, namespace, scale_set: None, job: None, unidentified: true });
+                    continue;
+                }
+                _ => {}
             }
             let Some(run_uid) = self.run_of(pod) else { continue };
             let owner = self.pods.get(&run_uid).unwrap_or(pod);
@@ -562,9 +570,21 @@ impl Node {
                 .get(&run_uid)
                 .and_then(|r| r.job.clone())
                 .or_else(|| owner.identity.as_ref().map(|i| Job::new(i, &owner.pod.uid)));
-            out.push(Subject { cgroup, namespace: pod.pod.namespace.clone(), scale_set: owner.scale_set.clone(), job });
+            out.push(Subject {
+                cgroup,
+                namespace: pod.pod.namespace.clone(),
+                scale_set: owner.scale_set.clone(),
+                job,
+                unidentified: false,
+            });
         }
         out
+    }
+
+    /// Whether the pod of cgroup `cgroup` is one of a runner namespace that is no runner's.
+    pub fn unidentified(&self, cgroup: u64) -> bool {
+        let pod = self.cgroups.get(&cgroup).and_then(|uid| self.pods.get(uid));
+        pod.is_some_and(|p| matches!(p.role, Role::Unidentified(_)))
     }
 
     /// The kernel counted `count` records of the pod cgroup `cgroup` not written (its budget was

@@ -401,6 +401,8 @@ pub struct Blocked {
     pub policy: String,
     /// Whether the call went ahead (the policy would refuse it in block mode).
     pub would: bool,
+    /// Whether the pod is no runner's (held to nothing where a policy of its namespace blocks).
+    pub unidentified: bool,
 }
 
 /// Says that block mode refused a runner pod's call: a Warning Event (`EgressBlocked`) on the
@@ -432,15 +434,24 @@ pub async fn blocked(
     } else {
         ("refused", "(mode Block) does not allow it", EGRESS_BLOCKED)
     };
-    let note = format!(
-        "{verb} a call of runner pod {}/{}{} to {what} by {}: EgressPolicy {} {outcome}. To allow it, add {rule} \
-         to spec.allowedEndpoints (kubectl edit egresspolicy {name} -n {ns}, or the manifest in Git)",
-        pod.namespace,
-        pod.name,
-        job_text(job),
-        if b.process.is_empty() { "a process" } else { b.process.as_str() },
-        b.policy,
-    );
+    let process = if b.process.is_empty() { "a process" } else { b.process.as_str() };
+    let note = if b.unidentified {
+        format!(
+            "refused a call of pod {}/{} to {what} by {process}: it is not identified as a runner's in a namespace \
+             where EgressPolicy {} blocks, and such a pod may call nothing (code in a job can make pods with the \
+             runner's ServiceAccount; they are no way out). Run other workloads outside runner namespaces",
+            pod.namespace, pod.name, b.policy,
+        )
+    } else {
+        format!(
+            "{verb} a call of runner pod {}/{}{} to {what} by {process}: EgressPolicy {} {outcome}. To allow it, add \
+             {rule} to spec.allowedEndpoints (kubectl edit egresspolicy {name} -n {ns}, or the manifest in Git)",
+            pod.namespace,
+            pod.name,
+            job_text(job),
+            b.policy,
+        )
+    };
     about_runner(client, node, reason, "Connect", &note, runner, None, &format!("{}\n{at}", b.destination)).await
 }
 

@@ -564,8 +564,35 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     eprintln!("a policy change reached the running pod in {took:?}");
     assert_eq!(common::steps(&container, &net, &steps[..1]), ["unresolved"]);
 
+    // A pod of the namespace that is no runner's (code in a job may have made it with the
+    // runner's ServiceAccount): held to nothing while a policy of the namespace blocks.
+    let stray: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "stray"}, "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "c"}]}
+    }))
+    .unwrap();
+    let stray = Api::<Pod>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &stray).await.unwrap();
+    let stray_cgroup = pod_cgroup(&kubepods, &stray.uid().unwrap());
+    let mut stray_held = false;
+    for _ in 0..50 {
+        if common::steps(&stray_cgroup, &net, std::slice::from_ref(&elsewhere)) == ["EPERM"] {
+            stray_held = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stray_held, "a pod that is no runner's got out: {}", agent.log());
+    let mut said = Vec::new();
+    for _ in 0..50 {
+        said = events_of(&admin, &ns, "EgressBlocked", "Pod", "stray").await;
+        if !said.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(said.iter().any(|e| e.note.as_deref().is_some_and(|n| n.contains("no way out"))), "{said:?}");
+
     let (_, metrics) = http_get("/metrics").unwrap();
-    assert!(metrics.contains("runwarden_agent_pods_blocking 1"), "{metrics}");
+    assert!(metrics.contains("runwarden_agent_pods_blocking 2"), "{metrics}");
     let blocked: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("runwarden_agent_blocked_calls_total "))
@@ -586,6 +613,7 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(freed, "Audit mode still refused: {}", agent.log());
+    assert_eq!(common::steps(&stray_cgroup, &net, std::slice::from_ref(&elsewhere)), ["ok"], "no policy blocks");
     assert_eq!(common::steps(&container, &net, &steps[3..4]), ["192.0.2.66"], "its DNS is its own again");
     // In Audit, what the policy does not list goes ahead, and is said.
     assert_eq!(common::steps(&container, &net, &steps[4..5]), ["ok"]);
