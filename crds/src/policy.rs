@@ -68,9 +68,10 @@ pub struct EgressPolicySpec {
     #[serde(default)]
     pub anomaly_detection: AnomalyDetection,
 
-    /// In `Block` mode, what happens to a call when the node agent cannot decide (its DNS
-    /// resolver is unreachable or the policy is not yet loaded): `false` (the default) refuses
-    /// the call, `true` lets it through and reports it.
+    /// In `Block` mode, what happens while the node's agent is away (restarting, or gone: no
+    /// sign of it for 3 s): `false` (the default) keeps the runners held (what they may call
+    /// stays allowed, their DNS gets no answer), `true` lets their calls through and their DNS
+    /// go to the servers they asked until the agent is back (calls meanwhile are not reported).
     #[serde(default)]
     pub fail_open: bool,
 }

@@ -1081,6 +1081,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             warn!(error = %e, "could not keep the pods' DNS uplinks in the state directory");
         }
         if tick {
+            if let Err(e) = probes.heartbeat() {
+                warn!(error = %e, "could not tell the kernel programs the agent is there");
+            }
             record_gauges(&metrics, &node, &pipeline, &probes);
             metrics.set_ready(pods_synced && caches_ready.load(std::sync::atomic::Ordering::Relaxed));
         }

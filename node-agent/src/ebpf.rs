@@ -9,7 +9,7 @@
     reason = "aya::Pod marks the shared #[repr(C)] types as plain bytes; epoll on the ring buffer; BPF_PROG_QUERY"
 )]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
@@ -24,8 +24,8 @@ use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
     ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, ClientKey, Config, DedupeKey, DedupeValue,
-    ENFORCE_BLOCK, FAMILY_IPV4, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall,
-    names, stats,
+    ENFORCE_BLOCK, ENFORCE_FAIL_OPEN, FAMILY_IPV4, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP,
+    RECENT_SLOTS, RecentCall, names, stats,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -419,8 +419,8 @@ pub struct Probes {
     links: HashMap<u64, CgroupLinks>,
     /// The kernel's ids of [`names::PROGRAMS`], in that order.
     program_ids: Vec<u32>,
-    /// Pods in block mode.
-    blocking: HashSet<u64>,
+    /// Pods in block mode, with their `POLICIES` value (`ENFORCE_*`).
+    blocking: HashMap<u64, u32>,
     allow_list: AllowList,
     clients: Clients,
     /// Where block mode's state is pinned: `<pin dir>/<object version>`.
@@ -490,14 +490,14 @@ impl Probes {
         }
         let exec_filename_offset = attach_exec(&mut bpf).unwrap_or(0);
         // Pods an earlier agent put in block mode stay so until this one decides otherwise.
-        let blocking: HashSet<u64> = match &pins {
+        let blocking: HashMap<u64, u32> = match &pins {
             Some(_) => {
                 let policies: BpfHashMap<_, u64, u32> =
                     BpfHashMap::try_from(bpf.map(names::POLICIES).ok_or_else(|| missing(names::POLICIES))?)
                         .map_err(refused)?;
-                policies.keys().filter_map(Result::ok).collect()
+                policies.iter().filter_map(Result::ok).collect()
             }
-            None => HashSet::new(),
+            None => HashMap::new(),
         };
         let inherited = match &options.pin_dir {
             Some(dir) => inherited_links(dir),
@@ -530,7 +530,7 @@ impl Probes {
             instance: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
             config,
         };
-        probes.write_config()?;
+        probes.heartbeat()?;
         Ok(probes)
     }
 
@@ -617,7 +617,7 @@ impl Probes {
             links.push((name, Held::Attached(sock_addr_link(&mut self.bpf, name, &cgroup)?)));
         }
         self.links.insert(id, CgroupLinks { dir: dir.to_path_buf(), links });
-        if self.blocking.contains(&id) {
+        if self.blocking.contains_key(&id) {
             // In block mode before this agent started: its rewrite programs too, pinned, and
             // then the earlier agent's links can go (one or the other holds it all along).
             self.attach_rewrite(id)?;
@@ -735,7 +735,7 @@ impl Probes {
                 }
             }
             let unmarked = marks.get(&id, 0).ok() != Some(self.mark_of(id))
-                || (self.blocking.contains(&id) && policies.get(&id, 0).ok() != Some(ENFORCE_BLOCK));
+                || self.blocking.get(&id).is_some_and(|mode| policies.get(&id, 0).ok() != Some(*mode));
             // A cgroup being removed loses its programs with it: not tampering.
             if (!detached.is_empty() || unmarked) && links.dir.exists() {
                 found.push(Tampered { id, dir: links.dir.clone(), detached, unmarked });
@@ -753,8 +753,8 @@ impl Probes {
             let mark = self.mark_of(t.id);
             let mut map: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::MONITORED)?;
             map.insert(t.id, mark, 0).map_err(refused)?;
-            if self.blocking.contains(&t.id) {
-                self.set_blocking(t.id, true)?;
+            if let Some(&mode) = self.blocking.get(&t.id) {
+                self.set_block_mode(t.id, Some(mode & ENFORCE_FAIL_OPEN != 0))?;
             }
         }
         Ok(found)
@@ -831,21 +831,29 @@ impl Probes {
     /// and the programs that give its answers the address the pod asked are attached to the
     /// pod (before the mode is set, so no redirected answer goes without).
     pub fn set_blocking(&mut self, id: u64, block: bool) -> Result<(), LoadError> {
-        if block {
+        self.set_block_mode(id, block.then_some(false))
+    }
+
+    /// As [`Self::set_blocking`]: `Some(fail_open)` puts the pod in block mode, where with
+    /// `fail_open` its calls go ahead while the agent is away (no [heartbeat](Self::heartbeat)
+    /// for [`runwarden_ebpf_common::AGENT_AWAY_NS`]); `None` takes it out.
+    pub fn set_block_mode(&mut self, id: u64, fail_open: Option<bool>) -> Result<(), LoadError> {
+        if fail_open.is_some() {
             self.attach_rewrite(id)?;
             // Pinned first: from the moment the pod is in block mode, it stays held if this
             // process ends.
             self.pin(id)?;
         }
         let mut policies: BpfHashMap<_, u64, u32> = map(&mut self.bpf, names::POLICIES)?;
-        if block {
-            policies.insert(id, ENFORCE_BLOCK, 0).map_err(refused)?;
-            if self.blocking.insert(id) {
+        if let Some(fail_open) = fail_open {
+            let mode = ENFORCE_BLOCK | if fail_open { ENFORCE_FAIL_OPEN } else { 0 };
+            policies.insert(id, mode, 0).map_err(refused)?;
+            if self.blocking.insert(id, mode).is_none() {
                 self.write_config()?;
             }
         } else {
             let _ = policies.remove(&id);
-            if self.blocking.remove(&id) {
+            if self.blocking.remove(&id).is_some() {
                 self.write_config()?;
             }
             self.unpin(id);
@@ -855,6 +863,13 @@ impl Probes {
             self.let_go_inherited(id);
         }
         Ok(())
+    }
+
+    /// Says the agent is there (the programs hold fail-open pods only while it is): once a
+    /// second.
+    pub fn heartbeat(&mut self) -> Result<(), LoadError> {
+        self.config.heartbeat_ns = crate::pipeline::clock(libc::CLOCK_MONOTONIC).as_nanos() as u64;
+        self.write_config()
     }
 
     fn attach_rewrite(&mut self, id: u64) -> Result<(), LoadError> {
@@ -891,7 +906,7 @@ impl Probes {
 
     /// The pods in block mode (those an earlier agent left so included).
     pub fn blocking_pods(&self) -> Vec<u64> {
-        self.blocking.iter().copied().collect()
+        self.blocking.keys().copied().collect()
     }
 
     /// Lets the pod cgroup `pod` call `allowed` while in block mode.

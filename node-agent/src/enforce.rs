@@ -52,6 +52,8 @@ pub struct Allowance {
     pub ranges: Vec<Allowed>,
     /// The policy it comes from, `namespace/name`.
     pub policy: String,
+    /// The policy's `failOpen`: while the agent is away, the pod's calls go ahead.
+    pub fail_open: bool,
 }
 
 fn proto(p: Option<runwarden_crds::Protocol>) -> Option<Proto> {
@@ -92,6 +94,7 @@ impl Allowance {
                 policy.metadata.namespace.as_deref().unwrap_or_default(),
                 policy.metadata.name.as_deref().unwrap_or_default()
             ),
+            fail_open: policy.spec.fail_open,
             ..Allowance::default()
         };
         let mut rules: Vec<EndpointRule> = policy.spec.allowed_endpoints.clone();
@@ -330,7 +333,7 @@ impl Enforcer {
                     }
                     state.resolved.insert(id, kept);
                 }
-                probes.set_blocking(id, true)
+                probes.set_block_mode(id, Some(want.allowance.fail_open))
             })();
             match result {
                 Ok(()) => {

@@ -322,3 +322,27 @@ print(int((time.time() - start) * 1e6 / {LOOKUPS}))
     );
     eprintln!("lookup and call through the resolver: {} µs each", lines[12]);
 }
+
+/// A policy's `failOpen`: while the agent is away (no heartbeat for a few seconds) its pods'
+/// calls go ahead, and they are held again when it is back; without it they stay held.
+#[tokio::test]
+async fn fail_open_pods_go_unheld_while_the_agent_is_away_and_the_others_stay_held() {
+    let mut agent = Agent::start(WINDOW);
+    let open = agent.pod(Layout::SystemdBurstable);
+    let closed = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    let call = [format!("V4, U, ('{}', 7002)", ns.host_v4)];
+    agent.probes.set_block_mode(open.cgroup_id, Some(true)).unwrap();
+    agent.probes.set_block_mode(closed.cgroup_id, Some(false)).unwrap();
+    assert_eq!(
+        (attempts(&open, &ns, &call), attempts(&closed, &ns, &call)),
+        (vec!["EPERM".to_string()], vec!["EPERM".to_string()])
+    );
+    // The agent is away: no heartbeat for longer than the kernel waits.
+    std::thread::sleep(Duration::from_nanos(runwarden_ebpf_common::AGENT_AWAY_NS) + Duration::from_millis(500));
+    assert_eq!(attempts(&open, &ns, &call), ["ok"], "fail open");
+    assert_eq!(attempts(&closed, &ns, &call), ["EPERM"], "fail closed");
+    // Back.
+    agent.probes.heartbeat().unwrap();
+    assert_eq!(attempts(&open, &ns, &call), ["EPERM"]);
+}

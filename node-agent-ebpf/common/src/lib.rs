@@ -239,7 +239,14 @@ pub struct Config {
     pub resolver_port: u16,
     /// Explicit padding.
     pub _pad: [u8; 6],
+    /// When the agent last said it is there (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE):
+    /// past [`AGENT_AWAY_NS`] without it, pods in block mode with [`ENFORCE_FAIL_OPEN`] are let
+    /// through (their DNS to the server they asked) until it is back.
+    pub heartbeat_ns: u64,
 }
+
+/// How long without a heartbeat the agent counts as away (it writes one a second).
+pub const AGENT_AWAY_NS: u64 = 3_000_000_000;
 
 /// Key of `CLIENTS`: where a query to the agent's resolver comes from, as the resolver sees it
 /// (the IPv4 source address and port of the packet, and its protocol).
@@ -273,6 +280,9 @@ pub struct Redirected {
 
 /// `POLICIES` value: the pod's calls to destinations not in `ALLOW` are refused (`EPERM`).
 pub const ENFORCE_BLOCK: u32 = 1;
+/// `POLICIES` flag, with [`ENFORCE_BLOCK`]: while the agent is away (see
+/// [`Config::heartbeat_ns`]) the pod's calls go ahead (the policy's `failOpen`).
+pub const ENFORCE_FAIL_OPEN: u32 = 2;
 
 /// Key data of the `ALLOW` table (an LPM trie; its key is a prefix length and this): a pod, a
 /// protocol, a port, an address range. The trie matches these bytes from the first bit on, so
@@ -394,7 +404,7 @@ const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + EXEC_PATH);
 const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);
 const _: () = assert!(core::mem::size_of::<RecentCall>() == 56);
 const _: () = assert!(RECENT_SLOTS.is_power_of_two());
-const _: () = assert!(core::mem::size_of::<Config>() == 40 + 12 * MAX_POD_PARENTS);
+const _: () = assert!(core::mem::size_of::<Config>() == 48 + 12 * MAX_POD_PARENTS);
 const _: () = assert!(core::mem::size_of::<Redirected>() == 24);
 const _: () = assert!(core::mem::size_of::<ClientKey>() == 8);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == ALLOW_KEY_FIXED_BITS as usize / 8 + 16);

@@ -43,10 +43,11 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
 use runwarden_ebpf_common::{
-    ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, CallEvent, ClientKey, Config, DNS_CAPTURE, DedupeKey,
-    DedupeValue, DnsEvent, ENFORCE_BLOCK, ExecEvent, FAMILY_IPV4, FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG,
-    KIND_CALL, KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP,
-    RECENT_SLOTS, RecentCall, Redirected, VERDICT_ALLOWED, VERDICT_DENIED, stats,
+    AGENT_AWAY_NS, ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, CallEvent, ClientKey, Config,
+    DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ENFORCE_BLOCK, ENFORCE_FAIL_OPEN, ExecEvent, FAMILY_IPV4,
+    FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL,
+    MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall, Redirected, VERDICT_ALLOWED,
+    VERDICT_DENIED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -412,7 +413,10 @@ fn on_call(ctx: &SockAddrContext, hook: u8, family: u8, protocol: u8, addr: [u8;
         };
         pod = id;
         // SAFETY: a pointer into the map's element, valid for this program run.
-        if POLICIES.get_ptr(id).is_some_and(|mode| unsafe { *mode } == ENFORCE_BLOCK) {
+        let mode = POLICIES.get_ptr(id).map_or(0, |mode| unsafe { *mode });
+        // A fail-open pod goes unheld while the agent is away (no heartbeat for a while).
+        let away = mode & ENFORCE_FAIL_OPEN != 0 && coarse.wrapping_sub(cfg.heartbeat_ns) > AGENT_AWAY_NS;
+        if mode & ENFORCE_BLOCK != 0 && !away {
             let (checked_family, words) = normalized(family, &addr);
             let ok = local(checked_family, &words)
                 || (port == 53 && redirect_dns(ctx, cfg, family, &addr, port))
