@@ -499,19 +499,7 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
 
     // Each refusal said once on the pod and its EphemeralRunner, with the rule that allows it;
     // no anomaly for it (a refused call is no destination of the run).
-    let mut blocked = Vec::new();
-    for _ in 0..50 {
-        blocked = events_of(&admin, &ns, "EgressBlocked", "Pod", "runner-b").await;
-        if blocked.iter().any(|e| e.note.as_deref().is_some_and(|n| n.contains("192.0.2.66:443/UDP"))) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let note = blocked
-        .iter()
-        .filter_map(|e| e.note.clone())
-        .find(|n| n.contains("192.0.2.66:443/UDP"))
-        .unwrap_or_else(|| panic!("an EgressBlocked Event for 192.0.2.66: {blocked:?}\n{}", agent.log()));
+    let note = event_note(&admin, &ns, "EgressBlocked", "runner-b", "192.0.2.66:443/UDP", &agent).await;
     assert!(note.contains(&format!("EgressPolicy {ns}/arc-egress")) && note.contains("python3"), "{note}");
     assert!(note.contains("{cidr: 192.0.2.66/32, ports: [443], protocol: UDP}"), "{note}");
     assert!(!events_of(&admin, &ns, "EgressBlocked", "EphemeralRunner", "runner-b").await.is_empty());
@@ -581,23 +569,11 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(stray_held, "a pod that is no runner's got out: {}", agent.log());
-    let mut said = Vec::new();
-    for _ in 0..50 {
-        said = events_of(&admin, &ns, "EgressBlocked", "Pod", "stray").await;
-        if !said.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(said.iter().any(|e| e.note.as_deref().is_some_and(|n| n.contains("no way out"))), "{said:?}");
+    event_note(&admin, &ns, "EgressBlocked", "stray", "no way out", &agent).await;
 
     let (_, metrics) = http_get("/metrics").unwrap();
     assert!(metrics.contains("runwarden_agent_pods_blocking 2"), "{metrics}");
-    let blocked: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("runwarden_agent_blocked_calls_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let blocked = counter(&metrics, "runwarden_agent_blocked_calls_total");
     // This agent's since it started: the refused call before the policy change, and the one
     // after it.
     assert!(blocked >= 2, "refused calls counted: {blocked}\n{metrics}");
@@ -617,22 +593,10 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     assert_eq!(common::steps(&container, &net, &steps[3..4]), ["192.0.2.66"], "its DNS is its own again");
     // In Audit, what the policy does not list goes ahead, and is said.
     assert_eq!(common::steps(&container, &net, &steps[4..5]), ["ok"]);
-    let mut said = Vec::new();
-    for _ in 0..50 {
-        said = events_of(&admin, &ns, "EgressNotAllowed", "Pod", "runner-b").await;
-        if said.iter().any(|e| e.note.as_deref().is_some_and(|n| n.contains("192.0.2.66:443/UDP"))) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let note = said
-        .iter()
-        .filter_map(|e| e.note.clone())
-        .find(|n| n.contains("192.0.2.66:443/UDP"))
-        .unwrap_or_else(|| panic!("an EgressNotAllowed Event for 192.0.2.66: {said:?}\n{}", agent.log()));
+    let note = event_note(&admin, &ns, "EgressNotAllowed", "runner-b", "192.0.2.66:443/UDP", &agent).await;
     assert!(note.starts_with("let through") && note.contains("would refuse it in mode Block"), "{note}");
     let (_, metrics) = http_get("/metrics").unwrap();
-    assert!(!metrics.contains("runwarden_agent_would_block_calls_total 0"), "{metrics}");
+    assert!(counter(&metrics, "runwarden_agent_would_block_calls_total") >= 1, "{metrics}");
     // Audit took the pod out of block mode: nothing of it stays pinned.
     let pinned: Vec<PathBuf> = walk(&bpffs).into_iter().filter(|p| p.to_string_lossy().contains("/links/")).collect();
     assert!(pinned.is_empty(), "{pinned:#?}");
@@ -642,6 +606,25 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     let _ = std::fs::remove_dir_all(&state);
     let _ = Command::new("umount").arg(&bpffs).status();
     let _ = std::fs::remove_dir_all(&bpffs);
+}
+
+/// The note of an Event `reason` on pod `pod` that contains `needle`, waited for up to 5 s.
+async fn event_note(client: &Client, ns: &str, reason: &str, pod: &str, needle: &str, agent: &AgentProcess) -> String {
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = events_of(client, ns, reason, "Pod", pod).await;
+        if let Some(note) = seen.iter().filter_map(|e| e.note.clone()).find(|n| n.contains(needle)) {
+            return note;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no {reason} Event on pod {pod} saying {needle:?}: {seen:?}\n{}", agent.log());
+}
+
+/// A counter's value in the agent's metrics (0 when it is not there).
+fn counter(metrics: &str, name: &str) -> u64 {
+    let prefix = format!("{name} ");
+    metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
 /// Every file below `dir`.
