@@ -1169,10 +1169,15 @@ fn say_blocked(
     let key = (o.pod_cgroup_id, format!("{}{destination}", if would { "~" } else { "" }));
     let due = said.get(&key).is_none_or(|last| now.duration_since(*last) >= Duration::from_secs(600));
     let Some(runner) = runner.filter(|_| due) else { return };
-    said.insert(key, now);
-    if said.len() > 4096 {
+    if said.len() >= 4096 {
         said.retain(|_, last| now.duration_since(*last) < Duration::from_secs(600));
+        if said.len() >= 4096 {
+            // A flood of destinations (a job trying address after address): each is counted and
+            // logged, at most 4,096 Events in ten minutes, and the table stays bounded.
+            return;
+        }
     }
+    said.insert(key, now);
     let blocked = crate::report::Blocked {
         destination,
         host: o.hosts.first().cloned(),
