@@ -111,7 +111,7 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
     let name = policy.name_any();
     let now = Timestamp::now();
 
-    let (status, reason, message) = match missing_secret(&ctx.client, &ns, &policy).await? {
+    let (status, reason, mut message) = match missing_secret(&ctx.client, &ns, &policy).await? {
         Some((reason, problem)) => (ConditionStatus::False, reason, problem),
         None if not_enforced(&policy, ctx.block_mode) => (
             ConditionStatus::False,
@@ -131,7 +131,16 @@ async fn reconcile(policy: Arc<EgressPolicy>, ctx: Arc<Ctx>) -> Result<Action> {
             None => (ConditionStatus::True, "Valid", allowance(&policy)),
         },
     };
-    let matched = matched_runners(&ctx.client, &ns, &policy, &ctx.policies, ctx.arc).await?;
+    let (matched, raw) = matched_runners(&ctx.client, &ns, &policy, &ctx.policies, ctx.arc).await?;
+    if policy.spec.mode == PolicyMode::Block
+        && let Some(first) = raw.first()
+    {
+        let more = if raw.len() > 1 { format!(" and {} more", raw.len() - 1) } else { String::new() };
+        message.push_str(&format!(
+            "; runner pod {first}{more} may open raw sockets, which block mode does not see: drop NET_RAW \
+             (securityContext.capabilities.drop) in the runners' pod template"
+        ));
+    }
 
     let previous = policy.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"));
     let unchanged = previous.is_some_and(|c| c.status == status && c.reason == reason && c.message == message)
@@ -272,13 +281,30 @@ fn winner_over(policy: &EgressPolicy, store: &Store<EgressPolicy>) -> Option<Str
 }
 
 /// Runner pods of the namespace that `policy` selects and for which no older policy applies.
+/// Whether a pod's containers may open raw or packet sockets (`CAP_NET_RAW`, which container
+/// runtimes grant unless it is dropped): those sends pass no cgroup `connect`/`sendmsg` hook.
+pub fn may_open_raw_sockets(pod: &Pod) -> bool {
+    let Some(spec) = &pod.spec else { return false };
+    spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| {
+        let sc = c.security_context.as_ref();
+        let caps = sc.and_then(|s| s.capabilities.as_ref());
+        let dropped =
+            caps.and_then(|c| c.drop.as_ref()).is_some_and(|d| d.iter().any(|x| x == "NET_RAW" || x == "ALL"));
+        let added = caps.and_then(|c| c.add.as_ref()).is_some_and(|a| a.iter().any(|x| x == "NET_RAW" || x == "ALL"));
+        let privileged = sc.and_then(|s| s.privileged).unwrap_or(false);
+        privileged || added || !dropped
+    })
+}
+
+/// The runner pods the policy applies to: how many, and the names of those that may open raw
+/// sockets.
 async fn matched_runners(
     client: &Client,
     ns: &str,
     policy: &EgressPolicy,
     store: &Store<EgressPolicy>,
     arc: bool,
-) -> Result<u32> {
+) -> Result<(u32, Vec<String>)> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let runners = pods.list(&ListParams::default().labels(SCALE_SET_LABEL)).await?.items;
     let labelled = pods.list(&ListParams::default().labels(&format!("{MONITOR_LABEL}=true"))).await?.items;
@@ -310,8 +336,10 @@ async fn matched_runners(
         wins(&|s: &RunnerSelector| s.selects_job(scale_set, repository, workflow))
     });
     let labelled = labelled.iter().filter(|pod| !pod.labels().contains_key(SCALE_SET_LABEL));
-    let count = arc.count() + labelled.filter(|pod| wins(&|s: &RunnerSelector| s.selects(&pod.metadata))).count();
-    Ok(count as u32)
+    let matched: Vec<&Pod> =
+        arc.chain(labelled.filter(|pod| wins(&|s: &RunnerSelector| s.selects(&pod.metadata)))).collect();
+    let raw = matched.iter().filter(|p| may_open_raw_sockets(p)).map(|p| p.name_any()).collect();
+    Ok((matched.len() as u32, raw))
 }
 
 /// Whether two selectors can select the same runner: in every dimension, some pair of globs

@@ -120,10 +120,24 @@ async fn a_policy_naming_a_missing_secret_is_not_ready_and_says_which_field() {
 #[tokio::test]
 async fn a_block_policy_is_not_ready_where_block_mode_is_off() {
     let (client, ns, _stop) = setup("policy-block").await;
+    // A runner that may open raw sockets (containers get NET_RAW unless it is dropped), and one
+    // that may not.
+    runner_pod(&client, &ns, "raw", "arc").await;
+    let dropped: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "dropped", "labels": {"actions.github.com/scale-set-name": "arc"}},
+        "spec": {"containers": [{"name": "runner", "image": "runner",
+                                 "securityContext": {"capabilities": {"drop": ["NET_RAW"]}}}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), &ns).create(&PostParams::default(), &dropped).await.unwrap();
     create_policy(&client, &ns, "block", json!({"mode": "Block", "presets": ["github-actions"]})).await;
-    let (status, message, _) = ready(&client, &ns, "block", "NotEnforced").await;
+    let (status, message, matched) = ready(&client, &ns, "block", "NotEnforced").await;
     assert_eq!(status, ConditionStatus::False, "Ready never claims protection that does not happen");
     assert!(message.contains("none is refused"), "{message}");
+    assert_eq!(matched, 2);
+    // Block mode does not see raw sockets: the policy says which runners could use them.
+    assert!(message.contains("runner pod raw may open raw sockets") && message.contains("drop NET_RAW"), "{message}");
+    assert!(!message.contains("dropped"), "{message}");
     common::wait_for_event(&client, &ns, "NotEnforced").await;
 }
 
