@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Agent, DnsServer, Layout, NetNs, Zone};
 use runwarden_agent::dns::RecordData;
-use runwarden_agent::ebpf::{Allowed, Clients};
+use runwarden_agent::ebpf::{Allowed, Clients, ResolverAddress};
 use runwarden_agent::events::Proto;
 use runwarden_agent::resolver::{Gate, Resolver, Scope, Transport};
 
@@ -96,7 +96,10 @@ fn main() {
         answers: None,
     });
     runtime.spawn(resolver.serve_udp(socket));
-    agent.probes.set_resolver(Some(listening)).unwrap();
+    agent
+        .probes
+        .set_resolver(Some(&ResolverAddress { ipv4: Some(*listening.ip()), ipv6: None, port: listening.port() }))
+        .unwrap();
     let allowed = Allowed { addr: h4.into(), prefix: 32, protocol: Some(Proto::Udp), ports: vec![443], ttl: None };
     agent.probes.allow(pod.cgroup_id, &allowed).unwrap();
 

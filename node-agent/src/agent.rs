@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::cgroups;
-use crate::ebpf::{LoadError, Options, PodBudget, Probes};
+use crate::ebpf::{LoadError, Options, PodBudget, Probes, ResolverAddress};
 use crate::enforce::{self, Allowance, Covered, Enforcer};
 use crate::metrics::{Kind, Metrics, ResultLabel, VerdictLabel};
 use crate::node::{Action, Destination, Job, Node, ObjectRef, PodInfo, Role, Run, Scorer, Trust};
@@ -111,10 +111,11 @@ pub struct AgentArgs {
     /// Experimental: while the agent restarts, its pods are not held.
     #[arg(long, env = "RUNWARDEN_BLOCK_MODE")]
     pub block_mode: bool,
-    /// This agent pod's IPv4 address, where block-mode pods reach its resolver (the DaemonSet
-    /// sets it from status.podIP).
-    #[arg(long, env = "POD_IP")]
-    pub pod_ip: Option<std::net::Ipv4Addr>,
+    /// This agent pod's addresses (comma-separated; the node's, as the agent uses the host's
+    /// network), where block-mode pods reach its resolver: the first IPv4 one, and the first
+    /// IPv6 one for pods that ask IPv6 servers (the DaemonSet sets it from status.podIPs).
+    #[arg(long, env = "POD_IPS", value_delimiter = ',')]
+    pub pod_ips: Vec<IpAddr>,
     /// Port of the resolver block-mode pods' DNS goes to (UDP and TCP).
     #[arg(long, default_value_t = 10053)]
     pub resolver_port: u16,
@@ -1102,9 +1103,22 @@ async fn start_resolver(
     enforcer: &Enforcer,
     answers: mpsc::Sender<(u64, Vec<u8>)>,
 ) -> Result<(), AgentError> {
-    let pod_ip = args.pod_ip.ok_or_else(|| {
-        AgentError::BlockMode("the agent's pod address is not known (POD_IP from status.podIP, or --pod-ip)".into())
-    })?;
+    let address = ResolverAddress {
+        ipv4: args.pod_ips.iter().find_map(|ip| match ip.to_canonical() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        }),
+        ipv6: args.pod_ips.iter().find_map(|ip| match ip.to_canonical() {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        }),
+        port: args.resolver_port,
+    };
+    if address.ipv4.is_none() && address.ipv6.is_none() {
+        return Err(AgentError::BlockMode(
+            "the agent's pod addresses are not known (POD_IPS from status.podIPs, or --pod-ips)".into(),
+        ));
+    }
     let upstream = match args.dns_upstream {
         Some(u) => u,
         None => nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
@@ -1112,13 +1126,6 @@ async fn start_resolver(
             .map(|ip| std::net::SocketAddr::new(*ip, 53))
             .ok_or_else(|| AgentError::BlockMode("no nameserver in /etc/resolv.conf; set --dns-upstream".into()))?,
     };
-    let port = args.resolver_port;
-    let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port))
-        .await
-        .map_err(|e| AgentError::BlockMode(format!("the resolver's UDP port {port}: {e}")))?;
-    let tcp = tokio::net::TcpListener::bind(("0.0.0.0", port))
-        .await
-        .map_err(|e| AgentError::BlockMode(format!("the resolver's TCP port {port}: {e}")))?;
     let resolver = Arc::new(Resolver {
         gate: Arc::new(enforcer.gate.clone()),
         upstream,
@@ -1128,10 +1135,29 @@ async fn start_resolver(
         timeout: Duration::from_secs(2),
         answers: Some(answers),
     });
-    tokio::spawn(resolver.clone().serve_udp(udp));
-    tokio::spawn(resolver.serve_tcp(tcp));
-    probes.set_resolver(Some(std::net::SocketAddrV4::new(pod_ip, port)))?;
-    info!(resolver = %std::net::SocketAddrV4::new(pod_ip, port), %upstream, "block mode: pods' DNS goes through this agent's resolver");
+    // IPv4 on every address (pods reach the node's by the address in POD_IPS, which may be
+    // another interface's than the one they come in on); IPv6 on the one address, so the two
+    // sockets of a port do not clash (a wildcard IPv6 socket takes IPv4 too).
+    let port = args.resolver_port;
+    let mut local: Vec<std::net::SocketAddr> = Vec::new();
+    if address.ipv4.is_some() {
+        local.push((std::net::Ipv4Addr::UNSPECIFIED, port).into());
+    }
+    if let Some(ip6) = address.ipv6 {
+        local.push((ip6, port).into());
+    }
+    for at in local {
+        let udp = tokio::net::UdpSocket::bind(at)
+            .await
+            .map_err(|e| AgentError::BlockMode(format!("the resolver's UDP port {at}: {e}")))?;
+        let tcp = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|e| AgentError::BlockMode(format!("the resolver's TCP port {at}: {e}")))?;
+        tokio::spawn(resolver.clone().serve_udp(udp));
+        tokio::spawn(resolver.clone().serve_tcp(tcp));
+    }
+    probes.set_resolver(Some(&address))?;
+    info!(ipv4 = ?address.ipv4, ipv6 = ?address.ipv6, port, %upstream, "block mode: pods' DNS goes through this agent's resolver");
     Ok(())
 }
 

@@ -24,8 +24,8 @@ use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
     ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, ClientKey, Config, DedupeKey, DedupeValue,
-    ENFORCE_BLOCK, ENFORCE_FAIL_OPEN, FAMILY_IPV4, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP,
-    RECENT_SLOTS, RecentCall, names, stats,
+    ENFORCE_BLOCK, ENFORCE_FAIL_OPEN, FAMILY_IPV4, FAMILY_IPV6, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP,
+    PROTO_UDP, RECENT_SLOTS, RecentCall, names, stats,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -291,14 +291,34 @@ pub struct Clients(std::sync::Arc<std::sync::Mutex<BpfHashMap<MapData, Client, u
 impl Clients {
     /// The pod cgroup that sent a query from `from` over `protocol`, if a block-mode pod did.
     pub fn pod_of(&self, from: std::net::SocketAddr, protocol: Proto) -> Option<u64> {
-        let addr = match from.ip() {
-            IpAddr::V4(v4) => v4.octets(),
-            IpAddr::V6(v6) => v6.to_ipv4_mapped()?.octets(),
+        let mut addr = [0; 16];
+        let family = match from.ip().to_canonical() {
+            IpAddr::V4(v4) => {
+                addr[..4].copy_from_slice(&v4.octets());
+                FAMILY_IPV4
+            }
+            IpAddr::V6(v6) => {
+                addr = v6.octets();
+                FAMILY_IPV6
+            }
         };
         let protocol = if protocol == Proto::Tcp { PROTO_TCP } else { PROTO_UDP };
-        let key = Client(ClientKey { addr, port: from.port(), protocol, _pad: 0 });
+        let key = Client(ClientKey { addr, port: from.port(), protocol, family });
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key, 0).ok()
     }
+}
+
+/// Where block-mode pods reach the agent's resolver: one port, on an IPv4 address, an IPv6
+/// address or both (queries to IPv6 servers go to `::ffff:` the IPv4 address when there is no
+/// IPv6 one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResolverAddress {
+    /// Where queries to IPv4 servers go.
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    /// Where queries to IPv6 servers go.
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    /// UDP and TCP.
+    pub port: u16,
 }
 
 /// Destinations a pod in block mode may call: an address range, over one protocol or both, on
@@ -892,15 +912,23 @@ impl Probes {
         Ok(())
     }
 
-    /// Where block-mode pods' DNS queries go: the agent's resolver (an IPv4 address the pods
-    /// can reach, and its port), or nowhere (`None`: DNS is then refused to them unless
-    /// allowed like any destination).
-    pub fn set_resolver(&mut self, resolver: Option<std::net::SocketAddrV4>) -> Result<(), LoadError> {
-        (self.config.resolver_ip4, self.config.resolver_port) = match resolver {
-            // As `user_ip4` holds it: the octets in memory order.
-            Some(r) => (u32::from_ne_bytes(r.ip().octets()), r.port()),
-            None => (0, 0),
+    /// Where block-mode pods' DNS queries go: the agent's resolver (addresses the pods can
+    /// reach, and its port), or nowhere (`None`: DNS is then refused to them unless allowed
+    /// like any destination).
+    pub fn set_resolver(&mut self, resolver: Option<&ResolverAddress>) -> Result<(), LoadError> {
+        let (ip4, ip6, port) = match resolver {
+            // As `user_ip4` and `user_ip6` hold them: the octets in memory order.
+            Some(r) => (
+                r.ipv4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+                r.ipv6.map_or([0; 4], |ip| {
+                    let o = ip.octets();
+                    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+                }),
+                r.port,
+            ),
+            None => (0, [0; 4], 0),
         };
+        (self.config.resolver_ip4, self.config.resolver_ip6, self.config.resolver_port) = (ip4, ip6, port);
         self.write_config()
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Agent, DnsServer, Layout, NetNs, Pod, Zone, dns_query, py_bytes, python};
 use runwarden_agent::dns::RecordData;
-use runwarden_agent::ebpf::{Allowed, Clients};
+use runwarden_agent::ebpf::{Allowed, Clients, ResolverAddress};
 use runwarden_agent::events::{Proto, Verdict};
 use runwarden_agent::resolver::{Gate, Resolver, Scope, Transport};
 
@@ -248,7 +248,10 @@ async fn names_are_allowed_through_the_agents_resolver_and_nothing_else_resolves
     });
     tokio::spawn(resolver.clone().serve_udp(socket));
     tokio::spawn(resolver.serve_tcp(tcp));
-    agent.probes.set_resolver(Some(listening)).unwrap();
+    agent
+        .probes
+        .set_resolver(Some(&ResolverAddress { ipv4: Some(*listening.ip()), ipv6: None, port: listening.port() }))
+        .unwrap();
     agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
 
     let script = format!(
@@ -321,6 +324,77 @@ print(int((time.time() - start) * 1e6 / {LOOKUPS}))
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("lookup and call through the resolver: {} µs each", lines[12]);
+}
+
+/// A pod of an IPv6-only cluster asks an IPv6 server: its DNS goes to the resolver's IPv6
+/// address (there is no IPv4 way out of the pod), over UDP and TCP, and is judged like any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_only_pods_dns_goes_to_the_resolvers_ipv6_address() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    ns.ipv6_only();
+    let upstream = DnsServer::start(ns.host_v6.into());
+    let records =
+        [("allowed.test", "2001:db8::10"), ("denied.test", "2001:db8::66"), ("tcp.wild.test", "2001:db8::1:1")];
+    for (name, ip) in records {
+        upstream.set(name, Zone::Records(vec![(name.into(), RecordData::Aaaa(ip.parse().unwrap()))]));
+    }
+    let (socket, tcp) = loop {
+        let socket = tokio::net::UdpSocket::bind((ns.host_v6, 0)).await.unwrap();
+        if let Ok(tcp) = tokio::net::TcpListener::bind(socket.local_addr().unwrap()).await {
+            break (socket, tcp);
+        }
+    };
+    let port = socket.local_addr().unwrap().port();
+    let resolver = Arc::new(Resolver {
+        gate: Arc::new(TestGate { clients: agent.probes.clients(), pod: pod.cgroup_id }),
+        upstream: (ns.host_v6, 53).into(),
+        allow: agent.probes.allow_list(),
+        ttl_floor: Duration::from_secs(30),
+        refuse_rcode: 5,
+        timeout: Duration::from_secs(2),
+        answers: None,
+    });
+    tokio::spawn(resolver.clone().serve_udp(socket));
+    tokio::spawn(resolver.serve_tcp(tcp));
+    agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
+    let h6 = ns.host_v6;
+    let steps = [
+        "resolve('allowed.test', V6)".to_string(),
+        "attempt(V6, U, ('2001:db8::10', 443))".into(),
+        "attempt(V6, U, ('2001:db8::10', 444))".into(),
+        "resolve('denied.test', V6)".into(),
+        "attempt(V6, U, ('2001:db8::66', 443))".into(),
+        format!("ask('{h6}', 'allowed.test', 28)"),
+        format!("ask('{h6}', 'tcp.wild.test', 28, tcp=True)"),
+        "attempt(V6, U, ('2001:db8::1:1', 8443))".into(),
+        format!("ask('{h6}', 'denied.test', 28, tcp=True)"),
+    ];
+    // With only an IPv4 address the resolver is out of the pod's reach: nothing resolves.
+    let only_ipv4 = ResolverAddress { ipv4: Some(ns.host_v4), ipv6: None, port };
+    agent.probes.set_resolver(Some(&only_ipv4)).unwrap();
+    let out = tokio::task::block_in_place(|| common::steps(&pod.container, &ns, &steps[..1]));
+    assert_eq!(out, ["unresolved"]);
+
+    agent.probes.set_resolver(Some(&ResolverAddress { ipv6: Some(h6), ..only_ipv4 })).unwrap();
+    let out = tokio::task::block_in_place(|| common::steps(&pod.container, &ns, &steps));
+    assert_eq!(
+        out,
+        [
+            "2001:db8::10".to_string(),
+            "ok".into(),
+            "EPERM".into(),
+            "unresolved".into(),
+            "EPERM".into(),
+            // Answers come from the server the pod asked, by UDP and by TCP.
+            format!("{h6} 53 0 2001:db8::10"),
+            format!("{h6} 53 0 2001:db8::1:1"),
+            "ok".into(),
+            format!("{h6} 53 5 -"),
+        ],
+        "{steps:#?}"
+    );
 }
 
 /// A policy's `failOpen`: while the agent is away (no heartbeat for a few seconds) its pods'

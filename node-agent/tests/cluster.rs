@@ -406,7 +406,7 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     // The pod's network: a namespace whose resolv.conf names the host end, where the cluster's
     // DNS (the test's server) listens; the agent's resolver is reached at the same address.
     let net = common::NetNs::new();
-    let h4 = net.host_v4;
+    let (h4, h6) = (net.host_v4, net.host_v6);
     let dns = common::DnsServer::start(h4.into());
     // Addresses that are only connected to over UDP (no packet leaves), and the host end.
     for (name, ip) in
@@ -441,7 +441,7 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
     std::fs::create_dir_all(&bpffs).unwrap();
     assert!(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs).status().unwrap().success());
     let env = [
-        ("POD_IP", h4.to_string()),
+        ("POD_IPS", format!("{h4},{h6}")),
         ("RUNWARDEN_DNS_UPSTREAM", format!("{h4}:53")),
         ("RUNWARDEN_BPFFS", bpffs.display().to_string()),
     ];
@@ -486,13 +486,28 @@ async fn block_mode_holds_a_runner_to_its_policy_and_follows_its_changes() {
         format!("attempt(V4, T, ('{h4}', {closed}))"),
         "resolve('a.wild.test')".into(),
         format!("attempt(V4, T, ('{h4}', {closed}))"),
+        // A server asked over IPv6: the resolver's IPv6 address (POD_IPS) answers for it.
+        format!("ask('{h6}', 'allowed.test')"),
+        format!("ask('{h6}', 'denied.test')"),
     ];
     let got = common::steps(&container, &net, &steps);
-    let h4s = h4.to_string();
+    let (h4s, allowed6, denied6) = (h4.to_string(), format!("{h6} 53 0 192.0.2.10"), format!("{h6} 53 5 -"));
     assert_eq!(
         got,
-        ["192.0.2.10", "ok", "EPERM", "unresolved", "EPERM", "ok", "EPERM", h4s.as_str(), "ECONNREFUSED"]
-            .map(String::from),
+        [
+            "192.0.2.10",
+            "ok",
+            "EPERM",
+            "unresolved",
+            "EPERM",
+            "ok",
+            "EPERM",
+            h4s.as_str(),
+            "ECONNREFUSED",
+            allowed6.as_str(),
+            denied6.as_str()
+        ]
+        .map(String::from),
         "{steps:#?}\n{}",
         agent.log()
     );

@@ -152,7 +152,7 @@ pub fn desired(config: &AgentConfig) -> Value {
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                 {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
-                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "POD_IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}},
                 {"name": "RUNWARDEN_LOG", "value": config.log_level},
             ],
             "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],

@@ -232,8 +232,8 @@ pub struct Config {
     pub enforcing: u32,
     /// The agent's DNS resolver, where a block-mode pod's DNS queries (UDP and TCP to port 53,
     /// anywhere but loopback) are sent instead: its IPv4 address as `user_ip4` holds it
-    /// (network order; IPv6 sockets reach it as `::ffff:` it), and its port, host order. Port 0:
-    /// no resolver, so DNS is a destination like any other (refused unless allowed).
+    /// (network order; 0: none), and its port, host order (also that of `resolver_ip6`). Port
+    /// 0: no resolver, so DNS is a destination like any other (refused unless allowed).
     pub resolver_ip4: u32,
     /// See `resolver_ip4`.
     pub resolver_port: u16,
@@ -243,24 +243,29 @@ pub struct Config {
     /// past [`AGENT_AWAY_NS`] without it, pods in block mode with [`ENFORCE_FAIL_OPEN`] are let
     /// through (their DNS to the server they asked) until it is back.
     pub heartbeat_ns: u64,
+    /// The resolver's IPv6 address as `user_ip6` holds it (all zero: none), where queries to
+    /// IPv6 servers go; without it they go to `::ffff:` `resolver_ip4`, which only dual-stack
+    /// pods reach.
+    pub resolver_ip6: [u32; 4],
 }
 
 /// How long without a heartbeat the agent counts as away (it writes one a second).
 pub const AGENT_AWAY_NS: u64 = 3_000_000_000;
 
 /// Key of `CLIENTS`: where a query to the agent's resolver comes from, as the resolver sees it
-/// (the IPv4 source address and port of the packet, and its protocol).
+/// (the source address and port of the packet, and its protocol).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClientKey {
-    /// Source address, as the packet holds it (network order).
-    pub addr: [u8; 4],
+    /// Source address, as the packet holds it (network order): an IPv4 address in the first
+    /// four bytes, the rest zero.
+    pub addr: [u8; 16],
     /// Source port, host order.
     pub port: u16,
     /// `PROTO_*`.
     pub protocol: u8,
-    /// Explicit padding.
-    pub _pad: u8,
+    /// `FAMILY_*`.
+    pub family: u8,
 }
 
 /// What a redirected DNS socket first asked for (`REDIRECTED`, by socket cookie), so the
@@ -404,9 +409,9 @@ const _: () = assert!(core::mem::size_of::<ExecEvent>() == 32 + EXEC_PATH);
 const _: () = assert!(core::mem::size_of::<DedupeValue>() == 16);
 const _: () = assert!(core::mem::size_of::<RecentCall>() == 56);
 const _: () = assert!(RECENT_SLOTS.is_power_of_two());
-const _: () = assert!(core::mem::size_of::<Config>() == 48 + 12 * MAX_POD_PARENTS);
+const _: () = assert!(core::mem::size_of::<Config>() == 64 + 12 * MAX_POD_PARENTS);
 const _: () = assert!(core::mem::size_of::<Redirected>() == 24);
-const _: () = assert!(core::mem::size_of::<ClientKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ClientKey>() == 20);
 const _: () = assert!(core::mem::size_of::<AllowKey>() == ALLOW_KEY_FIXED_BITS as usize / 8 + 16);
 const _: () = assert!(core::mem::align_of::<AllowKey>() == 1);
 const _: () = assert!(core::mem::size_of::<Budget>() == 24);

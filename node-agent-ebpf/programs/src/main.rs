@@ -284,8 +284,10 @@ fn allowed(pod: u64, family: u8, protocol: u8, words: [u32; 4], port: u16, now: 
 }
 
 /// Sends a block-mode pod's DNS query to the agent's resolver instead of where it was going
-/// (the destination rewritten; the original kept by socket cookie for [`restore`]). False when
-/// the agent runs no resolver.
+/// (the destination rewritten; the original kept by socket cookie for [`restore`]): a query to
+/// an IPv4 server (or `::ffff:` one) to the resolver's IPv4 address, one to an IPv6 server to
+/// its IPv6 address, or to `::ffff:` its IPv4 address when it has none. False when the agent
+/// runs no resolver of that family.
 #[inline(always)]
 fn redirect_dns(ctx: &SockAddrContext, cfg: &Config, family: u8, addr: &[u8; 16], port: u16) -> bool {
     if cfg.resolver_port == 0 {
@@ -293,6 +295,11 @@ fn redirect_dns(ctx: &SockAddrContext, cfg: &Config, family: u8, addr: &[u8; 16]
     }
     // SAFETY: same size, any bytes are valid words.
     let words = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) };
+    let has_ip6 = cfg.resolver_ip6 != [0; 4];
+    let to_ip6 = family == FAMILY_IPV6 && normalized(family, addr).0 == FAMILY_IPV6 && has_ip6;
+    if !to_ip6 && cfg.resolver_ip4 == 0 {
+        return false;
+    }
     // SAFETY: the context's socket, as the helper requires.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let original = Redirected { addr: words, port, family, _pad: [0; 5] };
@@ -304,6 +311,11 @@ fn redirect_dns(ctx: &SockAddrContext, cfg: &Config, family: u8, addr: &[u8; 16]
         let sa = ctx.sock_addr;
         if family == FAMILY_IPV4 {
             (*sa).user_ip4 = cfg.resolver_ip4;
+        } else if to_ip6 {
+            (*sa).user_ip6[0] = cfg.resolver_ip6[0];
+            (*sa).user_ip6[1] = cfg.resolver_ip6[1];
+            (*sa).user_ip6[2] = cfg.resolver_ip6[2];
+            (*sa).user_ip6[3] = cfg.resolver_ip6[3];
         } else {
             (*sa).user_ip6[0] = 0;
             (*sa).user_ip6[1] = 0;
@@ -332,12 +344,11 @@ fn restore(ctx: &SockAddrContext, family: u8) {
             return;
         }
         let from_resolver = if family == FAMILY_IPV4 {
-            (*sa).user_ip4 == cfg.resolver_ip4
+            cfg.resolver_ip4 != 0 && (*sa).user_ip4 == cfg.resolver_ip4
         } else {
-            (*sa).user_ip6[0] == 0
-                && (*sa).user_ip6[1] == 0
-                && (*sa).user_ip6[2] == u32::from_be(0xffff)
-                && (*sa).user_ip6[3] == cfg.resolver_ip4
+            let peer = [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]];
+            (cfg.resolver_ip4 != 0 && peer == [0, 0, u32::from_be(0xffff), cfg.resolver_ip4])
+                || (cfg.resolver_ip6 != [0; 4] && peer == cfg.resolver_ip6)
         };
         if !from_resolver {
             return;
@@ -671,8 +682,8 @@ fn on_packet(ctx: &SkBuffContext, direction: Direction) -> Option<()> {
     // check would compile to a compare the verifier does not take as a bound.)
     let header = peek::<20>(data, end, 0)?;
     let first = header[0];
-    if direction == Direction::Query && first >> 4 == 4 {
-        note_resolver_client(ctx, data, end, &header);
+    if direction == Direction::Query {
+        note_resolver_client(ctx, data, end, first);
     }
     let (family, udp, server) = match first >> 4 {
         4 => {
@@ -754,34 +765,56 @@ fn on_packet(ctx: &SkBuffContext, direction: Direction) -> Option<()> {
     Some(())
 }
 
-/// A block-mode pod's query to the agent's resolver (an IPv4 packet, UDP or TCP, to its address
-/// and port): which pod sent it, by source address and port, so the resolver knows whose query
-/// it answers. Written before the packet leaves the pod, so before the resolver reads it.
+/// A block-mode pod's query to the agent's resolver (a packet, UDP or TCP, to its address and
+/// port): which pod sent it, by source address and port, so the resolver knows whose query it
+/// answers. Written before the packet leaves the pod, so before the resolver reads it.
 #[inline(always)]
-fn note_resolver_client(ctx: &SkBuffContext, data: usize, end: usize, header: &[u8; 20]) -> Option<()> {
+fn note_resolver_client(ctx: &SkBuffContext, data: usize, end: usize, first: u8) -> Option<()> {
     let cfg = config()?;
-    if cfg.resolver_port == 0
-        || u32::from_ne_bytes([header[16], header[17], header[18], header[19]]) != cfg.resolver_ip4
-    {
+    if cfg.resolver_port == 0 {
         return None;
     }
-    let protocol = header[9];
+    let (family, protocol, transport, source) = match first >> 4 {
+        4 => {
+            let header = peek::<20>(data, end, 0)?;
+            if cfg.resolver_ip4 == 0
+                || u32::from_ne_bytes([header[16], header[17], header[18], header[19]]) != cfg.resolver_ip4
+            {
+                return None;
+            }
+            let mut source = [0; 16];
+            source[..4].copy_from_slice(&header[12..16]);
+            (FAMILY_IPV4, header[9], usize::from(header[0] & 0x0f) * 4, source)
+        }
+        6 => {
+            let header = peek::<40>(data, end, 0)?;
+            let mut destination = [0u8; 16];
+            destination.copy_from_slice(&header[24..40]);
+            // SAFETY: same size, any bytes are valid words.
+            if cfg.resolver_ip6 == [0; 4]
+                || unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(destination) } != cfg.resolver_ip6
+            {
+                return None;
+            }
+            let mut source = [0; 16];
+            source.copy_from_slice(&header[8..24]);
+            // The transport header right after the fixed header: a query carries no extension
+            // headers (one that does goes unnoted, and so unanswered).
+            (FAMILY_IPV6, header[6], 40, source)
+        }
+        _ => return None,
+    };
     if protocol != PROTO_UDP && protocol != PROTO_TCP {
         return None;
     }
-    let ports = peek::<4>(data, end, usize::from(header[0] & 0x0f) * 4)?;
+    let ports = peek::<4>(data, end, transport)?;
     if u16::from_be_bytes([ports[2], ports[3]]) != cfg.resolver_port {
         return None;
     }
     let skb = ctx.skb.skb;
     // SAFETY: the skb pointer the kernel passed in.
     let pod = monitored_ancestor(cfg, Pods::Attached, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;
-    let key = ClientKey {
-        addr: [header[12], header[13], header[14], header[15]],
-        port: u16::from_be_bytes([ports[0], ports[1]]),
-        protocol,
-        _pad: 0,
-    };
+    let key = ClientKey { addr: source, port: u16::from_be_bytes([ports[0], ports[1]]), protocol, family };
     let _ = CLIENTS.insert(key, pod, 0);
     Some(())
 }

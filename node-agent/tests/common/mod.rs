@@ -44,8 +44,11 @@ fn ip(args: &[&str]) {
 }
 
 /// Python defining what [`steps`] scripts call: `attempt(family, kind, addr, send=False)` (a
-/// connect, or a datagram sent, with a 2 s timeout: `ok` or the errno's name), `resolve(name)`
-/// (its first IPv4 address through the libc resolver, or `unresolved`), and `T`, `U`, `V4`, `V6`.
+/// connect, or a datagram sent, with a 2 s timeout: `ok` or the errno's name), `resolve(name, family)`
+/// (its first address of `family`, IPv4 by default, through the libc resolver, or
+/// `unresolved`), `ask(server, name, qtype=1, tcp=False)` (one query to `server` port 53:
+/// `peer port rcode first-address`, `-` for none; or the errno's name, or `timeout`), and `T`,
+/// `U`, `V4`, `V6`.
 pub const STEPS_PRELUDE: &str = r#"
 import errno, socket
 def attempt(family, kind, addr, send=False):
@@ -61,11 +64,39 @@ def attempt(family, kind, addr, send=False):
         return errno.errorcode.get(e.errno, str(e.errno))
     finally:
         s.close()
-def resolve(name):
+def resolve(name, family=socket.AF_INET):
     try:
-        return socket.getaddrinfo(name, 443, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+        return socket.getaddrinfo(name, 443, family, socket.SOCK_DGRAM)[0][4][0]
     except socket.gaierror:
         return "unresolved"
+def ask(server, name, qtype=1, tcp=False):
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    labels = b"".join(bytes([len(l)]) + l.encode() for l in name.split("."))
+    query = bytes([0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]) + labels + bytes([0, 0, qtype, 0, 1])
+    s = socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+    s.settimeout(2)
+    try:
+        if tcp:
+            s.connect((server, 53))
+            s.sendall(len(query).to_bytes(2, "big") + query)
+            n = int.from_bytes(s.recv(2), "big")
+            reply = b""
+            while len(reply) < n:
+                reply += s.recv(n - len(reply))
+            peer = s.getpeername()
+        else:
+            s.sendto(query, (server, 53))
+            reply, peer = s.recvfrom(512)
+    except socket.timeout:
+        return "timeout"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        s.close()
+    rdata = (4, socket.AF_INET) if qtype == 1 else (16, socket.AF_INET6)
+    answered = int.from_bytes(reply[6:8], "big") > 0
+    address = socket.inet_ntop(rdata[1], reply[-rdata[0]:]) if answered else "-"
+    return "%s %d %d %s" % (peer[0], peer[1], reply[3] & 15, address)
 T, U, V4, V6 = socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.AF_INET, socket.AF_INET6
 "#;
 
@@ -286,6 +317,7 @@ pub struct NetNs {
     pub pod_v4: Ipv4Addr,
     pub host_v6: Ipv6Addr,
     pub pod_v6: Ipv6Addr,
+    pod_if: String,
 }
 
 fn sweep_stale_namespaces() {
@@ -337,7 +369,15 @@ impl NetNs {
             .unwrap();
         // An empty hosts file: names come from DNS only.
         std::fs::write(etc.join("hosts"), "127.0.0.1 localhost\n").unwrap();
-        Self { name, host_v4, pod_v4, host_v6, pod_v6 }
+        Self { name, host_v4, pod_v4, host_v6, pod_v6, pod_if }
+    }
+
+    /// Takes the pod end's IPv4 address away and names the host end's IPv6 address in its
+    /// resolv.conf: a pod of an IPv6-only cluster.
+    pub fn ipv6_only(&self) {
+        ip(&["-n", &self.name, "addr", "del", &format!("{}/24", self.pod_v4), "dev", &self.pod_if]);
+        let resolv_conf = format!("nameserver {}\noptions timeout:1 attempts:2\n", self.host_v6);
+        std::fs::write(Path::new("/etc/netns").join(&self.name).join("resolv.conf"), resolv_conf).unwrap();
     }
 }
 
