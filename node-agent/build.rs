@@ -58,8 +58,20 @@ fn main() {
             programs.display()
         );
     }
+    println!("cargo::rustc-env=RUNWARDEN_MAPS_LAYOUT={}", maps_layout(&ebpf));
     let object = target_dir.join("bpfel-unknown-none/release/runwarden");
     std::fs::copy(&object, out.join("runwarden.bpf.o")).unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));
+}
+
+/// A hash (FNV-1a, hex) of what fixes the layout of the maps the agent pins: the shared types
+/// and constants (all of `common`), and the programs' map definitions (`#[map]` statics).
+fn maps_layout(ebpf: &Path) -> String {
+    let common = std::fs::read_to_string(ebpf.join("common/src/lib.rs")).expect("reading common/src/lib.rs");
+    let programs = std::fs::read_to_string(ebpf.join("programs/src/main.rs")).expect("reading programs/src/main.rs");
+    let definitions: Vec<&str> = programs.lines().filter(|l| l.starts_with("static ")).collect();
+    let text = format!("{common}\n{}", definitions.join("\n"));
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{hash:016x}")
 }
 
 /// Where `make setup` installs bpf-linker, if it is there.

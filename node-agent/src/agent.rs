@@ -615,7 +615,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cgroup2 = %mount.display(), pod_parents = ?parents, exec_paths = probes.exec_paths(),
         abused_services = runwarden_detector::services::LISTS_VERSION, "programs attached"
     );
-    let mut enforcer = Enforcer::new(probes.clients());
+    let mut enforcer = Enforcer::new(probes.clients(), probes.allow_list());
     let (answers_tx, mut answers_rx) = mpsc::channel::<(u64, Vec<u8>)>(4096);
     if args.block_mode {
         start_resolver(&args, &mut probes, &enforcer, answers_tx).await?;

@@ -24,8 +24,8 @@ use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
     ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, ClientKey, Config, DedupeKey, DedupeValue,
-    ENFORCE_BLOCK, ENFORCE_FAIL_OPEN, FAMILY_IPV4, FAMILY_IPV6, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, PROTO_TCP,
-    PROTO_UDP, RECENT_SLOTS, RecentCall, names, stats,
+    ENFORCE_BLOCK, ENFORCE_FAIL_OPEN, FAMILY_IPV4, FAMILY_IPV6, MAX_LEVEL, MAX_POD_PARENTS, MONITOR, NAME_BYTES,
+    PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall, names, stats,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
@@ -241,45 +241,185 @@ impl Default for PodBudget {
     }
 }
 
-/// The kernel's table of what block-mode pods may call (`ALLOW`), shared.
+/// The kernel's table of what block-mode pods may call (`ALLOW`), and the names its entries
+/// from DNS answers were for (`NAMES`), shared.
 #[derive(Clone)]
-pub struct AllowList(std::sync::Arc<std::sync::Mutex<LpmTrie<MapData, AllowData, AllowEntry>>>);
+pub struct AllowList(std::sync::Arc<std::sync::Mutex<AllowMaps>>);
+
+struct AllowMaps {
+    trie: LpmTrie<MapData, AllowData, AllowEntry>,
+    names: BpfHashMap<MapData, u64, [u8; NAME_BYTES]>,
+}
+
+/// One kernel entry an address from a DNS answer put in `ALLOW`: a pod may call `ip` over
+/// `protocol` on `port` (0: every port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ResolvedKey {
+    /// The answer's address.
+    pub ip: IpAddr,
+    /// The protocol it may be called over.
+    pub protocol: Proto,
+    /// The port, or 0: every port.
+    pub port: u16,
+}
+
+impl ResolvedKey {
+    fn trie_key(&self, pod: u64) -> aya::maps::lpm_trie::Key<AllowData> {
+        let (family, addr) = crate::events::to_wire(self.ip);
+        let protocol = if self.protocol == Proto::Tcp { PROTO_TCP } else { PROTO_UDP };
+        let bits = if family == FAMILY_IPV4 { 32 } else { 128 };
+        let data = AllowKey { pod: pod.to_ne_bytes(), family, protocol, port: self.port.to_be_bytes(), addr };
+        aya::maps::lpm_trie::Key::new(ALLOW_KEY_FIXED_BITS + bits, AllowData(data))
+    }
+}
+
+/// An entry from a DNS answer, as the kernel holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedEntry {
+    /// The pod cgroup it allows.
+    pub pod: u64,
+    /// What it allows.
+    pub key: ResolvedKey,
+    /// When it stops allowing (CLOCK_MONOTONIC, ns).
+    pub expires_ns: u64,
+    /// The name whose answer it came from, if known.
+    pub name: Option<String>,
+}
+
+/// The key of `name` in `NAMES` (never 0, which marks a policy's range).
+pub fn name_key(name: &str) -> u64 {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    hash.max(1)
+}
+
+/// CLOCK_MONOTONIC now in nanoseconds, the clock `ALLOW` entries expire by.
+pub fn monotonic_ns() -> u64 {
+    u64::try_from(crate::pipeline::clock(libc::CLOCK_MONOTONIC).as_nanos()).unwrap_or(u64::MAX)
+}
 
 impl AllowList {
+    fn maps(&self) -> std::sync::MutexGuard<'_, AllowMaps> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Lets the pod cgroup `pod` call `allowed`.
     pub fn allow(&self, pod: u64, allowed: &Allowed) -> Result<(), LoadError> {
         let expires_ns = match allowed.ttl {
             None => 0,
             // CLOCK_MONOTONIC (the programs read its coarse variant, at most a tick behind).
-            Some(ttl) => {
-                u64::try_from((crate::pipeline::clock(libc::CLOCK_MONOTONIC) + ttl).as_nanos()).unwrap_or(u64::MAX)
-            }
+            Some(ttl) => monotonic_ns().saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX)),
         };
-        let mut trie = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut maps = self.maps();
         for key in allowed.keys(pod) {
-            trie.insert(&key, AllowEntry(AllowValue { expires_ns }), 0).map_err(refused)?;
+            maps.trie.insert(&key, AllowEntry(AllowValue { expires_ns, name: 0 }), 0).map_err(refused)?;
         }
         Ok(())
+    }
+
+    /// Lets the pod cgroup `pod` make the call `key` until `expires_ns` (CLOCK_MONOTONIC), for an
+    /// answer about `name`.
+    pub fn allow_resolved(&self, pod: u64, name: &str, key: ResolvedKey, expires_ns: u64) -> Result<(), LoadError> {
+        let id = name_key(name);
+        let mut maps = self.maps();
+        let mut bytes = [0u8; NAME_BYTES];
+        let len = name.len().min(NAME_BYTES - 1);
+        bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+        // A name not kept is a name the next agent does not know: it then takes the address
+        // back at the first change of the pod's policy, not later.
+        let _ = maps.names.insert(id, bytes, 0);
+        maps.trie.insert(&key.trie_key(pod), AllowEntry(AllowValue { expires_ns, name: id }), 0).map_err(refused)
     }
 
     /// Takes back what [`Self::allow`] allowed.
     pub fn disallow(&self, pod: u64, allowed: &Allowed) -> Result<(), LoadError> {
-        let mut trie = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut maps = self.maps();
         for key in allowed.keys(pod) {
-            let _ = trie.remove(&key);
+            let _ = maps.trie.remove(&key);
         }
         Ok(())
     }
 
+    /// Takes back what [`Self::allow_resolved`] allowed; with `if_expires_ns`, only if the entry
+    /// is still that one (no later answer has renewed it).
+    pub fn take_back(&self, pod: u64, key: ResolvedKey, if_expires_ns: Option<u64>) {
+        let mut maps = self.maps();
+        let trie_key = key.trie_key(pod);
+        if let Some(expected) = if_expires_ns
+            && maps.trie.get(&trie_key, 0).is_ok_and(|v| v.0.expires_ns != expected)
+        {
+            return;
+        }
+        let _ = maps.trie.remove(&trie_key);
+    }
+
+    /// Takes back the pod cgroup `pod`'s ranges (entries for good) that are not `ranges`: what
+    /// an earlier agent allowed under a policy that has changed since.
+    pub fn keep_only_ranges(&self, pod: u64, ranges: &[Allowed]) {
+        let wanted: Vec<(u32, AllowKey)> =
+            ranges.iter().flat_map(|r| r.keys(pod)).map(|k| (k.prefix_len(), k.data().0)).collect();
+        let mut maps = self.maps();
+        let pod = pod.to_ne_bytes();
+        let stale: Vec<_> = maps
+            .trie
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| k.data().0.pod == pod && v.0.expires_ns == 0)
+            .map(|(k, _)| k)
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data().0)))
+            .collect();
+        for key in stale {
+            let _ = maps.trie.remove(&key);
+        }
+    }
+
     /// Takes back everything the pod cgroup `pod` was allowed.
     pub fn disallow_all(&self, pod: u64) -> Result<(), LoadError> {
-        let mut trie = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut maps = self.maps();
         let pod = pod.to_ne_bytes();
-        let keys: Vec<_> = trie.keys().filter_map(Result::ok).filter(|k| k.data().0.pod == pod).collect();
+        let keys: Vec<_> = maps.trie.keys().filter_map(Result::ok).filter(|k| k.data().0.pod == pod).collect();
         for key in keys {
-            let _ = trie.remove(&key);
+            let _ = maps.trie.remove(&key);
         }
         Ok(())
+    }
+
+    /// The entries from DNS answers (expired ones too, until taken out), with their names
+    /// where `NAMES` has them: what a restarted agent learns of what the one before it resolved.
+    pub fn resolved(&self) -> Vec<ResolvedEntry> {
+        let maps = self.maps();
+        let mut found = Vec::new();
+        for (key, value) in maps.trie.iter().filter_map(Result::ok) {
+            let (k, v) = (key.data().0, value.0);
+            if v.expires_ns == 0 {
+                continue;
+            }
+            let ip = if k.family == FAMILY_IPV4 {
+                IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
+            } else {
+                IpAddr::from(k.addr)
+            };
+            let protocol = if k.protocol == PROTO_TCP { Proto::Tcp } else { Proto::Udp };
+            let name = maps.names.get(&v.name, 0).ok().and_then(|bytes| {
+                let end = bytes.iter().position(|b| *b == 0).unwrap_or(NAME_BYTES);
+                std::str::from_utf8(&bytes[..end]).ok().map(str::to_string)
+            });
+            found.push(ResolvedEntry {
+                pod: u64::from_ne_bytes(k.pod),
+                key: ResolvedKey { ip, protocol, port: u16::from_be_bytes(k.port) },
+                expires_ns: v.expires_ns,
+                name,
+            });
+        }
+        found
+    }
+
+    /// Forgets the names (by [`name_key`]) not in `live`.
+    pub fn keep_names(&self, live: &std::collections::HashSet<u64>) {
+        let mut maps = self.maps();
+        let stale: Vec<u64> = maps.names.keys().filter_map(Result::ok).filter(|k| !live.contains(k)).collect();
+        for key in stale {
+            let _ = maps.names.remove(&key);
+        }
     }
 }
 
@@ -399,16 +539,17 @@ struct CgroupLinks {
 /// The links of a block-mode pod pinned by an agent before this one, by cgroup id.
 type Inherited = HashMap<u64, Vec<(PathBuf, PinnedLink)>>;
 
-/// A stable hash of the kernel object (FNV-1a): block mode's maps are shared with an agent of
-/// the same build only (another build may lay them out otherwise).
-fn object_version() -> String {
-    let hash = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
-    format!("{hash:016x}")
+/// The layout of the kernel's maps (a hash the build script takes of the types and map
+/// definitions the programs and the agent share): block mode's pinned maps are shared with
+/// agents of builds with the same layout only, so an upgrade that changes none of them hands
+/// over every pod's allowed addresses as a restart does.
+fn maps_layout() -> &'static str {
+    env!("RUNWARDEN_MAPS_LAYOUT")
 }
 
 /// Block mode's maps, kept on the BPF filesystem so that a restarted agent's programs and the
 /// programs its predecessor pinned share them.
-const PINNED_MAPS: [&str; 4] = [names::CONFIG, names::POLICIES, names::ALLOW, names::REDIRECTED];
+const PINNED_MAPS: [&str; 5] = [names::CONFIG, names::POLICIES, names::ALLOW, names::NAMES, names::REDIRECTED];
 
 /// The kernel's attach types of [`names::PROGRAMS`], in that order (`enum bpf_attach_type`:
 /// `BPF_CGROUP_INET4_CONNECT`, `..._INET6_CONNECT`, `BPF_CGROUP_UDP4_SENDMSG`,
@@ -470,7 +611,7 @@ impl Probes {
         }
         let pins = match &options.pin_dir {
             Some(dir) => {
-                let pins = dir.join(object_version());
+                let pins = dir.join(maps_layout());
                 std::fs::create_dir_all(pins.join("links")).map_err(|e| {
                     LoadError::Unsupported(format!(
                         "block mode keeps its state in {}: {e} (it must be on the BPF filesystem: the node's /sys/fs/bpf, \
@@ -527,8 +668,11 @@ impl Probes {
         let clients =
             Clients(std::sync::Arc::new(std::sync::Mutex::new(BpfHashMap::try_from(taken).map_err(refused)?)));
         let allow = bpf.take_map(names::ALLOW).ok_or_else(|| missing(names::ALLOW))?;
-        let allow_list =
-            AllowList(std::sync::Arc::new(std::sync::Mutex::new(LpmTrie::try_from(allow).map_err(refused)?)));
+        let resolved_names = bpf.take_map(names::NAMES).ok_or_else(|| missing(names::NAMES))?;
+        let allow_list = AllowList(std::sync::Arc::new(std::sync::Mutex::new(AllowMaps {
+            trie: LpmTrie::try_from(allow).map_err(refused)?,
+            names: BpfHashMap::try_from(resolved_names).map_err(refused)?,
+        })));
         let config = Config {
             dedupe_window_ns: u64::try_from(options.dedupe_window.as_nanos()).unwrap_or(u64::MAX),
             exec_filename_offset,

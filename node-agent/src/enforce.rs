@@ -10,14 +10,14 @@
 //! rotating families, address blocks) and the baseline's `spec.approved`. Names are allowed
 //! through the resolver (their addresses for their TTL); ranges go into the kernel for good.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use runwarden_crds::{EgressPolicy, EndpointRule, EndpointState, PolicyMode, WorkflowBaseline};
 
-use crate::ebpf::{Allowed, Clients, LoadError, Probes};
+use crate::ebpf::{AllowList, Allowed, Clients, LoadError, Probes, ResolvedKey, monotonic_ns, name_key};
 use crate::events::Proto;
 use crate::resolver::{Gate, Scope, Transport};
 
@@ -178,26 +178,30 @@ fn in_range(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
     prefix == 0 || (a ^ b) >> (128 - prefix) == 0
 }
 
-/// An address the resolver allowed a pod, and until when.
+/// What the resolver allowed a pod at one kernel entry: for which names' answers (a few; the
+/// latest last), and until when (CLOCK_MONOTONIC ns, as the kernel holds it).
 #[derive(Clone, Debug)]
 struct Resolved {
-    name: String,
-    ip: IpAddr,
-    until: Instant,
+    names: Vec<String>,
+    expires_ns: u64,
 }
+
+/// Names remembered per entry: past it the oldest is forgotten (the entry is then taken back
+/// when none of the rest is allowed, at worst before its time).
+const NAMES_PER_ENTRY: usize = 4;
 
 #[derive(Debug, Default)]
 struct GateState {
     /// cgroup → what it may call.
     allowances: HashMap<u64, Arc<Allowance>>,
-    /// cgroup → addresses the resolver allowed it (to take back those of names a policy change
-    /// no longer allows).
-    resolved: HashMap<u64, Vec<Resolved>>,
+    /// cgroup → the kernel entries the resolver made for it (to take back those of names a
+    /// policy change no longer allows, and to bound them).
+    resolved: HashMap<u64, HashMap<ResolvedKey, Resolved>>,
 }
 
-/// Most resolved addresses remembered per pod; past it the oldest are forgotten (they still
-/// expire in the kernel).
-const MAX_RESOLVED_PER_POD: usize = 4096;
+/// Most kernel entries from DNS answers per pod: past it the soonest to expire are taken back
+/// (a pod that resolves without end evicts its own addresses, not other pods').
+pub const MAX_RESOLVED_PER_POD: usize = 8192;
 
 /// The pods in block mode, shared by the agent's loop (which keeps it) and the resolver
 /// (which asks it): the kernel says which pod sent a query ([`Clients`]), this what it may
@@ -206,6 +210,7 @@ const MAX_RESOLVED_PER_POD: usize = 4096;
 pub struct Enforced {
     state: Arc<RwLock<GateState>>,
     clients: Clients,
+    allow: AllowList,
 }
 
 impl Gate for Enforced {
@@ -217,19 +222,36 @@ impl Gate for Enforced {
         (!scopes.is_empty()).then_some((pod, scopes))
     }
 
-    fn resolved(&self, pod: u64, name: &str, ips: &[(IpAddr, Duration)]) {
+    fn resolved(&self, pod: u64, name: &str, allowed: &[(ResolvedKey, u64)]) {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        let list = state.resolved.entry(pod).or_default();
-        let now = Instant::now();
-        list.retain(|r| r.until > now);
-        for (ip, ttl) in ips {
-            list.push(Resolved { name: name.to_string(), ip: *ip, until: now + *ttl });
+        let entries = state.resolved.entry(pod).or_default();
+        for (key, expires_ns) in allowed {
+            let entry = entries.entry(*key).or_insert_with(|| Resolved { names: Vec::new(), expires_ns: 0 });
+            entry.names.retain(|n| n != name);
+            entry.names.push(name.to_string());
+            if entry.names.len() > NAMES_PER_ENTRY {
+                entry.names.remove(0);
+            }
+            entry.expires_ns = entry.expires_ns.max(*expires_ns);
         }
-        if list.len() > MAX_RESOLVED_PER_POD {
-            let extra = list.len() - MAX_RESOLVED_PER_POD;
-            list.drain(..extra);
+        if entries.len() > MAX_RESOLVED_PER_POD {
+            // The soonest to expire, an eighth at once (so this runs once per 1,024 answers).
+            let mut by_expiry: Vec<(u64, ResolvedKey)> = entries.iter().map(|(k, r)| (r.expires_ns, *k)).collect();
+            by_expiry.sort_unstable_by_key(|(expires, _)| *expires);
+            for (expires_ns, key) in by_expiry.into_iter().take(MAX_RESOLVED_PER_POD / 8) {
+                entries.remove(&key);
+                self.allow.take_back(pod, key, Some(expires_ns));
+            }
         }
     }
+}
+
+/// Whether `scopes` let a pod make the call of the kernel entry `key`.
+fn covers(scopes: &[Scope], key: &ResolvedKey) -> bool {
+    scopes.iter().any(|s| {
+        s.protocol.is_none_or(|p| p == key.protocol)
+            && if s.ports.is_empty() { key.port == 0 } else { s.ports.contains(&key.port) }
+    })
 }
 
 /// A pod block mode should cover: its cgroup and what it may call.
@@ -246,12 +268,27 @@ pub struct Enforcer {
     /// The gate the resolver asks.
     pub gate: Enforced,
     applied: HashMap<u64, Covered>,
+    last_sweep: Instant,
 }
 
+/// How often expired entries from DNS answers are taken out of the kernel's table.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
 impl Enforcer {
-    /// An enforcer whose gate finds a query's pod in `clients`.
-    pub fn new(clients: Clients) -> Self {
-        Self { gate: Enforced { state: Arc::default(), clients }, applied: HashMap::new() }
+    /// An enforcer whose gate finds a query's pod in `clients`, and which knows what an agent
+    /// before it let pods call in `allow` (the entries from DNS answers, and their names).
+    pub fn new(clients: Clients, allow: AllowList) -> Self {
+        let mut resolved: HashMap<u64, HashMap<ResolvedKey, Resolved>> = HashMap::new();
+        for entry in allow.resolved() {
+            let names = entry.name.into_iter().collect();
+            resolved.entry(entry.pod).or_default().insert(entry.key, Resolved { names, expires_ns: entry.expires_ns });
+        }
+        let state = GateState { allowances: HashMap::new(), resolved };
+        Self {
+            gate: Enforced { state: Arc::new(RwLock::new(state)), clients, allow },
+            applied: HashMap::new(),
+            last_sweep: Instant::now(),
+        }
     }
 
     /// Pods in block mode now.
@@ -266,7 +303,9 @@ impl Enforcer {
 
     /// Puts `covered` in block mode with what each may call and takes every other pod out.
     /// A change of what a pod may call takes effect at once: ranges and resolved addresses it
-    /// no longer may call are taken back (what it still may stays, no call is refused in between).
+    /// no longer may call are taken back (what it still may stays, no call is refused in
+    /// between). A pod this agent has not applied before (an earlier agent may have) counts
+    /// as changed: what it resolved then is judged by the policy now.
     pub fn apply(&mut self, probes: &mut Probes, covered: Vec<Covered>) -> Vec<(u64, LoadError)> {
         let mut errors = Vec::new();
         let wanted: HashMap<u64, Covered> = covered.into_iter().map(|c| (c.cgroup, c)).collect();
@@ -297,41 +336,30 @@ impl Enforcer {
                         probes.allow(id, r)?;
                     }
                 }
-                if let Some(b) = before {
-                    for r in &b.allowance.ranges {
-                        if !want.allowance.ranges.contains(r) {
-                            probes.disallow(id, r)?;
+                match before {
+                    Some(b) => {
+                        for r in &b.allowance.ranges {
+                            if !want.allowance.ranges.contains(r) {
+                                probes.disallow(id, r)?;
+                            }
                         }
                     }
+                    // What an earlier agent allowed it, under the policy as it was then.
+                    None => self.gate.allow.keep_only_ranges(id, &want.allowance.ranges),
                 }
                 {
                     let mut state = self.gate.state.write().unwrap_or_else(PoisonError::into_inner);
                     state.allowances.insert(id, want.allowance.clone());
                     // Addresses of names no longer allowed: taken back now, not at their TTL.
-                    let now = Instant::now();
-                    let resolved = state.resolved.remove(&id).unwrap_or_default();
-                    let mut kept = Vec::new();
-                    for r in resolved {
-                        if r.until <= now {
-                            continue;
-                        }
-                        let still = want.allowance.scopes(&r.name);
-                        let was = before.map(|b| b.allowance.scopes(&r.name)).unwrap_or_default();
-                        for scope in was.iter().filter(|s| !still.contains(s)) {
-                            let entry = Allowed {
-                                addr: r.ip,
-                                prefix: if r.ip.is_ipv4() { 32 } else { 128 },
-                                protocol: scope.protocol,
-                                ports: scope.ports.clone(),
-                                ttl: None,
-                            };
-                            probes.disallow(id, &entry)?;
-                        }
-                        if !still.is_empty() {
-                            kept.push(r);
-                        }
+                    if let Some(entries) = state.resolved.get_mut(&id) {
+                        entries.retain(|key, r| {
+                            let still = r.names.iter().any(|name| covers(&want.allowance.scopes(name), key));
+                            if !still {
+                                self.gate.allow.take_back(id, *key, None);
+                            }
+                            still
+                        });
                     }
-                    state.resolved.insert(id, kept);
                 }
                 probes.set_block_mode(id, Some(want.allowance.fail_open))
             })();
@@ -342,7 +370,33 @@ impl Enforcer {
                 Err(e) => errors.push((id, e)),
             }
         }
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.last_sweep = Instant::now();
+            self.sweep();
+        }
         errors
+    }
+
+    /// Takes expired entries from DNS answers out of the kernel's table (the kernel no longer
+    /// lets them through, but they would fill it), and forgets names nothing refers to.
+    /// [`Self::apply`] runs it every 30 seconds.
+    pub fn sweep(&mut self) {
+        let now = monotonic_ns();
+        let mut state = self.gate.state.write().unwrap_or_else(PoisonError::into_inner);
+        let mut live = HashSet::new();
+        for (pod, entries) in &mut state.resolved {
+            entries.retain(|key, r| {
+                if r.expires_ns > now {
+                    live.extend(r.names.iter().map(|n| name_key(n)));
+                    return true;
+                }
+                // Unless an answer renewed it meanwhile.
+                self.gate.allow.take_back(*pod, *key, Some(r.expires_ns));
+                false
+            });
+        }
+        state.resolved.retain(|_, entries| !entries.is_empty());
+        self.gate.allow.keep_names(&live);
     }
 }
 

@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::dns;
-use crate::ebpf::{AllowList, Allowed};
+use crate::ebpf::{AllowList, ResolvedKey, monotonic_ns};
 use crate::events::Proto;
 
 /// What a pod may call at the addresses of a name it may resolve.
@@ -36,6 +36,25 @@ pub struct Scope {
     pub ports: Vec<u16>,
 }
 
+impl Scope {
+    /// The kernel entries that let a pod call `ip` within this scope: one per protocol and
+    /// port (port 0: every port).
+    pub fn keys(&self, ip: IpAddr) -> Vec<ResolvedKey> {
+        let protocols: &[Proto] = match self.protocol {
+            Some(p) => &[p][..],
+            None => &[Proto::Tcp, Proto::Udp],
+        };
+        let ports: &[u16] = if self.ports.is_empty() { &[0] } else { &self.ports };
+        let mut keys = Vec::with_capacity(protocols.len() * ports.len());
+        for &protocol in protocols {
+            for &port in ports {
+                keys.push(ResolvedKey { ip, protocol, port });
+            }
+        }
+        keys
+    }
+}
+
 /// Whether a pod may resolve a name, and what it may then call there.
 pub trait Gate: Send + Sync + 'static {
     /// For the query from `client` over `transport`: the block-mode pod that sent it (its cgroup
@@ -43,8 +62,9 @@ pub trait Gate: Send + Sync + 'static {
     /// refuse it (no block-mode pod sent it, or the name is not allowed).
     fn decide(&self, client: SocketAddr, transport: Transport, name: &str) -> Option<(u64, Vec<Scope>)>;
 
-    /// The addresses of `name` allowed to `pod` just now, each for how long.
-    fn resolved(&self, _pod: u64, _name: &str, _ips: &[(IpAddr, Duration)]) {}
+    /// The kernel entries an answer about `name` just made for `pod`, each with when it
+    /// expires (CLOCK_MONOTONIC ns).
+    fn resolved(&self, _pod: u64, _name: &str, _allowed: &[(ResolvedKey, u64)]) {}
 }
 
 /// How the resolver answers.
@@ -165,32 +185,29 @@ impl Resolver {
             Transport::Tcp => self.ask_upstream_tcp(query, parsed.id).await?,
         };
         // Addresses first, then the answer: the pod's connect cannot overtake them.
-        let mut allowed_ips = Vec::new();
+        let mut allowed = Vec::new();
         if let Ok(message) = dns::parse(&reply) {
+            let now = monotonic_ns();
             for resolution in dns::resolutions(&message) {
                 if resolution.names.first() != Some(name) {
                     continue;
                 }
                 let ttl = Duration::from_secs(u64::from(resolution.ttl)).max(self.ttl_floor);
-                let prefix = if resolution.ip.is_ipv4() { 32 } else { 128 };
-                allowed_ips.push((resolution.ip, ttl));
+                let expires_ns = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
                 for scope in &scopes {
-                    let allowed = Allowed {
-                        addr: resolution.ip,
-                        prefix,
-                        protocol: scope.protocol,
-                        ports: scope.ports.clone(),
-                        ttl: Some(ttl),
-                    };
-                    if let Err(e) = self.allow.allow(pod, &allowed) {
-                        // Not allowed, so the pod's connect is refused: closed, and said.
-                        warn!(error = %e, ip = %resolution.ip, name, "could not allow a resolved address");
+                    for key in scope.keys(resolution.ip) {
+                        if let Err(e) = self.allow.allow_resolved(pod, name, key, expires_ns) {
+                            // Not allowed, so the pod's connect is refused: closed, and said.
+                            warn!(error = %e, ip = %resolution.ip, name, "could not allow a resolved address");
+                            continue;
+                        }
+                        allowed.push((key, expires_ns));
                     }
                 }
             }
         }
-        if !allowed_ips.is_empty() {
-            self.gate.resolved(pod, name, &allowed_ips);
+        if !allowed.is_empty() {
+            self.gate.resolved(pod, name, &allowed);
         }
         if let Some(answers) = &self.answers {
             let _ = answers.try_send((pod, reply.clone()));

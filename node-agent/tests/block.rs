@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use common::{Agent, DnsServer, Layout, NetNs, Pod, Zone, dns_query, py_bytes, python};
 use runwarden_agent::dns::RecordData;
-use runwarden_agent::ebpf::{Allowed, Clients, ResolverAddress};
+use runwarden_agent::ebpf::{AllowList, Allowed, Clients, ResolvedKey, ResolverAddress, monotonic_ns};
+use runwarden_agent::enforce::{Allowance, Covered, Enforcer, MAX_RESOLVED_PER_POD};
 use runwarden_agent::events::{Proto, Verdict};
 use runwarden_agent::resolver::{Gate, Resolver, Scope, Transport};
+use runwarden_crds::EgressPolicy;
 
 const WINDOW: Duration = Duration::from_secs(5);
 
@@ -395,6 +397,119 @@ async fn an_ipv6_only_pods_dns_goes_to_the_resolvers_ipv6_address() {
         ],
         "{steps:#?}"
     );
+}
+
+/// An agent's block mode for `pod`: a policy allowing `hosts` and `cidrs` (UDP port 443).
+fn covering(pod: u64, hosts: &[&str], cidrs: &[&str]) -> Covered {
+    let endpoints: Vec<serde_json::Value> = hosts
+        .iter()
+        .map(|h| serde_json::json!({"host": h, "ports": [443], "protocol": "UDP"}))
+        .chain(cidrs.iter().map(|c| serde_json::json!({"cidr": c, "ports": [443], "protocol": "UDP"})))
+        .collect();
+    let policy: EgressPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "EgressPolicy", "metadata": {"name": "p", "namespace": "n"},
+        "spec": {"mode": "Block", "includeBaseline": false, "allowedEndpoints": endpoints}
+    }))
+    .unwrap();
+    Covered { cgroup: pod, allowance: Arc::new(Allowance::build(&policy, None)) }
+}
+
+/// What the resolver allows a pod is bounded (a pod that resolves without end evicts its own
+/// oldest addresses), taken out of the kernel once expired, and known, names and all, to the
+/// next agent: it keeps what the policy still allows and takes back what a change made while
+/// it was away does not (names and ranges alike).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolved_addresses_are_bounded_swept_and_known_to_the_next_agent() {
+    let mut agent = Agent::start(WINDOW);
+    let pod = agent.pod(Layout::SystemdBurstable);
+    let ns = NetNs::new();
+    let upstream = DnsServer::start(ns.host_v4.into());
+    let lookups = MAX_RESOLVED_PER_POD + 1000;
+    for i in 0..lookups {
+        let name = format!("n{i}.wild.test");
+        let ip = [10, 210, (i >> 8) as u8, i as u8];
+        upstream.set(&name, Zone::Records(vec![(name.clone(), RecordData::A(ip.into()))]));
+    }
+    for (name, ip) in [("keep.test", [192, 0, 2, 20]), ("drop.test", [192, 0, 2, 21])] {
+        upstream.set(name, Zone::Records(vec![(name.into(), RecordData::A(ip.into()))]));
+    }
+    let mut enforcer = Enforcer::new(agent.probes.clients(), agent.probes.allow_list());
+    let errors = enforcer.apply(
+        &mut agent.probes,
+        vec![covering(pod.cgroup_id, &["*.wild.test", "keep.test", "drop.test"], &["192.0.2.40/32"])],
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let (socket, tcp) = loop {
+        let socket = tokio::net::UdpSocket::bind((ns.host_v4, 0)).await.unwrap();
+        if let Ok(tcp) = tokio::net::TcpListener::bind(socket.local_addr().unwrap()).await {
+            break (socket, tcp);
+        }
+    };
+    let port = socket.local_addr().unwrap().port();
+    let resolver = Arc::new(Resolver {
+        gate: Arc::new(enforcer.gate.clone()),
+        upstream: (ns.host_v4, 53).into(),
+        allow: agent.probes.allow_list(),
+        ttl_floor: Duration::from_secs(30),
+        refuse_rcode: 5,
+        timeout: Duration::from_secs(2),
+        answers: None,
+    });
+    tokio::spawn(resolver.clone().serve_udp(socket));
+    tokio::spawn(resolver.serve_tcp(tcp));
+    agent.probes.set_resolver(Some(&ResolverAddress { ipv4: Some(ns.host_v4), ipv6: None, port })).unwrap();
+
+    let script = format!(
+        r#"{prelude}
+refused = 0
+for i in range({lookups}):
+    if attempt(V4, U, (resolve("n%d.wild.test" % i), 443)) != "ok":
+        refused += 1
+print(refused)
+print(attempt(V4, U, (resolve("keep.test"), 443)))
+print(attempt(V4, U, (resolve("drop.test"), 443)))
+print(attempt(V4, U, ("192.0.2.40", 443)))
+"#,
+        prelude = common::STEPS_PRELUDE,
+    );
+    let out = tokio::task::block_in_place(|| python(&pod.container, Some(&ns), &script));
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(lines, ["0", "ok", "ok", "ok"], "{}", String::from_utf8_lossy(&out.stderr));
+    let held = agent.probes.allow_list().resolved().into_iter().filter(|e| e.pod == pod.cgroup_id).count();
+    assert!(
+        (MAX_RESOLVED_PER_POD * 7 / 8..=MAX_RESOLVED_PER_POD).contains(&held),
+        "{held} entries from {} answers",
+        lookups + 2
+    );
+    let first = attempts(&pod, &ns, &["V4, U, ('10.210.0.0', 443)".into()]);
+    assert_eq!(first, ["EPERM"], "the oldest answers were evicted");
+
+    // An entry past its time is taken out of the kernel's table.
+    let short = ResolvedKey { ip: [192, 0, 2, 30].into(), protocol: Proto::Udp, port: 443 };
+    let expires = monotonic_ns() + 50_000_000;
+    agent.probes.allow_list().allow_resolved(pod.cgroup_id, "short.test", short, expires).unwrap();
+    enforcer.gate.resolved(pod.cgroup_id, "short.test", &[(short, expires)]);
+    let in_table = |allow: &AllowList| allow.resolved().iter().any(|e| e.key == short);
+    assert!(in_table(&agent.probes.allow_list()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    enforcer.sweep();
+    assert!(!in_table(&agent.probes.allow_list()), "swept");
+
+    // The next agent, while the policy changed: drop.test and the range are no longer allowed.
+    let mut next = Enforcer::new(agent.probes.clients(), agent.probes.allow_list());
+    let known = agent.probes.allow_list().resolved();
+    assert!(known.iter().any(|e| e.name.as_deref() == Some("keep.test")), "the names are kept with the entries");
+    let errors =
+        next.apply(&mut agent.probes, vec![covering(pod.cgroup_id, &["*.wild.test", "keep.test"], &["192.0.2.41/32"])]);
+    assert!(errors.is_empty(), "{errors:?}");
+    let calls = [
+        "V4, U, ('192.0.2.20', 443)",
+        "V4, U, ('192.0.2.21', 443)",
+        "V4, U, ('192.0.2.40', 443)",
+        "V4, U, ('192.0.2.41', 443)",
+    ]
+    .map(String::from);
+    assert_eq!(attempts(&pod, &ns, &calls), ["ok", "EPERM", "EPERM", "ok"]);
 }
 
 /// A policy's `failOpen`: while the agent is away (no heartbeat for a few seconds) its pods'

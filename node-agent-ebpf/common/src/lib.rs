@@ -318,7 +318,13 @@ pub struct AllowValue {
     /// When the entry stops allowing (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE); 0:
     /// never (a range of the policy, not an address from a DNS answer).
     pub expires_ns: u64,
+    /// The name whose DNS answer allowed it, as a key of `NAMES` (0: a range of the policy), so
+    /// that an agent that did not resolve it knows what it was for.
+    pub name: u64,
 }
+
+/// Longest name `NAMES` holds (a DNS name has at most 253 characters).
+pub const NAME_BYTES: usize = 256;
 
 /// A pod's record budget (value of `BUDGETS`, key: the pod's cgroup id): a token bucket.
 #[repr(C)]
@@ -388,6 +394,10 @@ pub mod names {
     pub const ALLOW: &str = "ALLOW";
     /// Socket cookie → [`super::Redirected`], LRU.
     pub const REDIRECTED: &str = "REDIRECTED";
+    /// A hash of a name (see [`super::AllowValue::name`]) → the name, NUL-padded to
+    /// [`super::NAME_BYTES`]. Written and read by the agent only; kept with `ALLOW` so that a
+    /// restarted agent knows the names its pods resolved.
+    pub const NAMES: &str = "NAMES";
     /// [`super::ClientKey`] → the pod cgroup that sent a query to the agent's resolver, LRU.
     pub const CLIENTS: &str = "CLIENTS";
     /// Pod cgroup id → [`super::Budget`], LRU.

@@ -31,7 +31,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::generated::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
     bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes,
@@ -46,7 +46,7 @@ use runwarden_ebpf_common::{
     AGENT_AWAY_NS, ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, CallEvent, ClientKey, Config,
     DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ENFORCE_BLOCK, ENFORCE_FAIL_OPEN, ExecEvent, FAMILY_IPV4,
     FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL,
-    MAX_POD_PARENTS, MONITOR, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall, Redirected, VERDICT_ALLOWED,
+    MAX_POD_PARENTS, MONITOR, NAME_BYTES, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall, Redirected, VERDICT_ALLOWED,
     VERDICT_DENIED, stats,
 };
 
@@ -72,6 +72,9 @@ static RECENT: PerCpuArray<RecentCall> = PerCpuArray::with_max_entries(RECENT_SL
 static POLICIES: HashMap<u64, u32> = HashMap::with_max_entries(16_384, 0);
 #[map]
 static ALLOW: LpmTrie<AllowKey, AllowValue> = LpmTrie::with_max_entries(262_144, 0);
+/// Written and read by the agent only (see `names::NAMES`).
+#[map]
+static NAMES: HashMap<u64, [u8; NAME_BYTES]> = HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
 #[map]
 static CLIENTS: LruHashMap<ClientKey, u64> = LruHashMap::with_max_entries(65_536, 0);
 #[map]
