@@ -2,7 +2,7 @@
 
 use kube::CustomResourceExt;
 
-use crate::{EgressPolicy, WorkflowBaseline};
+use crate::{EgressPolicy, WorkflowBaseline, WorkflowRun};
 
 /// Header written at the top of every generated file.
 const HEADER: &str = "# Generated from the Rust types in crds/src by `make generate`. Do not edit.\n";
@@ -12,6 +12,7 @@ pub fn render() -> Vec<(&'static str, String)> {
     vec![
         ("egresspolicies.yaml", to_yaml(&EgressPolicy::crd())),
         ("workflowbaselines.yaml", to_yaml(&WorkflowBaseline::crd())),
+        ("workflowruns.yaml", to_yaml(&WorkflowRun::crd())),
     ]
 }
 

@@ -1,4 +1,4 @@
-//! runwarden's API: the `WorkflowBaseline` and `EgressPolicy` custom resources (group
+//! runwarden's API: the `WorkflowBaseline`, `EgressPolicy` and `WorkflowRun` custom resources (group
 //! `runwarden.dev`, version `v1alpha1`), and the CRD YAML generated from these types.
 //!
 //! The types are the source of truth. `make generate` writes `crds/*.yaml` from them with
@@ -12,6 +12,7 @@ pub mod identity;
 pub mod policy;
 pub mod rbac;
 pub mod report;
+pub mod run;
 mod schema;
 pub mod serve;
 
@@ -23,6 +24,7 @@ pub use endpoint::{Condition, ConditionStatus, EndpointRule, Protocol, Severity}
 pub use policy::{
     AnomalyDetection, EgressPolicy, EgressPolicySpec, EgressPolicyStatus, Notifier, PolicyMode, Preset, RunnerSelector,
 };
+pub use run::{RunEndpoint, RunVerdict, WorkflowRun, WorkflowRunSpec};
 
 /// The API group of runwarden's resources.
 pub const GROUP: &str = "runwarden.dev";

@@ -1043,7 +1043,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 Action::Finished(run) => {
                     let mut run = *run;
                     let cgroup_ids = node.cgroups_of(&run.pod.uid);
-                    run.total_calls = exact_calls(&pipeline, &cgroup_ids, &run);
+                    run.total_calls = exact_calls(&pipeline, &cgroup_ids, &mut run);
+                    run.finished_ms = unix_ms(SystemTime::now());
                     for id in cgroup_ids {
                         pipeline.forget_pod(id);
                     }
@@ -1318,10 +1319,26 @@ fn arm_new(probes: &mut Probes, dir: &Path, metrics: &Metrics) {
 
 /// The run's calls in all, repeats included: the pipeline's exact counts of its pods' cgroups,
 /// or the calls the run itself counted when the pipeline no longer has them (a restart).
-fn exact_calls(pipeline: &Pipeline, cgroups: &[u64], run: &Run) -> u64 {
-    let counted: u64 =
-        pipeline.calls().iter().filter(|c| cgroups.contains(&c.last.pod_cgroup_id)).map(|c| c.calls).sum();
+fn exact_calls(pipeline: &Pipeline, cgroups: &[u64], run: &mut Run) -> u64 {
+    // Each destination's count too: the kernel's totals include the repeats it folded.
+    let mut counted = 0;
+    let mut by_destination: HashMap<(IpAddr, u16, bool), u64> = HashMap::new();
+    for c in pipeline.calls().iter().filter(|c| cgroups.contains(&c.last.pod_cgroup_id)) {
+        counted += c.calls;
+        let udp = c.last.proto == crate::events::Proto::Udp;
+        *by_destination.entry((c.last.ip, c.last.port, udp)).or_default() += c.calls;
+    }
+    for d in run.destinations.values_mut() {
+        let udp = d.proto == runwarden_detector::Proto::Udp;
+        if let Some(calls) = by_destination.get(&(d.ip, d.port, udp)) {
+            d.calls = d.calls.max(*calls);
+        }
+    }
     counted.max(run.destinations.values().map(|d| d.calls).sum())
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn log_anomaly(run: &Run, d: &Destination, metrics: &Metrics) {
@@ -1397,6 +1414,21 @@ fn record_gauges(metrics: &Metrics, node: &Node, pipeline: &Pipeline, probes: &P
     }
 }
 
+/// Creates the `WorkflowRun` record of a merged run, owned by its baseline: `true` if created,
+/// `false` if it was already there.
+async fn write_record(client: &Client, node_name: &str, run: &Run, job: &Job) -> Result<bool, kube::Error> {
+    let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &run.pod.namespace);
+    let uid = baselines.get_status(&job.baseline).await?.metadata.uid;
+    let finished_ms = if run.finished_ms > 0 { run.finished_ms } else { unix_ms(SystemTime::now()) };
+    let record = crate::record::record(run, job, node_name, finished_ms, uid.as_deref());
+    let api: Api<runwarden_crds::WorkflowRun> = Api::namespaced(client.clone(), &run.pod.namespace);
+    match api.create(&kube::api::PostParams::default(), &record).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Merges finished runs into their baselines, retrying (every ten seconds) what the API server
 /// did not take: it is unreachable, the baseline does not exist yet, or writers kept conflicting.
 async fn merger(
@@ -1455,26 +1487,45 @@ async fn merger(
                 Ok(Some(_)) => {
                     count("merged");
                     info!(baseline = %job.baseline, run_id = %job.run_id, "run merged into its baseline");
-                    state.merged(&run.pod.uid);
                 }
                 Ok(None) => {
                     count("duplicate");
-                    state.merged(&run.pod.uid);
                 }
                 Err(MergeError::Kube(kube::Error::Api(s))) if s.code == 404 => {
                     count("no_baseline");
                     still.push(run);
+                    continue;
                 }
                 Err(MergeError::TooManyConflicts(_)) => {
                     count("conflicts_exhausted");
                     still.push(run);
+                    continue;
                 }
                 Err(e) => {
                     count("failed");
                     warn!(baseline = %job.baseline, error = %e, "could not merge a run; retrying");
                     still.push(run);
+                    continue;
                 }
             }
+            // Its record, once merged (a retry merges nothing twice: the baseline knows the run).
+            let recorded = |result| {
+                metrics.run_records.get_or_create(&ResultLabel { result }).inc();
+            };
+            match write_record(&client, &node_name, &run, &job).await {
+                Ok(true) => recorded("created"),
+                Ok(false) => recorded("exists"),
+                Err(e) if crate::report::retryable(&e) => {
+                    recorded("retried");
+                    still.push(run);
+                    continue;
+                }
+                Err(e) => {
+                    recorded("failed");
+                    warn!(baseline = %job.baseline, run_id = %job.run_id, error = %e, "the API server refused the run's WorkflowRun record; not retried");
+                }
+            }
+            state.merged(&run.pod.uid);
         }
         waiting = still;
         metrics.runs_unmerged.set(waiting.len() as i64);

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod node;
 pub mod pipeline;
 pub mod rbac;
+pub mod record;
 pub mod report;
 pub mod resolver;
 pub mod trace;

@@ -57,6 +57,9 @@ pub struct Metrics {
     /// Run merges into baselines: `merged`, `duplicate`, `no_baseline` (retried), `failed`
     /// (retried), `conflicts_exhausted` (retried).
     pub merges: Family<ResultLabel, Counter>,
+    /// `WorkflowRun` records of merged runs: `created`, `exists` (a retry), `retried` (the API
+    /// server was unreachable), `failed` (refused; not retried).
+    pub run_records: Family<ResultLabel, Counter>,
     /// Records the kernel could not write (ring buffer full), by kind: `call`, `dns`, `exec`.
     pub kernel_lost: Family<Kind, Gauge>,
     /// Calls of pods the agent could not attribute (cgroup of no known pod), dropped after
@@ -110,6 +113,7 @@ impl Default for Metrics {
             anomalies: Family::default(),
             events: Family::default(),
             merges: Family::default(),
+            run_records: Family::default(),
             kernel_lost: Family::default(),
             unattributed: Counter::default(),
             held: Gauge::default(),
@@ -141,6 +145,9 @@ impl Default for Metrics {
         for result in ["merged", "duplicate", "no_baseline", "conflicts_exhausted", "failed"] {
             let _ = m.merges.get_or_create(&ResultLabel { result });
         }
+        for result in ["created", "exists", "retried", "failed"] {
+            let _ = m.run_records.get_or_create(&ResultLabel { result });
+        }
         for kind in ["call", "dns", "exec", "throttled"] {
             let _ = m.kernel_lost.get_or_create(&Kind { kind });
         }
@@ -158,6 +165,7 @@ impl Default for Metrics {
             m.events.clone(),
         );
         registry.register("merges", "Finished runs merged into WorkflowBaselines, by result", m.merges.clone());
+        registry.register("run_records", "WorkflowRun records of merged runs, by result", m.run_records.clone());
         registry.register("kernel_lost_records", "Records the kernel could not write, by kind", m.kernel_lost.clone());
         registry.register("unattributed_calls", "Calls from cgroups of no known pod", m.unattributed.clone());
         registry.register("held_calls", "Destinations held until their pod's job is known", m.held.clone());

@@ -240,6 +240,9 @@ pub struct Run {
     /// record budget (their destinations are found later in the kernel's dedupe table).
     #[serde(default)]
     pub throttled: u64,
+    /// When the run ended (its pod finished), Unix milliseconds; 0 while it runs.
+    #[serde(default)]
+    pub finished_ms: i64,
 }
 
 /// How to score: the job's baseline and the policy, provided by the caller's caches.
@@ -737,6 +740,7 @@ impl Node {
             dropped: 0,
             total_calls: 0,
             throttled: 0,
+            finished_ms: 0,
         });
         self.dirty.insert(run_uid);
         let proto = match o.proto {

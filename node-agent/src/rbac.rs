@@ -74,6 +74,12 @@ pub const RBAC: Rbac = Rbac {
             verbs: &["create", "patch"],
             why: "AnomalousEgress on the pod, its EphemeralRunner and the baseline; repeats in the series",
         },
+        Permission {
+            group: "runwarden.dev",
+            resource: "workflowruns",
+            verbs: &["create"],
+            why: "the record of each merged run (every destination, anomalies first)",
+        },
     ],
     listed: None,
 };

@@ -73,7 +73,7 @@ pub enum Delivery {
 }
 
 /// Errors worth a retry: the API server unreachable, overloaded or failing.
-fn retryable(e: &kube::Error) -> bool {
+pub(crate) fn retryable(e: &kube::Error) -> bool {
     match e {
         kube::Error::Api(s) => s.code == 429 || s.code >= 500,
         _ => true,

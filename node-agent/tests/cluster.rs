@@ -378,6 +378,36 @@ async fn a_runner_pods_new_call_becomes_an_event_and_its_run_lands_in_the_baseli
         "the restarted agent's own: {metrics}"
     );
     assert!(metrics.contains("runwarden_agent_merges_total{result=\"merged\"} 1"), "{metrics}");
+
+    // Its record, as `kubectl get wfr` shows it: every destination, the anomalies first with
+    // why, owned by the baseline (deleted with it).
+    let records = Api::<runwarden_crds::WorkflowRun>::namespaced(admin.clone(), &ns);
+    let mut listed = Vec::new();
+    for _ in 0..50 {
+        listed = records.list(&Default::default()).await.unwrap().items;
+        if !listed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed.len(), 1, "{}", agent.log());
+    let record = &listed[0];
+    let baseline = baselines.get(&identity.baseline_name()).await.unwrap();
+    let owner = &record.metadata.owner_references.as_ref().expect("owned by its baseline")[0];
+    assert_eq!((owner.kind.as_str(), Some(&owner.uid)), ("WorkflowBaseline", baseline.metadata.uid.as_ref()));
+    let labels = record.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get("runwarden.dev/run-id").map(String::as_str), Some("4711"));
+    let spec = &record.spec;
+    assert_eq!((spec.run_id.as_str(), spec.runner.as_str(), spec.node.as_str()), ("4711", "runner-a", NODE));
+    assert_eq!((spec.endpoint_count, spec.anomaly_count), (2, 2), "{spec:?}");
+    for (e, p) in spec.endpoints.iter().zip([port, port2]) {
+        assert_eq!(e.verdict, runwarden_crds::RunVerdict::Anomalous, "{e:?}");
+        assert!(!e.reasons.is_empty() && e.processes.contains(&"python3".to_string()), "{e:?}");
+        assert!(spec.endpoints.iter().any(|e| e.address == "127.0.0.1" && e.port == p), "{spec:?}");
+    }
+    assert!(spec.calls >= 2 && spec.started <= spec.finished, "{spec:?}");
+    let (_, metrics) = http_get("/metrics").unwrap();
+    assert!(metrics.contains("runwarden_agent_run_records_total{result=\"created\"} 1"), "{metrics}");
     drop(agent);
     common::remove_tree(&mount.join(&relative));
     let _ = std::fs::remove_dir_all(&state);

@@ -74,6 +74,7 @@ fn run(ns: &str, run_id: &str, host: &str, port: u16) -> (Box<Run>, String) {
         dropped: 0,
         total_calls: 1,
         throttled: 0,
+        finished_ms: 0,
     };
     (Box::new(run), key)
 }

@@ -157,6 +157,9 @@ pub struct Config {
     /// (and Secret reads) are granted only there; empty: cluster-wide. Runners, baselines and
     /// policies elsewhere are then not handled.
     pub runner_namespaces: Vec<String>,
+    /// How many `WorkflowRun` records each baseline keeps (the newest); default
+    /// [`lifecycle::RUN_HISTORY`].
+    pub run_history: Option<usize>,
 }
 
 /// Runs every controller until `shutdown` resolves.
@@ -174,7 +177,8 @@ pub async fn run(
     let scope = Scope::new(config.runner_namespaces.clone());
     let arc = arc_installed(&client).await;
     let monitored = runners::run_monitored_pods(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
-    let lifecycle = lifecycle::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
+    let run_history = config.run_history.unwrap_or(lifecycle::RUN_HISTORY);
+    let lifecycle = lifecycle::run(client.clone(), metrics.clone(), scope.clone(), run_history, shutdown.clone());
     let policies =
         policy::run(client.clone(), metrics.clone(), scope.clone(), arc, config.agent.block_mode, shutdown.clone());
     let notifiers = notify::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());

@@ -3,7 +3,8 @@
 //! (`Frozen`, `Monitoring`, ...), approvals applied to endpoints, endpoints expired by time,
 //! `observedGeneration`, and the `Settled` and `Ready` conditions. It writes only when something
 //! changed, with the `resourceVersion` it read, so a concurrent run merge is never overwritten:
-//! on a conflict it reads again.
+//! on a conflict it reads again. It also keeps each baseline's newest `WorkflowRun` records
+//! (the agents create one per merged run, owned by the baseline) and deletes the older ones.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,12 +12,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::PostParams;
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use runwarden_crds::{Condition, ConditionStatus, WorkflowBaseline, WorkflowBaselineStatus};
+use runwarden_crds::{Condition, ConditionStatus, WorkflowBaseline, WorkflowBaselineStatus, WorkflowRun};
 use runwarden_detector::Severity;
 use tracing::{info, warn};
 
@@ -26,11 +27,15 @@ use crate::{Error, FIELD_MANAGER, Result, Scope, instrumented, record_event};
 /// How often a baseline is looked at without any change, for expiry by time.
 const REFRESH_EVERY: Duration = Duration::from_secs(3600);
 
+/// `WorkflowRun` records kept per baseline by default (Helm value `operator.runHistory`).
+pub const RUN_HISTORY: usize = 50;
+
 struct Ctx {
     client: Client,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     scope: Scope,
+    run_history: usize,
 }
 
 /// Runs the `WorkflowBaseline` controller until `shutdown` completes.
@@ -38,11 +43,14 @@ pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     scope: Scope,
+    run_history: usize,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let api: Api<WorkflowBaseline> = Api::all(client.clone());
     let recorder = Recorder::new(client.clone(), Reporter { controller: FIELD_MANAGER.into(), instance: None });
-    let controller = Controller::new(api, watcher::Config::default());
+    // A new record (metadata only: records are large) wakes its baseline, whose oldest go.
+    let controller = Controller::new(api, watcher::Config::default())
+        .owns(Api::<WorkflowRun>::all(client.clone()), watcher::Config::default());
     metrics.count_baselines_from(controller.store());
     controller
         .with_config(crate::controller_config())
@@ -55,15 +63,42 @@ pub async fn run(
                 instrumented(&ctx.metrics.clone(), "baselines", reconcile(b, ctx)).await
             },
             error_policy,
-            Arc::new(Ctx { client, recorder, metrics, scope }),
+            Arc::new(Ctx { client, recorder, metrics, scope, run_history }),
         )
         .for_each(|_| async {})
         .await;
 }
 
+/// Deletes the baseline `name`'s `WorkflowRun` records past the newest `keep` (by creation:
+/// the agents create them as runs are merged).
+async fn prune_runs(client: &Client, ns: &str, name: &str, keep: usize) -> Result<()> {
+    let api: Api<WorkflowRun> = Api::namespaced(client.clone(), ns);
+    let selector = format!("{}={name}", runwarden_crds::run::BASELINE_LABEL);
+    let mut runs = api.list_metadata(&ListParams::default().labels(&selector)).await?.items;
+    if runs.len() <= keep {
+        return Ok(());
+    }
+    runs.sort_by(|a, b| {
+        (a.metadata.creation_timestamp.as_ref().map(|t| t.0), a.metadata.name.as_deref())
+            .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), b.metadata.name.as_deref()))
+    });
+    let extra = runs.len() - keep;
+    for run in runs.into_iter().take(extra) {
+        let Some(run_name) = run.metadata.name else { continue };
+        match api.delete(&run_name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    info!(baseline = %name, namespace = %ns, deleted = extra, "older WorkflowRun records deleted");
+    Ok(())
+}
+
 async fn reconcile(baseline: Arc<WorkflowBaseline>, ctx: Arc<Ctx>) -> Result<Action> {
     let ns = baseline.namespace().unwrap_or_default();
     let name = baseline.name_any();
+    prune_runs(&ctx.client, &ns, &name, ctx.run_history).await?;
     let api: Api<WorkflowBaseline> = Api::namespaced(ctx.client.clone(), &ns);
     let now = Timestamp::now();
     let mut current = (*baseline).clone();

@@ -71,6 +71,12 @@ pub const CLUSTER: &[Permission] = &[
         verbs: &["get"],
         why: "whether a namespace lets its pods declare their own job (label runwarden.dev/self-declared-identities)",
     },
+    Permission {
+        group: "runwarden.dev",
+        resource: "workflowruns",
+        verbs: &["list", "watch"],
+        why: "each baseline's run records (metadata only), to keep the newest",
+    },
 ];
 
 /// Permissions in the namespaces that hold runners (cluster-wide unless they are listed): what
@@ -87,6 +93,12 @@ pub const RUNNER: &[Permission] = &[
         resource: "workflowbaselines/status",
         verbs: &["get", "update"],
         why: "conflict-aware status writes",
+    },
+    Permission {
+        group: "runwarden.dev",
+        resource: "workflowruns",
+        verbs: &["delete"],
+        why: "delete each baseline's run records past the newest (operator.runHistory)",
     },
     Permission {
         group: "runwarden.dev",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use runwarden_crds::baseline::{BaselinePhase, EndpointState};
-use runwarden_crds::{ConditionStatus, WorkflowBaseline, WorkflowBaselineSpec, WorkflowBaselineStatus};
+use runwarden_crds::{ConditionStatus, WorkflowBaseline, WorkflowBaselineSpec, WorkflowBaselineStatus, WorkflowRun};
 use runwarden_detector::{Call, Proto, Run, Severity, Verdict};
 use runwarden_status::merge::{FinishedRun, merge_run};
 use runwarden_tests::{ControlPlane, cluster};
@@ -99,4 +99,75 @@ async fn the_operator_keeps_phase_conditions_and_approvals_true() {
     let s = wait_for(&api, "frozen", |s| s.phase == Some(BaselinePhase::Frozen)).await;
     assert_eq!(s.observed_generation, Some(3));
     assert_eq!(s.observed_runs, 5, "no run was lost or added by the operator's writes");
+}
+
+/// A baseline keeps its newest `WorkflowRun` records (`operator.runHistory`, 50 by default):
+/// older ones are deleted as new ones come, and all go with the baseline.
+#[tokio::test]
+async fn a_baseline_keeps_its_newest_run_records() {
+    let client: Client = ControlPlane::shared().client().await;
+    cluster::ensure_crds(&client).await;
+    let ns = cluster::test_namespace(&client, "run-history").await;
+    let api: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &ns);
+    let spec: WorkflowBaselineSpec = serde_json::from_value(serde_json::json!({
+        "repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build"
+    }))
+    .unwrap();
+    let baseline = api.create(&PostParams::default(), &WorkflowBaseline::new(NAME, spec)).await.unwrap();
+    let runs: Api<WorkflowRun> = Api::namespaced(client.clone(), &ns);
+    let record = |n: usize| -> WorkflowRun {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowRun",
+            "metadata": {
+                "name": format!("{:03}-arc-runner-{n}", 900 + n),
+                "labels": {"runwarden.dev/baseline": NAME},
+                "ownerReferences": [{"apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowBaseline", "name": NAME, "uid": baseline.metadata.uid}]
+            },
+            "spec": {
+                "repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "baseline": NAME,
+                "runId": (900 + n).to_string(), "runner": format!("arc-runner-{n}"), "node": "n1",
+                "started": "2026-12-03T10:00:00Z", "finished": "2026-12-03T10:05:00Z",
+                "calls": 3, "endpointCount": 1, "newEndpointCount": 0, "anomalyCount": 0,
+                "endpoints": [{"host": "github.com", "address": "140.82.112.3", "port": 443, "protocol": "TCP",
+                    "calls": 3, "firstSeen": "2026-12-03T10:00:01Z", "lastSeen": "2026-12-03T10:04:00Z", "verdict": "Known"}]
+            }
+        }))
+        .unwrap()
+    };
+    let history = runwarden_operator::lifecycle::RUN_HISTORY;
+    for n in 0..history + 3 {
+        runs.create(&PostParams::default(), &record(n)).await.unwrap();
+    }
+    let _stop = common::start_operator(&client);
+    let mut names = Vec::new();
+    for _ in 0..100 {
+        names = runs
+            .list_metadata(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|r| r.metadata.name)
+            .collect();
+        if names.len() == history {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(names.len(), history, "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.ends_with("-arc-runner-0") || n.ends_with("-arc-runner-2")),
+        "the oldest went: {names:?}"
+    );
+    // A new record wakes the baseline: the oldest left goes.
+    runs.create(&PostParams::default(), &record(history + 3)).await.unwrap();
+    let gone = format!("{:03}-arc-runner-3", 903);
+    for _ in 0..100 {
+        if runs.get_opt(&gone).await.unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(runs.get_opt(&gone).await.unwrap().is_none(), "the oldest record is deleted when a new one comes");
+    assert_eq!(runs.list_metadata(&Default::default()).await.unwrap().items.len(), history);
 }

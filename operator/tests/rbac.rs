@@ -167,6 +167,7 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
             ..Default::default()
         },
         runner_namespaces: runner_namespaces.to_vec(),
+        run_history: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown = futures::FutureExt::shared(Box::pin(async move {

@@ -129,7 +129,8 @@ fn protocol(p: Proto) -> Protocol {
     }
 }
 
-fn severity(s: Severity) -> runwarden_crds::Severity {
+/// The API's severity for the detector's.
+pub fn api_severity(s: Severity) -> runwarden_crds::Severity {
     match s {
         Severity::Info => runwarden_crds::Severity::Info,
         Severity::Low => runwarden_crds::Severity::Low,
@@ -260,7 +261,7 @@ fn endpoint_status(target: &str, e: &Endpoint) -> LearnedEndpoint {
             State::Unconfirmed => EndpointState::Unconfirmed,
             State::Untrusted => EndpointState::Untrusted,
         },
-        severity: e.severity.map(severity),
+        severity: e.severity.map(api_severity),
     }
 }
 

@@ -10,7 +10,7 @@ use runwarden_crds::WorkflowBaseline;
 use runwarden_crds::baseline::{Anomaly, MAX_ANOMALIES_PER_RUN, MAX_REASONS, MAX_RECENT_RUNS, RunRecord};
 use runwarden_detector::{Call, Learned, Run, Severity, Verdict};
 
-use crate::{Error, config, read, severity, stored_run_id, time, write};
+use crate::{Error, api_severity, config, read, stored_run_id, time, write};
 
 /// Attempts before a merge gives up on conflicts (each is one read and one write).
 pub const MAX_ATTEMPTS: usize = 32;
@@ -96,7 +96,7 @@ fn record(finished: &FinishedRun<'_>, learned: &Learned, min_severity: Severity)
         .map(|(c, v)| Anomaly {
             endpoint: endpoint_text(c),
             process: c.process.map(|p| p.chars().take(64).collect()),
-            severity: severity(v.severity),
+            severity: api_severity(v.severity),
             score: (v.score * 1000.0).round() / 1000.0,
             reasons: v.reasons.iter().take(MAX_REASONS).map(|r| r.chars().take(160).collect()).collect(),
         })

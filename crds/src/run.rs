@@ -1,0 +1,173 @@
+//! `WorkflowRun`: what one run of a workflow job called, as the node agent saw it.
+//!
+//! One object per finished run of a job on one runner (the combinations of a matrix job share
+//! a run id and are told apart by their runner), created by the agent on the runner's node when
+//! it merges the run into the job's `WorkflowBaseline`, in the baseline's namespace and owned by
+//! it. A record, not a desired state: written once, never updated. The operator keeps the
+//! newest runs of each baseline (`--run-history`, Helm value `operator.runHistory`) and deletes
+//! the rest.
+//!
+//! Objects of their own rather than baseline status: a run's every destination (up to
+//! [`MAX_RUN_ENDPOINTS`]) would not fit beside the baseline's model under etcd's object limit
+//! many times over, and a list of runs is a `kubectl get` (`wfr`) a user already knows, with
+//! RBAC of its own.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::baseline::{MAX_PROCESSES, MAX_REASONS, MAX_RUN_ID};
+use crate::endpoint::{Protocol, Severity};
+
+/// Most destinations a run's record lists (anomalies first); the rest are counted in
+/// `droppedEndpoints`. About 400 bytes each: a full record stays under 0.5 MiB.
+pub const MAX_RUN_ENDPOINTS: usize = 1000;
+/// Most other names listed per destination.
+pub const MAX_OTHER_NAMES: usize = 4;
+
+/// Label of a run's baseline (its name).
+pub const BASELINE_LABEL: &str = "runwarden.dev/baseline";
+/// Label of a run's GitHub run id.
+pub const RUN_ID_LABEL: &str = "runwarden.dev/run-id";
+
+/// One finished run of a workflow job on one runner: every destination it called, which were
+/// new or anomalous, and why.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "runwarden.dev",
+    version = "v1alpha1",
+    kind = "WorkflowRun",
+    namespaced,
+    shortname = "wfr",
+    category = "runwarden",
+    doc = "What one run of a GitHub Actions workflow job called, as runwarden's node agent saw it: every destination, which were new or anomalous, and why. Written once by the agent; the oldest are deleted by the operator.",
+    printcolumn = r#"{"name":"Repository","type":"string","jsonPath":".spec.repository"}"#,
+    printcolumn = r#"{"name":"Workflow","type":"string","jsonPath":".spec.workflow","priority":1}"#,
+    printcolumn = r#"{"name":"Job","type":"string","jsonPath":".spec.job"}"#,
+    printcolumn = r#"{"name":"Run","type":"string","jsonPath":".spec.runId"}"#,
+    printcolumn = r#"{"name":"Calls","type":"integer","jsonPath":".spec.calls"}"#,
+    printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".spec.endpointCount"}"#,
+    printcolumn = r#"{"name":"Anomalies","type":"integer","jsonPath":".spec.anomalyCount"}"#,
+    printcolumn = r#"{"name":"Runner","type":"string","jsonPath":".spec.runner","priority":1}"#,
+    printcolumn = r#"{"name":"Finished","type":"date","jsonPath":".spec.finished"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowRunSpec {
+    /// GitHub repository of the run, `owner/name`.
+    #[schemars(length(min = 3, max = 140))]
+    pub repository: String,
+    /// Path of the workflow file in the repository.
+    #[schemars(length(min = 1, max = 255))]
+    pub workflow: String,
+    /// The job (its display name with matrix values removed).
+    #[schemars(length(min = 1, max = 256))]
+    pub job: String,
+    /// The job's `WorkflowBaseline` in this namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub baseline: String,
+    /// GitHub workflow run id.
+    #[schemars(length(min = 1, max = MAX_RUN_ID))]
+    pub run_id: String,
+    /// The git ref the workflow ran from, when ARC said it (`refs/heads/main`,
+    /// `refs/pull/42/merge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub git_ref: Option<String>,
+    /// The runner pod that ran the job.
+    #[schemars(length(min = 1, max = 253))]
+    pub runner: String,
+    /// Its `EphemeralRunner`, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub ephemeral_runner: Option<String>,
+    /// ARC's runner scale set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub scale_set: Option<String>,
+    /// The node the runner ran on.
+    #[schemars(length(max = 253))]
+    pub node: String,
+    /// When the runner's first call was seen.
+    pub started: Time,
+    /// When the run ended (the runner pod finished).
+    pub finished: Time,
+    /// Outbound calls in all (each connect or datagram destination, before deduplication).
+    pub calls: u64,
+    /// Distinct destinations called.
+    pub endpoint_count: u32,
+    /// Destinations that were not in the baseline (scored as new).
+    pub new_endpoint_count: u32,
+    /// Destinations reported as anomalous.
+    pub anomaly_count: u32,
+    /// Destinations not listed: past [`MAX_RUN_ENDPOINTS`] here, or past what the agent keeps
+    /// per run.
+    #[serde(default)]
+    pub dropped_endpoints: u64,
+    /// The destinations, anomalies first (most severe first), then new ones, then by calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_RUN_ENDPOINTS))]
+    pub endpoints: Vec<RunEndpoint>,
+}
+
+/// One destination of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunEndpoint {
+    /// The name the pod's DNS answers gave the address, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub host: Option<String>,
+    /// The address called.
+    #[schemars(length(min = 2, max = 45))]
+    pub address: String,
+    /// The port.
+    pub port: u16,
+    /// `TCP` or `UDP`.
+    pub protocol: Protocol,
+    /// Calls to it.
+    pub calls: u64,
+    /// Process names (`comm`, which the process can set) that called it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_PROCESSES), inner(length(max = 64)))]
+    pub processes: Vec<String>,
+    /// Executables that called it (paths, from the kernel).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_PROCESSES), inner(length(max = 256)))]
+    pub executables: Vec<String>,
+    /// First call.
+    pub first_seen: Time,
+    /// Last call.
+    pub last_seen: Time,
+    /// How it compared with the baseline.
+    pub verdict: RunVerdict,
+    /// The detector's severity, for new destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<Severity>,
+    /// How suspicious, from 0 to 1, for new destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub score: Option<f64>,
+    /// Why, one short sentence each, strongest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_REASONS), inner(length(max = 300)))]
+    pub reasons: Vec<String>,
+    /// Other names the pod's DNS gave the address when it was first called (which one the
+    /// call was for is ambiguous).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_OTHER_NAMES), inner(length(max = 253)))]
+    pub other_names: Vec<String>,
+}
+
+/// How a destination compared with the job's baseline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+pub enum RunVerdict {
+    /// Reported: new, and at least as severe as the policy's minimum.
+    Anomalous,
+    /// Not in the baseline, below what the policy reports.
+    New,
+    /// In the baseline.
+    Known,
+    /// Called before the job was known (not scored).
+    Unscored,
+}
