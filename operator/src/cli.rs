@@ -11,13 +11,19 @@
 //!   allow (exit 1 when there is some, like `diff`).
 //! - `approve BASELINE HOST:PORT/PROTO` (or `CIDR:PORT/PROTO`): appends the endpoint to the
 //!   baseline's `spec.approved` (what the Events' command does), so it stops alerting.
+//! - `runs [--job BASELINE]`: the recent runs (`WorkflowRun` records), newest first, as a
+//!   table like kubectl's.
+//! - `run RUN_ID`: one run's every destination, anomalies first with why and the command that
+//!   approves each.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use runwarden_crds::{
     EgressPolicy, EgressPolicySpec, EndpointRule, EndpointState, LearnedEndpoint, PolicyMode, Preset, Protocol,
-    RunnerSelector, WorkflowBaseline,
+    RunEndpoint, RunVerdict, RunnerSelector, WorkflowBaseline, WorkflowRun,
 };
 
 /// How a baseline becomes a policy.
@@ -201,6 +207,170 @@ pub fn approval(endpoint: &str) -> Result<EndpointRule, String> {
         EndpointRule { host: Some(target.to_ascii_lowercase()), ..EndpointRule::default() }
     };
     Ok(EndpointRule { ports: vec![port], protocol: Some(protocol), ..rule })
+}
+
+/// `host:port/PROTO` (or `address:port/PROTO`) of a run's destination.
+pub fn destination(e: &RunEndpoint) -> String {
+    let target = e
+        .host
+        .clone()
+        .unwrap_or_else(|| if e.address.contains(':') { format!("[{}]", e.address) } else { e.address.clone() });
+    format!("{target}:{}/{}", e.port, protocol_name(e.protocol))
+}
+
+/// How long ago `t` was, as kubectl says it (`45s`, `12m`, `5h`, `3d`).
+pub fn age(t: &Time, now: Timestamp) -> String {
+    let seconds = (now.as_second() - t.0.as_second()).max(0);
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 2 * 3600 => format!("{}m", s / 60),
+        s if s < 2 * 86_400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// Columns padded as kubectl pads them (three spaces apart), the header first.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            out.push_str(cell);
+            if i < last {
+                out.push_str(&" ".repeat(w - cell.chars().count() + 3));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+/// The `runs` table: newest first; `wide` adds the workflow and the runner; `namespaces` the
+/// namespace column (`-A`).
+pub fn runs_table(runs: &[WorkflowRun], now: Timestamp, wide: bool, namespaces: bool) -> String {
+    let mut sorted: Vec<&WorkflowRun> = runs.iter().collect();
+    sorted.sort_by(|a, b| b.spec.finished.0.cmp(&a.spec.finished.0).then_with(|| a.spec.runner.cmp(&b.spec.runner)));
+    let mut header = Vec::new();
+    if namespaces {
+        header.push("NAMESPACE");
+    }
+    header.extend(["RUN", "REPOSITORY"]);
+    if wide {
+        header.push("WORKFLOW");
+    }
+    header.push("JOB");
+    if wide {
+        header.push("RUNNER");
+    }
+    header.extend(["CALLS", "ENDPOINTS", "NEW", "ANOMALIES", "FINISHED"]);
+    let rows: Vec<Vec<String>> = sorted
+        .iter()
+        .map(|r| {
+            let s = &r.spec;
+            let mut row = Vec::new();
+            if namespaces {
+                row.push(r.metadata.namespace.clone().unwrap_or_default());
+            }
+            row.extend([s.run_id.clone(), s.repository.clone()]);
+            if wide {
+                row.push(s.workflow.clone());
+            }
+            row.push(s.job.clone());
+            if wide {
+                row.push(s.runner.clone());
+            }
+            row.extend([
+                s.calls.to_string(),
+                s.endpoint_count.to_string(),
+                s.new_endpoint_count.to_string(),
+                s.anomaly_count.to_string(),
+                age(&s.finished, now),
+            ]);
+            row
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+/// One run as `run RUN_ID` prints it: what ran where, then every destination, anomalies first,
+/// each anomaly's reasons and the command that approves it.
+pub fn run_details(run: &WorkflowRun, now: Timestamp) -> String {
+    let s = &run.spec;
+    let ns = run.metadata.namespace.clone().unwrap_or_default();
+    let mut out = String::new();
+    let field =
+        |out: &mut String, name: &str, value: &str| out.push_str(&format!("{:<12}{value}\n", format!("{name}:")));
+    field(&mut out, "Name", &run.metadata.name.clone().unwrap_or_default());
+    field(&mut out, "Namespace", &ns);
+    field(&mut out, "Repository", &s.repository);
+    field(&mut out, "Workflow", &s.workflow);
+    field(&mut out, "Job", &s.job);
+    field(&mut out, "Run", &s.run_id);
+    if let Some(r) = &s.git_ref {
+        field(&mut out, "Ref", r);
+    }
+    field(&mut out, "Runner", &format!("{} on {}", s.runner, s.node));
+    field(&mut out, "Baseline", &s.baseline);
+    field(&mut out, "Finished", &format!("{} ({} ago)", s.finished.0, age(&s.finished, now)));
+    field(
+        &mut out,
+        "Calls",
+        &format!(
+            "{} to {} endpoints: {} new, {} anomalous{}",
+            s.calls,
+            s.endpoint_count,
+            s.new_endpoint_count,
+            s.anomaly_count,
+            if s.dropped_endpoints > 0 { format!(" ({} not listed)", s.dropped_endpoints) } else { String::new() }
+        ),
+    );
+    out.push('\n');
+    let rows: Vec<Vec<String>> = s
+        .endpoints
+        .iter()
+        .map(|e| {
+            vec![
+                format!("{:?}", e.verdict),
+                e.severity.map(|v| format!("{v:?}")).unwrap_or_else(|| "-".into()),
+                destination(e),
+                e.address.clone(),
+                e.calls.to_string(),
+                e.executables.first().or(e.processes.first()).cloned().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["VERDICT", "SEVERITY", "DESTINATION", "ADDRESS", "CALLS", "PROCESS"], &rows));
+    let anomalies: Vec<&RunEndpoint> = s.endpoints.iter().filter(|e| e.verdict == RunVerdict::Anomalous).collect();
+    if !anomalies.is_empty() {
+        out.push_str("\nAnomalies:\n");
+        for e in anomalies {
+            out.push_str(&format!("  {}", destination(e)));
+            if let Some(score) = e.score {
+                out.push_str(&format!(" (score {score:.2})"));
+            }
+            out.push('\n');
+            for reason in &e.reasons {
+                out.push_str(&format!("    - {reason}\n"));
+            }
+            out.push_str(&format!(
+                "    approve: kubectl runwarden approve -n {ns} {} {}\n",
+                s.baseline,
+                destination(e)
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

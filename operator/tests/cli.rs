@@ -97,3 +97,94 @@ async fn a_baseline_becomes_a_policy_the_api_server_takes_and_approvals_show_in_
     assert_eq!(bad.status.code(), Some(2));
     assert!(text(&bad).contains("HOST:PORT/PROTO"), "{}", text(&bad));
 }
+
+/// A finished run's record as the agent writes it, with one anomaly (`anomalous`) or none.
+fn record(ns: &str, run_id: &str, runner: &str, finished: &str, anomalous: bool) -> runwarden_crds::WorkflowRun {
+    let mut endpoints = vec![json!({
+        "host": "registry.npmjs.org", "address": "104.16.1.34", "port": 443, "protocol": "TCP", "calls": 40,
+        "processes": ["node"], "executables": ["/usr/bin/node"],
+        "firstSeen": "2026-12-03T10:00:01Z", "lastSeen": "2026-12-03T10:03:00Z", "verdict": "Known"
+    })];
+    if anomalous {
+        endpoints.insert(
+            0,
+            json!({
+                "host": "paste.example.net", "address": "203.0.113.9", "port": 443, "protocol": "TCP", "calls": 1,
+                "processes": ["curl"], "executables": ["/usr/bin/curl"],
+                "firstSeen": "2026-12-03T10:02:00Z", "lastSeen": "2026-12-03T10:02:00Z", "verdict": "Anomalous",
+                "severity": "High", "score": 0.91, "reasons": ["first call to this host by any job", "a paste site"]
+            }),
+        );
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowRun",
+        "metadata": {"name": format!("{run_id}-{runner}"), "namespace": ns,
+            "labels": {"runwarden.dev/baseline": "acme-web-ci-build", "runwarden.dev/run-id": run_id}},
+        "spec": {
+            "repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "baseline": "acme-web-ci-build",
+            "runId": run_id, "runner": runner, "node": "node-1", "started": "2026-12-03T10:00:00Z", "finished": finished,
+            "calls": 41, "endpointCount": endpoints.len(), "newEndpointCount": usize::from(anomalous),
+            "anomalyCount": usize::from(anomalous), "endpoints": endpoints
+        }
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn runs_are_listed_newest_first_and_a_run_shows_its_anomalies_with_the_approval() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    cluster::ensure_crds(&client).await;
+    let ns = cluster::test_namespace(&client, "cli-runs").await;
+    let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &ns);
+    let baseline: WorkflowBaseline = serde_json::from_value(json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowBaseline", "metadata": {"name": "acme-web-ci-build"},
+        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build"}
+    }))
+    .unwrap();
+    baselines.create(&PostParams::default(), &baseline).await.unwrap();
+    let runs: Api<runwarden_crds::WorkflowRun> = Api::namespaced(client.clone(), &ns);
+    for r in [
+        record(&ns, "4700", "arc-a", "2026-12-03T09:05:00Z", false),
+        record(&ns, "4711", "arc-b", "2026-12-03T10:05:00Z", true),
+    ] {
+        runs.create(&PostParams::default(), &r).await.unwrap();
+    }
+
+    let out = plugin(cp, &["-n", &ns, "runs"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<Vec<&str>> = listed.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(
+        lines[0],
+        ["RUN", "REPOSITORY", "JOB", "CALLS", "ENDPOINTS", "NEW", "ANOMALIES", "FINISHED"],
+        "{listed}"
+    );
+    assert_eq!(&lines[1][..7], ["4711", "acme/web", "build", "41", "2", "1", "1"], "newest first: {listed}");
+    assert_eq!(&lines[2][..7], ["4700", "acme/web", "build", "41", "1", "0", "0"], "{listed}");
+    let wide = plugin(cp, &["-n", &ns, "runs", "--job", "acme-web-ci-build", "-o", "wide"]);
+    assert!(String::from_utf8_lossy(&wide.stdout).contains(".github/workflows/ci.yml"), "{}", text(&wide));
+    let as_json = plugin(cp, &["-n", &ns, "runs", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&as_json.stdout).expect("JSON");
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(2), "{list}");
+
+    // The run: the anomaly first, its reasons, and the approval a user copies.
+    let out = plugin(cp, &["-n", &ns, "run", "4711"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8(out.stdout).unwrap();
+    let table_start = shown.find("VERDICT").expect("a destinations table");
+    let first_row = shown[table_start..].lines().nth(1).unwrap();
+    assert!(first_row.starts_with("Anomalous") && first_row.contains("paste.example.net:443/TCP"), "{shown}");
+    assert!(shown.contains("- a paste site") && shown.contains("/usr/bin/curl"), "{shown}");
+    let approve_line =
+        shown.lines().find_map(|l| l.trim().strip_prefix("approve: kubectl runwarden ")).expect("{shown}");
+    let approve: Vec<&str> = approve_line.split_whitespace().collect();
+    let approved = plugin(cp, &approve);
+    assert!(approved.status.success(), "{}", text(&approved));
+    let spec = baselines.get("acme-web-ci-build").await.unwrap().spec;
+    assert_eq!(spec.approved[0].host.as_deref(), Some("paste.example.net"));
+
+    let missing = plugin(cp, &["-n", &ns, "run", "9999"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(text(&missing).contains("no WorkflowRun of run 9999"), "{}", text(&missing));
+}

@@ -1,16 +1,17 @@
 //! `kubectl runwarden` (installed as `kubectl-runwarden` on PATH, kubectl finds it as a plugin):
 //! turns a job's WorkflowBaseline into an EgressPolicy for Git, shows what a policy leaves out,
-//! and approves an endpoint. See `runwarden_operator::cli`.
+//! approves an endpoint, and lists runs and what each called. See `runwarden_operator::cli`.
 //!
 //! Uses the current kubeconfig context and its namespace unless `-n` says otherwise. Exit 0,
 //! 1 (`diff`: the policy leaves something out), 2 (a usage or API error, said on stderr).
 
 use anyhow::Context;
-use kube::api::{Api, Patch, PatchParams};
-use runwarden_crds::{EgressPolicy, PolicyMode, Preset, WorkflowBaseline};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use runwarden_crds::{EgressPolicy, PolicyMode, Preset, WorkflowBaseline, WorkflowRun};
 use runwarden_operator::cli::{self, Promotion};
 
-/// From what runwarden learned to an EgressPolicy in Git.
+/// From what runwarden learned to an EgressPolicy in Git, and what each run called.
 #[derive(clap::Parser, Debug)]
 #[command(name = "kubectl-runwarden", bin_name = "kubectl runwarden", version)]
 struct Flags {
@@ -54,11 +55,39 @@ enum Command {
         /// What to approve, e.g. `api.example.com:443/TCP`.
         endpoint: String,
     },
+    /// List recent runs (WorkflowRun records), newest first.
+    Runs {
+        /// Only this job's runs (its WorkflowBaseline).
+        #[arg(long)]
+        job: Option<String>,
+        /// Runs of every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// `wide` adds the workflow and the runner; `json` and `yaml` print the records.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show what run RUN_ID called: every destination, anomalies first with why.
+    Run {
+        /// The GitHub workflow run id (each runner of a matrix job has its record).
+        run_id: String,
+        /// `json` and `yaml` print the records.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Print a completion script for SHELL.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Table,
+    Wide,
+    Json,
+    Yaml,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -81,6 +110,17 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// Prints records as kubectl's `-o json|yaml` does: a `List`.
+fn print_list(runs: &[WorkflowRun], output: Output) -> anyhow::Result<()> {
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": runs, "metadata": {}});
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        print!("{}", serde_yaml::to_string(&list)?);
+    }
+    Ok(())
 }
 
 async fn run(flags: Flags) -> anyhow::Result<std::process::ExitCode> {
@@ -141,6 +181,62 @@ async fn run(flags: Flags) -> anyhow::Result<std::process::ExitCode> {
                 .await
                 .with_context(|| format!("approving {endpoint} in WorkflowBaseline {baseline}"))?;
             println!("workflowbaseline.runwarden.dev/{baseline} approved {endpoint}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Runs { job, all_namespaces, output } => {
+            let api: Api<WorkflowRun> = if all_namespaces { Api::all(client) } else { Api::namespaced(client, &ns) };
+            let mut params = ListParams::default().limit(100);
+            if let Some(job) = &job {
+                params = params.labels(&format!("{}={job}", runwarden_crds::run::BASELINE_LABEL));
+            }
+            // Page by page, keeping each run's summary only (a record lists up to 1,000
+            // destinations).
+            let mut runs = Vec::new();
+            loop {
+                let page = api.list(&params).await.context("listing WorkflowRuns")?;
+                for mut run in page.items {
+                    if !matches!(output, Output::Json | Output::Yaml) {
+                        run.spec.endpoints.clear();
+                    }
+                    runs.push(run);
+                }
+                match page.metadata.continue_ {
+                    Some(token) if !token.is_empty() => params = params.continue_token(&token),
+                    _ => break,
+                }
+            }
+            match output {
+                Output::Json | Output::Yaml => print_list(&runs, output)?,
+                _ if runs.is_empty() => {
+                    eprintln!(
+                        "No runs found{}.",
+                        if all_namespaces { String::new() } else { format!(" in {ns} namespace") }
+                    )
+                }
+                _ => print!("{}", cli::runs_table(&runs, Timestamp::now(), output == Output::Wide, all_namespaces)),
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Run { run_id, output } => {
+            let api: Api<WorkflowRun> = Api::namespaced(client, &ns);
+            let selector = format!("{}={run_id}", runwarden_crds::run::RUN_ID_LABEL);
+            let mut runs = api
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .with_context(|| format!("listing the WorkflowRuns of run {run_id}"))?
+                .items;
+            if runs.is_empty() {
+                anyhow::bail!("no WorkflowRun of run {run_id} in namespace {ns} (`kubectl runwarden runs` lists them)");
+            }
+            runs.sort_by(|a, b| a.spec.runner.cmp(&b.spec.runner));
+            match output {
+                Output::Json | Output::Yaml => print_list(&runs, output)?,
+                _ => {
+                    let now = Timestamp::now();
+                    let shown: Vec<String> = runs.iter().map(|r| cli::run_details(r, now)).collect();
+                    print!("{}", shown.join("\n"));
+                }
+            }
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Completions { .. } => unreachable!("handled above"),
