@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use runwarden_tests::Node;
 use runwarden_tests::install::{SYSTEM, kubectl, kubectl_stdin, list_notifier_secrets};
 use runwarden_tests::node::{NODE_IP, NODE_NAME, cgroup_programs, runwarden_programs};
@@ -324,6 +324,22 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     assert!(last.anomalies.iter().any(|a| a.endpoint.starts_with("new.exfil.test:8080")), "{last:?}");
     // api, cdn, new and the DNS server; nothing of the other job running beside it.
     assert_eq!(last.endpoints, 4, "the run's own calls, none of another job's: {last:?}");
+    // The run's record (`kubectl get wfr`): every destination, the new host first, with why.
+    let records = Api::<runwarden_crds::WorkflowRun>::namespaced(client.clone(), &job.ns);
+    let params = ListParams::default().labels("runwarden.dev/run-id=106");
+    let mut found = Vec::new();
+    let started = Instant::now();
+    while found.is_empty() && started.elapsed() < Duration::from_secs(20) {
+        found = records.list(&params).await.unwrap().items;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let [record] = found.as_slice() else { panic!("one record of run 106: {found:?}") };
+    assert_eq!((record.spec.runner.as_str(), record.spec.endpoint_count), (runner.as_str(), 4), "{record:?}");
+    let first = &record.spec.endpoints[0];
+    assert_eq!(first.host.as_deref(), Some("new.exfil.test"), "{record:?}");
+    assert_eq!(first.verdict, runwarden_crds::RunVerdict::Anomalous, "{first:?}");
+    assert!(first.reasons.iter().any(|r| r.contains("request catcher")), "{first:?}");
+    assert!(first.processes.iter().chain(&first.executables).any(|p| p.contains("wget")), "{first:?}");
 
     // Run 107 is a pull request (its workflow from refs/pull/7/merge): the young baseline
     // excuses nothing it calls, and what it calls is not learned as normal for the job.
