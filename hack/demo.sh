@@ -57,7 +57,8 @@ kubectl apply --server-side -f "$cache"/arc-*/crds/ | sed 's/^/  /'
 # The local images; the agent keeps its state inside the demo's directory, so that `make
 # demo-down` removes it.
 helm install runwarden charts/runwarden --namespace runwarden-system --create-namespace \
-  -f charts/runwarden/ci/local-values.yaml --set agent.stateDir="$dir/agent-state" | sed 's/^/  /'
+  -f charts/runwarden/ci/local-values.yaml --set agent.stateDir="$dir/agent-state" \
+  --set operator.ui.enabled=true | sed 's/^/  /'
 kubectl -n runwarden-system rollout status deployment/runwarden-operator --timeout=120s | sed 's/^/  /'
 until kubectl -n runwarden-system get daemonset/runwarden-agent >/dev/null 2>&1; do sleep 0.5; done
 kubectl -n runwarden-system rollout status daemonset/runwarden-agent --timeout=120s | sed 's/^/  /'
@@ -128,7 +129,11 @@ kubectl -n arc-runners get events --field-selector reason=AnomalousEgress \
 say "the baseline's endpoints (kubectl get wfb -o yaml, status.endpoints)"
 kubectl -n arc-runners get wfb -o jsonpath='{range .items[0].status.endpoints[*]}  {.host}{.cidr}:{.port}/{.protocol}{"\t"}{.state}{"\t"}seen in {.runsSeen} runs{"\n"}{end}'
 
+say "kubectl get wfr -n arc-runners (each run's record; kubectl get wfr NAME -o yaml lists every destination)"
+kubectl -n arc-runners get wfr
+
 say "the cluster stays up"
+echo "  run pages: kubectl -n runwarden-system port-forward deploy/runwarden-operator 8090, then http://localhost:8090"
 echo "  export KUBECONFIG=$KUBECONFIG"
 echo "  export PATH=$bin:$helm_dir:\$PATH"
 echo "  make demo-down   # stops it and removes everything it put on this machine"

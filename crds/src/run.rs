@@ -31,6 +31,18 @@ pub const BASELINE_LABEL: &str = "runwarden.dev/baseline";
 /// Label of a run's GitHub run id.
 pub const RUN_ID_LABEL: &str = "runwarden.dev/run-id";
 
+/// The name of the record of run `run_id` on the runner pod `runner`: `<run id>-<runner>` as a
+/// DNS subdomain (a runner runs one job, so it is unique in the namespace).
+pub fn record_name(run_id: &str, runner: &str) -> String {
+    let name: String = format!("{run_id}-{runner}")
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .take(253)
+        .collect();
+    name.trim_matches(['-', '.']).to_string()
+}
+
 /// One finished run of a workflow job on one runner: every destination it called, which were
 /// new or anomalous, and why.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -9,20 +9,9 @@ use runwarden_detector::Proto;
 
 use crate::node::{Destination, Job, Run};
 
-/// The record's name: the run id and the runner pod (a runner runs one job), as a DNS
-/// subdomain.
+/// The record's name (see [`runwarden_crds::run::record_name`]).
 pub fn name(job: &Job, run: &Run) -> String {
-    let raw = format!("{}-{}", job.run_id, run.pod.name);
-    let mut name: String = raw
-        .chars()
-        .map(|c| c.to_ascii_lowercase())
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
-        .take(253)
-        .collect();
-    while name.ends_with(['-', '.']) {
-        name.pop();
-    }
-    name.trim_start_matches(['-', '.']).to_string()
+    runwarden_crds::run::record_name(&job.run_id, &run.pod.name)
 }
 
 /// A label value (at most 63 of `[A-Za-z0-9._-]`, alphanumeric at both ends), or `None`.

@@ -39,7 +39,8 @@ pub struct Promotion {
     pub scale_sets: Vec<String>,
 }
 
-fn protocol_name(p: Protocol) -> &'static str {
+/// `TCP` or `UDP`.
+pub fn protocol_name(p: Protocol) -> &'static str {
     match p {
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",

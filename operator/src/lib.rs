@@ -28,6 +28,7 @@ pub mod policy;
 pub mod preflight;
 pub mod rbac;
 pub mod runners;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -160,6 +161,9 @@ pub struct Config {
     /// How many `WorkflowRun` records each baseline keeps (the newest); default
     /// [`lifecycle::RUN_HISTORY`].
     pub run_history: Option<usize>,
+    /// Where the run pages are served (a loopback address, reached with `kubectl
+    /// port-forward`; see [`ui`]); `None`: not served.
+    pub ui_address: Option<std::net::SocketAddr>,
 }
 
 /// Runs every controller until `shutdown` resolves.

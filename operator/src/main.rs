@@ -91,6 +91,15 @@ async fn main() -> anyhow::Result<()> {
         error!("{e}");
         std::process::exit(e.exit_code());
     }
+    // Every replica serves the run pages, leader or not (port-forward picks any pod).
+    if let Some(address) = config.ui_address {
+        runwarden_operator::ui::check_address(&address).map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("listening on {address} (uiAddress)"))?;
+        info!(%address, "serving the run pages (kubectl port-forward)");
+        tokio::spawn(runwarden_operator::ui::run(client.clone(), listener));
+    }
     metrics.set_ready();
 
     let shutdown = futures::FutureExt::shared(Box::pin(async {

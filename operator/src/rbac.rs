@@ -74,8 +74,8 @@ pub const CLUSTER: &[Permission] = &[
     Permission {
         group: "runwarden.dev",
         resource: "workflowruns",
-        verbs: &["list", "watch"],
-        why: "each baseline's run records (metadata only), to keep the newest",
+        verbs: &["get", "list", "watch"],
+        why: "each baseline's run records (metadata only), to keep the newest; a record for its run page",
     },
 ];
 

@@ -168,6 +168,7 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
         },
         runner_namespaces: runner_namespaces.to_vec(),
         run_history: None,
+        ui_address: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown = futures::FutureExt::shared(Box::pin(async move {

@@ -59,10 +59,42 @@ async fn world() -> &'static World {
                 hosts.push((name.to_string(), Listener::start(SocketAddr::from((ip, port))).unwrap()));
             }
 
-            runwarden_tests::install::runwarden(node).await;
+            // With the run pages on, as `make demo` installs it.
+            runwarden_tests::install::runwarden_with(node, &["--set", "operator.ui.enabled=true"]).await;
             World { node, dns, hosts }
         })
         .await
+}
+
+/// GETs `path` of the operator's run pages through `kubectl port-forward`, as a user does.
+fn run_page(node: &Node, path: &str) -> String {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut forward = node
+        .kubectl()
+        .args(["-n", SYSTEM, "port-forward", "deploy/runwarden-operator", &format!("{port}:8090")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut page, mut last) = (None, String::new());
+    let started = Instant::now();
+    while page.is_none() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { continue };
+        let _ = write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let mut response = String::new();
+        if stream.read_to_string(&mut response).is_ok() && response.starts_with("HTTP/1.1 200") {
+            page = Some(response);
+        } else {
+            last = response;
+        }
+    }
+    let _ = forward.kill();
+    let output = forward.wait_with_output().unwrap();
+    page.unwrap_or_else(|| {
+        panic!("no page {path} through port-forward: {last}\n{}", String::from_utf8_lossy(&output.stderr))
+    })
 }
 
 /// A failing test prints the DNS server's recent queries (once): a runner's lookup that fails
@@ -340,6 +372,13 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     assert_eq!(first.verdict, runwarden_crds::RunVerdict::Anomalous, "{first:?}");
     assert!(first.reasons.iter().any(|r| r.contains("request catcher")), "{first:?}");
     assert!(first.processes.iter().chain(&first.executables).any(|p| p.contains("wget")), "{first:?}");
+    // The same run on its page, through `kubectl port-forward` to the operator as a user
+    // reaches it: the new host first, with why and how to approve it.
+    let (node, path) = (world.node, format!("/runs/{}/{}", job.ns, record.name_any()));
+    let page = tokio::task::spawn_blocking(move || run_page(node, &path)).await.unwrap();
+    let anomaly = page.find("new.exfil.test:8080/TCP").unwrap_or_else(|| panic!("the anomaly: {page}"));
+    assert!(anomaly < page.find("<h2>Destinations").expect("a destinations table"), "{page}");
+    assert!(page.contains("request catcher") && page.contains("kubectl runwarden approve"), "{page}");
 
     // Run 107 is a pull request (its workflow from refs/pull/7/merge): the young baseline
     // excuses nothing it calls, and what it calls is not learned as normal for the job.

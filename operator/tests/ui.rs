@@ -1,0 +1,130 @@
+//! The run pages against a real kube-apiserver, as a user reaches them through
+//! `kubectl port-forward`: the recent runs, a run with its anomaly first (reasons, the approve
+//! command), the job's baseline; what runners wrote is shown as text, never as markup.
+//!
+//! Needs the control-plane binaries built by `make setup`; `make test` runs it.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use runwarden_crds::{WorkflowBaseline, WorkflowRun};
+use runwarden_tests::{ControlPlane, cluster};
+use serde_json::json;
+
+/// A GET (or another method) as a browser sends it: status, headers and body.
+fn request(address: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_lowercase(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    cluster::ensure_crds(&client).await;
+    let ns = cluster::test_namespace(&client, "ui").await;
+    let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &ns);
+    let baseline: WorkflowBaseline = serde_json::from_value(json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowBaseline", "metadata": {"name": "acme-web-ci-build"},
+        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build"}
+    }))
+    .unwrap();
+    baselines.create(&PostParams::default(), &baseline).await.unwrap();
+    let status = json!({"status": {
+        "observedRuns": 6, "recentNewEndpoints": [2, 0, 0, 0, 1],
+        "endpoints": [
+            {"host": "registry.npmjs.org", "port": 443, "protocol": "TCP", "runsSeen": 6, "state": "Learned", "processes": ["node"]},
+            {"host": "paste.example.net", "port": 443, "protocol": "TCP", "runsSeen": 1, "state": "Anomalous",
+             "severity": "High", "processes": ["<script>alert(1)</script>"]}
+        ],
+        "recentRuns": [
+            {"runId": "4700", "runner": "arc-a", "time": "2026-12-03T09:05:00Z", "calls": 40, "endpoints": 1},
+            {"runId": "4711", "runner": "arc-b", "time": "2026-12-03T10:05:00Z", "calls": 41, "endpoints": 2,
+             "newEndpoints": 1, "anomalyCount": 1}
+        ]
+    }});
+    baselines.patch_status("acme-web-ci-build", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    let record: WorkflowRun = serde_json::from_value(json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowRun",
+        "metadata": {"name": "4711-arc-b", "labels": {"runwarden.dev/baseline": "acme-web-ci-build", "runwarden.dev/run-id": "4711"}},
+        "spec": {
+            "repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "baseline": "acme-web-ci-build",
+            "runId": "4711", "runner": "arc-b", "ephemeralRunner": "arc-b", "node": "node-1",
+            "started": "2026-12-03T10:00:00Z", "finished": "2026-12-03T10:05:00Z",
+            "calls": 41, "endpointCount": 2, "newEndpointCount": 1, "anomalyCount": 1,
+            "endpoints": [
+                {"host": "paste.example.net", "address": "203.0.113.9", "port": 443, "protocol": "TCP", "calls": 1,
+                 "processes": ["<script>alert(1)</script>"], "executables": ["/tmp/<b>x</b>"],
+                 "firstSeen": "2026-12-03T10:02:00Z", "lastSeen": "2026-12-03T10:02:00Z", "verdict": "Anomalous",
+                 "severity": "High", "score": 0.91, "reasons": ["a paste site", "called by \"<img src=x>\""]},
+                {"host": "registry.npmjs.org", "address": "104.16.1.34", "port": 443, "protocol": "TCP", "calls": 40,
+                 "processes": ["node"], "firstSeen": "2026-12-03T10:00:01Z", "lastSeen": "2026-12-03T10:03:00Z", "verdict": "Known"}
+            ]
+        }
+    }))
+    .unwrap();
+    Api::<WorkflowRun>::namespaced(client.clone(), &ns).create(&PostParams::default(), &record).await.unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(runwarden_operator::ui::run(client.clone(), listener));
+
+    // The list: newest first, linking the run and the job.
+    let link = format!("/runs/{ns}/4711-arc-b");
+    let mut list = String::new();
+    for _ in 0..50 {
+        list = tokio::task::spawn_blocking(move || request(address, "GET", "/").2).await.unwrap();
+        if list.contains(&link) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(list.contains(&link) && list.contains(&format!("/jobs/{ns}/acme-web-ci-build")), "{list}");
+    assert!(list.find("4711").unwrap() < list.find("4700").unwrap(), "newest first: {list}");
+
+    // The run: its anomaly at the top with why and how to approve it; then every destination.
+    let (status, head, run) = tokio::task::spawn_blocking(move || request(address, "GET", &link)).await.unwrap();
+    assert_eq!(status, 200, "{run}");
+    assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");
+    let anomaly = run.find("paste.example.net:443/TCP").expect("the anomaly");
+    assert!(anomaly < run.find("registry.npmjs.org").unwrap(), "the anomaly before the known destinations");
+    assert!(anomaly < run.find("<h2>Destinations").unwrap(), "{run}");
+    assert!(run.contains("<li>a paste site</li>"), "{run}");
+    assert!(
+        run.contains(&format!("kubectl runwarden approve -n {ns} acme-web-ci-build paste.example.net:443/TCP")),
+        "{run}"
+    );
+    assert!(run.contains("https://github.com/acme/web/actions/runs/4711"), "{run}");
+    for raw in ["<script>", "<img", "<b>x"] {
+        assert!(!run.contains(raw), "{raw} from a runner is text, not markup: {run}");
+    }
+    assert!(
+        run.contains("&lt;script&gt;alert(1)&lt;/script&gt;") || run.contains("/tmp/&lt;b&gt;x&lt;/b&gt;"),
+        "{run}"
+    );
+
+    // The job: the anomalous endpoint first, the churn chart, its runs.
+    let job = format!("/jobs/{ns}/acme-web-ci-build");
+    let (status, _, page) = tokio::task::spawn_blocking(move || request(address, "GET", &job)).await.unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert!(page.find("paste.example.net").unwrap() < page.find("registry.npmjs.org").unwrap(), "{page}");
+    assert!(page.contains("<svg class=\"churn\""), "{page}");
+    assert!(!page.contains("<script>"), "{page}");
+
+    // What is not there, and what is not a GET.
+    let missing = format!("/runs/{ns}/9999-arc-z");
+    let (status, _, _) = tokio::task::spawn_blocking(move || request(address, "GET", &missing)).await.unwrap();
+    assert_eq!(status, 404);
+    let (status, _, _) = tokio::task::spawn_blocking(move || request(address, "POST", "/")).await.unwrap();
+    assert_eq!(status, 405);
+    assert!(runwarden_operator::ui::check_address(&"0.0.0.0:8090".parse().unwrap()).is_err());
+    assert!(runwarden_operator::ui::check_address(&"127.0.0.1:8090".parse().unwrap()).is_ok());
+}
