@@ -64,6 +64,7 @@ dev-control-plane: setup
 bench: setup images
 	cargo bench --locked -p runwarden-detector
 	cargo bench --locked -p runwarden-operator --bench scale
+	cargo bench --locked -p runwarden-operator --bench ui
 	cargo bench --locked -p runwarden-agent --bench pipeline
 	cargo bench --locked -p runwarden-agent --bench connect
 	cargo bench --locked -p runwarden-agent --bench block

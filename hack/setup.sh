@@ -22,6 +22,13 @@ if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
+# Headless Chromium loads the run pages in the real-node test, as a user's browser does.
+# Without its recommends (they bring systemd, avahi and a desktop's worth of packages).
+if ! command -v chromium >/dev/null; then
+  echo "setup: installing chromium (headless, for the run pages' browser test)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+fi
 
 # Toolchains that come with the machine: check, with a clear message if absent.
 command -v go >/dev/null || { echo "setup: Go is required (to build etcd and kube-apiserver); install Go >= 1.26" >&2; exit 1; }

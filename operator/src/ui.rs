@@ -207,7 +207,7 @@ pub fn runs_page(baselines: &[Arc<WorkflowBaseline>], now: Timestamp) -> String 
     }
     body.push_str(
         "<table><tr><th>Finished</th><th>Repository</th><th>Workflow</th><th>Job</th><th>Run</th><th>Runner</th>\
-         <th>Calls</th><th>Endpoints</th><th>New</th><th>Anomalies</th></tr>",
+         <th>Calls</th><th>Endpoints</th><th title=\"new endpoints the baseline learned from the run\">Learned</th><th>Anomalies</th></tr>",
     );
     for (b, r) in runs.into_iter().take(MAX_LISTED_RUNS) {
         let ns = b.namespace().unwrap_or_default();
@@ -238,6 +238,16 @@ pub fn runs_page(baselines: &[Arc<WorkflowBaseline>], now: Timestamp) -> String 
         body.push_str("<p>No run yet: runs show here once the node agents merge them.</p>");
     }
     page("Recent runs", &body)
+}
+
+/// Who called: the process names, then the executables (`wget (/bin/busybox)`).
+fn caller(e: &RunEndpoint) -> String {
+    match (e.processes.is_empty(), e.executables.is_empty()) {
+        (true, true) => "an unknown process".into(),
+        (false, true) => e.processes.join(", "),
+        (true, false) => e.executables.join(", "),
+        (false, false) => format!("{} ({})", e.processes.join(", "), e.executables.join(", ")),
+    }
 }
 
 fn verdict_class(v: RunVerdict) -> &'static str {
@@ -310,12 +320,7 @@ pub fn run_page(run: &WorkflowRun, now: Timestamp) -> String {
                 sev = esc(&severity),
                 dest = esc(&destination(e)),
                 score = e.score.map(|s| format!(" <span class=\"muted\">score {s:.2}</span>")).unwrap_or_default(),
-                who = esc(&e
-                    .executables
-                    .first()
-                    .or(e.processes.first())
-                    .cloned()
-                    .unwrap_or_else(|| "an unknown process".into())),
+                who = esc(&caller(e)),
             );
             for reason in &e.reasons {
                 let _ = write!(body, "<li>{}</li>", esc(reason));
@@ -437,7 +442,7 @@ pub fn job_page(b: &WorkflowBaseline, now: Timestamp) -> String {
             esc(&e.processes.join(", ")),
         );
     }
-    body.push_str("</table><h2>Recent runs</h2><table><tr><th>Finished</th><th>Run</th><th>Calls</th><th>New</th><th>Anomalies</th></tr>");
+    body.push_str("</table><h2>Recent runs</h2><table><tr><th>Finished</th><th>Run</th><th>Calls</th><th>Learned</th><th>Anomalies</th></tr>");
     let mut runs: Vec<_> = status.recent_runs.iter().collect();
     runs.sort_by_key(|r| std::cmp::Reverse(r.time.0));
     for r in runs {

@@ -66,35 +66,64 @@ async fn world() -> &'static World {
         .await
 }
 
-/// GETs `path` of the operator's run pages through `kubectl port-forward`, as a user does.
-fn run_page(node: &Node, path: &str) -> String {
-    use std::io::{Read, Write};
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut forward = node
-        .kubectl()
-        .args(["-n", SYSTEM, "port-forward", "deploy/runwarden-operator", &format!("{port}:8090")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (mut page, mut last) = (None, String::new());
-    let started = Instant::now();
-    while page.is_none() && started.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(200));
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { continue };
+/// `kubectl port-forward` to the operator's run pages, as a user runs it; stopped when dropped.
+struct PortForward {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl PortForward {
+    fn start(node: &Node) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = node
+            .kubectl()
+            .args(["-n", SYSTEM, "port-forward", "deploy/runwarden-operator", &format!("{port}:8090")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let forward = Self { port, child };
+        // Ready once a page answers.
+        let started = Instant::now();
+        while forward.get("/").0 != 200 && started.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        forward
+    }
+
+    /// Status and body of `path` (0 when nothing answers).
+    fn get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return (0, String::new()) };
         let _ = write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         let mut response = String::new();
-        if stream.read_to_string(&mut response).is_ok() && response.starts_with("HTTP/1.1 200") {
-            page = Some(response);
-        } else {
-            last = response;
-        }
+        let _ = stream.read_to_string(&mut response);
+        let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, response)
     }
-    let _ = forward.kill();
-    let output = forward.wait_with_output().unwrap();
-    page.unwrap_or_else(|| {
-        panic!("no page {path} through port-forward: {last}\n{}", String::from_utf8_lossy(&output.stderr))
-    })
+
+    /// The page at `path` as headless Chromium renders it (its DOM), and a screenshot of it.
+    fn browse(&self, path: &str, screenshot: &std::path::Path) -> String {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let chromium = |args: &[&str]| {
+            std::process::Command::new("chromium")
+                .args(["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"])
+                .args(args)
+                .arg(&url)
+                .output()
+                .expect("chromium (`make setup` installs it)")
+        };
+        let shot = chromium(&[&format!("--screenshot={}", screenshot.display())]);
+        assert!(shot.status.success(), "chromium --screenshot: {}", String::from_utf8_lossy(&shot.stderr));
+        String::from_utf8_lossy(&chromium(&["--dump-dom"]).stdout).into_owned()
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A failing test prints the DNS server's recent queries (once): a runner's lookup that fails
@@ -372,13 +401,27 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     assert_eq!(first.verdict, runwarden_crds::RunVerdict::Anomalous, "{first:?}");
     assert!(first.reasons.iter().any(|r| r.contains("request catcher")), "{first:?}");
     assert!(first.processes.iter().chain(&first.executables).any(|p| p.contains("wget")), "{first:?}");
-    // The same run on its page, through `kubectl port-forward` to the operator as a user
-    // reaches it: the new host first, with why and how to approve it.
-    let (node, path) = (world.node, format!("/runs/{}/{}", job.ns, record.name_any()));
-    let page = tokio::task::spawn_blocking(move || run_page(node, &path)).await.unwrap();
-    let anomaly = page.find("new.exfil.test:8080/TCP").unwrap_or_else(|| panic!("the anomaly: {page}"));
-    assert!(anomaly < page.find("<h2>Destinations").expect("a destinations table"), "{page}");
-    assert!(page.contains("request catcher") && page.contains("kubectl runwarden approve"), "{page}");
+    // The same run in a browser, through `kubectl port-forward` to the operator as a user
+    // reaches it: listed with its anomaly, and on its page the new host first, with why and
+    // how to approve it.
+    let (node, ns, name) = (world.node, job.ns.clone(), record.name_any());
+    let shot = std::env::temp_dir().join(format!("runwarden-run-page-{}.png", std::process::id()));
+    let shown = shot.clone();
+    let (list, page) = tokio::task::spawn_blocking(move || {
+        let forward = PortForward::start(node);
+        let list = forward.browse("/", &shown.with_extension("list.png"));
+        (list, forward.browse(&format!("/runs/{ns}/{name}"), &shown))
+    })
+    .await
+    .unwrap();
+    let link = format!("href=\"/runs/{}/{}\"", job.ns, record.name_any());
+    let row = list.split("<tr").find(|r| r.contains(&link)).unwrap_or_else(|| panic!("run 106 listed: {list}"));
+    assert!(row.contains("class=\"anomalous\""), "{row}");
+    let first = page.split("<h3 class=\"anomaly\">").nth(1).unwrap_or_else(|| panic!("an anomaly: {page}"));
+    assert!(first.contains("new.exfil.test:8080/TCP") && first.contains("request catcher"), "{first}");
+    assert!(page.find("class=\"anomaly\"").unwrap() < page.find("<h2>Destinations").unwrap(), "{page}");
+    assert!(first.contains("kubectl runwarden approve"), "the approve snippet: {first}");
+    eprintln!("run page screenshot: {}", shot.display());
 
     // Run 107 is a pull request (its workflow from refs/pull/7/merge): the young baseline
     // excuses nothing it calls, and what it calls is not learned as normal for the job.
