@@ -40,6 +40,21 @@ pub struct Rbac {
     /// A permission granted only on the objects an administrator lists at install (`None`:
     /// none), never cluster-wide.
     pub listed: Option<Listed>,
+    /// Cluster-wide permissions a feature that is off by default needs: in a ClusterRole of
+    /// their own, rendered by the chart only when the feature is on, and checked at start only
+    /// then (see [`Rbac::missing_optional`]).
+    pub optional: Option<Optional>,
+}
+
+/// Cluster permissions of a feature that is off by default.
+#[derive(Clone, Copy, Debug)]
+pub struct Optional {
+    /// The permissions.
+    pub permissions: &'static [Permission],
+    /// The Helm condition that turns the feature on (`and .Values.a .Values.b`).
+    pub condition: &'static str,
+    /// Suffix of the ClusterRole's and ClusterRoleBinding's name (`<name>-<suffix>`).
+    pub suffix: &'static str,
 }
 
 /// A permission granted only in the namespaces, and on the names, an administrator lists (the
@@ -113,7 +128,24 @@ impl Rbac {
         for ns in runner_namespaces {
             out.extend(role(ns, self.runner));
         }
+        out.extend(self.optional_manifests(namespace));
         out
+    }
+
+    /// The ClusterRole and ClusterRoleBinding of the [`Optional`] permissions (none without).
+    pub fn optional_manifests(&self, namespace: &str) -> Vec<Value> {
+        let Some(optional) = self.optional else { return Vec::new() };
+        let name = format!("{}-{}", self.name, optional.suffix);
+        let labels = json!({"app.kubernetes.io/name": "runwarden", "app.kubernetes.io/component": self.component});
+        let subject = json!([{"kind": "ServiceAccount", "name": self.name, "namespace": namespace}]);
+        vec![
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                   "metadata": {"name": name, "labels": labels}, "rules": rules(optional.permissions)}),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                   "metadata": {"name": name, "labels": labels},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                   "subjects": subject}),
+        ]
     }
 
     /// A Role and RoleBinding of the [`Listed`] permission in each granted namespace, for the
@@ -148,6 +180,7 @@ impl Rbac {
             .chain(self.namespaced)
             .chain(self.runner)
             .chain(self.listed.iter().map(|l| &l.permission))
+            .chain(self.optional.iter().flat_map(|o| o.permissions))
         {
             let group = if p.group.is_empty() { "core" } else { p.group };
             out.push_str(&format!("#   {group} {} [{}]: {}\n", p.resource, p.verbs.join(", "), p.why));
@@ -174,7 +207,8 @@ impl Rbac {
         let mut out = self.header();
         out.push_str("# Runner permissions: cluster-wide, or only in .Values.runnerNamespaces when set.\n");
         // Render with one runner namespace named MARK, then turn what is about it into template.
-        for m in self.manifests_for(NS, &[MARK.to_string()]) {
+        let optional = self.optional_manifests(NS);
+        for m in self.manifests_for(NS, &[MARK.to_string()]).into_iter().filter(|m| !optional.contains(m)) {
             let text = serde_yaml::to_string(&m).expect("manifests serialize");
             if m["metadata"]["namespace"] == MARK {
                 out.push_str("{{- range .Values.runnerNamespaces }}\n---\n");
@@ -214,7 +248,35 @@ impl Rbac {
             }
             out.push_str("{{- end }}\n");
         }
+        if let Some(o) = self.optional {
+            out.push_str(&format!(
+                "# Only when it is used: {{{{ {} }}}}.\n{{{{- if {} }}}}\n",
+                o.condition, o.condition
+            ));
+            for m in optional {
+                out.push_str("---\n");
+                out.push_str(
+                    &serde_yaml::to_string(&m).expect("manifests serialize").replace(NS, "{{ .Release.Namespace }}"),
+                );
+            }
+            out.push_str("{{- end }}\n");
+        }
         out
+    }
+
+    /// The [`Optional`] permissions `client` lacks (for when the feature is on), as
+    /// [`Self::missing`] says them.
+    pub async fn missing_optional(&self, client: &Client) -> Result<Vec<String>, kube::Error> {
+        let mut missing = Vec::new();
+        for p in self.optional.iter().flat_map(|o| o.permissions) {
+            for verb in p.verbs {
+                if !allowed(client, p, verb, None).await? {
+                    let group = if p.group.is_empty() { "core" } else { p.group };
+                    missing.push(format!("{verb} {group}/{}", p.resource));
+                }
+            }
+        }
+        Ok(missing)
     }
 
     /// The permissions `client` lacks, as `verb group/resource[ in namespace]`, asked of the API

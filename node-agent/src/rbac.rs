@@ -82,4 +82,5 @@ pub const RBAC: Rbac = Rbac {
         },
     ],
     listed: None,
+    optional: None,
 };

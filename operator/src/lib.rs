@@ -164,6 +164,9 @@ pub struct Config {
     /// Where the run pages are served (a loopback address, reached with `kubectl
     /// port-forward`; see [`ui`]); `None`: not served.
     pub ui_address: Option<std::net::SocketAddr>,
+    /// Every request to the run pages needs a bearer token, and sees only the namespaces where
+    /// its user may get baselines (for an Ingress; see [`ui`]).
+    pub ui_token_auth: bool,
 }
 
 /// Runs every controller until `shutdown` resolves.

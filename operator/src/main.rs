@@ -93,12 +93,26 @@ async fn main() -> anyhow::Result<()> {
     }
     // Every replica serves the run pages, leader or not (port-forward picks any pod).
     if let Some(address) = config.ui_address {
-        runwarden_operator::ui::check_address(&address).map_err(anyhow::Error::msg)?;
+        use runwarden_operator::ui::{self, Access, Reviews};
+        ui::check_address(&address, config.ui_token_auth).map_err(anyhow::Error::msg)?;
+        if config.ui_token_auth {
+            let missing = runwarden_operator::rbac::RBAC.missing_optional(&client).await?;
+            if !missing.is_empty() {
+                error!(missing = ?missing, "uiTokenAuth needs these permissions (the chart grants them with operator.ui.tokenAuth)");
+                std::process::exit(3);
+            }
+        }
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("listening on {address} (uiAddress)"))?;
-        info!(%address, "serving the run pages (kubectl port-forward)");
-        tokio::spawn(runwarden_operator::ui::run(client.clone(), listener));
+        let access = if config.ui_token_auth {
+            info!(%address, "serving the run pages to bearer tokens (TokenReview, SubjectAccessReview)");
+            Access::Token(Arc::new(Reviews::new(client.clone())))
+        } else {
+            info!(%address, "serving the run pages (kubectl port-forward)");
+            Access::PortForward
+        };
+        tokio::spawn(ui::run(client.clone(), listener, access));
     }
     metrics.set_ready();
 

@@ -2,7 +2,7 @@
 //! generates the manifests (`make generate` writes `operator/rbac.yaml`) and drives the
 //! preflight check at start, so they cannot drift apart.
 
-pub use runwarden_crds::rbac::{Grant, Listed, Permission, Rbac};
+pub use runwarden_crds::rbac::{Grant, Listed, Optional, Permission, Rbac};
 use serde_json::Value;
 
 /// The operator's ServiceAccount (and ClusterRole, Role and bindings).
@@ -17,6 +17,28 @@ pub const RBAC: Rbac = Rbac {
     namespaced: NAMESPACED,
     runner: RUNNER,
     listed: Some(NOTIFIER_SECRETS),
+    optional: Some(TOKEN_REVIEWS),
+};
+
+/// The run pages behind an Ingress (`operator.ui.tokenAuth`): who a request's bearer token is,
+/// and what that user may see. Granted and checked only then.
+pub const TOKEN_REVIEWS: Optional = Optional {
+    permissions: &[
+        Permission {
+            group: "authentication.k8s.io",
+            resource: "tokenreviews",
+            verbs: &["create"],
+            why: "run pages behind an Ingress (operator.ui.tokenAuth): who a request's bearer token is",
+        },
+        Permission {
+            group: "authorization.k8s.io",
+            resource: "subjectaccessreviews",
+            verbs: &["create"],
+            why: "run pages behind an Ingress: whether that user may get a namespace's baselines",
+        },
+    ],
+    condition: "and .Values.operator.ui.enabled .Values.operator.ui.tokenAuth",
+    suffix: "token-reviews",
 };
 
 /// The notifier Secrets: readable only where an administrator lists them (chart value

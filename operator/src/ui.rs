@@ -10,8 +10,12 @@
 //!   with where they were first and last seen, rotating families, how many new endpoints each
 //!   recent run brought (a small chart), and its recent runs.
 //!
-//! Served on a loopback address only, reached with `kubectl port-forward` (which needs
-//! `pods/portforward` on the operator's pod): whoever can do that sees every namespace's runs.
+//! Who sees what ([`Access`]): by default the pages are served on a loopback address only,
+//! reached with `kubectl port-forward` (which needs `pods/portforward` on the operator's pod):
+//! whoever can do that sees every namespace's runs. With token authentication (for an Ingress)
+//! every request carries `Authorization: Bearer` with a token the API server knows (checked
+//! with a TokenReview), and shows only the namespaces where that user may `get
+//! workflowbaselines` (a SubjectAccessReview); both answers are kept for a minute.
 //! Every text in a page comes from runners (host names, process names, reasons quoting them) and
 //! is escaped.
 
@@ -19,12 +23,16 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::PoisonError;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
 use runwarden_crds::baseline::EndpointState;
@@ -45,22 +53,129 @@ pub struct Ui {
     pub baselines: Store<WorkflowBaseline>,
     /// Reads `WorkflowRun` records.
     pub client: Client,
+    /// Who sees what.
+    pub access: Access,
 }
 
-/// Whether the pages may be served at `address`: loopback only (see the module).
-pub fn check_address(address: &SocketAddr) -> Result<(), String> {
-    if address.ip().is_loopback() {
+/// Who may see which runs. Requests from loopback (`kubectl port-forward`, which needs
+/// `pods/portforward` on the operator's pods) see every namespace either way.
+#[derive(Clone)]
+pub enum Access {
+    /// Served on loopback only.
+    PortForward,
+    /// Served on every address (for an Ingress): every request from elsewhere than loopback
+    /// needs a bearer token, and sees the namespaces where its user may `get workflowbaselines`.
+    Token(Arc<Reviews>),
+}
+
+/// Whether the pages may be served at `address`: without token authentication, on loopback
+/// only (see the module).
+pub fn check_address(address: &SocketAddr, token_auth: bool) -> Result<(), String> {
+    if token_auth || address.ip().is_loopback() {
         Ok(())
     } else {
         Err(format!(
-            "uiAddress {address}: the run pages are served on a loopback address only (reach them with kubectl port-forward)"
+            "uiAddress {address}: without uiTokenAuth the run pages are served on a loopback address only (reach them with kubectl port-forward)"
         ))
     }
 }
 
+/// How long a TokenReview's or a SubjectAccessReview's answer is kept.
+const REVIEW_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// Answers kept at most (past it they are all forgotten: a flood of tokens costs reviews, not
+/// memory).
+const MAX_REVIEWS: usize = 4096;
+
+/// Answers by key, each with when it was given.
+type Answers<K, V> = std::sync::Mutex<std::collections::HashMap<K, (std::time::Instant, V)>>;
+
+/// The API server's answers about tokens and users, kept for [`REVIEW_TTL`].
+pub struct Reviews {
+    client: Client,
+    /// sha256 of a token → its user (`None`: not authenticated).
+    users: Answers<Vec<u8>, Option<UserInfo>>,
+    /// (username, namespace) → whether it may get the namespace's baselines.
+    namespaces: Answers<(String, String), bool>,
+}
+
+impl Reviews {
+    /// Reviews asked of the API server through `client` (the operator may create TokenReviews
+    /// and SubjectAccessReviews).
+    pub fn new(client: Client) -> Self {
+        Self { client, users: Default::default(), namespaces: Default::default() }
+    }
+
+    /// The user `token` belongs to, if the API server knows it.
+    async fn user(&self, token: &str) -> Result<Option<UserInfo>, kube::Error> {
+        let key = ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().to_vec();
+        if let Some((at, user)) = self.users.lock().unwrap_or_else(PoisonError::into_inner).get(&key)
+            && at.elapsed() < REVIEW_TTL
+        {
+            return Ok(user.clone());
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: Some(token.to_string()), ..Default::default() },
+            ..Default::default()
+        };
+        let answer = Api::<TokenReview>::all(self.client.clone()).create(&PostParams::default(), &review).await?;
+        let status = answer.status.unwrap_or_default();
+        let user = if status.authenticated == Some(true) { status.user } else { None };
+        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        if users.len() >= MAX_REVIEWS {
+            users.clear();
+        }
+        users.insert(key, (std::time::Instant::now(), user.clone()));
+        Ok(user)
+    }
+
+    /// Whether `user` may get the baselines of namespace `ns`.
+    async fn may_see(&self, user: &UserInfo, ns: &str) -> Result<bool, kube::Error> {
+        let key = (user.username.clone().unwrap_or_default(), ns.to_string());
+        if let Some((at, allowed)) = self.namespaces.lock().unwrap_or_else(PoisonError::into_inner).get(&key)
+            && at.elapsed() < REVIEW_TTL
+        {
+            return Ok(*allowed);
+        }
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: user.username.clone(),
+                groups: user.groups.clone(),
+                uid: user.uid.clone(),
+                extra: user.extra.clone(),
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(ns.to_string()),
+                    verb: Some("get".into()),
+                    group: Some("runwarden.dev".into()),
+                    resource: Some("workflowbaselines".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let answer =
+            Api::<SubjectAccessReview>::all(self.client.clone()).create(&PostParams::default(), &review).await?;
+        let allowed = answer.status.is_some_and(|s| s.allowed);
+        let mut namespaces = self.namespaces.lock().unwrap_or_else(PoisonError::into_inner);
+        if namespaces.len() >= MAX_REVIEWS {
+            namespaces.clear();
+        }
+        namespaces.insert(key, (std::time::Instant::now(), allowed));
+        Ok(allowed)
+    }
+}
+
+/// Who is asking, as far as the pages care.
+enum Viewer {
+    /// Sees every namespace.
+    Anyone,
+    /// Sees the namespaces the API server lets this user get baselines in.
+    User(UserInfo),
+}
+
 /// Watches the baselines (a cache of its own: every replica serves, leader or not) and serves
 /// the pages on `listener` until the task is dropped.
-pub async fn run(client: Client, listener: TcpListener) {
+pub async fn run(client: Client, listener: TcpListener, access: Access) {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
     let (baselines, writer) = reflector::store();
@@ -69,7 +184,7 @@ pub async fn run(client: Client, listener: TcpListener) {
         .applied_objects()
         .for_each(|_| std::future::ready(()));
     tokio::spawn(watch);
-    serve(listener, Ui { baselines, client }).await;
+    serve(listener, Ui { baselines, client, access }).await;
 }
 
 /// Serves the pages on `listener` until the task is dropped (at most 64 connections at once).
@@ -78,13 +193,15 @@ pub async fn serve(listener: TcpListener, ui: Ui) {
     let ui = Arc::new(ui);
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         let ui = ui.clone();
+        // From loopback: `kubectl port-forward` (or the operator's own pod), never an Ingress.
+        let local = peer.ip().to_canonical().is_loopback();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| answer(req, ui.clone()));
+            let service = hyper::service::service_fn(move |req| answer(req, ui.clone(), local));
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -96,15 +213,57 @@ pub async fn serve(listener: TcpListener, ui: Ui) {
     }
 }
 
-async fn answer(req: Request<hyper::body::Incoming>, ui: Arc<Ui>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// The viewer of a request, or the answer that refuses it.
+async fn viewer(
+    req: &Request<hyper::body::Incoming>,
+    access: &Access,
+    local: bool,
+) -> Result<Viewer, (StatusCode, String)> {
+    let Access::Token(reviews) = access else {
+        return Ok(Viewer::Anyone);
+    };
+    if local {
+        return Ok(Viewer::Anyone);
+    }
+    let refused =
+        || (StatusCode::UNAUTHORIZED, page("Unauthorized", "<p>A bearer token the cluster knows is needed.</p>"));
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(refused)?;
+    match reviews.user(token).await {
+        Ok(Some(user)) => Ok(Viewer::User(user)),
+        Ok(None) => Err(refused()),
+        Err(e) => {
+            warn!(error = %e, "a TokenReview failed");
+            Err((StatusCode::BAD_GATEWAY, page("Unavailable", "<p>The API server did not answer; try again.</p>")))
+        }
+    }
+}
+
+async fn answer(
+    req: Request<hyper::body::Incoming>,
+    ui: Arc<Ui>,
+    local: bool,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, body) = if req.method() != hyper::Method::GET {
         (StatusCode::METHOD_NOT_ALLOWED, page("Not allowed", "<p>Only GET.</p>"))
     } else {
-        route(req.uri().path(), &ui).await
+        match viewer(&req, &ui.access, local).await {
+            Ok(viewer) => route(req.uri().path(), &ui, &viewer).await,
+            Err(refusal) => refusal,
+        }
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(hyper::header::WWW_AUTHENTICATE, "Bearer".parse().expect("a header value"));
+    }
     headers.insert(hyper::header::CONTENT_TYPE, "text/html; charset=utf-8".parse().expect("a header value"));
     // Nothing but the page itself: no script, no frame, no outside request.
     let policy = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'";
@@ -114,15 +273,58 @@ async fn answer(req: Request<hyper::body::Incoming>, ui: Arc<Ui>) -> Result<Resp
     Ok(response)
 }
 
-async fn route(path: &str, ui: &Ui) -> (StatusCode, String) {
+/// Whether `viewer` may see namespace `ns` (`Err`: the API server did not say).
+async fn may_see(ui: &Ui, viewer: &Viewer, ns: &str) -> Result<bool, kube::Error> {
+    match (viewer, &ui.access) {
+        (Viewer::User(user), Access::Token(reviews)) => reviews.may_see(user, ns).await,
+        _ => Ok(true),
+    }
+}
+
+async fn route(path: &str, ui: &Ui, viewer: &Viewer) -> (StatusCode, String) {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     // Namespaces and names only: nothing else reaches the API server's paths.
     if parts.iter().any(|p| segment(p) != *p) {
         return not_found("No such page.");
     }
+    let unavailable =
+        || (StatusCode::BAD_GATEWAY, page("Unavailable", "<p>The API server did not answer; try again.</p>"));
+    if let [_, ns, _] = parts.as_slice() {
+        match may_see(ui, viewer, ns).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let text = format!("<p>You may not get workflowbaselines in namespace {}.</p>", esc(ns));
+                return (StatusCode::FORBIDDEN, page("Forbidden", &text));
+            }
+            Err(e) => {
+                warn!(namespace = %ns, error = %e, "a SubjectAccessReview failed");
+                return unavailable();
+            }
+        }
+    }
     let now = Timestamp::now();
     match parts.as_slice() {
-        [""] => (StatusCode::OK, runs_page(&ui.baselines.state(), now)),
+        [""] => {
+            let mut visible = Vec::new();
+            let mut decided: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+            for b in ui.baselines.state() {
+                let ns = b.namespace().unwrap_or_default();
+                let allowed = match decided.get(&ns) {
+                    Some(a) => *a,
+                    None => match may_see(ui, viewer, &ns).await {
+                        Ok(a) => *decided.entry(ns).or_insert(a),
+                        Err(e) => {
+                            warn!(namespace = %ns, error = %e, "a SubjectAccessReview failed");
+                            return unavailable();
+                        }
+                    },
+                };
+                if allowed {
+                    visible.push(b);
+                }
+            }
+            (StatusCode::OK, runs_page(&visible, now))
+        }
         ["runs", ns, name] => {
             let api: Api<WorkflowRun> = Api::namespaced(ui.client.clone(), ns);
             match api.get_opt(name).await {

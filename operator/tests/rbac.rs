@@ -169,6 +169,7 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
         runner_namespaces: runner_namespaces.to_vec(),
         run_history: None,
         ui_address: None,
+        ui_token_auth: false,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown = futures::FutureExt::shared(Box::pin(async move {
@@ -245,6 +246,59 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
          Event recorded"
     );
     assert!(!task.is_finished(), "the operator is still running: {:?}", task);
+
+    // The run pages behind an Ingress, as the same ServiceAccount: who a token is (TokenReview),
+    // what it may see (SubjectAccessReview), the baselines and the record it reads.
+    let record: runwarden_crds::WorkflowRun = serde_json::from_value(json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": "5-runner-0"},
+        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "baseline": "b",
+                 "runId": "5", "runner": "runner-0", "node": "n", "started": "2026-12-03T10:00:00Z",
+                 "finished": "2026-12-03T10:05:00Z", "calls": 1, "endpointCount": 0, "newEndpointCount": 0, "anomalyCount": 0}
+    }))
+    .unwrap();
+    Api::<runwarden_crds::WorkflowRun>::namespaced(admin.clone(), &runners)
+        .create(&PostParams::default(), &record)
+        .await
+        .unwrap();
+    apply_all(&admin, vec![
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "reader", "namespace": runners},
+               "rules": [{"apiGroups": ["runwarden.dev"], "resources": ["workflowbaselines"], "verbs": ["get"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "reader", "namespace": runners},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+               "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": runners}]}),
+    ])
+    .await;
+    let request = k8s_openapi::api::authentication::v1::TokenRequest::default();
+    let token = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), &runners)
+        .create_token_request("default", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    // Reached as through an Ingress: at the machine's own address, not loopback.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    probe.connect("192.0.2.1:9").unwrap();
+    let address = std::net::SocketAddr::new(probe.local_addr().unwrap().ip(), listener.local_addr().unwrap().port());
+    let access = runwarden_operator::ui::Access::Token(std::sync::Arc::new(runwarden_operator::ui::Reviews::new(
+        operator.clone(),
+    )));
+    let pages = tokio::spawn(runwarden_operator::ui::run(operator.clone(), listener, access));
+    let path = format!("/runs/{runners}/5-runner-0");
+    let status = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response.lines().next().unwrap_or_default().to_string()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK", "a reader's run page, served under the operator's RBAC");
+    pages.abort();
     drop(stop);
     let stopped = tokio::time::timeout(Duration::from_secs(30), task).await;
     assert!(stopped.is_ok(), "the operator stops when asked");

@@ -10,14 +10,21 @@ use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use runwarden_crds::{WorkflowBaseline, WorkflowRun};
+use runwarden_operator::ui::{Access, Reviews};
 use runwarden_tests::{ControlPlane, cluster};
 use serde_json::json;
 
 /// A GET (or another method) as a browser sends it: status, headers and body.
 fn request(address: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+    request_as(address, method, path, None)
+}
+
+/// As [`request`], with `token` as a bearer token (what an Ingress's auth proxy adds).
+fn request_as(address: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String, String) {
     let mut stream = std::net::TcpStream::connect(address).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
@@ -75,7 +82,7 @@ async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text(
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(runwarden_operator::ui::run(client.clone(), listener));
+    tokio::spawn(runwarden_operator::ui::run(client.clone(), listener, Access::PortForward));
 
     // The list: newest first, linking the run and the job.
     let link = format!("/runs/{ns}/4711-arc-b");
@@ -125,6 +132,120 @@ async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text(
     assert_eq!(status, 404);
     let (status, _, _) = tokio::task::spawn_blocking(move || request(address, "POST", "/")).await.unwrap();
     assert_eq!(status, 405);
-    assert!(runwarden_operator::ui::check_address(&"0.0.0.0:8090".parse().unwrap()).is_err());
-    assert!(runwarden_operator::ui::check_address(&"127.0.0.1:8090".parse().unwrap()).is_ok());
+    assert!(runwarden_operator::ui::check_address(&"0.0.0.0:8090".parse().unwrap(), false).is_err());
+    assert!(runwarden_operator::ui::check_address(&"127.0.0.1:8090".parse().unwrap(), false).is_ok());
+    assert!(runwarden_operator::ui::check_address(&"0.0.0.0:8090".parse().unwrap(), true).is_ok());
+}
+
+/// A baseline with one recent run, and that run's record, in `ns`.
+async fn job_with_a_run(client: &kube::Client, ns: &str) {
+    let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), ns);
+    let baseline: WorkflowBaseline = serde_json::from_value(json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowBaseline", "metadata": {"name": "acme-web-ci-build"},
+        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build"}
+    }))
+    .unwrap();
+    baselines.create(&PostParams::default(), &baseline).await.unwrap();
+    let status = json!({"status": {"recentRuns": [{"runId": "4711", "runner": "arc-b", "time": "2026-12-03T10:05:00Z", "calls": 1, "endpoints": 1}]}});
+    baselines.patch_status("acme-web-ci-build", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    let record: WorkflowRun = serde_json::from_value(json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": "4711-arc-b"},
+        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "baseline": "acme-web-ci-build",
+                 "runId": "4711", "runner": "arc-b", "node": "node-1", "started": "2026-12-03T10:00:00Z",
+                 "finished": "2026-12-03T10:05:00Z", "calls": 1, "endpointCount": 0, "newEndpointCount": 0, "anomalyCount": 0}
+    }))
+    .unwrap();
+    Api::<WorkflowRun>::namespaced(client.clone(), ns).create(&PostParams::default(), &record).await.unwrap();
+}
+
+/// Behind an Ingress (token authentication): no token, or one the cluster does not know, gets
+/// 401; a user sees the runs of the namespaces where it may get baselines, and 403 elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_token_authentication_a_user_sees_only_the_namespaces_it_may_read() {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    cluster::ensure_crds(&client).await;
+    let (mine, other) =
+        (cluster::test_namespace(&client, "ui-mine").await, cluster::test_namespace(&client, "ui-other").await);
+    for ns in [&mine, &other] {
+        job_with_a_run(&client, ns).await;
+    }
+    // The team's account may read baselines in its namespace only.
+    let rbac = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "baseline-reader", "namespace": mine},
+         "rules": [{"apiGroups": ["runwarden.dev"], "resources": ["workflowbaselines"], "verbs": ["get"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "baseline-reader", "namespace": mine},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "baseline-reader"},
+         "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": mine}]}
+    ]});
+    for item in rbac["items"].as_array().unwrap() {
+        let kind = item["kind"].as_str().unwrap();
+        let resource = if kind == "Role" { "roles" } else { "rolebindings" };
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            client.clone(),
+            &mine,
+            &kube::api::ApiResource::from_gvk_with_plural(
+                &kube::api::GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", kind),
+                resource,
+            ),
+        );
+        api.create(&PostParams::default(), &serde_json::from_value(item.clone()).unwrap()).await.unwrap();
+    }
+    let token_request = TokenRequest {
+        spec: TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() },
+        ..Default::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(client.clone(), &mine)
+        .create_token_request("default", &PostParams::default(), &token_request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+
+    // Reached as through an Ingress: at the machine's own address, not loopback.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let loopback = SocketAddr::from(([127, 0, 0, 1], listener.local_addr().unwrap().port()));
+    let address = SocketAddr::new(machine_address(), loopback.port());
+    let access = Access::Token(std::sync::Arc::new(Reviews::new(client.clone())));
+    tokio::spawn(runwarden_operator::ui::run(client.clone(), listener, access));
+    let get = |path: String, token: Option<String>| {
+        tokio::task::spawn_blocking(move || request_as(address, "GET", &path, token.as_deref()))
+    };
+
+    let (status, head, _) = get("/".into(), None).await.unwrap();
+    assert_eq!(status, 401, "no token");
+    assert!(head.contains("www-authenticate: bearer"), "{head}");
+    assert_eq!(get("/".into(), Some("not-a-token".into())).await.unwrap().0, 401, "a token the cluster does not know");
+
+    let (mine_link, other_link) = (format!("/runs/{mine}/4711-arc-b"), format!("/runs/{other}/4711-arc-b"));
+    let mut list = String::new();
+    for _ in 0..50 {
+        list = get("/".into(), Some(token.clone())).await.unwrap().2;
+        if list.contains(&mine_link) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(list.contains(&mine_link), "its namespace's run: {list}");
+    assert!(!list.contains(&other_link), "not another namespace's: {list}");
+    assert_eq!(get(mine_link, Some(token.clone())).await.unwrap().0, 200);
+    assert_eq!(get(other_link.clone(), Some(token.clone())).await.unwrap().0, 403);
+    assert_eq!(get(format!("/jobs/{other}/acme-web-ci-build"), Some(token)).await.unwrap().0, 403);
+    assert_eq!(get(other_link.clone(), None).await.unwrap().0, 401);
+    // From loopback (kubectl port-forward, which needs pods/portforward on the operator): no
+    // token needed.
+    let local = tokio::task::spawn_blocking(move || request(loopback, "GET", &other_link)).await.unwrap();
+    assert_eq!(local.0, 200, "{}", local.2);
+}
+
+/// This machine's own address on its default route (no packet is sent to find it).
+pub fn machine_address() -> std::net::IpAddr {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    probe.connect("192.0.2.1:9").unwrap();
+    let ip = probe.local_addr().unwrap().ip();
+    assert!(!ip.is_loopback() && !ip.is_unspecified(), "an address other than loopback: {ip}");
+    ip
 }

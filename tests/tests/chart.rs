@@ -153,6 +153,40 @@ fn every_option_renders_where_it_belongs() {
     assert!(defaults.contains(r#"image: "ghcr.io/runwarden/runwarden-operator:0.1.0""#), "tag defaults to appVersion");
 }
 
+/// The run pages: off by default; on, served on loopback only (port-forward); with token
+/// authentication, on every address behind a Service, with the review permissions they need and
+/// only then.
+#[test]
+fn the_run_pages_get_what_each_access_mode_needs_and_nothing_more() {
+    let chart = chart().display().to_string();
+    let render = |sets: &str| {
+        let mut args = vec!["template", "runwarden", chart.as_str(), "--namespace", "runwarden-system"];
+        if !sets.is_empty() {
+            args.extend(["--set", sets]);
+        }
+        let (ok, out) = helm(&args);
+        assert!(ok, "{sets}: {out}");
+        out
+    };
+    let off = render("");
+    assert!(!off.contains("uiAddress") && !off.contains("- tokenreviews") && !off.contains("runwarden-ui"), "{off}");
+    let port_forward = render("operator.ui.enabled=true");
+    assert!(port_forward.contains("uiAddress: \"127.0.0.1:8090\""), "{port_forward}");
+    assert!(!port_forward.contains("- tokenreviews") && !port_forward.contains("name: runwarden-ui"), "{port_forward}");
+    let token = render("operator.ui.enabled=true,operator.ui.tokenAuth=true");
+    for expected in [
+        "uiAddress: \"0.0.0.0:8090\"",
+        "uiTokenAuth: true",
+        "name: runwarden-ui",
+        "- {name: ui, containerPort: 8090, protocol: TCP}",
+        "name: runwarden-operator-token-reviews",
+        "- tokenreviews",
+        "- subjectaccessreviews",
+    ] {
+        assert!(token.contains(expected), "{expected:?} not rendered:\n{token}");
+    }
+}
+
 #[test]
 fn the_values_schema_refuses_a_mistyped_value() {
     let chart = chart().display().to_string();

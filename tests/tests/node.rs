@@ -59,8 +59,9 @@ async fn world() -> &'static World {
                 hosts.push((name.to_string(), Listener::start(SocketAddr::from((ip, port))).unwrap()));
             }
 
-            // With the run pages on, as `make demo` installs it.
-            runwarden_tests::install::runwarden_with(node, &["--set", "operator.ui.enabled=true"]).await;
+            // With the run pages on, as `make demo` installs it, and ready for an Ingress.
+            let ui = ["--set", "operator.ui.enabled=true", "--set", "operator.ui.tokenAuth=true"];
+            runwarden_tests::install::runwarden_with(node, &ui).await;
             World { node, dns, hosts }
         })
         .await
@@ -422,6 +423,21 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     assert!(page.find("class=\"anomaly\"").unwrap() < page.find("<h2>Destinations").unwrap(), "{page}");
     assert!(first.contains("kubectl runwarden approve"), "the approve snippet: {first}");
     eprintln!("run page screenshot: {}", shot.display());
+    // The path an Ingress takes (the chart's Service): without credentials, refused.
+    let service =
+        kubectl(world.node, &["-n", SYSTEM, "get", "service", "runwarden-ui", "-o", "jsonpath={.spec.clusterIP}"]);
+    let refused = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect((service.trim(), 8090)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(stream, "GET / HTTP/1.1\r\nHost: runwarden.example\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+    })
+    .await
+    .unwrap();
+    assert!(refused.starts_with("HTTP/1.1 401"), "a request without a token through the Service: {refused}");
 
     // Run 107 is a pull request (its workflow from refs/pull/7/merge): the young baseline
     // excuses nothing it calls, and what it calls is not learned as normal for the job.
