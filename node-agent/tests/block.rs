@@ -213,6 +213,30 @@ impl Gate for TestGate {
     }
 }
 
+/// Serves a resolver for the tests (`gate` decides, `host`:53 answers) on UDP and TCP of one
+/// free port of `host`, as the agent serves its own; the port.
+async fn serve_resolver(agent: &Agent, host: IpAddr, gate: Arc<dyn Gate>) -> u16 {
+    let (socket, tcp) = loop {
+        let socket = tokio::net::UdpSocket::bind((host, 0)).await.unwrap();
+        if let Ok(tcp) = tokio::net::TcpListener::bind(socket.local_addr().unwrap()).await {
+            break (socket, tcp);
+        }
+    };
+    let port = socket.local_addr().unwrap().port();
+    let resolver = Arc::new(Resolver {
+        gate,
+        upstream: (host, 53).into(),
+        allow: agent.probes.allow_list(),
+        ttl_floor: Duration::from_secs(30),
+        refuse_rcode: 5,
+        timeout: Duration::from_secs(2),
+        answers: None,
+    });
+    tokio::spawn(resolver.clone().serve_udp(socket));
+    tokio::spawn(resolver.serve_tcp(tcp));
+    port
+}
+
 /// A block-mode pod's DNS goes to the agent's resolver whatever server it asks; what it may
 /// resolve connects, what it may not is refused at DNS and at connect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,28 +256,9 @@ async fn names_are_allowed_through_the_agents_resolver_and_nothing_else_resolves
         upstream.set(&name, Zone::Records(vec![(name.clone(), RecordData::A(ip.into()))]));
     }
     // UDP and TCP on one port, as the kernel sends both there.
-    let (socket, tcp) = loop {
-        let socket = tokio::net::UdpSocket::bind((ns.host_v4, 0)).await.unwrap();
-        if let Ok(tcp) = tokio::net::TcpListener::bind(socket.local_addr().unwrap()).await {
-            break (socket, tcp);
-        }
-    };
-    let std::net::SocketAddr::V4(listening) = socket.local_addr().unwrap() else { unreachable!() };
-    let resolver = Arc::new(Resolver {
-        gate: Arc::new(TestGate { clients: agent.probes.clients(), pod: pod.cgroup_id }),
-        upstream: (ns.host_v4, 53).into(),
-        allow: agent.probes.allow_list(),
-        ttl_floor: Duration::from_secs(30),
-        refuse_rcode: 5,
-        timeout: Duration::from_secs(2),
-        answers: None,
-    });
-    tokio::spawn(resolver.clone().serve_udp(socket));
-    tokio::spawn(resolver.serve_tcp(tcp));
-    agent
-        .probes
-        .set_resolver(Some(&ResolverAddress { ipv4: Some(*listening.ip()), ipv6: None, port: listening.port() }))
-        .unwrap();
+    let gate = Arc::new(TestGate { clients: agent.probes.clients(), pod: pod.cgroup_id });
+    let port = serve_resolver(&agent, ns.host_v4.into(), gate).await;
+    agent.probes.set_resolver(Some(&ResolverAddress { ipv4: Some(ns.host_v4), ipv6: None, port })).unwrap();
     agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
 
     let script = format!(
@@ -342,24 +347,8 @@ async fn an_ipv6_only_pods_dns_goes_to_the_resolvers_ipv6_address() {
     for (name, ip) in records {
         upstream.set(name, Zone::Records(vec![(name.into(), RecordData::Aaaa(ip.parse().unwrap()))]));
     }
-    let (socket, tcp) = loop {
-        let socket = tokio::net::UdpSocket::bind((ns.host_v6, 0)).await.unwrap();
-        if let Ok(tcp) = tokio::net::TcpListener::bind(socket.local_addr().unwrap()).await {
-            break (socket, tcp);
-        }
-    };
-    let port = socket.local_addr().unwrap().port();
-    let resolver = Arc::new(Resolver {
-        gate: Arc::new(TestGate { clients: agent.probes.clients(), pod: pod.cgroup_id }),
-        upstream: (ns.host_v6, 53).into(),
-        allow: agent.probes.allow_list(),
-        ttl_floor: Duration::from_secs(30),
-        refuse_rcode: 5,
-        timeout: Duration::from_secs(2),
-        answers: None,
-    });
-    tokio::spawn(resolver.clone().serve_udp(socket));
-    tokio::spawn(resolver.serve_tcp(tcp));
+    let gate = Arc::new(TestGate { clients: agent.probes.clients(), pod: pod.cgroup_id });
+    let port = serve_resolver(&agent, ns.host_v6.into(), gate).await;
     agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
     let h6 = ns.host_v6;
     let steps = [
@@ -439,24 +428,7 @@ async fn resolved_addresses_are_bounded_swept_and_known_to_the_next_agent() {
         vec![covering(pod.cgroup_id, &["*.wild.test", "keep.test", "drop.test"], &["192.0.2.40/32"])],
     );
     assert!(errors.is_empty(), "{errors:?}");
-    let (socket, tcp) = loop {
-        let socket = tokio::net::UdpSocket::bind((ns.host_v4, 0)).await.unwrap();
-        if let Ok(tcp) = tokio::net::TcpListener::bind(socket.local_addr().unwrap()).await {
-            break (socket, tcp);
-        }
-    };
-    let port = socket.local_addr().unwrap().port();
-    let resolver = Arc::new(Resolver {
-        gate: Arc::new(enforcer.gate.clone()),
-        upstream: (ns.host_v4, 53).into(),
-        allow: agent.probes.allow_list(),
-        ttl_floor: Duration::from_secs(30),
-        refuse_rcode: 5,
-        timeout: Duration::from_secs(2),
-        answers: None,
-    });
-    tokio::spawn(resolver.clone().serve_udp(socket));
-    tokio::spawn(resolver.serve_tcp(tcp));
+    let port = serve_resolver(&agent, ns.host_v4.into(), Arc::new(enforcer.gate.clone())).await;
     agent.probes.set_resolver(Some(&ResolverAddress { ipv4: Some(ns.host_v4), ipv6: None, port })).unwrap();
 
     let script = format!(

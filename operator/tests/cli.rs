@@ -8,9 +8,11 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use runwarden_crds::{EgressPolicy, PolicyMode, WorkflowBaseline};
+use runwarden_crds::{EgressPolicy, PolicyMode};
 use runwarden_tests::{ControlPlane, cluster};
 use serde_json::json;
+
+mod common;
 
 fn plugin(cp: &ControlPlane, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kubectl-runwarden")).args(args).env("KUBECONFIG", &cp.kubeconfig).output().unwrap()
@@ -26,13 +28,7 @@ async fn a_baseline_becomes_a_policy_the_api_server_takes_and_approvals_show_in_
     let client = cp.client().await;
     cluster::ensure_crds(&client).await;
     let ns = cluster::test_namespace(&client, "cli").await;
-    let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &ns);
-    let baseline: WorkflowBaseline = serde_json::from_value(json!({
-        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowBaseline", "metadata": {"name": "acme-web-ci-build"},
-        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build"}
-    }))
-    .unwrap();
-    baselines.create(&PostParams::default(), &baseline).await.unwrap();
+    let baselines = common::acme_baseline(&client, &ns).await;
     let status = json!({"status": {"endpoints": [
         {"host": "registry.npmjs.org", "port": 443, "protocol": "TCP", "runsSeen": 9, "state": "Learned"},
         {"host": "api.github.com", "port": 443, "protocol": "TCP", "runsSeen": 9, "state": "Learned"},
@@ -136,13 +132,7 @@ async fn runs_are_listed_newest_first_and_a_run_shows_its_anomalies_with_the_app
     let client = cp.client().await;
     cluster::ensure_crds(&client).await;
     let ns = cluster::test_namespace(&client, "cli-runs").await;
-    let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &ns);
-    let baseline: WorkflowBaseline = serde_json::from_value(json!({
-        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowBaseline", "metadata": {"name": "acme-web-ci-build"},
-        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build"}
-    }))
-    .unwrap();
-    baselines.create(&PostParams::default(), &baseline).await.unwrap();
+    let baselines = common::acme_baseline(&client, &ns).await;
     let runs: Api<runwarden_crds::WorkflowRun> = Api::namespaced(client.clone(), &ns);
     for r in [
         record(&ns, "4700", "arc-a", "2026-12-03T09:05:00Z", false),

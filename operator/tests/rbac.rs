@@ -268,14 +268,7 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
                "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": runners}]}),
     ])
     .await;
-    let request = k8s_openapi::api::authentication::v1::TokenRequest::default();
-    let token = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), &runners)
-        .create_token_request("default", &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token;
+    let token = common::service_account_token(&admin, &runners, "default").await;
     // Reached as through an Ingress: at the machine's own address, not loopback.
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
     let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();

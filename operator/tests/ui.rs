@@ -9,10 +9,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use runwarden_crds::{WorkflowBaseline, WorkflowRun};
+use runwarden_crds::WorkflowRun;
 use runwarden_operator::ui::{Access, Reviews};
 use runwarden_tests::{ControlPlane, cluster};
 use serde_json::json;
+
+mod common;
 
 /// A GET (or another method) as a browser sends it: status, headers and body.
 fn request(address: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
@@ -38,13 +40,7 @@ async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text(
     let client = cp.client().await;
     cluster::ensure_crds(&client).await;
     let ns = cluster::test_namespace(&client, "ui").await;
-    let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &ns);
-    let baseline: WorkflowBaseline = serde_json::from_value(json!({
-        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowBaseline", "metadata": {"name": "acme-web-ci-build"},
-        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build"}
-    }))
-    .unwrap();
-    baselines.create(&PostParams::default(), &baseline).await.unwrap();
+    let baselines = common::acme_baseline(&client, &ns).await;
     let status = json!({"status": {
         "observedRuns": 6, "recentNewEndpoints": [2, 0, 0, 0, 1],
         "endpoints": [
@@ -139,13 +135,7 @@ async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text(
 
 /// A baseline with one recent run, and that run's record, in `ns`.
 async fn job_with_a_run(client: &kube::Client, ns: &str) {
-    let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), ns);
-    let baseline: WorkflowBaseline = serde_json::from_value(json!({
-        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowBaseline", "metadata": {"name": "acme-web-ci-build"},
-        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build"}
-    }))
-    .unwrap();
-    baselines.create(&PostParams::default(), &baseline).await.unwrap();
+    let baselines = common::acme_baseline(client, ns).await;
     let status = json!({"status": {"recentRuns": [{"runId": "4711", "runner": "arc-b", "time": "2026-12-03T10:05:00Z", "calls": 1, "endpoints": 1}]}});
     baselines.patch_status("acme-web-ci-build", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
     let record: WorkflowRun = serde_json::from_value(json!({
@@ -162,8 +152,6 @@ async fn job_with_a_run(client: &kube::Client, ns: &str) {
 /// 401; a user sees the runs of the namespaces where it may get baselines, and 403 elsewhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_token_authentication_a_user_sees_only_the_namespaces_it_may_read() {
-    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-    use k8s_openapi::api::core::v1::ServiceAccount;
     let cp = ControlPlane::shared();
     let client = cp.client().await;
     cluster::ensure_crds(&client).await;
@@ -193,17 +181,7 @@ async fn with_token_authentication_a_user_sees_only_the_namespaces_it_may_read()
         );
         api.create(&PostParams::default(), &serde_json::from_value(item.clone()).unwrap()).await.unwrap();
     }
-    let token_request = TokenRequest {
-        spec: TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() },
-        ..Default::default()
-    };
-    let token = Api::<ServiceAccount>::namespaced(client.clone(), &mine)
-        .create_token_request("default", &PostParams::default(), &token_request)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token;
+    let token = common::service_account_token(&client, &mine, "default").await;
 
     // Reached as through an Ingress: at the machine's own address, not loopback.
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();

@@ -59,3 +59,32 @@ pub async fn wait_for_event(client: &Client, ns: &str, reason: &str) -> Event {
     }
     panic!("no {reason} Event in {ns} within 10s");
 }
+
+/// Creates the WorkflowBaseline `acme-web-ci-build` (acme/web, ci.yml, job build) in `ns`, as
+/// the operator would for that job; its API.
+pub async fn acme_baseline(client: &Client, ns: &str) -> Api<runwarden_crds::WorkflowBaseline> {
+    let baselines: Api<runwarden_crds::WorkflowBaseline> = Api::namespaced(client.clone(), ns);
+    let baseline: runwarden_crds::WorkflowBaseline = serde_json::from_value(serde_json::json!({
+        "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowBaseline", "metadata": {"name": "acme-web-ci-build"},
+        "spec": {"repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build"}
+    }))
+    .unwrap();
+    baselines.create(&kube::api::PostParams::default(), &baseline).await.unwrap();
+    baselines
+}
+
+/// A token of ServiceAccount `name` of `ns` (what a user of that account sends).
+pub async fn service_account_token(client: &Client, ns: &str, name: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let request = TokenRequest {
+        spec: TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() },
+        ..Default::default()
+    };
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(name, &kube::api::PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+}
