@@ -419,8 +419,14 @@ pub struct RunRecord {
     #[schemars(length(max = 32))]
     pub trigger: Option<String>,
 
+    /// The git ref the workflow ran from, when ARC said it (`refs/heads/main`,
+    /// `refs/pull/42/merge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub git_ref: Option<String>,
+
     /// Outbound calls the run made (each connect or datagram destination, before
-    /// deduplication).
+    /// deduplication), not counting those block mode refused.
     #[serde(default)]
     pub calls: u32,
 
@@ -435,6 +441,10 @@ pub struct RunRecord {
     /// Anomalies reported during the run, including those not listed in `anomalies`.
     #[serde(default)]
     pub anomaly_count: u32,
+
+    /// Destinations block mode refused the run (never learned).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub blocked: u32,
 
     /// The most severe anomalies reported during the run. At most 8.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

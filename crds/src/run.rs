@@ -43,6 +43,52 @@ pub fn record_name(run_id: &str, runner: &str) -> String {
     name.trim_matches(['-', '.']).to_string()
 }
 
+/// Checks the address the run pages are reached at (Helm value `operator.ui.url`, e.g. an
+/// Ingress's `https://runwarden.example.com`): `https://` or `http://` and a host (with a port
+/// if need be), nothing else: the pages link to each other from the root of their host, and a
+/// message must not read anything in it as markup or a second link. Returned without a
+/// trailing `/`.
+pub fn pages_base(url: &str) -> Result<String, String> {
+    let url = url.trim();
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("the run pages' URL {url:?} must start with https:// or http://"))?;
+    let bad = |c: char| {
+        c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '@' | '<' | '>' | '"' | '\'' | '`' | '|' | '\\')
+    };
+    if let Some(c) = url.chars().find(|c| bad(*c)) {
+        return Err(format!("the run pages' URL {url:?} may not contain {c:?}: give scheme, host and path only"));
+    }
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if host.is_empty() {
+        return Err(format!("the run pages' URL {url:?} has no host"));
+    }
+    if !path.is_empty() {
+        return Err(format!(
+            "the run pages' URL {url:?} has a path: they are served from the root of their host (an Ingress \
+             rule for a host of their own), so give scheme and host only"
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// A name as it goes into a page's path: only `[A-Za-z0-9._-]` (Kubernetes names are).
+fn segment(name: &str) -> String {
+    name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')).collect()
+}
+
+/// The page of run `run_id` on runner pod `runner` in `namespace` (its record's), under `base`
+/// (from [`pages_base`]).
+pub fn run_page_url(base: &str, namespace: &str, run_id: &str, runner: &str) -> String {
+    format!("{base}/runs/{}/{}", segment(namespace), record_name(run_id, runner))
+}
+
+/// The page of the job whose baseline is `baseline` in `namespace`, under `base`.
+pub fn job_page_url(base: &str, namespace: &str, baseline: &str) -> String {
+    format!("{base}/jobs/{}/{}", segment(namespace), segment(baseline))
+}
+
 /// One finished run of a workflow job on one runner: every destination it called, which were
 /// new or anomalous, and why.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -61,6 +107,7 @@ pub fn record_name(run_id: &str, runner: &str) -> String {
     printcolumn = r#"{"name":"Calls","type":"integer","jsonPath":".spec.calls"}"#,
     printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".spec.endpointCount"}"#,
     printcolumn = r#"{"name":"Anomalies","type":"integer","jsonPath":".spec.anomalyCount"}"#,
+    printcolumn = r#"{"name":"Blocked","type":"integer","jsonPath":".spec.blockedCount"}"#,
     printcolumn = r#"{"name":"Runner","type":"string","jsonPath":".spec.runner","priority":1}"#,
     printcolumn = r#"{"name":"Finished","type":"date","jsonPath":".spec.finished"}"#
 )]
@@ -104,19 +151,25 @@ pub struct WorkflowRunSpec {
     pub started: Time,
     /// When the run ended (the runner pod finished).
     pub finished: Time,
-    /// Outbound calls in all (each connect or datagram destination, before deduplication).
+    /// Outbound calls in all (each connect or datagram destination, before deduplication),
+    /// not counting those block mode refused.
     pub calls: u64,
-    /// Distinct destinations called.
+    /// Distinct destinations called (refused ones not included).
     pub endpoint_count: u32,
     /// Destinations that were not in the baseline (scored as new).
     pub new_endpoint_count: u32,
     /// Destinations reported as anomalous.
     pub anomaly_count: u32,
+    /// Destinations block mode refused (an `EgressPolicy` in mode `Block` does not allow
+    /// them): listed with verdict `Blocked`, never learned into the baseline.
+    #[serde(default)]
+    pub blocked_count: u32,
     /// Destinations not listed: past [`MAX_RUN_ENDPOINTS`] here, or past what the agent keeps
     /// per run.
     #[serde(default)]
     pub dropped_endpoints: u64,
-    /// The destinations, anomalies first (most severe first), then new ones, then by calls.
+    /// The destinations, anomalies first (most severe first), then refused ones, then new
+    /// ones, then by calls.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_RUN_ENDPOINTS))]
     pub endpoints: Vec<RunEndpoint>,
@@ -137,7 +190,7 @@ pub struct RunEndpoint {
     pub port: u16,
     /// `TCP` or `UDP`.
     pub protocol: Protocol,
-    /// Calls to it.
+    /// Calls to it (refused attempts, for a `Blocked` one).
     pub calls: u64,
     /// Process names (`comm`, which the process can set) that called it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -160,7 +213,8 @@ pub struct RunEndpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub score: Option<f64>,
-    /// Why, one short sentence each, strongest first.
+    /// Why, one short sentence each, strongest first (for a `Blocked` one: the policy that
+    /// refused it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_REASONS), inner(length(max = 300)))]
     pub reasons: Vec<String>,
@@ -176,10 +230,48 @@ pub struct RunEndpoint {
 pub enum RunVerdict {
     /// Reported: new, and at least as severe as the policy's minimum.
     Anomalous,
+    /// Refused by block mode: the call did not happen, and is not learned.
+    Blocked,
     /// Not in the baseline, below what the policy reports.
     New,
     /// In the baseline.
     Known,
     /// Called before the job was known (not scored).
     Unscored,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pages_url_is_scheme_host_and_path_and_links_name_only_name_characters() {
+        assert_eq!(pages_base(" https://runwarden.example.com/ ").unwrap(), "https://runwarden.example.com");
+        assert_eq!(pages_base("http://127.0.0.1:8090").unwrap(), "http://127.0.0.1:8090");
+        for bad in [
+            "https://rw.example/runwarden",
+            "runwarden.example.com",
+            "ftp://x",
+            "https://",
+            "https:///runs",
+            "https://x/?a=1",
+            "https://x/#top",
+            "https://user@x",
+            "https://x/<b>",
+            "https://x/a b",
+            "https://x/a|b",
+        ] {
+            assert!(pages_base(bad).is_err(), "{bad}");
+        }
+        let base = "https://rw.example";
+        assert_eq!(
+            run_page_url(base, "arc-runners", "4711", "Runner_X"),
+            "https://rw.example/runs/arc-runners/4711-runner-x"
+        );
+        assert_eq!(
+            job_page_url(base, "arc-runners", "acme-web-ci-build"),
+            "https://rw.example/jobs/arc-runners/acme-web-ci-build"
+        );
+        assert_eq!(job_page_url(base, "a/../b", "c?d"), "https://rw.example/jobs/a..b/cd");
+    }
 }

@@ -92,6 +92,10 @@ pub struct AgentArgs {
     /// New AnomalousEgress Events per second (sustained; bursts of ten times as many).
     #[arg(long, default_value_t = 10.0)]
     pub events_per_second: f64,
+    /// Where the operator's run pages are reached (`https://host[/prefix]`, e.g. an
+    /// Ingress): Events about a run end with a link to its page.
+    #[arg(long, env = "RUNWARDEN_UI_URL", value_parser = runwarden_crds::run::pages_base)]
+    pub ui_url: Option<String>,
     /// Kernel records one pod may write per second (its budget's refill); past its budget a
     /// pod's records are counted, not written, so it cannot crowd out the others.
     #[arg(long, default_value_t = PodBudget::default().per_second)]
@@ -691,7 +695,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let reporter = Reporter::new(
         client.clone(),
         &node_name,
-        ReportConfig { per_second: args.events_per_second, burst: args.events_per_second * 10.0 },
+        ReportConfig {
+            per_second: args.events_per_second,
+            burst: args.events_per_second * 10.0,
+            pages: args.ui_url.clone(),
+        },
         metrics.clone(),
     );
     tokio::spawn(reporter.run(report_rx));
@@ -771,6 +779,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut allowances: HashMap<AllowanceKey, Arc<Allowance>> = HashMap::new();
     // When each (pod cgroup, destination)'s refusal was last said in an Event.
     let mut blocked_said: HashMap<(u64, String), Instant> = HashMap::new();
+    let pages = args.ui_url.as_deref();
     // Pods whose policy lists what they may call without refusing it: cgroup → what it lists.
     let mut audited: HashMap<u64, Arc<Allowance>> = HashMap::new();
     let mut pods_synced = false;
@@ -865,14 +874,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             // never learns what block mode refused (with includeBaseline it would allow it next).
             if o.verdict == crate::events::Verdict::Denied {
                 let policy = enforcer.policy_of(o.pod_cgroup_id).unwrap_or_default().to_string();
-                say_blocked(&o, &node, &policy, false, &mut blocked_said, &metrics, &client, &node_name);
+                say_blocked(&o, &node, &policy, false, &mut blocked_said, &metrics, &client, &node_name, pages);
+                node.refused(&o, &policy);
                 continue;
             }
             if let Some(allowance) = audited.get(&o.pod_cgroup_id)
                 && !allowance.allows(&o.hosts, o.ip, o.port, o.proto)
             {
                 let policy = allowance.policy.clone();
-                say_blocked(&o, &node, &policy, true, &mut blocked_said, &metrics, &client, &node_name);
+                say_blocked(&o, &node, &policy, true, &mut blocked_said, &metrics, &client, &node_name, pages);
             }
             actions.extend(node.observe(o, &caches));
         }
@@ -1164,8 +1174,8 @@ async fn start_resolver(
 
 /// Counts and logs a call block mode refused (or, `would`, that it would refuse: the policy
 /// lists what its pods may call but does not refuse), and says it in an Event on the runner pod
-/// and its `EphemeralRunner`: once per pod and destination every ten minutes (the metric
-/// counts every record).
+/// and its `EphemeralRunner` (linking to the run's page under `pages`): once per pod and
+/// destination every ten minutes (the metric counts every record).
 #[allow(clippy::too_many_arguments, reason = "one call site per kind; the arguments are the Event")]
 fn say_blocked(
     o: &crate::pipeline::Observation,
@@ -1176,6 +1186,7 @@ fn say_blocked(
     metrics: &Metrics,
     client: &Client,
     node_name: &str,
+    pages: Option<&str>,
 ) {
     if would {
         metrics.would_block_calls.inc();
@@ -1215,11 +1226,12 @@ fn say_blocked(
         would,
         unidentified: node.unidentified(o.pod_cgroup_id),
     };
-    let (client, node_name) = (client.clone(), node_name.to_string());
+    let (client, node_name, pages) = (client.clone(), node_name.to_string(), pages.map(str::to_string));
     let at = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 600;
     tokio::spawn(async move {
         let runner = (&runner.0, runner.1.as_ref(), runner.2.as_ref());
-        crate::report::retrying(|| crate::report::blocked(&client, &node_name, runner, &blocked, at)).await;
+        let pages = pages.as_deref();
+        crate::report::retrying(|| crate::report::blocked(&client, &node_name, runner, &blocked, at, pages)).await;
     });
 }
 
@@ -1321,16 +1333,22 @@ fn arm_new(probes: &mut Probes, dir: &Path, metrics: &Metrics) {
 /// or the calls the run itself counted when the pipeline no longer has them (a restart).
 fn exact_calls(pipeline: &Pipeline, cgroups: &[u64], run: &mut Run) -> u64 {
     // Each destination's count too: the kernel's totals include the repeats it folded.
+    // Refused calls are counted apart (the kernel keys them by verdict): they are the refused
+    // destinations' attempts, not the run's calls.
     let mut counted = 0;
-    let mut by_destination: HashMap<(IpAddr, u16, bool), u64> = HashMap::new();
+    let mut by_destination: HashMap<(IpAddr, u16, bool, bool), u64> = HashMap::new();
     for c in pipeline.calls().iter().filter(|c| cgroups.contains(&c.last.pod_cgroup_id)) {
-        counted += c.calls;
+        let refused = c.last.verdict == crate::events::Verdict::Denied;
+        if !refused {
+            counted += c.calls;
+        }
         let udp = c.last.proto == crate::events::Proto::Udp;
-        *by_destination.entry((c.last.ip, c.last.port, udp)).or_default() += c.calls;
+        *by_destination.entry((c.last.ip, c.last.port, udp, refused)).or_default() += c.calls;
     }
-    for d in run.destinations.values_mut() {
+    let destinations = run.destinations.values_mut().map(|d| (d, false));
+    for (d, refused) in destinations.chain(run.blocked.values_mut().map(|r| (&mut r.destination, true))) {
         let udp = d.proto == runwarden_detector::Proto::Udp;
-        if let Some(calls) = by_destination.get(&(d.ip, d.port, udp)) {
+        if let Some(calls) = by_destination.get(&(d.ip, d.port, udp, refused)) {
             d.calls = d.calls.max(*calls);
         }
     }
@@ -1419,8 +1437,7 @@ fn record_gauges(metrics: &Metrics, node: &Node, pipeline: &Pipeline, probes: &P
 async fn write_record(client: &Client, node_name: &str, run: &Run, job: &Job) -> Result<bool, kube::Error> {
     let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &run.pod.namespace);
     let uid = baselines.get_status(&job.baseline).await?.metadata.uid;
-    let finished_ms = if run.finished_ms > 0 { run.finished_ms } else { unix_ms(SystemTime::now()) };
-    let record = crate::record::record(run, job, node_name, finished_ms, uid.as_deref());
+    let record = crate::record::record(run, job, node_name, uid.as_deref());
     let api: Api<runwarden_crds::WorkflowRun> = Api::namespaced(client.clone(), &run.pod.namespace);
     match api.create(&kube::api::PostParams::default(), &record).await {
         Ok(_) => Ok(true),
@@ -1444,7 +1461,13 @@ async fn merger(
     loop {
         tokio::select! {
             r = rx.recv() => match r {
-                Some(run) => waiting.push(run),
+                Some(mut run) => {
+                    // Kept before runs said when they ended: now is the closest.
+                    if run.finished_ms == 0 {
+                        run.finished_ms = unix_ms(SystemTime::now());
+                    }
+                    waiting.push(run)
+                }
                 None => return,
             },
             _ = retry.tick() => {}
@@ -1481,6 +1504,8 @@ async fn merger(
                 runner: &run.pod.name,
                 calls: &calls,
                 total_calls: run.total_calls.min(u64::from(u32::MAX)) as u32,
+                finished: run.finished_ms / 1000,
+                blocked: run.blocked.len() as u32,
             };
             let api: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &run.pod.namespace);
             match merge_run(&api, &job.baseline, min, &finished).await {

@@ -186,6 +186,21 @@ pub struct Destination {
 pub const MAX_OTHER_NAMES: usize = 4;
 
 impl Destination {
+    /// Counts another call `o` made to it: its time, process and executable.
+    fn seen_again(&mut self, o: &Observation) {
+        let remember = |list: &mut Vec<String>, v: &str| {
+            if !v.is_empty() && !list.iter().any(|x| x == v) && list.len() < MAX_PROCESSES {
+                list.push(v.to_string());
+            }
+        };
+        self.calls += 1;
+        self.last_ms = self.last_ms.max(millis(o.time));
+        remember(&mut self.processes, &o.process);
+        if let Some(e) = &o.executable {
+            remember(&mut self.executables, e);
+        }
+    }
+
     /// The text the detector keys it by: host, or the address.
     pub fn target(&self) -> String {
         self.host.clone().unwrap_or_else(|| self.ip.to_string())
@@ -243,7 +258,24 @@ pub struct Run {
     /// When the run ended (its pod finished), Unix milliseconds; 0 while it runs.
     #[serde(default)]
     pub finished_ms: i64,
+    /// Destinations block mode refused, by the same keys as `destinations` (at most
+    /// [`MAX_BLOCKED_PER_RUN`]; past it counted in `dropped`). Kept apart from `destinations`,
+    /// which the baseline learns: a baseline never learns what was refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub blocked: BTreeMap<String, Refused>,
 }
+
+/// A destination block mode refused a run (see [`Run::blocked`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Refused {
+    /// The destination as the run tried it: its calls are the refused attempts; never scored.
+    pub destination: Destination,
+    /// The policy that refused it, `namespace/name`.
+    pub policy: String,
+}
+
+/// Most refused destinations a run keeps.
+pub const MAX_BLOCKED_PER_RUN: usize = 1024;
 
 /// How to score: the job's baseline and the policy, provided by the caller's caches.
 pub trait Scorer {
@@ -726,48 +758,62 @@ impl Node {
         }
     }
 
-    fn observe_pod(&mut self, pod: &PodInfo, o: Observation, scorer: &impl Scorer) -> Vec<Action> {
-        let Some(run_uid) = self.run_of(pod) else { return Vec::new() };
+    /// The run a monitored pod's calls belong to (its uid), begun at `time` if it has not begun
+    /// yet, and marked changed.
+    fn run_for(&mut self, pod: &PodInfo, time: SystemTime) -> Option<String> {
+        let run_uid = self.run_of(pod)?;
         let owner =
             if run_uid == pod.pod.uid { pod.clone() } else { self.pods.get(&run_uid).cloned().unwrap_or(pod.clone()) };
-        let run = self.runs.entry(run_uid.clone()).or_insert_with(|| Run {
+        self.dirty.insert(run_uid.clone());
+        self.runs.entry(run_uid.clone()).or_insert_with(|| Run {
             pod: owner.pod.clone(),
             runner: owner.runner.clone(),
             scale_set: owner.scale_set.clone(),
             job: owner.identity.as_ref().map(|i| Job::new(i, &owner.pod.uid)),
-            started: millis(o.time) / 1000,
+            started: millis(time) / 1000,
             destinations: BTreeMap::new(),
             dropped: 0,
             total_calls: 0,
             throttled: 0,
             finished_ms: 0,
+            blocked: BTreeMap::new(),
         });
-        self.dirty.insert(run_uid);
-        let proto = match o.proto {
-            events::Proto::Tcp => Proto::Tcp,
-            events::Proto::Udp => Proto::Udp,
+        Some(run_uid)
+    }
+
+    /// Notes a call block mode refused (policy `policy`, `namespace/name`) in its run: listed
+    /// in the run's record as refused, never among the destinations its baseline learns.
+    pub fn refused(&mut self, o: &Observation, policy: &str) {
+        let Some(pod) = self.cgroups.get(&o.pod_cgroup_id).and_then(|uid| self.pods.get(uid)).cloned() else {
+            return;
         };
-        let host = o.hosts.first().cloned();
-        let other_names: Vec<String> =
-            o.hosts.iter().take(o.questions).skip(1).take(MAX_OTHER_NAMES).cloned().collect();
-        // An ambiguous address is keyed by the address: which of its names it stands for is
-        // decided when it is scored, and the names' other addresses are other destinations.
-        let k = key(if other_names.is_empty() { host.as_deref() } else { None }, o.ip, o.port, proto);
-        let at = millis(o.time);
-        let remember = |list: &mut Vec<String>, v: &str| {
-            if !v.is_empty() && !list.iter().any(|x| x == v) && list.len() < MAX_PROCESSES {
-                list.push(v.to_string());
+        if !pod.monitored() {
+            return;
+        }
+        let Some(run) = self.run_for(&pod, o.time).and_then(|uid| self.runs.get_mut(&uid)) else { return };
+        let k = destination_key(o);
+        let full = run.blocked.len() >= MAX_BLOCKED_PER_RUN;
+        match run.blocked.get_mut(&k) {
+            Some(r) => {
+                r.destination.seen_again(o);
+                policy.clone_into(&mut r.policy);
             }
-        };
+            None if full => run.dropped += 1,
+            None => {
+                let (k, destination) = destination_of(o);
+                run.blocked.insert(k, Refused { destination, policy: policy.to_string() });
+            }
+        }
+    }
+
+    fn observe_pod(&mut self, pod: &PodInfo, o: Observation, scorer: &impl Scorer) -> Vec<Action> {
+        let Some(uid) = self.run_for(pod, o.time) else { return Vec::new() };
+        let Some(run) = self.runs.get_mut(&uid) else { return Vec::new() };
+        let k = destination_key(&o);
         let full = run.destinations.len() >= MAX_DESTINATIONS_PER_RUN;
         match run.destinations.get_mut(&k) {
             Some(d) => {
-                d.calls += 1;
-                d.last_ms = d.last_ms.max(at);
-                remember(&mut d.processes, &o.process);
-                if let Some(e) = &o.executable {
-                    remember(&mut d.executables, e);
-                }
+                d.seen_again(&o);
                 if d.reported {
                     return vec![Action::Report { run: Box::new(run.clone()), key: k, seen: o.time, repeat: true }];
                 }
@@ -778,26 +824,8 @@ impl Node {
                 Vec::new()
             }
             None => {
-                let mut d = Destination {
-                    host,
-                    ip: o.ip,
-                    port: o.port,
-                    proto,
-                    calls: 1,
-                    processes: Vec::new(),
-                    executables: Vec::new(),
-                    first_ms: at,
-                    last_ms: at,
-                    scored: false,
-                    verdict: None,
-                    reported: false,
-                    other_names,
-                };
-                remember(&mut d.processes, &o.process);
-                if let Some(e) = &o.executable {
-                    remember(&mut d.executables, e);
-                }
-                run.destinations.insert(k.clone(), d);
+                let (k, destination) = destination_of(&o);
+                run.destinations.insert(k.clone(), destination);
                 score_destination(run, &k, scorer, o.time, &mut self.verdicts)
             }
         }
@@ -836,6 +864,48 @@ impl Node {
             .map(|(id, _)| *id)
             .collect()
     }
+}
+
+/// The destination `o` called, as its first call makes it, and its key in a run.
+fn destination_of(o: &Observation) -> (String, Destination) {
+    let proto = match o.proto {
+        events::Proto::Tcp => Proto::Tcp,
+        events::Proto::Udp => Proto::Udp,
+    };
+    let host = o.hosts.first().cloned();
+    let other_names: Vec<String> = o.hosts.iter().take(o.questions).skip(1).take(MAX_OTHER_NAMES).cloned().collect();
+    let k = destination_key(o);
+    let at = millis(o.time);
+    let mut d = Destination {
+        host,
+        ip: o.ip,
+        port: o.port,
+        proto,
+        calls: 0,
+        processes: Vec::new(),
+        executables: Vec::new(),
+        first_ms: at,
+        last_ms: at,
+        scored: false,
+        verdict: None,
+        reported: false,
+        other_names,
+    };
+    d.seen_again(o);
+    (k, d)
+}
+
+/// The key of the destination `o` called in a run (see [`Run::destinations`]).
+fn destination_key(o: &Observation) -> String {
+    let proto = match o.proto {
+        events::Proto::Tcp => Proto::Tcp,
+        events::Proto::Udp => Proto::Udp,
+    };
+    // An ambiguous address (answered for several question names) is keyed by the address:
+    // which of its names it stands for is decided when it is scored, and the names' other
+    // addresses are other destinations.
+    let host = if o.questions > 1 && o.hosts.len() > 1 { None } else { o.hosts.first().map(String::as_str) };
+    key(host, o.ip, o.port, proto)
 }
 
 /// How suspicious a verdict is, for comparing names: normal (`None`) least.
@@ -1091,6 +1161,34 @@ mod tests {
         node.observe(call(10, "github.com", 443), &Fixed);
         let actions = node.pod_deleted("u1");
         assert!(matches!(&actions[..], [Action::Finished(run)] if run.destinations.len() == 1));
+    }
+
+    #[test]
+    fn a_refused_call_is_in_the_run_apart_from_what_its_baseline_learns() {
+        let mut node = listed();
+        node.pod(runner("u1", true), &Fixed);
+        node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
+        // Refused before the run made any other call: the run begins with it.
+        let refused = Observation { verdict: KernelVerdict::Denied, ..call(10, "evil.example", 8080) };
+        node.refused(&refused, "arc/runners");
+        node.refused(&Observation { process: "wget".into(), ..refused.clone() }, "arc/runners");
+        node.observe(call(10, "github.com", 443), &Fixed);
+        assert!(node.take_dirty().iter().any(|(uid, run)| uid == "u1" && run.is_some()), "kept in the state");
+        let actions = node.pod_deleted("u1");
+        let [Action::Finished(run)] = &actions[..] else { panic!("{actions:?}") };
+        assert_eq!(run.destinations.keys().collect::<Vec<_>>(), ["github.com|443|Tcp"], "never a destination");
+        let r = &run.blocked["evil.example|8080|Tcp"];
+        assert_eq!((r.destination.calls, r.policy.as_str()), (2, "arc/runners"));
+        assert_eq!(r.destination.processes, ["curl", "wget"]);
+        // Bounded: past the bound a refusal is counted, not kept.
+        let mut node = listed();
+        node.pod(runner("u1", true), &Fixed);
+        node.cgroups(HashMap::from([(10, "u1".to_string())]), &Fixed);
+        for port in 0..=MAX_BLOCKED_PER_RUN as u16 {
+            node.refused(&Observation { port, ..refused.clone() }, "arc/runners");
+        }
+        let run = node.runs().next().unwrap();
+        assert_eq!((run.blocked.len(), run.dropped), (MAX_BLOCKED_PER_RUN, 1));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use runwarden_crds::run::{BASELINE_LABEL, MAX_OTHER_NAMES, MAX_RUN_ENDPOINTS, RU
 use runwarden_crds::{Protocol, RunEndpoint, RunVerdict, WorkflowRun, WorkflowRunSpec};
 use runwarden_detector::Proto;
 
-use crate::node::{Destination, Job, Run};
+use crate::node::{Destination, Job, Refused, Run};
 
 /// The record's name (see [`runwarden_crds::run::record_name`]).
 pub fn name(job: &Job, run: &Run) -> String {
@@ -61,11 +61,21 @@ fn endpoint(d: &Destination) -> RunEndpoint {
     }
 }
 
-/// The record of `run` (of `job`) on `node`, finished at `finished_ms`, owned by its baseline
-/// when `baseline_uid` is known (so it goes with the baseline).
-pub fn record(run: &Run, job: &Job, node: &str, finished_ms: i64, baseline_uid: Option<&str>) -> WorkflowRun {
-    let mut endpoints: Vec<RunEndpoint> = run.destinations.values().map(endpoint).collect();
-    // Anomalies first, most severe first; then new; then by calls.
+/// A destination block mode refused, with the policy that refused it as its reason.
+fn refused(r: &Refused) -> RunEndpoint {
+    let mut e = endpoint(&r.destination);
+    e.verdict = RunVerdict::Blocked;
+    e.reasons =
+        vec![format!("refused in block mode: EgressPolicy {} does not allow it", r.policy).chars().take(300).collect()];
+    e
+}
+
+/// The record of `run` (of `job`) on `node`, owned by its baseline when `baseline_uid` is known
+/// (so it goes with the baseline).
+pub fn record(run: &Run, job: &Job, node: &str, baseline_uid: Option<&str>) -> WorkflowRun {
+    let mut endpoints: Vec<RunEndpoint> =
+        run.destinations.values().map(endpoint).chain(run.blocked.values().map(refused)).collect();
+    // Anomalies first, most severe first; then refused; then new; then by calls.
     endpoints.sort_by(|a, b| {
         (a.verdict, std::cmp::Reverse(a.severity), std::cmp::Reverse(a.calls)).cmp(&(
             b.verdict,
@@ -76,6 +86,7 @@ pub fn record(run: &Run, job: &Job, node: &str, finished_ms: i64, baseline_uid: 
     let count = |v: RunVerdict| endpoints.iter().filter(|e| e.verdict == v).count() as u32;
     let (anomalies, new) = (count(RunVerdict::Anomalous), count(RunVerdict::New));
     let total = endpoints.len();
+    let called = run.destinations.len();
     endpoints.truncate(MAX_RUN_ENDPOINTS);
     let mut labels = std::collections::BTreeMap::new();
     labels.insert(BASELINE_LABEL.to_string(), job.baseline.clone());
@@ -106,11 +117,12 @@ pub fn record(run: &Run, job: &Job, node: &str, finished_ms: i64, baseline_uid: 
             scale_set: run.scale_set.clone(),
             node: node.to_string(),
             started: time_ms(run.started.saturating_mul(1000)),
-            finished: time_ms(finished_ms),
+            finished: time_ms(run.finished_ms),
             calls: run.total_calls.max(run.destinations.values().map(|d| d.calls).sum()),
-            endpoint_count: u32::try_from(total as u64 + run.dropped).unwrap_or(u32::MAX),
+            endpoint_count: u32::try_from(called as u64 + run.dropped).unwrap_or(u32::MAX),
             new_endpoint_count: new + anomalies,
             anomaly_count: anomalies,
+            blocked_count: run.blocked.len() as u32,
             dropped_endpoints: run.dropped + (total - endpoints.len()) as u64,
             endpoints,
         },
@@ -158,7 +170,7 @@ mod tests {
     }
 
     #[test]
-    fn anomalies_come_first_most_severe_first_then_new_then_by_calls() {
+    fn anomalies_come_first_most_severe_first_then_refused_then_new_then_by_calls() {
         let pod = ObjectRef { namespace: "arc".into(), name: "Runner_X.".into(), uid: "u".into() };
         let job = Job {
             repository: "acme/web".into(),
@@ -188,14 +200,23 @@ mod tests {
             total_calls: 60,
             throttled: 0,
             finished_ms: 1_767_225_700_000,
+            blocked: [(
+                "exfil.example|8080|tcp".to_string(),
+                Refused { destination: destination("exfil.example", 4, None), policy: "arc/runners".into() },
+            )]
+            .into(),
         };
-        let r = record(&run, &job, "node-1", run.finished_ms, Some("uid-1"));
+        let r = record(&run, &job, "node-1", Some("uid-1"));
         let hosts: Vec<_> = r.spec.endpoints.iter().map(|e| e.host.clone().unwrap()).collect();
-        assert_eq!(hosts, ["high.example", "medium.example", "quiet.example", "known.example"]);
+        assert_eq!(hosts, ["high.example", "medium.example", "exfil.example", "quiet.example", "known.example"]);
         assert_eq!(r.spec.endpoints[0].verdict, RunVerdict::Anomalous);
-        assert_eq!(r.spec.endpoints[2].verdict, RunVerdict::New);
-        assert_eq!(r.spec.endpoints[3].verdict, RunVerdict::Known);
+        assert_eq!(r.spec.endpoints[2].verdict, RunVerdict::Blocked);
+        assert_eq!(r.spec.endpoints[2].reasons, ["refused in block mode: EgressPolicy arc/runners does not allow it"]);
+        assert_eq!(r.spec.endpoints[3].verdict, RunVerdict::New);
+        assert_eq!(r.spec.endpoints[4].verdict, RunVerdict::Known);
         assert_eq!((r.spec.anomaly_count, r.spec.new_endpoint_count, r.spec.endpoint_count), (2, 3, 7));
+        assert_eq!(r.spec.blocked_count, 1);
+        assert_eq!(r.spec.finished.0.as_millisecond(), 1_767_225_700_000);
         assert_eq!((r.spec.calls, r.spec.dropped_endpoints), (60, 3));
         assert_eq!(r.metadata.name.as_deref(), Some("4711-runner-x"), "a DNS subdomain");
         assert_eq!(r.metadata.owner_references.unwrap()[0].uid, "uid-1");

@@ -80,18 +80,21 @@ pub(crate) fn retryable(e: &kube::Error) -> bool {
     }
 }
 
-/// Limits of the reporter.
-#[derive(Clone, Copy, Debug)]
+/// Limits of the reporter, and where its Events link to.
+#[derive(Clone, Debug)]
 pub struct ReportConfig {
     /// New Events per second, sustained.
     pub per_second: f64,
     /// New Events in a burst.
     pub burst: f64,
+    /// Where the operator's run pages are reached (checked by
+    /// [`runwarden_crds::run::pages_base`]): each Event links to its run's page.
+    pub pages: Option<String>,
 }
 
 impl Default for ReportConfig {
     fn default() -> Self {
-        Self { per_second: 10.0, burst: 100.0 }
+        Self { per_second: 10.0, burst: 100.0, pages: None }
     }
 }
 
@@ -131,8 +134,8 @@ impl Reporter {
         Self {
             client,
             node: node.to_string(),
-            config,
             tokens: config.burst,
+            config,
             refilled: Instant::now(),
             series: HashMap::new(),
             metrics,
@@ -207,7 +210,7 @@ impl Reporter {
             self.count("rate_limited");
             return Delivery::Done;
         }
-        let note = note(run, dest);
+        let note = note(run, dest, self.config.pages.as_deref());
         let structured = anomaly_report(run, dest).and_then(|r| serde_json::to_string(&r).ok());
         let mut first = true;
         for (regarding, related) in &targets {
@@ -414,6 +417,7 @@ pub async fn blocked(
     runner: (&ObjectRef, Option<&ObjectRef>, Option<&Job>),
     b: &Blocked,
     at: u64,
+    pages: Option<&str>,
 ) -> Delivery {
     let (pod, _, job) = runner;
     let what = match &b.host {
@@ -445,11 +449,12 @@ pub async fn blocked(
     } else {
         format!(
             "{verb} a call of runner pod {}/{}{} to {what} by {process}: EgressPolicy {} {outcome}. To allow it, add \
-             {rule} to spec.allowedEndpoints (kubectl edit egresspolicy {name} -n {ns}, or the manifest in Git)",
+             {rule} to spec.allowedEndpoints (kubectl edit egresspolicy {name} -n {ns}, or the manifest in Git).{}",
             pod.namespace,
             pod.name,
             job_text(job),
             b.policy,
+            page_link(pages, pod, job),
         )
     };
     about_runner(client, node, reason, "Connect", &note, runner, None, &format!("{}\n{at}", b.destination)).await
@@ -614,9 +619,20 @@ fn event_name(run: &Run, key: &str, regarding: &ObjectReference) -> String {
     format!("{}.{hash:016x}", regarding.name.as_deref().unwrap_or("runwarden"))
 }
 
-/// What a person reads in `kubectl get events`: what called where, why it is unusual, and how
-/// to approve it (the reasons are cut first when it is too long).
-pub fn note(run: &Run, dest: &Destination) -> String {
+/// ` Run page: <url>.` for a run whose job is known, when the run pages' address is given.
+fn page_link(pages: Option<&str>, pod: &ObjectRef, job: Option<&Job>) -> String {
+    match (pages, job) {
+        (Some(base), Some(job)) => {
+            format!(" Run page: {}", runwarden_crds::run::run_page_url(base, &pod.namespace, &job.run_id, &pod.name))
+        }
+        _ => String::new(),
+    }
+}
+
+/// What a person reads in `kubectl get events`: what called where, why it is unusual, how to
+/// approve it, and the run's page when `pages` is given (the reasons are cut first when it is
+/// too long).
+pub fn note(run: &Run, dest: &Destination, pages: Option<&str>) -> String {
     let severity = dest.verdict.as_ref().map_or("unknown".to_string(), |v| format!("{:?}", v.severity).to_lowercase());
     let process = match (dest.processes.first(), dest.executables.first()) {
         (Some(p), Some(e)) => format!("{p} ({e})"),
@@ -629,15 +645,17 @@ pub fn note(run: &Run, dest: &Destination) -> String {
     });
     let approve =
         anomaly_report(run, dest).map(|r| format!(" To approve: {}", r.approve_command())).unwrap_or_default();
+    let link = page_link(pages, &run.pod, run.job.as_ref());
     let mut note = format!("{severity}: {} by {process} in {job}: ", dest.text());
     let mut reasons = dest.verdict.as_ref().map(|v| v.reasons.join("; ")).unwrap_or_default();
     reasons.push('.');
-    let room = MAX_NOTE.saturating_sub(note.len() + approve.len());
+    let room = MAX_NOTE.saturating_sub(note.len() + approve.len() + link.len());
     if reasons.len() > room {
         reasons = cut(&reasons, room.saturating_sub(3)).to_string() + "...";
     }
     note.push_str(&reasons);
     note.push_str(&approve);
+    note.push_str(&link);
     cut_note(&mut note);
     note
 }
@@ -673,4 +691,64 @@ pub fn anomaly_report(run: &Run, dest: &Destination) -> Option<AnomalyReport> {
         first_seen,
     };
     Some(report.bounded())
+}
+
+#[cfg(test)]
+mod tests {
+    use runwarden_detector::{Severity, Verdict};
+
+    use super::*;
+
+    #[test]
+    fn a_note_links_to_its_runs_page_whole_however_long_the_reasons() {
+        let pod = ObjectRef { namespace: "arc".into(), name: "arc-runner-x".into(), uid: "u1".into() };
+        let dest = Destination {
+            host: Some("paste.example.net".into()),
+            ip: "203.0.113.7".parse().unwrap(),
+            port: 443,
+            proto: Proto::Tcp,
+            calls: 1,
+            processes: vec!["curl".into()],
+            executables: vec![],
+            first_ms: 1_767_225_600_000,
+            last_ms: 1_767_225_600_000,
+            scored: true,
+            verdict: Some(Verdict {
+                severity: Severity::High,
+                score: 0.9,
+                reasons: vec!["x".repeat(300); 8],
+                unfamiliar: true,
+            }),
+            reported: true,
+            other_names: vec![],
+        };
+        let run = Run {
+            pod: pod.clone(),
+            runner: None,
+            scale_set: None,
+            job: Some(Job {
+                repository: "acme/web".into(),
+                workflow: ".github/workflows/ci.yml".into(),
+                job: "build".into(),
+                run_id: "4711".into(),
+                baseline: "acme-web-ci-build".into(),
+                git_ref: None,
+            }),
+            started: 1_767_225_600,
+            destinations: Default::default(),
+            dropped: 0,
+            total_calls: 1,
+            throttled: 0,
+            finished_ms: 0,
+            blocked: Default::default(),
+        };
+        let linked = note(&run, &dest, Some("https://rw.example"));
+        assert!(linked.len() <= MAX_NOTE, "{}", linked.len());
+        assert!(linked.ends_with(" Run page: https://rw.example/runs/arc/4711-arc-runner-x"), "{linked}");
+        assert!(linked.contains("To approve: kubectl -n arc patch workflowbaseline"), "{linked}");
+        assert!(!note(&run, &dest, None).contains("Run page"));
+        // Before the job is known there is no record to link to.
+        let unknown = Run { job: None, ..run };
+        assert!(!note(&unknown, &dest, Some("https://rw.example")).contains("Run page"));
+    }
 }

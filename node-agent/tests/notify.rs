@@ -75,6 +75,7 @@ fn run(ns: &str, run_id: &str, host: &str, port: u16) -> (Box<Run>, String) {
         total_calls: 1,
         throttled: 0,
         finished_ms: 0,
+        blocked: Default::default(),
     };
     (Box::new(run), key)
 }
@@ -85,13 +86,16 @@ async fn report(reporter: &mut Reporter, ns: &str, run_id: &str, host: &str, por
     assert_eq!(delivered, runwarden_agent::report::Delivery::Done);
 }
 
+/// Where the test's users reach the run pages (`operator.ui.url`).
+const PAGES: &str = "https://runwarden.example.com";
+
 /// Starts the operator's notifiers; dropping the sender stops them.
 fn start_notifiers(
     client: &Client,
     metrics: Arc<runwarden_operator::metrics::Metrics>,
 ) -> tokio::sync::oneshot::Sender<()> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(notify::run(client.clone(), metrics, Default::default(), async move {
+    tokio::spawn(notify::run(client.clone(), metrics, Default::default(), Some(PAGES.into()), async move {
         let _ = stopped.await;
     }));
     stop
@@ -163,7 +167,9 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
     let metrics = Arc::new(runwarden_operator::metrics::Metrics::default());
     let stop = start_notifiers(&client, metrics.clone());
     let agent_metrics = Arc::new(runwarden_agent::metrics::Metrics::default());
-    let mut reporter = Reporter::new(client.clone(), "node-1", ReportConfig::default(), agent_metrics);
+    let config = ReportConfig { pages: Some(PAGES.into()), ..ReportConfig::default() };
+    let mut reporter = Reporter::new(client.clone(), "node-1", config, agent_metrics);
+    let run_page = format!("{PAGES}/runs/{ns}/1001-runner-1001");
 
     // Run 1 calls somewhere new: the webhook gets the report as signed JSON, Slack a message.
     report(&mut reporter, &ns, "1001", "paste.example.net", 443).await;
@@ -180,6 +186,10 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
     assert!(command.starts_with(&format!("kubectl -n {ns} patch workflowbaseline ")), "{command}");
     assert!(command.contains(r#""value":{"host":"paste.example.net","ports":[443],"protocol":"TCP"}"#), "{command}");
     assert!(body["objects"].as_array().unwrap().iter().any(|o| o["kind"] == "EphemeralRunner"), "{body}");
+    // Links to the run's page (the record's name: run id and runner) and the job's.
+    assert_eq!(body["links"]["run"], run_page.as_str(), "{body}");
+    let baseline = body["report"]["baseline"].as_str().unwrap();
+    assert_eq!(body["links"]["job"], format!("{PAGES}/jobs/{ns}/{baseline}"), "{body}");
     assert_eq!(
         hook[0].headers.get("x-runwarden-signature-256"),
         Some(&notify::signature(b"s3cret", &hook[0].body)),
@@ -191,6 +201,7 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
     assert!(message["text"].as_str().unwrap().contains("paste.example.net:443/TCP"), "{text}");
     assert!(text.contains("`paste.example.net:443/TCP`") && text.contains("`curl`"), "names as code: {text}");
     assert!(text.contains("If it is expected, approve it"), "{text}");
+    assert!(text.contains(&format!("<{run_page}|Every call of run 1001 and why>")), "{text}");
     // And the relay an email, over STARTTLS (the relay accepts nothing before it) and logged in.
     let mail = wait_for_mail(&relay, 1).await;
     assert!(mail[0].contains("X-Envelope-To: sec@example.org,oncall@example.org"), "{}", mail[0]);
@@ -202,6 +213,7 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
     );
     assert!(mail[0].contains("curl (/usr/bin/curl) in run 1001 of acme/web"), "{}", mail[0]);
     assert!(mail[0].contains(&format!("kubectl -n {ns} patch workflowbaseline")), "{}", mail[0]);
+    assert!(mail[0].contains(&format!("Every call of the run and why: {run_page}\r\n")), "{}", mail[0]);
 
     // The Event about the baseline is marked, so that no restart sends it again.
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
@@ -217,6 +229,13 @@ async fn anomalies_reach_the_webhook_and_slack_once_per_job_and_destination_sign
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(marked, "the baseline's Event is marked notified");
+    // Every Event of the anomaly (pod, EphemeralRunner, baseline) ends with the run's page.
+    let notes: Vec<String> =
+        events.list(&Default::default()).await.unwrap().items.into_iter().filter_map(|e| e.note).collect();
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    for note in &notes {
+        assert!(note.ends_with(&format!(" Run page: {run_page}")), "{note}");
+    }
 
     // Run 2 calls the same destination: a new Event, not a new notification.
     report(&mut reporter, &ns, "1002", "paste.example.net", 443).await;

@@ -274,7 +274,7 @@ pub fn runs_table(runs: &[WorkflowRun], now: Timestamp, wide: bool, namespaces: 
     if wide {
         header.push("RUNNER");
     }
-    header.extend(["CALLS", "ENDPOINTS", "NEW", "ANOMALIES", "FINISHED"]);
+    header.extend(["CALLS", "ENDPOINTS", "NEW", "ANOMALIES", "BLOCKED", "FINISHED"]);
     let rows: Vec<Vec<String>> = sorted
         .iter()
         .map(|r| {
@@ -296,6 +296,7 @@ pub fn runs_table(runs: &[WorkflowRun], now: Timestamp, wide: bool, namespaces: 
                 s.endpoint_count.to_string(),
                 s.new_endpoint_count.to_string(),
                 s.anomaly_count.to_string(),
+                s.blocked_count.to_string(),
                 age(&s.finished, now),
             ]);
             row
@@ -328,11 +329,16 @@ pub fn run_details(run: &WorkflowRun, now: Timestamp) -> String {
         &mut out,
         "Calls",
         &format!(
-            "{} to {} endpoints: {} new, {} anomalous{}",
+            "{} to {} endpoints: {} new, {} anomalous{}{}",
             s.calls,
             s.endpoint_count,
             s.new_endpoint_count,
             s.anomaly_count,
+            if s.blocked_count > 0 {
+                format!("; {} destinations refused in block mode", s.blocked_count)
+            } else {
+                String::new()
+            },
             if s.dropped_endpoints > 0 { format!(" ({} not listed)", s.dropped_endpoints) } else { String::new() }
         ),
     );
@@ -369,6 +375,16 @@ pub fn run_details(run: &WorkflowRun, now: Timestamp) -> String {
                 s.baseline,
                 destination(e)
             ));
+        }
+    }
+    let refused: Vec<&RunEndpoint> = s.endpoints.iter().filter(|e| e.verdict == RunVerdict::Blocked).collect();
+    if !refused.is_empty() {
+        out.push_str("\nRefused in block mode (not learned):\n");
+        for e in refused {
+            out.push_str(&format!("  {} ({} attempts)\n", destination(e), e.calls));
+            for reason in &e.reasons {
+                out.push_str(&format!("    - {reason}\n"));
+            }
         }
     }
     out

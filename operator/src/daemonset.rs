@@ -73,6 +73,9 @@ pub struct AgentConfig {
     /// Block mode (experimental): the agents hold runner pods an `EgressPolicy` in `Block` mode
     /// covers to what it allows; their DNS goes to the agent's resolver on [`RESOLVER_PORT`].
     pub block_mode: bool,
+    /// Where users reach the run pages (the operator's `uiUrl`): the agents' Events link to
+    /// each run's page there.
+    pub ui_url: Option<String>,
 }
 
 /// The port of the agent's resolver for block-mode pods (UDP and TCP).
@@ -97,6 +100,7 @@ impl Default for AgentConfig {
             runner_namespaces: Vec::new(),
             trusted_resolvers: Vec::new(),
             block_mode: false,
+            ui_url: None,
         }
     }
 }
@@ -114,6 +118,9 @@ fn args(config: &AgentConfig) -> Vec<String> {
         if !list.is_empty() {
             args.push(format!("--{flag}={}", list.join(",")));
         }
+    }
+    if let Some(url) = &config.ui_url {
+        args.push(format!("--ui-url={url}"));
     }
     if config.block_mode {
         args.push("--block-mode".into());

@@ -167,6 +167,9 @@ pub struct Config {
     /// Every request to the run pages needs a bearer token, and sees only the namespaces where
     /// its user may get baselines (for an Ingress; see [`ui`]).
     pub ui_token_auth: bool,
+    /// Where users reach the run pages (`https://host[/prefix]`: an Ingress, or the address
+    /// they port-forward to): Events and notifier messages link to each run's page there.
+    pub ui_url: Option<String>,
 }
 
 /// Runs every controller until `shutdown` resolves.
@@ -188,7 +191,8 @@ pub async fn run(
     let lifecycle = lifecycle::run(client.clone(), metrics.clone(), scope.clone(), run_history, shutdown.clone());
     let policies =
         policy::run(client.clone(), metrics.clone(), scope.clone(), arc, config.agent.block_mode, shutdown.clone());
-    let notifiers = notify::run(client.clone(), metrics.clone(), scope.clone(), shutdown.clone());
+    let notifiers =
+        notify::run(client.clone(), metrics.clone(), scope.clone(), config.ui_url.clone(), shutdown.clone());
     let runners = async {
         if arc {
             info!("watching ARC EphemeralRunners");

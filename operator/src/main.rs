@@ -76,6 +76,10 @@ async fn main() -> anyhow::Result<()> {
     let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| config.agent.namespace.clone());
     config.agent.namespace = namespace.clone();
     config.agent.runner_namespaces = config.runner_namespaces.clone();
+    if let Some(url) = &config.ui_url {
+        config.ui_url = Some(runwarden_crds::run::pages_base(url).map_err(|e| anyhow::anyhow!("uiUrl: {e}"))?);
+    }
+    config.agent.ui_url = config.ui_url.clone();
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()))
         .unwrap_or_else(|_| format!("runwarden-operator-{}", std::process::id()));

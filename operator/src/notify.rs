@@ -19,7 +19,8 @@
 //!   Outcomes are counted (`runwarden_operator_notifications_total{type,result}`) and shown per
 //!   notifier in the policy's `status.notifiers` (counts, last delivery, last error).
 //! - **Format.** Webhook: JSON `{"version": 1, "kind": "AnomalousEgress", "time", "report",
-//!   "approve", "objects"}`, signed when `signingSecretRef` is set (header
+//!   "approve", "objects", "links"}` (`links`: the run's and the job's pages, when the operator's
+//!   `uiUrl` is set; Slack and email link to the run's page then too), signed when `signingSecretRef` is set (header
 //!   `X-Runwarden-Signature-256: sha256=<hex HMAC-SHA256 of the body>`). Slack: Block Kit, every
 //!   name from the pod shown as code so that it is neither markup nor a link. Email: plain text
 //!   through the SMTP relay of the notifier's Secret ([`Relay`]), STARTTLS required by default.
@@ -91,6 +92,8 @@ struct Notifying {
     policies: Store<EgressPolicy>,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
+    /// Where users reach the run pages (`uiUrl`), to link to them.
+    pages: Option<String>,
 }
 
 #[derive(Default)]
@@ -105,11 +108,13 @@ struct State {
     status: HashMap<(String, String), (BTreeMap<String, NotifierStatus>, bool)>,
 }
 
-/// Runs the notifiers until `shutdown` resolves, for Events in the namespaces of `scope`.
+/// Runs the notifiers until `shutdown` resolves, for Events in the namespaces of `scope`;
+/// messages link to the run pages under `pages` (the checked `uiUrl`) when it is given.
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     scope: Scope,
+    pages: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (policies, writer) = reflector::store();
@@ -124,6 +129,7 @@ pub async fn run(
         policies,
         metrics,
         state: Mutex::default(),
+        pages,
     });
     if let Err(e) = &notifying.tls {
         warn!("{e}");
@@ -323,7 +329,7 @@ impl Notifying {
         let kind = kind(n);
         if let Some(e) = &n.email {
             let relay = Relay::from_secret(&self.secret_data(ns, &e.smtp_secret_ref.name).await?)?;
-            let message = email(report, &e.from, &e.to)?;
+            let message = email(report, &e.from, &e.to, self.pages.as_deref())?;
             return self.retried(kind, || relay.send(message.clone())).await;
         }
         let (url, body, key) = if let Some(w) = &n.webhook {
@@ -332,10 +338,10 @@ impl Notifying {
                 Some(s) => Some(self.secret(ns, &s.name, &s.key).await?),
                 None => None,
             };
-            (url, webhook_body(report, event, policy), key)
+            (url, webhook_body(report, event, policy, self.pages.as_deref()), key)
         } else if let Some(s) = &n.slack {
             let url = self.secret(ns, &s.webhook_url_secret_ref.name, &s.webhook_url_secret_ref.key).await?;
-            (url, slack_body(report), None)
+            (url, slack_body(report, self.pages.as_deref()), None)
         } else {
             return Err("no notifier type set".into());
         };
@@ -548,8 +554,13 @@ pub fn signature(key: &[u8], body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
-/// The generic webhook's JSON.
-pub fn webhook_body(report: &AnomalyReport, event: &Event, policy: &str) -> Value {
+/// The run's page under `pages`.
+fn run_page(report: &AnomalyReport, pages: &str) -> String {
+    runwarden_crds::run::run_page_url(pages, &report.namespace, &report.run_id, &report.pod)
+}
+
+/// The generic webhook's JSON (with `links` to the run's and the job's pages under `pages`).
+pub fn webhook_body(report: &AnomalyReport, event: &Event, policy: &str, pages: Option<&str>) -> Value {
     let object = |api_version: &str, kind: &str, name: &str| json!({"apiVersion": api_version, "kind": kind, "namespace": report.namespace, "name": name});
     let mut objects = vec![
         object("v1", "Pod", &report.pod),
@@ -560,7 +571,7 @@ pub fn webhook_body(report: &AnomalyReport, event: &Event, policy: &str) -> Valu
     if let Some(r) = &report.runner {
         objects.push(object("actions.github.com/v1alpha1", "EphemeralRunner", r));
     }
-    json!({
+    let mut body = json!({
         "version": 1,
         "kind": "AnomalousEgress",
         "time": Timestamp::now().to_string(),
@@ -568,7 +579,14 @@ pub fn webhook_body(report: &AnomalyReport, event: &Event, policy: &str) -> Valu
         "report": report,
         "approve": {"command": report.approve_command(), "manifest": report.approve_manifest()},
         "objects": objects,
-    })
+    });
+    if let Some(pages) = pages {
+        body["links"] = json!({
+            "run": run_page(report, pages),
+            "job": runwarden_crds::run::job_page_url(pages, &report.namespace, &report.baseline),
+        });
+    }
+    body
 }
 
 /// One line: what called where in which job.
@@ -596,8 +614,9 @@ fn escaped(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// The Slack incoming-webhook message (Block Kit), with a plain `text` for notifications.
-pub fn slack_body(report: &AnomalyReport) -> Value {
+/// The Slack incoming-webhook message (Block Kit), with a plain `text` for notifications and a
+/// link to the run's page under `pages`.
+pub fn slack_body(report: &AnomalyReport, pages: Option<&str>) -> Value {
     let process = match (report.processes.first(), report.executables.first()) {
         (Some(p), Some(e)) => format!("{} ({})", code(p), code(e)),
         (Some(p), None) => code(p),
@@ -612,7 +631,7 @@ pub fn slack_body(report: &AnomalyReport) -> Value {
         escaped(&report.job),
         escaped(&report.destination())
     );
-    json!({
+    let mut message = json!({
         "text": text,
         "blocks": [
             {"type": "header", "text": {"type": "plain_text", "text": format!("{severity}: unusual outbound call in {}", report.repository).chars().take(150).collect::<String>()}},
@@ -633,7 +652,13 @@ pub fn slack_body(report: &AnomalyReport) -> Value {
                 "pod {} · runner {} · baseline {} · namespace {}",
                 escaped(&report.pod), escaped(report.runner.as_deref().unwrap_or("-")), escaped(&report.baseline), escaped(&report.namespace))}]},
         ],
-    })
+    });
+    if let (Some(pages), Some(blocks)) = (pages, message["blocks"].as_array_mut()) {
+        // The URL is the operator's setting and names only name characters: no `|` or `>` in it.
+        let link = format!("<{}|Every call of run {} and why>", run_page(report, pages), escaped(&report.run_id));
+        blocks.insert(blocks.len() - 1, json!({"type": "section", "text": {"type": "mrkdwn", "text": link}}));
+    }
+    message
 }
 
 /// Why one delivery attempt failed, and whether another may succeed.
@@ -723,8 +748,14 @@ impl Relay {
 }
 
 /// The email: a subject that says what and where, a plain-text body that says why and how to
-/// approve. Names from the pod go in the body as they are (plain text) and lose any line break.
-pub fn email(report: &AnomalyReport, from: &str, to: &[String]) -> Result<lettre::Message, String> {
+/// approve, and the run's page under `pages`. Names from the pod go in the body as they are
+/// (plain text) and lose any line break.
+pub fn email(
+    report: &AnomalyReport,
+    from: &str,
+    to: &[String],
+    pages: Option<&str>,
+) -> Result<lettre::Message, String> {
     let one_line = |s: &str| s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>();
     let mut builder = lettre::Message::builder()
         .from(from.parse().map_err(|e| format!("from {from:?}: {e}"))?)
@@ -741,8 +772,9 @@ pub fn email(report: &AnomalyReport, from: &str, to: &[String]) -> Result<lettre
     let process = report.processes.first().map_or("an unknown process".to_string(), |p| one_line(p));
     let executable = report.executables.first().map(|e| format!(" ({})", one_line(e))).unwrap_or_default();
     let reasons: Vec<String> = report.reasons.iter().map(|r| format!("  - {}", one_line(r))).collect();
+    let page = pages.map(|p| format!("Every call of the run and why: {}\n\n", run_page(report, p))).unwrap_or_default();
     let body = format!(
-        "{process}{executable} in run {} of {} ({}, job {}) called {} ({}) for the first time in this job.\n\n\
+        "{process}{executable} in run {} of {} ({}, job {}) called {} ({}) for the first time in this job.\n\n{page}\
          Severity: {} (score {:.2})\n\nWhy it is unusual:\n{}\n\n\
          If it is expected, approve it:\n\n  {}\n\nor add it under spec.approved of WorkflowBaseline {} in Git:\n\n{}\n\n\
          Pod {}, EphemeralRunner {}, namespace {}; first call {}.\n",

@@ -330,7 +330,10 @@ async fn route(path: &str, ui: &Ui, viewer: &Viewer) -> (StatusCode, String) {
             match api.get_opt(name).await {
                 Ok(Some(run)) => (StatusCode::OK, run_page(&run, now)),
                 Ok(None) => not_found(&format!(
-                    "No record of run {name} in namespace {ns}: it may be older than the records kept."
+                    "No record of run {name} in namespace {ns} yet: a run's record is written when the run has \
+                     ended and its node agent has merged it (within seconds), and the oldest are deleted past \
+                     the records kept per job. Until then its Events (kubectl -n {ns} get events) say what is \
+                     known so far."
                 )),
                 Err(e) => {
                     warn!(namespace = %ns, run = %name, error = %e, "the run page could not read its record");
@@ -377,7 +380,7 @@ fn segment(text: &str) -> String {
 
 const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}\
 table{border-collapse:collapse;margin:.5em 0}th,td{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}\
-th{background:#f4f4f4}tr.anomalous td{background:#fff0f0}tr.new td{background:#fffbe6}\
+th{background:#f4f4f4}tr.anomalous td{background:#fff0f0}tr.blocked td{background:#f0f0ff}tr.new td{background:#fffbe6}\
 code,pre{background:#f4f4f4;padding:.1em .3em}pre{padding:.5em;white-space:pre-wrap}\
 .sev-High,.sev-Critical{color:#b00;font-weight:bold}.sev-Medium{color:#b60}.muted{color:#777}\
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:bold}";
@@ -408,17 +411,22 @@ pub fn runs_page(baselines: &[Arc<WorkflowBaseline>], now: Timestamp) -> String 
         let _ = write!(body, "<p class=\"muted\">The newest {MAX_LISTED_RUNS} of {total} runs.</p>");
     }
     body.push_str(
-        "<table><tr><th>Finished</th><th>Repository</th><th>Workflow</th><th>Job</th><th>Run</th><th>Runner</th>\
-         <th>Calls</th><th>Endpoints</th><th title=\"new endpoints the baseline learned from the run\">Learned</th><th>Anomalies</th></tr>",
+        "<table><tr><th>Finished</th><th>Repository</th><th>Workflow</th><th>Job</th><th>Run</th><th>Ref</th><th>Runner</th>\
+         <th>Calls</th><th>Endpoints</th><th title=\"new endpoints the baseline learned from the run\">Learned</th><th>Anomalies</th>\
+         <th title=\"destinations block mode refused\">Blocked</th></tr>",
     );
     for (b, r) in runs.into_iter().take(MAX_LISTED_RUNS) {
         let ns = b.namespace().unwrap_or_default();
         let runner = r.runner.clone().unwrap_or_default();
-        let class = if r.anomaly_count > 0 { " class=\"anomalous\"" } else { "" };
+        let class = match (r.anomaly_count, r.blocked) {
+            (0, 0) => "",
+            (0, _) => " class=\"blocked\"",
+            _ => " class=\"anomalous\"",
+        };
         let _ = write!(
             body,
             "<tr{class}><td>{}</td><td>{}</td><td>{}</td><td><a href=\"/jobs/{}/{}\">{}</a></td>\
-             <td><a href=\"/runs/{}/{}\">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+             <td><a href=\"/runs/{}/{}\">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             when(&r.time, now),
             esc(&b.spec.repository),
             esc(&b.spec.workflow),
@@ -428,11 +436,13 @@ pub fn runs_page(baselines: &[Arc<WorkflowBaseline>], now: Timestamp) -> String 
             segment(&ns),
             segment(&record_name(&r.run_id, &runner)),
             esc(&r.run_id),
+            esc(r.git_ref.as_deref().unwrap_or("")),
             esc(&runner),
             r.calls,
             r.endpoints,
             r.new_endpoints,
             r.anomaly_count,
+            r.blocked,
         );
     }
     body.push_str("</table>");
@@ -455,6 +465,7 @@ fn caller(e: &RunEndpoint) -> String {
 fn verdict_class(v: RunVerdict) -> &'static str {
     match v {
         RunVerdict::Anomalous => "anomalous",
+        RunVerdict::Blocked => "blocked",
         RunVerdict::New => "new",
         RunVerdict::Known | RunVerdict::Unscored => "",
     }
@@ -494,7 +505,7 @@ pub fn run_page(run: &WorkflowRun, now: Timestamp) -> String {
     let _ = write!(
         body,
         "<dt>Runner</dt><dd><code>kubectl -n {ns} get pod {runner}</code>{er} on node {node}</dd>\
-         <dt>Finished</dt><dd>{finished}</dd><dt>Calls</dt><dd>{calls} to {endpoints} endpoints: {new} new, {anomalies} anomalous{dropped}</dd></dl>",
+         <dt>Finished</dt><dd>{finished}</dd><dt>Calls</dt><dd>{calls} to {endpoints} endpoints: {new} new, {anomalies} anomalous{blocked}{dropped}</dd></dl>",
         ns = esc(&ns),
         runner = esc(&s.runner),
         er = s
@@ -508,6 +519,11 @@ pub fn run_page(run: &WorkflowRun, now: Timestamp) -> String {
         endpoints = s.endpoint_count,
         new = s.new_endpoint_count,
         anomalies = s.anomaly_count,
+        blocked = if s.blocked_count > 0 {
+            format!("; {} destinations refused in block mode", s.blocked_count)
+        } else {
+            String::new()
+        },
         dropped =
             if s.dropped_endpoints > 0 { format!(" ({} not listed)", s.dropped_endpoints) } else { String::new() },
     );
@@ -536,6 +552,21 @@ pub fn run_page(run: &WorkflowRun, now: Timestamp) -> String {
                 esc(&approve_patch(&ns, &s.baseline, e)),
             );
         }
+    }
+    let refused: Vec<&RunEndpoint> = s.endpoints.iter().filter(|e| e.verdict == RunVerdict::Blocked).collect();
+    if !refused.is_empty() {
+        body.push_str("<h2>Refused in block mode</h2><p>These calls did not happen, and the baseline does not learn them.</p><ul>");
+        for e in refused {
+            let _ = write!(
+                body,
+                "<li><b>{}</b> by {}, {} attempts: {}</li>",
+                esc(&destination(e)),
+                esc(&caller(e)),
+                e.calls,
+                esc(&e.reasons.join("; ")),
+            );
+        }
+        body.push_str("</ul>");
     }
     body.push_str(
         "<h2>Destinations</h2><table><tr><th>Verdict</th><th>Severity</th><th>Destination</th><th>Address</th>\
@@ -644,14 +675,14 @@ pub fn job_page(b: &WorkflowBaseline, now: Timestamp) -> String {
             esc(&e.processes.join(", ")),
         );
     }
-    body.push_str("</table><h2>Recent runs</h2><table><tr><th>Finished</th><th>Run</th><th>Calls</th><th>Learned</th><th>Anomalies</th></tr>");
+    body.push_str("</table><h2>Recent runs</h2><table><tr><th>Finished</th><th>Run</th><th>Calls</th><th>Learned</th><th>Anomalies</th><th>Blocked</th></tr>");
     let mut runs: Vec<_> = status.recent_runs.iter().collect();
     runs.sort_by_key(|r| std::cmp::Reverse(r.time.0));
     for r in runs {
         let runner = r.runner.clone().unwrap_or_default();
         let _ = write!(
             body,
-            "<tr><td>{}</td><td><a href=\"/runs/{}/{}\">{}</a> {}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td><a href=\"/runs/{}/{}\">{}</a> {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             when(&r.time, now),
             segment(&ns),
             segment(&record_name(&r.run_id, &runner)),
@@ -659,7 +690,8 @@ pub fn job_page(b: &WorkflowBaseline, now: Timestamp) -> String {
             esc(&runner),
             r.calls,
             r.new_endpoints,
-            r.anomaly_count
+            r.anomaly_count,
+            r.blocked,
         );
     }
     body.push_str("</table>");

@@ -94,7 +94,8 @@ async fn a_baseline_becomes_a_policy_the_api_server_takes_and_approvals_show_in_
     assert!(text(&bad).contains("HOST:PORT/PROTO"), "{}", text(&bad));
 }
 
-/// A finished run's record as the agent writes it, with one anomaly (`anomalous`) or none.
+/// A finished run's record as the agent writes it, with one anomaly and one destination block
+/// mode refused (`anomalous`) or neither.
 fn record(ns: &str, run_id: &str, runner: &str, finished: &str, anomalous: bool) -> runwarden_crds::WorkflowRun {
     let mut endpoints = vec![json!({
         "host": "registry.npmjs.org", "address": "104.16.1.34", "port": 443, "protocol": "TCP", "calls": 40,
@@ -111,6 +112,15 @@ fn record(ns: &str, run_id: &str, runner: &str, finished: &str, anomalous: bool)
                 "severity": "High", "score": 0.91, "reasons": ["first call to this host by any job", "a paste site"]
             }),
         );
+        endpoints.insert(
+            1,
+            json!({
+                "address": "198.51.100.7", "port": 8080, "protocol": "TCP", "calls": 3,
+                "processes": ["wget"], "executables": ["/bin/busybox"],
+                "firstSeen": "2026-12-03T10:02:30Z", "lastSeen": "2026-12-03T10:02:40Z", "verdict": "Blocked",
+                "reasons": ["refused in block mode: EgressPolicy arc/runners does not allow it"]
+            }),
+        );
     }
     serde_json::from_value(json!({
         "apiVersion": "runwarden.dev/v1alpha1", "kind": "WorkflowRun",
@@ -119,8 +129,8 @@ fn record(ns: &str, run_id: &str, runner: &str, finished: &str, anomalous: bool)
         "spec": {
             "repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "baseline": "acme-web-ci-build",
             "runId": run_id, "runner": runner, "node": "node-1", "started": "2026-12-03T10:00:00Z", "finished": finished,
-            "calls": 41, "endpointCount": endpoints.len(), "newEndpointCount": usize::from(anomalous),
-            "anomalyCount": usize::from(anomalous), "endpoints": endpoints
+            "calls": 41, "endpointCount": 1 + usize::from(anomalous), "newEndpointCount": usize::from(anomalous),
+            "anomalyCount": usize::from(anomalous), "blockedCount": usize::from(anomalous), "endpoints": endpoints
         }
     }))
     .unwrap()
@@ -147,11 +157,11 @@ async fn runs_are_listed_newest_first_and_a_run_shows_its_anomalies_with_the_app
     let lines: Vec<Vec<&str>> = listed.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(
         lines[0],
-        ["RUN", "REPOSITORY", "JOB", "CALLS", "ENDPOINTS", "NEW", "ANOMALIES", "FINISHED"],
+        ["RUN", "REPOSITORY", "JOB", "CALLS", "ENDPOINTS", "NEW", "ANOMALIES", "BLOCKED", "FINISHED"],
         "{listed}"
     );
-    assert_eq!(&lines[1][..7], ["4711", "acme/web", "build", "41", "2", "1", "1"], "newest first: {listed}");
-    assert_eq!(&lines[2][..7], ["4700", "acme/web", "build", "41", "1", "0", "0"], "{listed}");
+    assert_eq!(&lines[1][..8], ["4711", "acme/web", "build", "41", "2", "1", "1", "1"], "newest first: {listed}");
+    assert_eq!(&lines[2][..8], ["4700", "acme/web", "build", "41", "1", "0", "0", "0"], "{listed}");
     let wide = plugin(cp, &["-n", &ns, "runs", "--job", "acme-web-ci-build", "-o", "wide"]);
     assert!(String::from_utf8_lossy(&wide.stdout).contains(".github/workflows/ci.yml"), "{}", text(&wide));
     let as_json = plugin(cp, &["-n", &ns, "runs", "-o", "json"]);
@@ -166,6 +176,14 @@ async fn runs_are_listed_newest_first_and_a_run_shows_its_anomalies_with_the_app
     let first_row = shown[table_start..].lines().nth(1).unwrap();
     assert!(first_row.starts_with("Anomalous") && first_row.contains("paste.example.net:443/TCP"), "{shown}");
     assert!(shown.contains("- a paste site") && shown.contains("/usr/bin/curl"), "{shown}");
+    let second_row = shown[table_start..].lines().nth(2).unwrap();
+    assert!(second_row.starts_with("Blocked") && second_row.contains("198.51.100.7:8080/TCP"), "refused next: {shown}");
+    assert!(shown.contains("1 destinations refused in block mode"), "{shown}");
+    let refused = &shown[shown.find("Refused in block mode").expect("{shown}")..];
+    assert!(
+        refused.contains("198.51.100.7:8080/TCP (3 attempts)") && refused.contains("EgressPolicy arc/runners"),
+        "{shown}"
+    );
     let approve_line =
         shown.lines().find_map(|l| l.trim().strip_prefix("approve: kubectl runwarden ")).expect("{shown}");
     let approve: Vec<&str> = approve_line.split_whitespace().collect();

@@ -170,6 +170,7 @@ async fn does_its_work(admin: &Client, system: &str, runners: &str, runner_names
         run_history: None,
         ui_address: None,
         ui_token_auth: false,
+        ui_url: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown = futures::FutureExt::shared(Box::pin(async move {

@@ -51,7 +51,7 @@ async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text(
         "recentRuns": [
             {"runId": "4700", "runner": "arc-a", "time": "2026-12-03T09:05:00Z", "calls": 40, "endpoints": 1},
             {"runId": "4711", "runner": "arc-b", "time": "2026-12-03T10:05:00Z", "calls": 41, "endpoints": 2,
-             "newEndpoints": 1, "anomalyCount": 1}
+             "newEndpoints": 1, "anomalyCount": 1, "blocked": 1, "gitRef": "refs/pull/7/merge"}
         ]
     }});
     baselines.patch_status("acme-web-ci-build", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
@@ -62,12 +62,15 @@ async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text(
             "repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "baseline": "acme-web-ci-build",
             "runId": "4711", "runner": "arc-b", "ephemeralRunner": "arc-b", "node": "node-1",
             "started": "2026-12-03T10:00:00Z", "finished": "2026-12-03T10:05:00Z",
-            "calls": 41, "endpointCount": 2, "newEndpointCount": 1, "anomalyCount": 1,
+            "calls": 41, "endpointCount": 2, "newEndpointCount": 1, "anomalyCount": 1, "blockedCount": 1,
             "endpoints": [
                 {"host": "paste.example.net", "address": "203.0.113.9", "port": 443, "protocol": "TCP", "calls": 1,
                  "processes": ["<script>alert(1)</script>"], "executables": ["/tmp/<b>x</b>"],
                  "firstSeen": "2026-12-03T10:02:00Z", "lastSeen": "2026-12-03T10:02:00Z", "verdict": "Anomalous",
                  "severity": "High", "score": 0.91, "reasons": ["a paste site", "called by \"<img src=x>\""]},
+                {"address": "198.51.100.7", "port": 8080, "protocol": "TCP", "calls": 3, "processes": ["wget"],
+                 "firstSeen": "2026-12-03T10:02:30Z", "lastSeen": "2026-12-03T10:02:40Z", "verdict": "Blocked",
+                 "reasons": ["refused in block mode: EgressPolicy arc/runners does not allow it"]},
                 {"host": "registry.npmjs.org", "address": "104.16.1.34", "port": 443, "protocol": "TCP", "calls": 40,
                  "processes": ["node"], "firstSeen": "2026-12-03T10:00:01Z", "lastSeen": "2026-12-03T10:03:00Z", "verdict": "Known"}
             ]
@@ -92,6 +95,12 @@ async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text(
     }
     assert!(list.contains(&link) && list.contains(&format!("/jobs/{ns}/acme-web-ci-build")), "{list}");
     assert!(list.find("4711").unwrap() < list.find("4700").unwrap(), "newest first: {list}");
+    let row = &list[list.find(&link).unwrap()..];
+    let row = &row[..row.find("</tr>").unwrap()];
+    assert!(
+        row.contains("<td>refs/pull/7/merge</td>") && row.ends_with("<td>1</td><td>1</td>"),
+        "ref, anomalies, blocked: {row}"
+    );
 
     // The run: its anomaly at the top with why and how to approve it; then every destination.
     let (status, head, run) = tokio::task::spawn_blocking(move || request(address, "GET", &link)).await.unwrap();
@@ -101,6 +110,16 @@ async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text(
     assert!(anomaly < run.find("registry.npmjs.org").unwrap(), "the anomaly before the known destinations");
     assert!(anomaly < run.find("<h2>Destinations").unwrap(), "{run}");
     assert!(run.contains("<li>a paste site</li>"), "{run}");
+    // What block mode refused: after the anomalies, before the table, with the policy.
+    let refused = run.find("<h2>Refused in block mode").expect("the refused calls");
+    assert!(anomaly < refused && refused < run.find("<h2>Destinations").unwrap(), "{run}");
+    assert!(
+        run.contains(
+            "<b>198.51.100.7:8080/TCP</b> by wget, 3 attempts: refused in block mode: EgressPolicy arc/runners"
+        ),
+        "{run}"
+    );
+    assert!(run.contains("<tr class=\"blocked\"><td>Blocked</td>"), "{run}");
     assert!(
         run.contains(&format!("kubectl runwarden approve -n {ns} acme-web-ci-build paste.example.net:443/TCP")),
         "{run}"

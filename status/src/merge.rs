@@ -26,6 +26,11 @@ pub struct FinishedRun<'a> {
     pub calls: &'a [(Call<'a>, Option<Verdict>)],
     /// Calls made in all, repeats included.
     pub total_calls: u32,
+    /// When the run ended, Unix seconds (`run.time` is when it started).
+    pub finished: i64,
+    /// Destinations block mode refused the run: counted, never learned (they are not in
+    /// `calls`).
+    pub blocked: u32,
 }
 
 /// Why a merge failed.
@@ -67,7 +72,7 @@ pub async fn merge_run(
         status.recent_runs.push(record(finished, &learned, min_severity));
         let excess = status.recent_runs.len().saturating_sub(MAX_RECENT_RUNS);
         status.recent_runs.drain(..excess);
-        let finished_at = time(finished.run.time);
+        let finished_at = time(finished.finished);
         if status.last_run_time.as_ref().is_none_or(|t| t.0 < finished_at.0) {
             status.last_run_time = Some(finished_at);
         }
@@ -104,12 +109,14 @@ fn record(finished: &FinishedRun<'_>, learned: &Learned, min_severity: Severity)
     RunRecord {
         run_id: stored_run_id(finished.run.id),
         runner: Some(stored_runner(finished.runner)),
-        time: time(finished.run.time),
+        time: time(finished.finished),
         trigger: Some(finished.run.trigger.chars().take(32).collect()),
+        git_ref: finished.run.git_ref.map(|r| r.chars().take(255).collect()),
         calls: finished.total_calls,
         endpoints: finished.calls.len() as u32,
         new_endpoints: learned.new_endpoints,
         anomaly_count,
+        blocked: finished.blocked,
         anomalies,
     }
 }

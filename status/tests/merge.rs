@@ -40,6 +40,8 @@ async fn merge_as(api: &Api<WorkflowBaseline>, w: usize, id: &str, runner: &str,
         runner,
         calls: &calls,
         total_calls: 7,
+        finished: 1_767_225_600 + (n * 60) as i64 + 30,
+        blocked: 0,
     };
     merge_run(api, "acme-web-ci-test", Severity::Medium, &finished).await.expect("merging a run").is_some()
 }
@@ -79,6 +81,9 @@ async fn a_run_merged_twice_counts_once() {
     let status = api.get("acme-web-ci-test").await.unwrap().status.unwrap();
     assert_eq!(status.observed_runs, 2);
     assert_eq!(status.recent_runs[0].calls, 7);
+    // When the run ended, not when it started.
+    assert_eq!(status.recent_runs[0].time.0.as_second(), 1_767_225_600 + 60 + 30);
+    assert_eq!(status.last_run_time.unwrap().0.as_second(), 1_767_225_600 + 60 + 30);
 }
 
 #[tokio::test]

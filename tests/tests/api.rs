@@ -478,10 +478,12 @@ fn largest_status() -> WorkflowBaselineStatus {
         runner: Some(s(63)),
         time: time(),
         trigger: Some(s(32)),
+        git_ref: Some(s(255)),
         calls: u32::MAX,
         endpoints: u32::MAX,
         new_endpoints: u32::MAX,
         anomaly_count: u32::MAX,
+        blocked: u32::MAX,
         anomalies: vec![anomaly; MAX_ANOMALIES_PER_RUN],
     };
     let condition = |i: usize| Condition {

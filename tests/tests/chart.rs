@@ -185,6 +185,20 @@ fn the_run_pages_get_what_each_access_mode_needs_and_nothing_more() {
     ] {
         assert!(token.contains(expected), "{expected:?} not rendered:\n{token}");
     }
+    // Links to the pages: rendered for the operator (which hands it to the agents), refused
+    // when the pages are off, or with a path the pages are not served under.
+    let linked = render("operator.ui.enabled=true,operator.ui.url=https://runwarden.example.com");
+    assert!(linked.contains("uiUrl: \"https://runwarden.example.com\""), "{linked}");
+    let (ok, out) = helm(&["template", "runwarden", &chart, "--set", "operator.ui.url=https://runwarden.example.com"]);
+    assert!(!ok && out.contains("operator.ui.enabled=true"), "{out}");
+    let (ok, out) = helm(&[
+        "template",
+        "runwarden",
+        &chart,
+        "--set",
+        "operator.ui.enabled=true,operator.ui.url=https://example.com/runwarden",
+    ]);
+    assert!(!ok && out.contains("url"), "{out}");
 }
 
 #[test]

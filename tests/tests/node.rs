@@ -59,13 +59,24 @@ async fn world() -> &'static World {
                 hosts.push((name.to_string(), Listener::start(SocketAddr::from((ip, port))).unwrap()));
             }
 
-            // With the run pages on, as `make demo` installs it, and ready for an Ingress.
-            let ui = ["--set", "operator.ui.enabled=true", "--set", "operator.ui.tokenAuth=true"];
+            // With the run pages on, as `make demo` installs it, and ready for an Ingress at
+            // PAGES, which Events and notifications link to.
+            let ui = [
+                "--set",
+                "operator.ui.enabled=true",
+                "--set",
+                "operator.ui.tokenAuth=true",
+                "--set",
+                &format!("operator.ui.url={PAGES}"),
+            ];
             runwarden_tests::install::runwarden_with(node, &ui).await;
             World { node, dns, hosts }
         })
         .await
 }
+
+/// Where users reach the run pages (an Ingress host; the test reaches them by port-forward).
+const PAGES: &str = "https://runwarden.example";
 
 /// `kubectl port-forward` to the operator's run pages, as a user runs it; stopped when dropped.
 struct PortForward {
@@ -364,6 +375,8 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     let note = events[0].note.clone().unwrap_or_default();
     assert!(note.contains("new.exfil.test"), "the Event names the new host: {note}");
     assert!(note.contains("wget"), "and the process that called it: {note}");
+    let run_page = format!("{PAGES}/runs/{}/{}", job.ns, runwarden_crds::run::record_name("106", &runner));
+    assert!(note.ends_with(&format!(" Run page: {run_page}")), "and links to the run's page: {note}");
 
     // The operator sent the report to the webhook, with how to approve the host.
     let started = Instant::now();
@@ -379,6 +392,7 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     assert_eq!(body["report"]["severity"], "high", "{body}");
     assert!(body["report"]["reasons"][0].as_str().unwrap().contains("request catcher"), "{body}");
     assert!(body["approve"]["command"].as_str().unwrap().contains("patch workflowbaseline"), "{body}");
+    assert_eq!(body["links"]["run"], run_page.as_str(), "{body}");
 
     let status = baseline.status.unwrap();
     assert_eq!(status.observed_runs, 6, "{status:?}");
@@ -403,15 +417,17 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     assert!(first.reasons.iter().any(|r| r.contains("request catcher")), "{first:?}");
     assert!(first.processes.iter().chain(&first.executables).any(|p| p.contains("wget")), "{first:?}");
     // The same run in a browser, through `kubectl port-forward` to the operator as a user
-    // reaches it: listed with its anomaly, and on its page the new host first, with why and
-    // how to approve it.
-    let (node, ns, name) = (world.node, job.ns.clone(), record.name_any());
+    // reaches it: listed with its anomaly, and on the page the Event and the webhook link to
+    // the new host first, with why and how to approve it.
+    let node = world.node;
+    let path = run_page.strip_prefix(PAGES).unwrap().to_string();
+    assert_eq!(path, format!("/runs/{}/{}", job.ns, record.name_any()), "the link is the record's page");
     let shot = std::env::temp_dir().join(format!("runwarden-run-page-{}.png", std::process::id()));
     let shown = shot.clone();
     let (list, page) = tokio::task::spawn_blocking(move || {
         let forward = PortForward::start(node);
         let list = forward.browse("/", &shown.with_extension("list.png"));
-        (list, forward.browse(&format!("/runs/{ns}/{name}"), &shown))
+        (list, forward.browse(&path, &shown))
     })
     .await
     .unwrap();

@@ -68,7 +68,9 @@ async fn a_block_policy_holds_its_runners_from_their_first_instruction_and_acros
         listeners.push((name, ip, Listener::start(SocketAddr::from((ip, port))).unwrap()));
     }
     let denied_ip = listeners[2].1.to_string();
-    install::runwarden_with(node, &["--set", "agent.blockMode=true"]).await;
+    let pages = "https://runwarden.example";
+    let ui = ["--set", "operator.ui.enabled=true", "--set", &format!("operator.ui.url={pages}")];
+    install::runwarden_with(node, &[&["--set", "agent.blockMode=true"][..], &ui[..]].concat()).await;
 
     let job = Job::new(node, "blocked").await;
     let policy = format!(
@@ -125,6 +127,10 @@ async fn a_block_policy_holds_its_runners_from_their_first_instruction_and_acros
             .any(|e| e.note.as_deref().is_some_and(|n| n.contains(&format!("{denied_ip}:8080/TCP"))))
     };
     wait_until(node, "no EgressBlocked Event for the denied address", Duration::from_secs(30), blocked).await;
+    // It links to the run's page.
+    let run_page = format!("{pages}/runs/{}/{}", job.ns, runwarden_crds::run::record_name("1", &runner));
+    let notes: Vec<String> = events(node, &job.ns, "EgressBlocked").await.into_iter().filter_map(|e| e.note).collect();
+    assert!(notes.iter().all(|n| n.ends_with(&format!(" Run page: {run_page}"))), "{notes:?}");
 
     // A runner whose very first instruction calls the denied address: refused, so its init
     // container fails.
@@ -161,4 +167,31 @@ async fn a_block_policy_holds_its_runners_from_their_first_instruction_and_acros
     wait_until(node, "the new agent does not answer the runner's DNS", Duration::from_secs(30), resolves).await;
     assert_eq!(listeners[2].2.count(), 0, "nothing reached the denied host");
     job.finish(node, &runner).await;
+
+    // The run's record lists the refused destination as such, with the policy; the baseline
+    // counts it and does not learn it (includeBaseline would allow it next).
+    let baseline = job.wait_merged(node, 1).await;
+    let status = baseline.status.unwrap();
+    let run = status.recent_runs.iter().find(|r| r.run_id == "1").unwrap();
+    assert_eq!(run.blocked, 1, "{run:?}");
+    let learned: Vec<_> = status.endpoints.iter().map(|e| (e.host.clone(), e.cidr.clone(), e.port)).collect();
+    assert!(!learned.iter().any(|e| e.2 == 8080), "a refused call is not learned: {learned:?}");
+    assert!(status.endpoints.iter().any(|e| e.host.as_deref() == Some("allowed.packages.test")), "{learned:?}");
+    let records = Api::<runwarden_crds::WorkflowRun>::namespaced(node.client().await, &job.ns);
+    let name = runwarden_crds::run::record_name("1", &runner);
+    let started = Instant::now();
+    let record = loop {
+        if let Some(r) = records.get_opt(&name).await.unwrap() {
+            break r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no record of run 1\n{}", agent_logs(node));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(record.spec.blocked_count, 1, "{record:?}");
+    let refused = record.spec.endpoints.iter().find(|e| e.address == denied_ip).expect("the refused address listed");
+    assert_eq!((refused.port, refused.verdict), (8080, runwarden_crds::RunVerdict::Blocked), "{refused:?}");
+    assert!(refused.calls >= 1 && refused.processes.iter().any(|p| p == "wget"), "{refused:?}");
+    assert!(refused.reasons[0].contains(&format!("EgressPolicy {}/runners", job.ns)), "{refused:?}");
+    let allowed = record.spec.endpoints.iter().find(|e| e.host.as_deref() == Some("allowed.packages.test"));
+    assert!(allowed.is_some_and(|e| e.verdict != runwarden_crds::RunVerdict::Blocked), "{record:?}");
 }
