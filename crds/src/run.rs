@@ -147,6 +147,11 @@ pub struct WorkflowRunSpec {
     /// The node the runner ran on.
     #[schemars(length(max = 253))]
     pub node: String,
+    /// The `EgressPolicy` in this namespace that applied to the job when the run ended (none:
+    /// anomalies reported at the default minimum, nothing refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub policy: Option<String>,
     /// When the runner's first call was seen.
     pub started: Time,
     /// When the run ended (the runner pod finished).

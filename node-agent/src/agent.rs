@@ -1432,12 +1432,19 @@ fn record_gauges(metrics: &Metrics, node: &Node, pipeline: &Pipeline, probes: &P
     }
 }
 
-/// Creates the `WorkflowRun` record of a merged run, owned by its baseline: `true` if created,
-/// `false` if it was already there.
-async fn write_record(client: &Client, node_name: &str, run: &Run, job: &Job) -> Result<bool, kube::Error> {
+/// Creates the `WorkflowRun` record of a merged run (naming the policy that applies to its job),
+/// owned by its baseline: `true` if created, `false` if it was already there.
+async fn write_record(
+    client: &Client,
+    node_name: &str,
+    run: &Run,
+    job: &Job,
+    policies: &Store<EgressPolicy>,
+) -> Result<bool, kube::Error> {
     let baselines: Api<WorkflowBaseline> = Api::namespaced(client.clone(), &run.pod.namespace);
     let uid = baselines.get_status(&job.baseline).await?.metadata.uid;
-    let record = crate::record::record(run, job, node_name, uid.as_deref());
+    let policy = applicable_policy(policies, &run.pod, run.scale_set.as_deref(), job).map(|p| p.name_any());
+    let record = crate::record::record(run, job, node_name, policy.as_deref(), uid.as_deref());
     let api: Api<runwarden_crds::WorkflowRun> = Api::namespaced(client.clone(), &run.pod.namespace);
     match api.create(&kube::api::PostParams::default(), &record).await {
         Ok(_) => Ok(true),
@@ -1537,7 +1544,7 @@ async fn merger(
             let recorded = |result| {
                 metrics.run_records.get_or_create(&ResultLabel { result }).inc();
             };
-            match write_record(&client, &node_name, &run, &job).await {
+            match write_record(&client, &node_name, &run, &job, &policies).await {
                 Ok(true) => recorded("created"),
                 Ok(false) => recorded("exists"),
                 Err(e) if crate::report::retryable(&e) => {

@@ -70,9 +70,9 @@ fn refused(r: &Refused) -> RunEndpoint {
     e
 }
 
-/// The record of `run` (of `job`) on `node`, owned by its baseline when `baseline_uid` is known
-/// (so it goes with the baseline).
-pub fn record(run: &Run, job: &Job, node: &str, baseline_uid: Option<&str>) -> WorkflowRun {
+/// The record of `run` (of `job`) on `node` under `policy`, owned by its baseline when
+/// `baseline_uid` is known (so it goes with the baseline).
+pub fn record(run: &Run, job: &Job, node: &str, policy: Option<&str>, baseline_uid: Option<&str>) -> WorkflowRun {
     let mut endpoints: Vec<RunEndpoint> =
         run.destinations.values().map(endpoint).chain(run.blocked.values().map(refused)).collect();
     // Anomalies first, most severe first; then refused; then new; then by calls.
@@ -116,6 +116,7 @@ pub fn record(run: &Run, job: &Job, node: &str, baseline_uid: Option<&str>) -> W
             ephemeral_runner: run.runner.as_ref().map(|r| r.name.clone()),
             scale_set: run.scale_set.clone(),
             node: node.to_string(),
+            policy: policy.map(str::to_string),
             started: time_ms(run.started.saturating_mul(1000)),
             finished: time_ms(run.finished_ms),
             calls: run.total_calls.max(run.destinations.values().map(|d| d.calls).sum()),
@@ -206,7 +207,7 @@ mod tests {
             )]
             .into(),
         };
-        let r = record(&run, &job, "node-1", Some("uid-1"));
+        let r = record(&run, &job, "node-1", Some("runners"), Some("uid-1"));
         let hosts: Vec<_> = r.spec.endpoints.iter().map(|e| e.host.clone().unwrap()).collect();
         assert_eq!(hosts, ["high.example", "medium.example", "exfil.example", "quiet.example", "known.example"]);
         assert_eq!(r.spec.endpoints[0].verdict, RunVerdict::Anomalous);

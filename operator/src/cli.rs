@@ -324,6 +324,7 @@ pub fn run_details(run: &WorkflowRun, now: Timestamp) -> String {
     }
     field(&mut out, "Runner", &format!("{} on {}", s.runner, s.node));
     field(&mut out, "Baseline", &s.baseline);
+    field(&mut out, "Policy", s.policy.as_deref().unwrap_or("<none>"));
     field(&mut out, "Finished", &format!("{} ({} ago)", s.finished.0, age(&s.finished, now)));
     field(
         &mut out,

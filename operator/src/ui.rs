@@ -502,6 +502,12 @@ pub fn run_page(run: &WorkflowRun, now: Timestamp) -> String {
     if let Some(r) = &s.git_ref {
         let _ = write!(body, "<dt>Ref</dt><dd><code>{}</code></dd>", esc(r));
     }
+    let _ = match &s.policy {
+        Some(p) => {
+            write!(body, "<dt>Policy</dt><dd><code>kubectl -n {} get egresspolicy {}</code></dd>", esc(&ns), esc(p))
+        }
+        None => write!(body, "<dt>Policy</dt><dd>none applied (anomalies reported at Medium and above)</dd>"),
+    };
     let _ = write!(
         body,
         "<dt>Runner</dt><dd><code>kubectl -n {ns} get pod {runner}</code>{er} on node {node}</dd>\

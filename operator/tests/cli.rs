@@ -128,7 +128,7 @@ fn record(ns: &str, run_id: &str, runner: &str, finished: &str, anomalous: bool)
             "labels": {"runwarden.dev/baseline": "acme-web-ci-build", "runwarden.dev/run-id": run_id}},
         "spec": {
             "repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "baseline": "acme-web-ci-build",
-            "runId": run_id, "runner": runner, "node": "node-1", "started": "2026-12-03T10:00:00Z", "finished": finished,
+            "runId": run_id, "runner": runner, "node": "node-1", "policy": "runners", "started": "2026-12-03T10:00:00Z", "finished": finished,
             "calls": 41, "endpointCount": 1 + usize::from(anomalous), "newEndpointCount": usize::from(anomalous),
             "anomalyCount": usize::from(anomalous), "blockedCount": usize::from(anomalous), "endpoints": endpoints
         }
@@ -179,6 +179,7 @@ async fn runs_are_listed_newest_first_and_a_run_shows_its_anomalies_with_the_app
     let second_row = shown[table_start..].lines().nth(2).unwrap();
     assert!(second_row.starts_with("Blocked") && second_row.contains("198.51.100.7:8080/TCP"), "refused next: {shown}");
     assert!(shown.contains("1 destinations refused in block mode"), "{shown}");
+    assert!(shown.contains("Policy:     runners\n"), "{shown}");
     let refused = &shown[shown.find("Refused in block mode").expect("{shown}")..];
     assert!(
         refused.contains("198.51.100.7:8080/TCP (3 attempts)") && refused.contains("EgressPolicy arc/runners"),

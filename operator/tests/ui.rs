@@ -60,7 +60,7 @@ async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text(
         "metadata": {"name": "4711-arc-b", "labels": {"runwarden.dev/baseline": "acme-web-ci-build", "runwarden.dev/run-id": "4711"}},
         "spec": {
             "repository": "acme/web", "workflow": ".github/workflows/ci.yml", "job": "build", "baseline": "acme-web-ci-build",
-            "runId": "4711", "runner": "arc-b", "ephemeralRunner": "arc-b", "node": "node-1",
+            "runId": "4711", "runner": "arc-b", "ephemeralRunner": "arc-b", "node": "node-1", "policy": "runners",
             "started": "2026-12-03T10:00:00Z", "finished": "2026-12-03T10:05:00Z",
             "calls": 41, "endpointCount": 2, "newEndpointCount": 1, "anomalyCount": 1, "blockedCount": 1,
             "endpoints": [
@@ -125,6 +125,8 @@ async fn the_run_pages_show_a_runs_anomaly_first_and_what_runners_wrote_as_text(
         "{run}"
     );
     assert!(run.contains("https://github.com/acme/web/actions/runs/4711"), "{run}");
+    assert!(run.contains(&format!("kubectl -n {ns} get egresspolicy runners")), "the policy: {run}");
+    assert!(run.contains(&format!("kubectl -n {ns} get ephemeralrunner arc-b")), "the EphemeralRunner: {run}");
     for raw in ["<script>", "<img", "<b>x"] {
         assert!(!run.contains(raw), "{raw} from a runner is text, not markup: {run}");
     }

@@ -411,6 +411,7 @@ async fn a_job_learns_its_hosts_then_a_new_host_raises_events_on_pod_runner_and_
     }
     let [record] = found.as_slice() else { panic!("one record of run 106: {found:?}") };
     assert_eq!((record.spec.runner.as_str(), record.spec.endpoint_count), (runner.as_str(), 4), "{record:?}");
+    assert_eq!(record.spec.policy.as_deref(), Some("audit"), "the policy that applied: {record:?}");
     let first = &record.spec.endpoints[0];
     assert_eq!(first.host.as_deref(), Some("new.exfil.test"), "{record:?}");
     assert_eq!(first.verdict, runwarden_crds::RunVerdict::Anomalous, "{first:?}");

@@ -187,7 +187,7 @@ async fn a_block_policy_holds_its_runners_from_their_first_instruction_and_acros
         assert!(started.elapsed() < Duration::from_secs(30), "no record of run 1\n{}", agent_logs(node));
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    assert_eq!(record.spec.blocked_count, 1, "{record:?}");
+    assert_eq!((record.spec.blocked_count, record.spec.policy.as_deref()), (1, Some("runners")), "{record:?}");
     let refused = record.spec.endpoints.iter().find(|e| e.address == denied_ip).expect("the refused address listed");
     assert_eq!((refused.port, refused.verdict), (8080, runwarden_crds::RunVerdict::Blocked), "{refused:?}");
     assert!(refused.calls >= 1 && refused.processes.iter().any(|p| p == "wget"), "{refused:?}");
