@@ -55,10 +55,11 @@ for image in runwarden-agent runwarden-operator; do
 done
 kubectl apply --server-side -f "$cache"/arc-*/crds/ | sed 's/^/  /'
 # The local images; the agent keeps its state inside the demo's directory, so that `make
-# demo-down` removes it.
+# demo-down` removes it. The run pages are on, and Events link to them where port-forward puts
+# them.
 helm install runwarden charts/runwarden --namespace runwarden-system --create-namespace \
   -f charts/runwarden/ci/local-values.yaml --set agent.stateDir="$dir/agent-state" \
-  --set operator.ui.enabled=true | sed 's/^/  /'
+  --set operator.ui.enabled=true --set operator.ui.url=http://localhost:8090 | sed 's/^/  /'
 kubectl -n runwarden-system rollout status deployment/runwarden-operator --timeout=120s | sed 's/^/  /'
 until kubectl -n runwarden-system get daemonset/runwarden-agent >/dev/null 2>&1; do sleep 0.5; done
 kubectl -n runwarden-system rollout status daemonset/runwarden-agent --timeout=120s | sed 's/^/  /'
@@ -134,6 +135,7 @@ kubectl -n arc-runners get wfr
 
 say "the cluster stays up"
 echo "  run pages: kubectl -n runwarden-system port-forward deploy/runwarden-operator 8090, then http://localhost:8090"
+echo "  (the AnomalousEgress Events above link to each run's page there)"
 echo "  export KUBECONFIG=$KUBECONFIG"
 echo "  export PATH=$bin:$helm_dir:\$PATH"
 echo "  make demo-down   # stops it and removes everything it put on this machine"
