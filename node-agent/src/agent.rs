@@ -92,8 +92,9 @@ pub struct AgentArgs {
     /// New AnomalousEgress Events per second (sustained; bursts of ten times as many).
     #[arg(long, default_value_t = 10.0)]
     pub events_per_second: f64,
-    /// Where the operator's run pages are reached (`https://host[/prefix]`, e.g. an
-    /// Ingress): Events about a run end with a link to its page.
+    /// Where the operator's run pages are reached, scheme and host only
+    /// (`https://runwarden.example.com`, e.g. an Ingress): Events about a run end with a link to
+    /// its page.
     #[arg(long, env = "RUNWARDEN_UI_URL", value_parser = runwarden_crds::run::pages_base)]
     pub ui_url: Option<String>,
     /// Kernel records one pod may write per second (its budget's refill); past its budget a

@@ -20,8 +20,9 @@
 //!   notifier in the policy's `status.notifiers` (counts, last delivery, last error).
 //! - **Format.** Webhook: JSON `{"version": 1, "kind": "AnomalousEgress", "time", "report",
 //!   "approve", "objects", "links"}` (`links`: the run's and the job's pages, when the operator's
-//!   `uiUrl` is set; Slack and email link to the run's page then too), signed when `signingSecretRef` is set (header
-//!   `X-Runwarden-Signature-256: sha256=<hex HMAC-SHA256 of the body>`). Slack: Block Kit, every
+//!   `uiUrl` is set; Slack and email link to the run's page then too), signed when
+//!   `signingSecretRef` is set (header `X-Runwarden-Signature-256: sha256=<hex HMAC-SHA256 of
+//!   the body>`). Slack: Block Kit, every
 //!   name from the pod shown as code so that it is neither markup nor a link. Email: plain text
 //!   through the SMTP relay of the notifier's Secret ([`Relay`]), STARTTLS required by default.
 
