@@ -7,7 +7,7 @@
 #   make images              the agent's and operator's container images (and the test node's) as OCI archives
 #   make generate            regenerate committed files (crds/*.yaml, operator/rbac.yaml, node-agent/rbac.yaml and their
 #                            copies in charts/runwarden/templates) from the Rust code
-#   make bench               benchmarks: detector, operator at scale, agent pipeline, connect() overhead, connect storm,
+#   make bench               benchmarks: detector, operator at scale, agent pipeline, kernel programs' cost, call storm,
 #                            detection latency and agent memory on the real node (figures printed, nothing asserted;
 #                            the agent's need root)
 #   make replay              the detector on the public replay corpus, scored by its score.py

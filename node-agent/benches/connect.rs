@@ -161,6 +161,16 @@ fn udp_sendto_loop(ports: Ports, n: usize) -> Duration {
     start.elapsed()
 }
 
+fn udp_send_loop(ports: Ports, n: usize) -> Duration {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.connect(("127.0.0.1", ports.datagrams)).unwrap();
+    let start = Instant::now();
+    for _ in 0..n {
+        s.send(&[1; 32]).unwrap();
+    }
+    start.elapsed()
+}
+
 fn udp_socket_loop(ports: Ports, n: usize) -> Duration {
     let port = ports.listener;
     let start = Instant::now();
@@ -249,13 +259,14 @@ fn main() {
             drop(s);
         }
     });
-    let loops: [Loop; 7] = [
+    let loops: [Loop; 8] = [
         // About 0.1 s each, so one slow moment of the machine does not decide a round.
         ("TCP socket+connect+close", tcp_loop, 6_000, false),
         ("  the same, server in the pod", tcp_in_pod_loop, 6_000, false),
         ("TCP connect refused", tcp_refused_loop, 20_000, false),
         ("UDP connect, one socket", udp_connect_loop, 250_000, false),
         ("UDP sendto, unconnected", udp_sendto_loop, 100_000, false),
+        ("UDP send, connected", udp_send_loop, 100_000, false),
         ("UDP socket+connect+close", udp_socket_loop, 30_000, false),
         ("TCP bulk receive (MiB/s)", bulk_receive_loop, 2_048, true),
     ];
@@ -263,7 +274,7 @@ fn main() {
     tcp_loop(ports, 2_000);
     bulk_receive_loop(ports, 256);
     // ns/op (or s/MiB) of every round, per setup and loop.
-    let mut per_round: [[Vec<f64>; 7]; 4] = Default::default();
+    let mut per_round: [[Vec<f64>; 8]; 4] = Default::default();
     let mut lost = 0;
     for round in 0..rounds {
         // Each round starts with another setup, so none always runs right after another.
@@ -312,8 +323,7 @@ fn main() {
 /// Where the monitored pod's time goes: each loop once more with the kernel's BPF run-time
 /// statistics on, and each program's runs and mean run time per op (per MiB for the bulk
 /// receive). The statistics cost two clock reads per run, so these runs are not in the table
-/// above. What the kernel spends around a program (dispatch, the socket lock UDP connect
-/// takes for it) is not in them: the table's "not monitored" column shows that.
+/// above. What the kernel spends around a program (its dispatch) is not in them.
 fn profile(loops: &[Loop], ports: Ports, kubepods: &Path, pod: &Path, other: &Path) {
     let Ok(_stats) = aya::sys::enable_stats(aya::sys::Stats::RunTime) else {
         println!("(no profile: the kernel would not turn its BPF statistics on)");

@@ -1,4 +1,4 @@
-//! A connect storm: two test pods make 25,000 UDP connects a second each (50,000/s in all) for
+//! A call storm: two test pods send 25,000 UDP datagrams a second each (50,000/s in all) for
 //! 10 s, to 1,000 destinations each, while the agent (programs on the two pods, reader and
 //! pipeline on a thread of this process) keeps up. Run with the kernel dedupe on and off; prints
 //! records lost, calls counted against calls made, the agent thread's CPU and this process's
@@ -17,7 +17,7 @@ const RATE_PER_POD: u64 = 25_000;
 const SECONDS: u64 = 10;
 const DESTINATIONS: u16 = 1_000;
 
-/// In a generator process: `rate` UDP connects a second for `secs`, paced per millisecond.
+/// In a generator process: `rate` UDP datagrams a second for `secs`, paced per millisecond.
 fn generate(rate: u64, secs: u64, destinations: u16) {
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     let start = Instant::now();
@@ -26,7 +26,7 @@ fn generate(rate: u64, secs: u64, destinations: u16) {
     for ms in 0..secs * 1000 {
         for _ in 0..per_ms {
             let port = 20_000 + (made % u64::from(destinations)) as u16;
-            socket.connect(("127.0.0.1", port)).unwrap();
+            socket.send_to(&[0], ("127.0.0.1", port)).unwrap();
             made += 1;
         }
         let next = start + Duration::from_millis(ms + 1);
@@ -98,7 +98,7 @@ fn main() {
     }
     let cgroups = BenchCgroups::new("storm");
     println!(
-        "connect storm: 2 pods x {RATE_PER_POD} UDP connects/s for {SECONDS} s, {DESTINATIONS} destinations each, \
+        "call storm: 2 pods x {RATE_PER_POD} UDP datagrams/s for {SECONDS} s, {DESTINATIONS} destinations each, \
          programs at {}",
         cgroups.mount.display()
     );

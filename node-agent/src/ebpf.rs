@@ -20,7 +20,7 @@ use std::time::Duration;
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
 use aya::programs::cgroup_skb::CgroupSkbAttachType;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr};
+use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSockAddr, SockOps};
 use aya::{Btf, Ebpf, EbpfLoader};
 use runwarden_ebpf_common::{
     ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, ClientKey, Config, DedupeKey, DedupeValue,
@@ -531,7 +531,7 @@ enum Held {
 /// The programs attached to one cgroup; dropping it detaches those not pinned.
 struct CgroupLinks {
     dir: PathBuf,
-    /// Program name and link: [`names::PROGRAMS`], then [`names::REWRITE_PROGRAMS`] while the
+    /// Program name and link: [`names::PROGRAMS`], then [`names::BLOCK_PROGRAMS`] while the
     /// pod is in block mode.
     links: Vec<(&'static str, Held)>,
 }
@@ -551,10 +551,13 @@ fn maps_layout() -> &'static str {
 /// programs its predecessor pinned share them.
 const PINNED_MAPS: [&str; 5] = [names::CONFIG, names::POLICIES, names::ALLOW, names::NAMES, names::REDIRECTED];
 
-/// The kernel's attach types of [`names::PROGRAMS`], in that order (`enum bpf_attach_type`:
-/// `BPF_CGROUP_INET4_CONNECT`, `..._INET6_CONNECT`, `BPF_CGROUP_UDP4_SENDMSG`,
-/// `..._UDP6_SENDMSG`, `BPF_CGROUP_INET_INGRESS`, `BPF_CGROUP_INET_EGRESS`).
-const ATTACH_TYPES: [u32; 6] = [10, 11, 14, 15, 0, 1];
+/// The kernel's attach types of [`names::PROGRAMS`], then of [`names::BLOCK_PROGRAMS`], in
+/// that order (`enum bpf_attach_type`: `BPF_CGROUP_INET_INGRESS`, `..._INET_EGRESS`,
+/// `BPF_CGROUP_SOCK_OPS`; `BPF_CGROUP_INET4_CONNECT`, `..._INET6_CONNECT`,
+/// `BPF_CGROUP_UDP4_SENDMSG`, `..._UDP6_SENDMSG`, `BPF_CGROUP_UDP4_RECVMSG`, `..._UDP6_RECVMSG`,
+/// `BPF_CGROUP_INET4_GETPEERNAME`, `..._INET6_GETPEERNAME`).
+const ATTACH_TYPES: [u32; 3] = [0, 1, 3];
+const BLOCK_ATTACH_TYPES: [u32; 8] = [10, 11, 14, 15, 19, 20, 29, 30];
 
 /// What [`Probes::check_pods`] found wrong with an armed pod's kernel state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -578,7 +581,8 @@ pub struct Probes {
     monitored: HashMap<u64, u32>,
     /// cgroup id → the programs attached to it.
     links: HashMap<u64, CgroupLinks>,
-    /// The kernel's ids of [`names::PROGRAMS`], in that order.
+    /// The kernel's ids of [`names::PROGRAMS`], then of [`names::BLOCK_PROGRAMS`], in that
+    /// order.
     program_ids: Vec<u32>,
     /// Pods in block mode, with their `POLICIES` value (`ENFORCE_*`).
     blocking: HashMap<u64, u32>,
@@ -636,17 +640,15 @@ impl Probes {
             )),
             None => refused(e),
         })?;
-        for name in &names::PROGRAMS[..4] {
-            program::<CgroupSockAddr>(&mut bpf, name)?.load().map_err(refused)?;
-        }
-        for name in &names::PROGRAMS[4..] {
+        for name in &names::PROGRAMS[..2] {
             program::<CgroupSkb>(&mut bpf, name)?.load().map_err(refused)?;
         }
-        for name in names::REWRITE_PROGRAMS {
+        program::<SockOps>(&mut bpf, names::PROGRAMS[2])?.load().map_err(refused)?;
+        for name in names::BLOCK_PROGRAMS {
             program::<CgroupSockAddr>(&mut bpf, name)?.load().map_err(refused)?;
         }
-        let mut program_ids = Vec::with_capacity(names::PROGRAMS.len());
-        for name in names::PROGRAMS {
+        let mut program_ids = Vec::with_capacity(names::PROGRAMS.len() + names::BLOCK_PROGRAMS.len());
+        for name in names::PROGRAMS.into_iter().chain(names::BLOCK_PROGRAMS) {
             program_ids.push(bpf.program(name).ok_or_else(|| missing(name))?.info().map_err(refused)?.id());
         }
         let exec_filename_offset = attach_exec(&mut bpf).unwrap_or(0);
@@ -758,8 +760,9 @@ impl Probes {
         self.links.contains_key(&id)
     }
 
-    /// Attaches every program to `dir`: the DNS answer and query filters first, so no answer
-    /// to a query the call programs see can pass unread.
+    /// Attaches the programs every armed pod has to `dir` (and those of block mode, for a pod
+    /// in it): the DNS answer and query filters first, so no answer to a query the TCP program
+    /// sees can pass unread.
     fn attach(&mut self, id: u64, dir: &Path) -> Result<(), LoadError> {
         if self.links.contains_key(&id) {
             return Ok(());
@@ -767,9 +770,9 @@ impl Probes {
         let cgroup =
             std::fs::File::open(dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?;
         // An error drops what is attached so far: all or nothing.
-        let mut links = Vec::with_capacity(names::PROGRAMS.len() + names::REWRITE_PROGRAMS.len());
+        let mut links = Vec::with_capacity(names::PROGRAMS.len() + names::BLOCK_PROGRAMS.len());
         for (name, attach_type) in
-            [(names::PROGRAMS[4], CgroupSkbAttachType::Ingress), (names::PROGRAMS[5], CgroupSkbAttachType::Egress)]
+            [(names::PROGRAMS[0], CgroupSkbAttachType::Ingress), (names::PROGRAMS[1], CgroupSkbAttachType::Egress)]
         {
             let dns: &mut CgroupSkb = program(&mut self.bpf, name)?;
             // Links always stack on a cgroup; "Single" is how aya asks for a plain link.
@@ -777,14 +780,15 @@ impl Probes {
             let link = FdLink::try_from(dns.take_link(link).map_err(refused)?).map_err(refused)?;
             links.push((name, Held::Attached(link)));
         }
-        for name in &names::PROGRAMS[..4] {
-            links.push((name, Held::Attached(sock_addr_link(&mut self.bpf, name, &cgroup)?)));
-        }
+        let tcp: &mut SockOps = program(&mut self.bpf, names::PROGRAMS[2])?;
+        let link = tcp.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(refused)?;
+        let link = FdLink::try_from(tcp.take_link(link).map_err(refused)?).map_err(refused)?;
+        links.push((names::PROGRAMS[2], Held::Attached(link)));
         self.links.insert(id, CgroupLinks { dir: dir.to_path_buf(), links });
         if self.blocking.contains_key(&id) {
-            // In block mode before this agent started: its rewrite programs too, pinned, and
-            // then the earlier agent's links can go (one or the other holds it all along).
-            self.attach_rewrite(id)?;
+            // In block mode before this agent started: its block-mode programs too, pinned,
+            // and then the earlier agent's links can go (one or the other holds it all along).
+            self.attach_block(id)?;
             self.pin(id)?;
             self.let_go_inherited(id);
         }
@@ -889,7 +893,12 @@ impl Probes {
         for (&id, links) in &self.links {
             let Ok(cgroup) = std::fs::File::open(&links.dir) else { continue };
             let mut detached = Vec::new();
-            for ((name, attach_type), prog) in names::PROGRAMS.into_iter().zip(ATTACH_TYPES).zip(&self.program_ids) {
+            let blocking = self.blocking.contains_key(&id);
+            let expected = names::PROGRAMS
+                .into_iter()
+                .zip(ATTACH_TYPES)
+                .chain(names::BLOCK_PROGRAMS.into_iter().zip(BLOCK_ATTACH_TYPES).filter(|_| blocking));
+            for ((name, attach_type), prog) in expected.zip(&self.program_ids) {
                 match attached_programs(&cgroup, attach_type) {
                     Ok(ids) if !ids.contains(prog) => detached.push(name),
                     Ok(_) => {}
@@ -991,9 +1000,10 @@ impl Probes {
     /// [allowed](Self::allow) fail with `EPERM` and are reported refused) or takes it out
     /// (every call goes ahead). Takes effect on the pod's next call.
     ///
-    /// In block mode the pod's DNS queries go to the agent's [resolver](Self::set_resolver),
-    /// and the programs that give its answers the address the pod asked are attached to the
-    /// pod (before the mode is set, so no redirected answer goes without).
+    /// In block mode the programs that decide each call ([`names::BLOCK_PROGRAMS`]) are
+    /// attached to the pod (before the mode is set, so no call goes undecided, and detached
+    /// after it is taken out, so none goes unreported); its DNS queries go to the agent's
+    /// [resolver](Self::set_resolver), and its answers get the address the pod asked.
     pub fn set_blocking(&mut self, id: u64, block: bool) -> Result<(), LoadError> {
         self.set_block_mode(id, block.then_some(false))
     }
@@ -1003,7 +1013,7 @@ impl Probes {
     /// for [`runwarden_ebpf_common::AGENT_AWAY_NS`]); `None` takes it out.
     pub fn set_block_mode(&mut self, id: u64, fail_open: Option<bool>) -> Result<(), LoadError> {
         if fail_open.is_some() {
-            self.attach_rewrite(id)?;
+            self.attach_block(id)?;
             // Pinned first: from the moment the pod is in block mode, it stays held if this
             // process ends.
             self.pin(id)?;
@@ -1022,7 +1032,7 @@ impl Probes {
             }
             self.unpin(id);
             if let Some(links) = self.links.get_mut(&id) {
-                links.links.retain(|(name, _)| !names::REWRITE_PROGRAMS.contains(name));
+                links.links.retain(|(name, _)| !names::BLOCK_PROGRAMS.contains(name));
             }
             self.let_go_inherited(id);
         }
@@ -1036,22 +1046,22 @@ impl Probes {
         self.write_config()
     }
 
-    fn attach_rewrite(&mut self, id: u64) -> Result<(), LoadError> {
+    fn attach_block(&mut self, id: u64) -> Result<(), LoadError> {
         let Some(links) = self.links.get(&id) else {
             return Err(LoadError::Unsupported(format!("cgroup {id} is not armed: block mode needs its programs")));
         };
-        if links.links.iter().any(|(name, _)| names::REWRITE_PROGRAMS.contains(name)) {
+        if links.links.iter().any(|(name, _)| names::BLOCK_PROGRAMS.contains(name)) {
             return Ok(());
         }
         let dir = links.dir.clone();
         let cgroup =
             std::fs::File::open(&dir).map_err(|source| LoadError::Cgroup { path: dir.to_path_buf(), source })?;
-        let mut rewrite = Vec::with_capacity(names::REWRITE_PROGRAMS.len());
-        for name in names::REWRITE_PROGRAMS {
-            rewrite.push((name, Held::Attached(sock_addr_link(&mut self.bpf, name, &cgroup)?)));
+        let mut block = Vec::with_capacity(names::BLOCK_PROGRAMS.len());
+        for name in names::BLOCK_PROGRAMS {
+            block.push((name, Held::Attached(sock_addr_link(&mut self.bpf, name, &cgroup)?)));
         }
         if let Some(links) = self.links.get_mut(&id) {
-            links.links.extend(rewrite);
+            links.links.extend(block);
         }
         Ok(())
     }

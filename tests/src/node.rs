@@ -832,17 +832,11 @@ pub fn cgroup_programs(dir: &Path) -> Vec<(String, String)> {
     out
 }
 
-/// What [`cgroup_programs`] lists for a cgroup with all of runwarden's cgroup programs attached.
+/// What [`cgroup_programs`] lists for an armed pod's cgroup (not in block mode): no
+/// `sock_addr` program, whose hooks would make every UDP `connect()` of the node take a lock.
 pub fn runwarden_programs() -> Vec<(String, String)> {
-    [
-        ("cgroup_inet4_connect", "connect4"),
-        ("cgroup_inet6_connect", "connect6"),
-        ("cgroup_inet_egress", "dns_egress"),
-        ("cgroup_inet_ingress", "dns_ingress"),
-        ("cgroup_udp4_sendmsg", "sendmsg4"),
-        ("cgroup_udp6_sendmsg", "sendmsg6"),
-    ]
-    .into_iter()
-    .map(|(a, n)| (a.to_string(), n.to_string()))
-    .collect()
+    [("cgroup_inet_egress", "egress"), ("cgroup_inet_ingress", "dns_ingress"), ("cgroup_sock_ops", "tcp_connect")]
+        .into_iter()
+        .map(|(a, n)| (a.to_string(), n.to_string()))
+        .collect()
 }

@@ -760,16 +760,16 @@ async fn a_runners_programs_detached_from_outside_are_noticed_and_put_back() {
     let cgroup = pod_cgroup(&uid);
 
     // What a privileged process (CAP_SYS_ADMIN, as Docker-in-Docker runners have) can do: take
-    // the runner pod's connect4 link by id and detach it. Done from the host here; the kernel
+    // the runner pod's TCP connect link by id and detach it. Done from the host here; the kernel
     // makes no difference.
     let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cgroup).unwrap());
     let out = std::process::Command::new("bpftool").args(["-j", "link", "show"]).output().unwrap();
     let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let link = links
         .iter()
-        .find(|l| l["cgroup_id"].as_u64() == Some(id) && l["attach_type"] == "cgroup_inet4_connect")
+        .find(|l| l["cgroup_id"].as_u64() == Some(id) && l["attach_type"] == "cgroup_sock_ops")
         .and_then(|l| l["id"].as_u64())
-        .expect("the runner pod's connect4 link");
+        .expect("the runner pod's tcp_connect link");
     let out = std::process::Command::new("bpftool").args(["link", "detach", "id", &link.to_string()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 

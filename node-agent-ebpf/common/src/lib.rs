@@ -29,10 +29,13 @@ pub const FAMILY_IPV6: u8 = 10;
 pub const PROTO_TCP: u8 = 6;
 /// `protocol`: UDP.
 pub const PROTO_UDP: u8 = 17;
+/// UDP-Lite (a datagram socket's other protocol): reported as [`PROTO_UDP`].
+pub const PROTO_UDPLITE: u8 = 136;
 
-/// `hook`: `connect()` (TCP, or UDP that connects).
+/// `hook`: a TCP `connect()` (in block mode also a UDP socket's `connect()`).
 pub const HOOK_CONNECT: u8 = 1;
-/// `hook`: `sendto()`/`sendmsg()` with an address on an unconnected UDP socket.
+/// `hook`: a UDP datagram sent, connected or not (in block mode: `sendto()`/`sendmsg()` with an
+/// address on an unconnected UDP socket).
 pub const HOOK_SENDMSG: u8 = 2;
 
 /// `verdict`: the call went ahead.
@@ -402,12 +405,18 @@ pub mod names {
     pub const CLIENTS: &str = "CLIENTS";
     /// Pod cgroup id → [`super::Budget`], LRU.
     pub const BUDGETS: &str = "BUDGETS";
-    /// The programs, one per hook, attached to every armed pod.
-    pub const PROGRAMS: [&str; 6] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "dns_ingress", "dns_egress"];
-    /// The programs that give a block-mode pod's redirected DNS answers and peers their
-    /// original address, attached only to block-mode pods (while they are attached anywhere,
-    /// every UDP `recvfrom()` on the node takes its socket's lock around them).
-    pub const REWRITE_PROGRAMS: [&str; 4] = ["recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
+    /// The programs attached to every armed pod: DNS answers in, UDP datagrams and DNS queries
+    /// out (`cgroup_skb`), TCP connects (`sockops`). None of their hooks takes a lock, and a
+    /// socket of a cgroup with none attached costs the kernel a pointer compare.
+    pub const PROGRAMS: [&str; 3] = ["dns_ingress", "egress", "tcp_connect"];
+    /// The programs attached only to block-mode pods: `connect4`/`6` and `sendmsg4`/`6` decide
+    /// each call before it happens (and send DNS to the agent's resolver), `recvmsg4`/`6` and
+    /// `getpeername4`/`6` give redirected answers and peers their original address. While
+    /// one of these is attached anywhere, every UDP `connect()` (`sendto()`, `recvfrom()`) on
+    /// the node takes its socket's lock around the cgroup's (mostly empty) program list: so
+    /// they are attached where a pod blocks, and nowhere else.
+    pub const BLOCK_PROGRAMS: [&str; 8] =
+        ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
     /// The `tp_btf/sched_process_exec` program (executable paths).
     pub const EXEC: &str = "sched_process_exec";
 }

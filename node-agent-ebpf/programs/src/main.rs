@@ -1,25 +1,31 @@
 //! runwarden's kernel programs (on a node: attached to the cgroup of each pod that may hold a
 //! runner, see the agent's `ebpf`; other pods run none of them):
 //!
-//! - `connect4`/`connect6`: every `connect()` (TCP, and UDP sockets that connect);
-//! - `sendmsg4`/`sendmsg6`: `sendto()`/`sendmsg()` with an address on unconnected UDP sockets
-//!   (DNS, QUIC);
+//! - `tcp_connect` (`sockops`): every TCP `connect()`, as its SYN is about to leave;
+//! - `egress` (`cgroup_skb/egress`): every UDP datagram sent (connected or not: DNS, QUIC) is a
+//!   call; and a bounded copy of each DNS query (UDP to port 53), so an answer is believed only
+//!   when it matches a query the pod sent (id, question, server, port);
 //! - `dns_ingress` (`cgroup_skb/ingress`): UDP answers from port 53, a bounded copy of the
 //!   message, so the agent can name destinations from the answers each pod received;
-//! - `dns_egress` (`cgroup_skb/egress`): UDP queries to port 53, likewise, so an answer is
-//!   believed only when it matches a query the pod sent (id, question, server, port);
+//! - in block mode only, `connect4`/`connect6` and `sendmsg4`/`sendmsg6` (`cgroup/sock_addr`):
+//!   each `connect()`, and each `sendto()` with an address on an unconnected UDP socket, is
+//!   decided before it happens and reported with its verdict (the two above then leave the
+//!   pod's calls to them); `recvmsg*`/`getpeername*` restore redirected DNS answers' source.
+//!   These hooks are kept off pods that do not block because the kernel takes the socket's
+//!   lock around them on every UDP `connect()`/`sendto()` of the node once one is attached
+//!   anywhere;
 //! - `sched_process_exec` (node-wide): the executable of each process of a reported pod.
 //!
 //! The programs find the pod (or, for `trace`, the monitored cgroup) a caller belongs to from its
 //! ancestors at the levels `CONFIG` names: an index into the cgroup's ancestors, no walk, and no
 //! map lookup for a pod (the program runs only where the agent attached it). Repeated calls
 //! from one cgroup to one destination within the dedupe window are counted (in this CPU's
-//! `RECENT` slot, then in `DEDUPE`, see [`on_call`]), not reported. Each pod has a record budget (`BUDGETS`, a token bucket refilled at
-//! `CONFIG.budget_per_second`): past it the pod's records are counted, not written, so one pod
-//! cannot fill the ring buffer all pods share (its calls stay in `DEDUPE`, where the agent
-//! finds them). Records are submitted without waking the reader (it polls) unless the ring
-//! buffer fills past a threshold; records that do not fit are counted in `STATS`. Every program
-//! lets the call go ahead.
+//! `RECENT` slot, then in `DEDUPE`, see [`record`]), not reported. Each pod has a record
+//! budget (`BUDGETS`, a token bucket refilled at `CONFIG.budget_per_second`): past it the pod's
+//! records are counted, not written, so one pod cannot fill the ring buffer all pods share (its
+//! calls stay in `DEDUPE`, where the agent finds them). Records are submitted without waking
+//! the reader (it polls) unless the ring buffer fills past a threshold; records that do not fit
+//! are counted in `STATS`. Only the block-mode programs refuse anything.
 
 #![no_std]
 #![no_main]
@@ -31,23 +37,27 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::bindings::__sk_buff;
+use aya_ebpf::bindings::{
+    BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+    BPF_SOCK_OPS_TCP_CONNECT_CB,
+};
 use aya_ebpf::helpers::generated::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
     bpf_ktime_get_coarse_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, bpf_skb_load_bytes,
 };
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes};
-use aya_ebpf::macros::{btf_tracepoint, cgroup_skb, cgroup_sock_addr, map};
+use aya_ebpf::macros::{btf_tracepoint, cgroup_skb, cgroup_sock_addr, map, sock_ops};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
-use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext};
+use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, SockAddrContext, SockOpsContext};
 use runwarden_ebpf_common::{
     AGENT_AWAY_NS, ALLOW_KEY_FIXED_BITS, ARMED, AllowKey, AllowValue, Budget, CallEvent, ClientKey, Config,
     DNS_CAPTURE, DedupeKey, DedupeValue, DnsEvent, ENFORCE_BLOCK, ENFORCE_FAIL_OPEN, ExecEvent, FAMILY_IPV4,
     FAMILY_IPV6, FLAG_FIRST, HOOK_CONNECT, HOOK_SENDMSG, KIND_CALL, KIND_DNS, KIND_DNS_QUERY, KIND_EXEC, MAX_LEVEL,
-    MAX_POD_PARENTS, MONITOR, NAME_BYTES, PROTO_TCP, PROTO_UDP, RECENT_SLOTS, RecentCall, Redirected, VERDICT_ALLOWED,
-    VERDICT_DENIED, stats,
+    MAX_POD_PARENTS, MONITOR, NAME_BYTES, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE, RECENT_SLOTS, RecentCall, Redirected,
+    VERDICT_ALLOWED, VERDICT_DENIED, stats,
 };
 
 /// Ring buffer size. At 88 bytes a call event it holds ~47,000 calls; the agent drains it
@@ -394,15 +404,40 @@ fn add_total(key: &DedupeKey, calls: u64) {
     }
 }
 
-/// Reports one call (after the dedupe); whether it may go ahead: refused only when the caller's
-/// pod is in block mode (`POLICIES`) and the destination is not in its `ALLOW` entries.
-///
-/// The dedupe has two levels: this CPU's `RECENT` slot for the call (a repeat within the window
-/// is counted there: an array index, a compare, an add) and the `DEDUPE` table shared by all
-/// CPUs, which decides when a record is written and holds the totals. A slot's calls move to
-/// the table when the slot is taken over or looked at after the window; the slot is emptied
-/// before the table is added to, so a reader that takes the table and then the slots (the
-/// agent's `dedupe_table`) may count a call late but never twice.
+/// One call as the programs see it, for [`record`].
+#[derive(Clone, Copy)]
+struct Call {
+    hook: u8,
+    /// The cgroup the call is counted for (the caller's, or the sending socket's).
+    cgroup_id: u64,
+    /// Its pod, when already looked up (0 until then).
+    pod: u64,
+    family: u8,
+    protocol: u8,
+    addr: [u8; 16],
+    port: u16,
+    verdict: u8,
+    /// `bpf_ktime_get_coarse_ns()` when the dedupe window or block mode needs it, else 0.
+    coarse: u64,
+}
+
+/// The coarse clock (the last tick's time, no clock read), which is plenty for a window of
+/// seconds and for the expiry of addresses from DNS answers; 0 when nothing needs it.
+#[inline(always)]
+fn coarse_now(cfg: &Config) -> u64 {
+    // SAFETY: a helper without pointer arguments.
+    if cfg.dedupe_window_ns != 0 || cfg.enforcing != 0 { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 }
+}
+
+/// Whether the pod `pod` is in block mode: its calls are decided, and reported, by the
+/// `sock_addr` programs attached to it, not by the observing ones.
+#[inline(always)]
+fn blocking(cfg: &Config, pod: u64) -> bool {
+    cfg.enforcing != 0 && POLICIES.get_ptr(pod).is_some()
+}
+
+/// Reports a block-mode pod's call (after the dedupe); whether it may go ahead: refused when
+/// the pod is in block mode (`POLICIES`) and the destination is not in its `ALLOW` entries.
 #[inline(always)]
 fn on_call(ctx: &SockAddrContext, hook: u8, family: u8, protocol: u8, addr: [u8; 16], port: u16) -> bool {
     let Some(cfg) = config() else {
@@ -410,11 +445,7 @@ fn on_call(ctx: &SockAddrContext, hook: u8, family: u8, protocol: u8, addr: [u8;
     };
     // SAFETY: a helper without pointer arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let window = cfg.dedupe_window_ns;
-    // The coarse clock (the last tick's time, no clock read) is plenty for a window of seconds
-    // and for the expiry of addresses from DNS answers.
-    // SAFETY: a helper without pointer arguments.
-    let coarse = if window != 0 || cfg.enforcing != 0 { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 };
+    let coarse = coarse_now(cfg);
     // The verdict comes first: a call is refused whatever the dedupe says. Only on a node with
     // pods in block mode is the caller's pod looked up before the dedupe.
     // 0 until looked up (a plain integer: an `Option` here leaves LLVM free to move an
@@ -440,7 +471,24 @@ fn on_call(ctx: &SockAddrContext, hook: u8, family: u8, protocol: u8, addr: [u8;
             }
         }
     }
-    let allow = verdict == VERDICT_ALLOWED;
+    let call = Call { hook, cgroup_id, pod, family, protocol, addr, port, verdict, coarse };
+    record(cfg, call, || current_pod(cfg, Pods::Attached));
+    verdict == VERDICT_ALLOWED
+}
+
+/// Reports one call, after the dedupe; `find_pod` looks up its pod when `call.pod` is 0 (not
+/// needed for a call the dedupe folds).
+///
+/// The dedupe has two levels: this CPU's `RECENT` slot for the call (a repeat within the window
+/// is counted there: an array index, a compare, an add) and the `DEDUPE` table shared by all
+/// CPUs, which decides when a record is written and holds the totals. A slot's calls move to
+/// the table when the slot is taken over or looked at after the window; the slot is emptied
+/// before the table is added to, so a reader that takes the table and then the slots (the
+/// agent's `dedupe_table`) may count a call late but never twice.
+#[inline(always)]
+fn record(cfg: &Config, call: Call, find_pod: impl Fn() -> Option<u64>) {
+    let Call { hook, cgroup_id, mut pod, family, protocol, addr, port, verdict, coarse } = call;
+    let window = cfg.dedupe_window_ns;
     let recent = if window != 0 { RECENT.get_ptr_mut(recent_slot(cgroup_id, &addr, port)) } else { None };
     // Calls folded on this CPU for this very key, to add to its total below.
     let mut carried = 0;
@@ -452,7 +500,7 @@ fn on_call(ctx: &SockAddrContext, hook: u8, family: u8, protocol: u8, addr: [u8;
                 if coarse.wrapping_sub((*slot).last_event_ns) < window {
                     (*slot).pending += 1;
                     count(stats::CALLS_FOLDED);
-                    return allow;
+                    return;
                 }
                 carried = (*slot).pending;
                 (*slot).pending = 0;
@@ -464,8 +512,8 @@ fn on_call(ctx: &SockAddrContext, hook: u8, family: u8, protocol: u8, addr: [u8;
         }
     }
     if pod == 0 {
-        let Some(id) = current_pod(cfg, Pods::Attached) else {
-            return true;
+        let Some(id) = find_pod() else {
+            return;
         };
         pod = id;
     }
@@ -507,17 +555,17 @@ fn on_call(ctx: &SockAddrContext, hook: u8, family: u8, protocol: u8, addr: [u8;
         }
         if folded {
             count(stats::CALLS_FOLDED);
-            return allow;
+            return;
         }
     }
     // SAFETY: a helper without pointer arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if !take_budget(cfg, pod, now) {
-        return allow;
+        return;
     }
     let Some(mut slot) = EVENTS.reserve::<CallEvent>(0) else {
         count(stats::LOST_CALLS);
-        return allow;
+        return;
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     slot.write(CallEvent {
@@ -540,7 +588,6 @@ fn on_call(ctx: &SockAddrContext, hook: u8, family: u8, protocol: u8, addr: [u8;
     });
     slot.submit(wake_flags());
     count(stats::CALL_EVENTS);
-    allow
 }
 
 #[inline(always)]
@@ -618,6 +665,72 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     verdict(on_call(&ctx, HOOK_SENDMSG, FAMILY_IPV6, PROTO_UDP, ipv6(&ctx), port(&ctx)))
 }
 
+/// Every TCP `connect()` of an armed pod, as its SYN is about to be sent (`sockops`: no lock,
+/// and nothing for the other callbacks of a connection). A connect in repair mode sends no SYN
+/// but passes here all the same; one whose route lookup failed sent nothing and does not.
+#[sock_ops]
+pub fn tcp_connect(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        on_tcp_connect(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn on_tcp_connect(ctx: &SockOpsContext) -> Option<()> {
+    let cfg = config()?;
+    let ops = ctx.ops;
+    // Each field read on its own, at a constant offset, before any branch: the verifier takes
+    // no context access through a pointer LLVM picked between two fields.
+    // SAFETY: the context the kernel passed in; 32-bit reads of its fields (volatile, so LLVM
+    // keeps them as they are written).
+    let (family, ip4, ip6, remote_port) = unsafe {
+        use core::ptr::read_volatile as read;
+        (
+            read(&raw const (*ops).family),
+            read(&raw const (*ops).remote_ip4),
+            [
+                read(&raw const (*ops).remote_ip6[0]),
+                read(&raw const (*ops).remote_ip6[1]),
+                read(&raw const (*ops).remote_ip6[2]),
+                read(&raw const (*ops).remote_ip6[3]),
+            ],
+            read(&raw const (*ops).remote_port),
+        )
+    };
+    let (family, addr) = match family {
+        2 => (FAMILY_IPV4, address([ip4, 0, 0, 0])),
+        10 => (FAMILY_IPV6, address(ip6)),
+        _ => return None,
+    };
+    // The port in network order in the upper half of the word.
+    let port = u32::from_be(remote_port) as u16;
+    // In the caller's `connect()`: the current task is the caller.
+    // SAFETY: a helper without pointer arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let coarse = coarse_now(cfg);
+    let mut pod = 0;
+    if cfg.enforcing != 0 {
+        pod = current_pod(cfg, Pods::Attached)?;
+        if blocking(cfg, pod) {
+            return None;
+        }
+    }
+    let call = Call {
+        hook: HOOK_CONNECT,
+        cgroup_id,
+        pod,
+        family,
+        protocol: PROTO_TCP,
+        addr,
+        port,
+        verdict: VERDICT_ALLOWED,
+        coarse,
+    };
+    record(cfg, call, || current_pod(cfg, Pods::Attached));
+    Some(())
+}
+
 #[cgroup_sock_addr(recvmsg4)]
 pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
     restore(&ctx, FAMILY_IPV4);
@@ -649,17 +762,17 @@ pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
 }
 
 #[cgroup_skb(egress)]
-pub fn dns_egress(ctx: SkBuffContext) -> i32 {
+pub fn egress(ctx: SkBuffContext) -> i32 {
     on_packet(&ctx, Direction::Query);
     allow()
 }
 
-/// Which DNS messages a packet program copies.
+/// Which way a packet program looks.
 #[derive(Clone, Copy, PartialEq)]
 enum Direction {
-    /// Received, from port 53.
+    /// Received: DNS answers, from port 53.
     Answer,
-    /// Sent, to port 53.
+    /// Sent: UDP datagrams, and DNS queries, to port 53.
     Query,
 }
 
@@ -674,8 +787,89 @@ fn peek<const N: usize>(data: usize, end: usize, offset: usize) -> Option<[u8; N
     Some(unsafe { core::ptr::read_unaligned((data + offset) as *const [u8; N]) })
 }
 
-/// Copies a DNS answer (UDP from port 53) received by a monitored cgroup, or a query (UDP to
-/// port 53) it sent, into the ring buffer.
+/// Reads `N` bytes at `offset` of the packet, wherever they are (a helper call: for what
+/// [`peek`] cannot reach).
+#[inline(always)]
+fn load<const N: usize>(skb: *mut __sk_buff, offset: u32) -> Option<[u8; N]> {
+    let mut bytes = [0u8; N];
+    // SAFETY: the skb pointer the kernel passed in, and a stack buffer of N bytes.
+    let ret = unsafe { bpf_skb_load_bytes(skb as *const _, offset, bytes.as_mut_ptr().cast(), N as u32) };
+    if ret != 0 { None } else { Some(bytes) }
+}
+
+/// UDP and UDP-Lite: the protocols whose datagrams are reported (both are `SOCK_DGRAM`).
+#[inline(always)]
+fn datagram(protocol: u8) -> bool {
+    protocol == PROTO_UDP || protocol == PROTO_UDPLITE
+}
+
+/// The transport protocol and its header's offset in an IPv6 packet whose fixed header names
+/// `next` as the next header: past up to four extension headers (hop-by-hop, routing,
+/// destination options, the first fragment's fragment header). None for a later fragment or a
+/// chain longer than that.
+#[inline(always)]
+fn ipv6_transport(skb: *mut __sk_buff, mut next: u8) -> Option<(u8, u32)> {
+    let mut offset = 40u32;
+    let mut i = 0;
+    while i < 5 {
+        match next {
+            0 | 43 | 60 => {
+                let h = load::<2>(skb, offset)?;
+                next = h[0];
+                offset += (u32::from(h[1]) + 1) * 8;
+            }
+            44 => {
+                let h = load::<4>(skb, offset)?;
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    return None;
+                }
+                next = h[0];
+                offset += 8;
+            }
+            _ => return Some((next, offset)),
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Reports a UDP datagram an armed pod sends (not one of a block-mode pod, whose `sendmsg` and
+/// `connect` programs report and decide its calls). Every datagram passes here, in the sender's
+/// `send()`, so the current task is the sender; a repeat within the dedupe window costs an
+/// index into this CPU's slots and a compare (see [`record`]).
+#[inline(always)]
+fn on_datagram(skb: *mut __sk_buff, family: u8, addr: [u8; 16], port: u16) -> Option<()> {
+    let cfg = config()?;
+    // SAFETY: the skb pointer the kernel passed in.
+    let find_pod = || monitored_ancestor(cfg, Pods::Attached, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) });
+    let mut pod = 0;
+    if cfg.enforcing != 0 {
+        pod = find_pod()?;
+        if blocking(cfg, pod) {
+            return None;
+        }
+    }
+    // The sending socket's cgroup (the one the program runs for).
+    // SAFETY: as above.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    let call = Call {
+        hook: HOOK_SENDMSG,
+        cgroup_id,
+        pod,
+        family,
+        protocol: PROTO_UDP,
+        addr,
+        port,
+        verdict: VERDICT_ALLOWED,
+        coarse: coarse_now(cfg),
+    };
+    record(cfg, call, find_pod);
+    Some(())
+}
+
+/// On the way in, copies a DNS answer (UDP from port 53) received by a monitored cgroup; on the
+/// way out, reports each UDP datagram as a call and copies DNS queries (UDP to port 53), so
+/// that an answer is believed only when it matches one. TCP packets cost a few loads.
 #[inline(always)]
 fn on_packet(ctx: &SkBuffContext, direction: Direction) -> Option<()> {
     let skb = ctx.skb.skb;
@@ -688,37 +882,46 @@ fn on_packet(ctx: &SkBuffContext, direction: Direction) -> Option<()> {
     if direction == Direction::Query {
         note_resolver_client(ctx, data, end, first);
     }
-    let (family, udp, server) = match first >> 4 {
+    // The peer: an answer's source, a query's (a datagram's) destination.
+    let (family, protocol, udp, peer) = match first >> 4 {
         4 => {
-            // UDP, and the first fragment (only it carries the UDP header).
-            if header[9] != 17 || u16::from_be_bytes([header[6], header[7]]) & 0x1fff != 0 {
+            // The first fragment only carries the UDP header.
+            if !datagram(header[9]) || u16::from_be_bytes([header[6], header[7]]) & 0x1fff != 0 {
                 return None;
             }
-            // The server: an answer's source, a query's destination.
             let at = if direction == Direction::Answer { 12 } else { 16 };
-            let mut server = [0; 16];
-            server[..4].copy_from_slice(&header[at..at + 4]);
-            (FAMILY_IPV4, usize::from(first & 0x0f) * 4, server)
+            let mut peer = [0; 16];
+            peer[..4].copy_from_slice(&header[at..at + 4]);
+            (FAMILY_IPV4, header[9], u32::from(first & 0x0f) * 4, peer)
         }
         6 => {
             let header = peek::<40>(data, end, 0)?;
-            if header[6] != 17 {
+            let (protocol, udp) = if datagram(header[6]) { (header[6], 40) } else { ipv6_transport(skb, header[6])? };
+            if !datagram(protocol) {
                 return None;
             }
             let at = if direction == Direction::Answer { 8 } else { 24 };
-            let mut server = [0; 16];
-            server.copy_from_slice(&header[at..at + 16]);
-            (FAMILY_IPV6, 40, server)
+            let mut peer = [0; 16];
+            peer.copy_from_slice(&header[at..at + 16]);
+            (FAMILY_IPV6, protocol, udp, peer)
         }
         _ => return None,
     };
-    let ports = peek::<4>(data, end, udp)?;
+    let ports = match peek::<4>(data, end, udp as usize) {
+        Some(ports) => ports,
+        None => load::<4>(skb, udp)?,
+    };
     let (source, destination) = (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
+    if direction == Direction::Query {
+        on_datagram(skb, family, peer, destination);
+    }
     let client_port = match direction {
-        Direction::Answer if source == 53 => destination,
-        Direction::Query if destination == 53 => source,
+        Direction::Answer if source == 53 && protocol == PROTO_UDP => destination,
+        Direction::Query if destination == 53 && protocol == PROTO_UDP => source,
         _ => return None,
     };
+    let server = peer;
+    let udp = udp as usize;
     let cfg = config()?;
     // SAFETY: the skb pointer the kernel passed in.
     let pod = monitored_ancestor(cfg, Pods::Attached, |l| unsafe { bpf_skb_ancestor_cgroup_id(skb, l) })?;

@@ -44,7 +44,8 @@ fn ip(args: &[&str]) {
 }
 
 /// Python defining what [`steps`] scripts call: `attempt(family, kind, addr, send=False)` (a
-/// connect, or a datagram sent, with a 2 s timeout: `ok` or the errno's name), `resolve(name, family)`
+/// connect, and for UDP a datagram on the connected socket, or with `send` a datagram sent
+/// unconnected, with a 2 s timeout: `ok` or the errno's name), `resolve(name, family)`
 /// (its first address of `family`, IPv4 by default, through the libc resolver, or
 /// `unresolved`), `ask(server, name, qtype=1, tcp=False)` (one query to `server` port 53:
 /// `peer port rcode first-address`, `-` for none; or the errno's name, or `timeout`), and `T`,
@@ -59,6 +60,8 @@ def attempt(family, kind, addr, send=False):
             s.sendto(b"x", addr)
         else:
             s.connect(addr)
+            if kind == socket.SOCK_DGRAM:
+                s.send(b"x")
         return "ok"
     except OSError as e:
         return errno.errorcode.get(e.errno, str(e.errno))
